@@ -1,0 +1,34 @@
+# specrec: the two commands a newcomer needs are `make run` and `make test`.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+TORCH   := torch==2.13.0
+
+.PHONY: install proto test run lint bench clean helm-bin
+
+install: $(STAMP)
+
+# torch first, pinned: a looser pin would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+		$$(find protos -name '*.proto')
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/mypy specrec
+
+run: install
+	$(PY) -m specrec.cli demo
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache
