@@ -1,0 +1,1 @@
+"""Model code: our flat Llama forward with an explicit KV cache, and the training profiles."""

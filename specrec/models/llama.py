@@ -1,0 +1,186 @@
+"""A small flat Llama forward with an explicit preallocated KV cache (gpt-fast in spirit).
+
+One `forward` serves prefill, one-token decode and tree steps: every new token carries its own
+position, the cache slot it is written to, and a mask over cache slots saying what it may attend to.
+Parameter names follow Hugging Face's LlamaForCausalLM, so its checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_len: int = 512
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> ModelArgs:
+        return cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                   n_heads=cfg["num_attention_heads"],
+                   n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                   intermediate=cfg["intermediate_size"], rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                   norm_eps=cfg.get("rms_norm_eps", 1e-6), max_len=cfg.get("max_position_embeddings", 512),
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+class KVCache:
+    """Keys and values per (layer, row, slot). A row holds one sequence: its committed tokens in
+    slots [0, length), scratch (e.g. tree nodes) after that. Rejected slots are simply overwritten."""
+
+    def __init__(self, args: ModelArgs, n_rows: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or args.max_len
+        shape = (args.n_layers, n_rows, self.max_len, args.n_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = [0] * n_rows
+
+    @property
+    def n_rows(self) -> int:
+        return self.k.shape[1]
+
+    def keep_path(self, row: int, src_slots: list[int]) -> None:
+        """Compact: move the kept scratch slots to follow the committed prefix, and commit them."""
+        dst = torch.arange(self.lengths[row], self.lengths[row] + len(src_slots))
+        src = torch.as_tensor(src_slots, dtype=torch.long)
+        if not torch.equal(src, dst):
+            self.k[:, row, dst] = self.k[:, row, src]
+            self.v[:, row, dst] = self.v[:, row, src]
+        self.lengths[row] += len(src_slots)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=False)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.intermediate, bias=False)
+        self.up_proj = nn.Linear(a.dim, a.intermediate, bias=False)
+        self.down_proj = nn.Linear(a.intermediate, a.dim, bias=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> Transformer:
+        directory = Path(directory)
+        args = ModelArgs.from_hf(json.loads((directory / "config.json").read_text()))
+        model = cls(args)
+        state = load_file(str(directory / "model.safetensors"))
+        if args.tie_embeddings or "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().unsqueeze(2), emb.sin().unsqueeze(2)  # [B, T, 1, D]
+
+    def hidden(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+               slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the decoder on input embeddings x [B, T, dim]; returns final-normed hidden [B, T, dim].
+
+        positions, slots: [B, T]; rows: [B] cache rows; mask: [B, T, S] bool over cache slots 0..S-1.
+        """
+        a = self.args
+        bsz, t, _ = x.shape
+        cos, sin = self.rope(positions)
+        span = mask.shape[-1]
+        attn_mask = mask.unsqueeze(1)  # [B, 1, T, S]
+        row_idx = rows.unsqueeze(1).expand(bsz, t)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.input_layernorm(x)
+            att = layer.self_attn
+            q = att.q_proj(h).view(bsz, t, a.n_heads, a.head_dim)
+            k = att.k_proj(h).view(bsz, t, a.n_kv_heads, a.head_dim)
+            v = att.v_proj(h).view(bsz, t, a.n_kv_heads, a.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            cache.k[i, row_idx, slots] = k
+            cache.v[i, row_idx, slots] = v
+            keys = cache.k[i, rows, :span].transpose(1, 2)  # [B, Hkv, S, D]
+            values = cache.v[i, rows, :span].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
+                                                 enable_gqa=a.n_kv_heads != a.n_heads)
+            x = x + att.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
+            h = layer.post_attention_layernorm(x)
+            x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+        return self.model.norm(x)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T]; see `hidden` for the other arguments."""
+        x = self.model.embed_tokens(tokens)
+        return self.lm_head(self.hidden(x, positions, cache, rows, slots, mask))

@@ -1,0 +1,71 @@
+"""Turn blocks of new tokens (chains or trees, one per cache row) into one batched forward's inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specrec.models.llama import KVCache
+from specrec.semantic_ids.vocab import PAD
+
+
+@dataclass
+class Block:
+    """New tokens for one cache row, parents first. parents[i] = -1: child of the last committed token."""
+
+    row: int
+    tokens: list[int]
+    parents: list[int]
+
+    @classmethod
+    def chain(cls, row: int, tokens: list[int]) -> Block:
+        return cls(row, list(tokens), list(range(-1, len(tokens) - 1)))
+
+
+@dataclass
+class StepInputs:
+    tokens: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B, T] cache slot each new token is written to
+    mask: torch.Tensor  # [B, T, S] bool: which cache slots each new token attends to
+    depths: list[list[int]]  # per block, 0-based depth of each node below the root
+
+
+def node_depths(parents: list[int]) -> list[int]:
+    depths: list[int] = []
+    for p in parents:
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def build_step(cache: KVCache, blocks: list[Block], device: torch.device | str = "cpu") -> StepInputs:
+    """Each node sees its row's committed prefix, its ancestors and itself; padding sees only itself."""
+    t = max(len(b.tokens) for b in blocks)
+    bsz = len(blocks)
+    span = max(cache.lengths[b.row] for b in blocks) + t
+    if span > cache.max_len:
+        raise ValueError(f"sequence would reach {span} tokens, over the cache's {cache.max_len}")
+    tokens = torch.full((bsz, t), PAD, dtype=torch.long)
+    positions = torch.zeros((bsz, t), dtype=torch.long)
+    slots = torch.zeros((bsz, t), dtype=torch.long)
+    mask = torch.zeros((bsz, t, span), dtype=torch.bool)
+    all_depths = []
+    for b, block in enumerate(blocks):
+        length, n = cache.lengths[block.row], len(block.tokens)
+        depths = node_depths(block.parents)
+        all_depths.append(depths)
+        tokens[b, :n] = torch.as_tensor(block.tokens, dtype=torch.long)
+        positions[b, :n] = length + torch.as_tensor(depths, dtype=torch.long)
+        slots[b] = length + torch.arange(t)
+        mask[b, :, :length] = True
+        for i, p in enumerate(block.parents):
+            if p >= 0:
+                mask[b, i, length:length + n] = mask[b, p, length:length + n]
+            mask[b, i, length + i] = True
+        for i in range(n, t):
+            mask[b, i, length + i] = True
+    rows = torch.as_tensor([b.row for b in blocks], dtype=torch.long)
+    return StepInputs(tokens.to(device), positions.to(device), rows.to(device), slots.to(device),
+                      mask.to(device), all_depths)

@@ -1,0 +1,117 @@
+"""Every item's semantic ID (L residual k-means codes + 1 collision code), saved as a versioned artifact."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from specrec.semantic_ids.rqkmeans import residual_kmeans
+from specrec.semantic_ids.vocab import Vocabulary
+
+FORMAT_VERSION = 1
+ARTIFACT_NAME = "semantic_ids"
+
+
+@dataclass
+class SemanticIds:
+    """codes[i] is item i's tuple; the last level numbers items that share the first L codes."""
+
+    codes: np.ndarray  # int64 [n_items, n_levels]
+    item_ids: list[str]  # external id per item index
+    titles: list[str]
+    vocab: Vocabulary = field(init=False)
+    _by_codes: dict[tuple[int, ...], int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sizes = tuple(int(c) + 1 for c in self.codes.max(axis=0))
+        self.vocab = Vocabulary(sizes)
+        self._by_codes = {tuple(int(c) for c in row): i for i, row in enumerate(self.codes)}
+        if len(self._by_codes) != len(self.codes):
+            raise ValueError("semantic IDs are not unique: two items share a code tuple")
+
+    @property
+    def n_items(self) -> int:
+        return len(self.codes)
+
+    @property
+    def n_levels(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.n_levels + 1  # codes then SEP
+
+    def item_tokens(self, item: int) -> list[int]:
+        """An item's code tokens (without SEP)."""
+        return [int(t) for t in self.vocab.tokens(self.codes[item])]
+
+    def item_of_tokens(self, tokens: list[int] | tuple[int, ...]) -> int | None:
+        """The item whose code tokens these are, or None."""
+        if len(tokens) != self.n_levels:
+            return None
+        codes = tuple(int(t) - self.vocab.token(level, 0) for level, t in enumerate(tokens))
+        return self._by_codes.get(codes)
+
+    def save(self, directory: Path) -> Path:
+        directory = Path(directory) / ARTIFACT_NAME
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "codes.npy", self.codes)
+        meta = {"format_version": FORMAT_VERSION, "level_sizes": list(self.vocab.level_sizes),
+                "item_ids": self.item_ids, "titles": self.titles}
+        (directory / "meta.json").write_text(json.dumps(meta))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> SemanticIds:
+        directory = Path(directory) / ARTIFACT_NAME
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: no semantic-ID artifact here (train a profile first)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')}, "
+                             f"this specrec reads {FORMAT_VERSION}; rebuild the semantic IDs")
+        return cls(np.load(directory / "codes.npy"), meta["item_ids"], meta["titles"])
+
+
+def codebook_size(n_items: int, n_levels: int) -> int:
+    """Codes per level: the power of two at or above n_items ** (1 / n_levels), at least 4."""
+    return max(4, 2 ** math.ceil(math.log2(max(2.0, n_items ** (1.0 / n_levels)))))
+
+
+def item_vectors(genres: np.ndarray, years: np.ndarray, interactions: np.ndarray, dim: int = 32) -> np.ndarray:
+    """Item features: a truncated SVD of the user-item matrix (collaborative) beside genres and year."""
+    centred = interactions - interactions.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    dim = min(dim, len(s))
+    collab = (vt[:dim].T * s[:dim]) / (s[0] + 1e-8)
+    collab /= np.linalg.norm(collab, axis=1, keepdims=True).mean() + 1e-8
+    parts = [collab]
+    if genres.shape[1]:
+        g = genres / np.maximum(genres.sum(axis=1, keepdims=True), 1.0)
+        parts.append(0.5 * g / (np.linalg.norm(g, axis=1, keepdims=True).mean() + 1e-8))
+    year = np.nan_to_num((years - np.nanmean(years)) / (np.nanstd(years) + 1e-8)) if np.isfinite(years).any() \
+        else np.zeros_like(years)
+    parts.append(0.2 * year[:, None])
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def build_semantic_ids(vectors: np.ndarray, popularity: np.ndarray, item_ids: list[str], titles: list[str],
+                       n_levels: int = 3, codebook: int | None = None, seed: int = 0) -> SemanticIds:
+    """RQ-KMeans codes plus a collision level numbering items of one cell, most popular first."""
+    k = codebook or codebook_size(len(vectors), n_levels)
+    codes = residual_kmeans(vectors, n_levels, k, seed=seed)
+    collision = np.zeros(len(codes), dtype=np.int64)
+    # Popular items get collision code 0, so the code the model must memorise is usually the likely one.
+    order = np.lexsort((-popularity,) + tuple(codes[:, lv] for lv in reversed(range(n_levels))))
+    prev: tuple[int, ...] | None = None
+    rank = 0
+    for i in order:
+        key = tuple(codes[i])
+        rank = rank + 1 if key == prev else 0
+        collision[i], prev = rank, key
+    return SemanticIds(np.concatenate([codes, collision[:, None]], axis=1), list(item_ids), list(titles))

@@ -1,0 +1,116 @@
+"""The list grammar every decoder obeys: N distinct items, each a valid semantic ID then SEP, then EOS.
+
+    BOS  c1 c2 c3 c4 SEP ...  REC  c1 c2 c3 c4 SEP ... EOS
+         └─ history ─┘             └─ generated list ─┘
+
+A ListState is what the grammar needs to know about a token prefix; it is immutable, so tree search
+can branch from any state cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from specrec.semantic_ids.trie import ItemTrie, Node
+from specrec.semantic_ids.vocab import BOS, EOS, REC, SEP
+
+EMPTY = np.zeros(0, dtype=np.int64)
+
+
+class ConstraintError(ValueError):
+    """A token sequence that the list grammar does not accept."""
+
+
+@dataclass(frozen=True)
+class ListState:
+    node: Node  # trie node of the item being written (root at an item boundary)
+    n_done: int  # items completed in the list
+    used: np.ndarray  # sorted trie positions of items that may not be generated again
+    finished: bool = False
+
+
+class ListConstraint:
+    def __init__(self, trie: ItemTrie, n_items: int, exclude_history: bool = True):
+        if n_items < 1:
+            raise ConstraintError(f"n_items must be >= 1, got {n_items}")
+        self.trie = trie
+        self.n_items = n_items
+        self.exclude_history = exclude_history
+
+    def parse_history(self, prompt: list[int]) -> list[int]:
+        """Items of a prompt `BOS item... REC` (each item: codes then SEP)."""
+        per_item = self.trie.depth + 1
+        if len(prompt) < 2 or prompt[0] != BOS or prompt[-1] != REC:
+            raise ConstraintError("a prompt must start with BOS and end with REC")
+        body = prompt[1:-1]
+        if len(body) % per_item:
+            raise ConstraintError(f"history length {len(body)} is not a multiple of {per_item} tokens per item")
+        items = []
+        for i in range(0, len(body), per_item):
+            chunk = body[i:i + per_item]
+            item = self.trie.sids.item_of_tokens(chunk[:-1])
+            if item is None or chunk[-1] != SEP:
+                raise ConstraintError(f"history tokens {i + 1}..{i + per_item} are not a valid item followed by SEP")
+            items.append(item)
+        return items
+
+    def start(self, context: list[int]) -> ListState:
+        """State after a full context: the prompt (up to REC) and any tokens generated since."""
+        try:
+            rec = context.index(REC)
+        except ValueError:
+            raise ConstraintError("context has no REC token marking where the list starts") from None
+        history = self.parse_history(list(context[: rec + 1]))
+        used = self.trie.position[history] if self.exclude_history else EMPTY
+        state = ListState(self.trie.root, 0, np.unique(used))
+        for i, token in enumerate(context[rec + 1:]):
+            nxt = self.advance(state, int(token))
+            if nxt is None:
+                raise ConstraintError(f"context token {rec + 1 + i} ({token}) is not allowed by the list grammar")
+            state = nxt
+        return state
+
+    def allowed(self, state: ListState) -> np.ndarray:
+        if state.finished:
+            return EMPTY
+        if state.node == self.trie.root and state.n_done >= self.n_items:
+            return np.array([EOS], dtype=np.int64)
+        return self.trie.allowed(state.node, state.used)
+
+    def forced(self, state: ListState) -> int | None:
+        """The only legal next token, if there is exactly one."""
+        allowed = self.allowed(state)
+        return int(allowed[0]) if len(allowed) == 1 else None
+
+    def advance(self, state: ListState, token: int) -> ListState | None:
+        """The state after `token`, or None if the grammar forbids it."""
+        if state.finished:
+            return None
+        if token == EOS:
+            ok = state.node == self.trie.root and state.n_done >= self.n_items
+            return ListState(state.node, state.n_done, state.used, True) if ok else None
+        if token == SEP:
+            if state.node[0] != self.trie.depth:
+                return None
+            used = np.union1d(state.used, [state.node[1]])
+            return ListState(self.trie.root, state.n_done + 1, used)
+        if state.node == self.trie.root and state.n_done >= self.n_items:
+            return None
+        if state.node[0] >= self.trie.depth:
+            return None
+        child = self.trie.child(state.node, token)
+        if child is None or not np.isin(token, self.trie.allowed(state.node, state.used)):
+            return None
+        return ListState(child, state.n_done, state.used)
+
+    def list_items(self, generated: list[int]) -> list[int]:
+        """Items of a generated token list (what follows REC), in order."""
+        per_item = self.trie.depth + 1
+        items = []
+        for i in range(0, len(generated) - per_item + 1, per_item):
+            item = self.trie.sids.item_of_tokens(generated[i:i + self.trie.depth])
+            if item is not None:
+                items.append(item)
+        return items

@@ -1,0 +1,83 @@
+"""ItemTrie: which token may follow a partial semantic ID, skipping items that are already used.
+
+Items are sorted by code tuple, so every trie node is a contiguous range [lo, hi) of sorted items at
+some depth; a node is named by (depth, lo, hi). Children are computed once per node and cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specrec.semantic_ids.codebook import SemanticIds
+from specrec.semantic_ids.vocab import SEP
+
+Node = tuple[int, int, int]  # (depth, lo, hi) over items sorted by code tuple
+
+
+@dataclass(frozen=True)
+class Children:
+    tokens: np.ndarray  # int64 [c] the token of each child
+    lo: np.ndarray  # int64 [c] child ranges in sorted order
+    hi: np.ndarray
+
+
+class ItemTrie:
+    def __init__(self, sids: SemanticIds):
+        self.sids = sids
+        self.vocab = sids.vocab
+        self.order = np.lexsort(tuple(sids.codes[:, lv] for lv in reversed(range(sids.n_levels))))
+        self.sorted_tokens = self.vocab.tokens(sids.codes[self.order])  # [n_items, n_levels]
+        self.position = np.empty(sids.n_items, dtype=np.int64)  # item index -> sorted position
+        self.position[self.order] = np.arange(sids.n_items)
+        self.root: Node = (0, 0, sids.n_items)
+        self._children: dict[Node, Children] = {}
+
+    @property
+    def depth(self) -> int:
+        return self.sids.n_levels
+
+    def children(self, node: Node) -> Children:
+        cached = self._children.get(node)
+        if cached is None:
+            depth, lo, hi = node
+            col = self.sorted_tokens[lo:hi, depth]
+            starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+            cached = Children(col[starts].astype(np.int64), lo + starts, lo + np.r_[starts[1:], hi - lo])
+            self._children[node] = cached
+        return cached
+
+    def allowed(self, node: Node, used_positions: np.ndarray) -> np.ndarray:
+        """Tokens that may follow `node` when the sorted positions in `used_positions` (sorted) are taken.
+
+        A leaf (a whole semantic ID) is followed by SEP.
+        """
+        if node[0] == self.depth:
+            return np.array([SEP], dtype=np.int64)
+        ch = self.children(node)
+        if len(used_positions) == 0:
+            return ch.tokens
+        taken = np.searchsorted(used_positions, ch.hi) - np.searchsorted(used_positions, ch.lo)
+        return ch.tokens[taken < ch.hi - ch.lo]
+
+    def child(self, node: Node, token: int) -> Node | None:
+        """The node reached from `node` by `token`, or None if no item continues that way."""
+        ch = self.children(node)
+        i = int(np.searchsorted(ch.tokens, token))
+        if i < len(ch.tokens) and ch.tokens[i] == token:
+            return (node[0] + 1, int(ch.lo[i]), int(ch.hi[i]))
+        return None
+
+    def item_at(self, node: Node) -> int:
+        """The item a leaf node stands for."""
+        assert node[0] == self.depth and node[2] - node[1] == 1
+        return int(self.order[node[1]])
+
+    def masks(self, allowed_lists: list[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Stack allowed-token lists into a boolean mask [B, vocab] for batched logits."""
+        mask = torch.zeros(len(allowed_lists), self.vocab.size, dtype=torch.bool)
+        for row, allowed in enumerate(allowed_lists):
+            mask[row, torch.as_tensor(allowed, dtype=torch.long)] = True
+        return mask.to(device)

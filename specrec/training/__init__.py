@@ -1,0 +1,1 @@
+"""Training: example windows from user histories, the target's training loop."""

@@ -1,0 +1,80 @@
+"""Our flat forward with its explicit KV cache must equal Hugging Face's LlamaForCausalLM."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specrec.models.llama import KVCache, Transformer
+from specrec.models.steps import Block, build_step
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, Transformer]:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+    hf = LlamaForCausalLM(cfg).eval()
+    path: Path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(path)
+    return hf, Transformer.from_pretrained(path)
+
+
+def hf_logits(hf: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0]
+
+
+def run(model: Transformer, cache: KVCache, blocks: list[Block]) -> torch.Tensor:
+    step = build_step(cache, blocks)
+    with torch.no_grad():
+        return model(step.tokens, step.positions, cache, step.rows, step.slots, step.mask)
+
+
+def test_prefill_and_decode_match_hf(models):
+    hf, ours = models
+    seq = [1, 7, 9, 3, 22, 41, 5, 8, 13]
+    cache = KVCache(ours.args, n_rows=1, max_len=64)
+    logits = run(ours, cache, [Block.chain(0, seq[:6])])
+    cache.lengths[0] += 6
+    assert torch.allclose(logits[0], hf_logits(hf, seq[:6]), atol=TOL)
+    for i in range(6, len(seq)):  # one-token decode steps against the cache
+        logits = run(ours, cache, [Block.chain(0, [seq[i]])])
+        cache.lengths[0] += 1
+        assert torch.allclose(logits[0, 0], hf_logits(hf, seq[: i + 1])[-1], atol=TOL)
+
+
+def test_tree_step_matches_each_path_and_compaction_keeps_it(models):
+    hf, ours = models
+    prefix = [1, 4, 6, 10]
+    # root children 11, 12; 11 -> 13 -> 15; 12 -> 14
+    tokens, parents = [11, 12, 13, 14, 15], [-1, -1, 0, 1, 2]
+    paths = {0: [11], 1: [12], 2: [11, 13], 3: [12, 14], 4: [11, 13, 15]}
+    cache = KVCache(ours.args, n_rows=1, max_len=64)
+    run(ours, cache, [Block.chain(0, prefix)])
+    cache.lengths[0] += len(prefix)
+    logits = run(ours, cache, [Block(0, tokens, parents)])
+    for node, path in paths.items():
+        assert torch.allclose(logits[0, node], hf_logits(hf, prefix + path)[-1], atol=TOL), node
+    cache.keep_path(0, [4 + 0, 4 + 2])  # keep 11 -> 13, then decode 16 on top
+    logits = run(ours, cache, [Block.chain(0, [16])])
+    assert torch.allclose(logits[0, 0], hf_logits(hf, prefix + [11, 13, 16])[-1], atol=TOL)
+
+
+def test_batched_rows_of_different_lengths_match_unbatched(models):
+    hf, ours = models
+    prompts = [[1, 5, 6], [1, 8, 9, 10, 11, 12, 2], [1, 3]]
+    cache = KVCache(ours.args, n_rows=3, max_len=64)
+    logits = run(ours, cache, [Block.chain(r, p) for r, p in enumerate(prompts)])
+    for r, p in enumerate(prompts):
+        cache.lengths[r] += len(p)
+        assert torch.allclose(logits[r, : len(p)], hf_logits(hf, p), atol=TOL)
+    trees = [Block(0, [20, 21, 22], [-1, 0, -1]), Block(1, [23], [-1]), Block(2, [24, 25], [-1, 0])]
+    logits = run(ours, cache, trees)
+    assert torch.allclose(logits[0, 1], hf_logits(hf, prompts[0] + [20, 21])[-1], atol=TOL)
+    assert torch.allclose(logits[0, 2], hf_logits(hf, prompts[0] + [22])[-1], atol=TOL)
+    assert torch.allclose(logits[1, 0], hf_logits(hf, prompts[1] + [23])[-1], atol=TOL)
+    assert torch.allclose(logits[2, 1], hf_logits(hf, prompts[2] + [24, 25])[-1], atol=TOL)
