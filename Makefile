@@ -32,3 +32,7 @@ run: install
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache
+
+helm-check: install
+	scripts/fetch_helm.sh >/dev/null
+	$(PY) -m pytest -q tests/test_helm.py

@@ -1,0 +1,373 @@
+"""The Helm chart, checked with the real helm binary: lint, render, validate, and what the manifests say."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "specrec"
+RELEASE, NAMESPACE = "rec", "specrec"
+# The newest Kubernetes the installed kubernetes-validate has schemas for; helm renders for it too.
+KUBE_VERSION = latest_version()
+SCENARIOS = ["default", *sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))]
+# Kinds from CRDs (Prometheus Operator) have no schema in kubernetes-validate.
+CRD_KINDS = {"ServiceMonitor"}
+MIB = 1 << 20
+
+
+def test_ci_scenarios_cover_cpu_gpu_and_mig() -> None:
+    assert {"cpu-only", "whole-gpus", "mig"} <= set(SCENARIOS)
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    fetched = subprocess.run(
+        [str(REPO / "scripts" / "fetch_helm.sh")], check=True, capture_output=True, text=True, timeout=600
+    )
+    return fetched.stdout.strip().splitlines()[-1]
+
+
+def values_args(scenario: str) -> list[str]:
+    return [] if scenario == "default" else ["-f", str(CHART / "ci" / f"{scenario}-values.yaml")]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def scenario_values(scenario: str) -> dict[str, Any]:
+    """The values a scenario renders with: values.yaml overlaid with its ci file (maps merge, lists replace)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    if scenario != "default":
+        values = deep_merge(values, yaml.safe_load((CHART / "ci" / f"{scenario}-values.yaml").read_text()))
+    return values
+
+
+class Rendered:
+    """One scenario's manifests, as a file (for the validator) and as parsed documents."""
+
+    def __init__(self, path: Path, docs: list[dict[str, Any]], values: dict[str, Any]) -> None:
+        self.path, self.docs, self.values = path, docs, values
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def get(self, kind: str, component: str) -> dict[str, Any]:
+        name = f"{RELEASE}-specrec-{component}"
+        found = [d for d in self.all(kind) if d["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+        return found[0]
+
+    def find(self, kind: str, component: str) -> dict[str, Any] | None:
+        name = f"{RELEASE}-specrec-{component}"
+        return next((d for d in self.all(kind) if d["metadata"]["name"] == name), None)
+
+    def container(self, component: str) -> dict[str, Any]:
+        pod = self.get("Deployment", component)["spec"]["template"]["spec"]
+        return next(c for c in pod["containers"] if c["name"] == component)
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Rendered]:
+    out = tmp_path_factory.mktemp("helm")
+    result = {}
+    for scenario in SCENARIOS:
+        text = subprocess.run(
+            [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION,
+             *values_args(scenario)],
+            check=True, capture_output=True, text=True, timeout=120,
+        ).stdout
+        path = out / f"{scenario}.yaml"
+        path.write_text(text)
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        result[scenario] = Rendered(path, docs, scenario_values(scenario))
+    return result
+
+
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBE_VERSION, str(path)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# lint, schema, validation
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_strict(helm: str, scenario: str) -> None:
+    lint = subprocess.run(
+        [helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values_args(scenario)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "0 chart(s) failed" in lint.stdout
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_manifest_validates_strictly(rendered: dict[str, Rendered], scenario: str) -> None:
+    r = rendered[scenario]
+    result = validate(r.path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    core = [d for d in r.docs if d["kind"] not in CRD_KINDS]
+    passed = [line for line in result.stdout.splitlines() if line.startswith("INFO") and " passed " in line]
+    assert len(passed) == len(core), result.stdout
+    # The only resources without a schema are the CRD kinds; nothing else may be skipped.
+    for line in result.stdout.splitlines():
+        if line.startswith("WARN"):
+            assert any(f"kind {kind} " in line for kind in CRD_KINDS), line
+
+
+def test_validator_is_strict(rendered: dict[str, Rendered], tmp_path: Path) -> None:
+    # Guard against a validator that passes everything: an unknown field must fail.
+    deployment = copy.deepcopy(rendered["default"].get("Deployment", "triton"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["shmSize"] = "1Gi"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(deployment))
+    result = validate(path)
+    assert result.returncode != 0 and "shmSize" in result.stdout
+
+
+def test_bad_values_are_rejected_by_the_schema_with_a_readable_message(helm: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text("draft:\n  accelerator:\n    kind: tpu\norchestrator:\n  replicas: 3\n")
+    result = subprocess.run(
+        [helm, "template", RELEASE, str(CHART), "-f", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    # Each mistake is named by its path and says what was expected.
+    assert "at '/draft/accelerator/kind': value must be one of 'none', 'gpu', 'mig'" in result.stderr
+    assert "at '/orchestrator': additional properties 'replicas' not allowed" in result.stderr
+
+
+def test_shm_region_larger_than_dev_shm_is_refused(helm: str) -> None:
+    result = subprocess.run(
+        [helm, "template", RELEASE, str(CHART), "--set", "triton.shm.pythonDefaultMiB=2048"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "triton.shm.pythonDefaultMiB (2048) must not exceed triton.shm.sizeMiB (1024)" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# what the manifests say
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_triton_dev_shm_is_memory_sized_like_the_python_backend_args(
+    rendered: dict[str, Rendered], scenario: str
+) -> None:
+    r = rendered[scenario]
+    shm = r.values["triton"]["shm"]
+    pod = r.get("Deployment", "triton")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{shm['sizeMiB']}Mi"}
+    triton = r.container("triton")
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in triton["volumeMounts"]
+    args = triton["args"]
+    assert f"--backend-config=python,shm-default-byte-size={shm['pythonDefaultMiB'] * MIB}" in args
+    assert f"--backend-config=python,shm-growth-byte-size={shm['pythonGrowthMiB'] * MIB}" in args
+    assert "--model-repository=/models" in args and f"--load-model={r.values['triton']['modelName']}" in args
+
+
+# Per scenario and component: the extended resource and count in limits, or None for CPU only.
+EXPECTED_ACCELERATORS: dict[str, dict[str, tuple[str, int] | None]] = {
+    "default": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 1)},
+    "cpu-only": {"draft": None, "triton": None},
+    "whole-gpus": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 2)},
+    "mig": {"draft": ("nvidia.com/mig-1g.10gb", 1), "triton": ("nvidia.com/mig-3g.40gb", 1)},
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_gpu_resources_where_asked_and_nowhere_else(rendered: dict[str, Rendered], scenario: str) -> None:
+    r = rendered[scenario]
+    for component, expected in EXPECTED_ACCELERATORS[scenario].items():
+        resources = r.container(component)["resources"]
+        gpus = {k: v for part in resources.values() for k, v in part.items() if k.startswith("nvidia.com/")}
+        tolerations = r.get("Deployment", component)["spec"]["template"]["spec"].get("tolerations", [])
+        tolerates_gpu = any(t.get("key") == "nvidia.com/gpu" for t in tolerations)
+        if expected is None:
+            assert gpus == {} and not tolerates_gpu, (component, resources, tolerations)
+        else:
+            # Extended resources go in limits (Kubernetes sets requests equal).
+            assert gpus == {expected[0]: expected[1]} and resources["limits"][expected[0]] == expected[1]
+            assert tolerates_gpu
+    orchestrator = r.container("orchestrator")["resources"]
+    assert not any(k.startswith("nvidia.com/") for part in orchestrator.values() for k in part)
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_network_policies_let_only_the_orchestrator_reach_draft_and_triton(
+    rendered: dict[str, Rendered], scenario: str
+) -> None:
+    r = rendered[scenario]
+    pod_labels = {
+        c: r.get("Deployment", c)["spec"]["template"]["metadata"]["labels"] for c in ("orchestrator", "draft", "triton")
+    }
+    for component in ("orchestrator", "draft", "triton"):
+        policy = r.get("NetworkPolicy", component)["spec"]
+        # The policy applies to exactly this component's pods.
+        selector = policy["podSelector"]["matchLabels"]
+        assert selector == r.get("Deployment", component)["spec"]["selector"]["matchLabels"]
+        assert [c for c, labels in pod_labels.items() if _selects(selector, labels)] == [component]
+        assert policy["policyTypes"] == ["Ingress"]
+        by_port = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+        assert all(rule["ports"] == [{"port": port, "protocol": "TCP"}] for port, rule in by_port.items())
+        grpc_rules, metrics_rules = [by_port["grpc"]], [by_port["metrics"]]
+        assert len(grpc_rules) == 1 and len(metrics_rules) == 1 and len(policy["ingress"]) == 2
+        assert metrics_rules[0]["from"] == r.values["networkPolicy"]["metricsScrapers"]
+        peers = grpc_rules[0]["from"]
+        if component == "orchestrator":
+            assert peers == r.values["networkPolicy"]["clients"]
+            assert not any(_selects(p["podSelector"]["matchLabels"], pod_labels["draft"]) for p in peers)
+        else:
+            # One peer, a pod selector in the release namespace that matches the orchestrator only.
+            assert len(peers) == 1 and set(peers[0]) == {"podSelector"}
+            peer = peers[0]["podSelector"]["matchLabels"]
+            assert [c for c, labels in pod_labels.items() if _selects(peer, labels)] == ["orchestrator"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_probes_hit_triton_health_endpoints_and_grpc_health(rendered: dict[str, Rendered], scenario: str) -> None:
+    r = rendered[scenario]
+    triton = r.container("triton")
+    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert triton["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    for component, port in (("orchestrator", 50051), ("draft", 50052)):
+        container = r.container(component)
+        assert container["readinessProbe"]["grpc"] == {"port": port}
+        assert container["livenessProbe"]["grpc"] == {"port": port}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_triton_tracing_flag_is_one_token(rendered: dict[str, Rendered], scenario: str) -> None:
+    r = rendered[scenario]
+    args = r.container("triton")["args"]
+    otel = r.values["otel"]
+    if otel["enabled"]:
+        assert "--trace-config=mode=opentelemetry" in args
+        assert f"--trace-config=opentelemetry,url={otel['tritonEndpoint']}" in args
+        env = {e["name"]: e.get("value") for e in r.container("orchestrator")["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == otel["endpoint"]
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == str(otel["samplerRatio"])
+    else:
+        assert not any(a.startswith("--trace-config") for a in args)
+    # Never split into "--trace-config" "mode=opentelemetry".
+    assert "--trace-config" not in args and "mode=opentelemetry" not in args
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_orchestrator_is_wired_to_draft_and_triton(rendered: dict[str, Rendered], scenario: str) -> None:
+    r = rendered[scenario]
+    env = {e["name"]: e for e in r.container("orchestrator")["env"]}
+    draft_svc, triton_svc = r.get("Service", "draft"), r.get("Service", "triton")
+    assert env["SPECREC_DRAFT_ADDR"]["value"] == f"{draft_svc['metadata']['name']}.{NAMESPACE}.svc:50052"
+    assert env["SPECREC_TARGET_ADDR"]["value"] == f"{triton_svc['metadata']['name']}.{NAMESPACE}.svc:8001"
+    assert env["SPECREC_DRAFT_SERVICE"]["value"] == draft_svc["metadata"]["name"]
+    assert env["SPECREC_TARGET_SERVICE"]["value"] == triton_svc["metadata"]["name"]
+    assert env["SPECREC_ARTIFACTS"]["value"] == r.values["artifacts"]["path"]
+    assert env["SPECREC_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # Per-pod routing needs headless Services whose gRPC port is named as the router expects.
+    for svc in (draft_svc, triton_svc):
+        assert svc["spec"]["clusterIP"] == "None"
+        assert any(p["name"] == "grpc" for p in svc["spec"]["ports"])
+    mode = r.values["orchestrator"]["routing"]["mode"]
+    assert env["SPECREC_ROUTING"]["value"] == mode
+    role = r.find("Role", "orchestrator")
+    pod = r.get("Deployment", "orchestrator")["spec"]["template"]["spec"]
+    if mode == "endpointslices":
+        assert role is not None and role["rules"] == [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+        ]
+        binding = r.get("RoleBinding", "orchestrator")
+        assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+        assert pod["automountServiceAccountToken"] is True
+    else:
+        assert role is None and pod["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_are_locked_down_and_drain_on_shutdown(rendered: dict[str, Rendered], scenario: str) -> None:
+    r = rendered[scenario]
+    shutdown = r.values["shutdown"]
+    for deployment in r.all("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"] + pod.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert "limits" in container["resources"] and "memory" in container["resources"]["limits"]
+        for container in pod["containers"]:
+            assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": shutdown["preStopSleepSeconds"]}}
+        grace = shutdown["preStopSleepSeconds"] + shutdown["drainSeconds"] + 5
+        assert pod["terminationGracePeriodSeconds"] == grace
+    assert f"--exit-timeout-secs={shutdown['drainSeconds']}" in r.container("triton")["args"]
+    # Every component has a PDB selecting its pods; the orchestrator scales on CPU.
+    for component in ("orchestrator", "draft", "triton"):
+        pdb = r.get("PodDisruptionBudget", component)
+        assert pdb["spec"]["selector"] == r.get("Deployment", component)["spec"]["selector"]
+    hpa = r.find("HorizontalPodAutoscaler", "orchestrator")
+    if r.values["orchestrator"]["autoscaling"]["enabled"]:
+        assert hpa is not None and hpa["apiVersion"] == "autoscaling/v2"
+        assert "replicas" not in r.get("Deployment", "orchestrator")["spec"]
+    else:
+        assert hpa is None
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_model_repository_source(rendered: dict[str, Rendered], scenario: str) -> None:
+    r = rendered[scenario]
+    pod = r.get("Deployment", "triton")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model-repository")
+    mount = next(m for m in r.container("triton")["volumeMounts"] if m["name"] == "model-repository")
+    assert mount["mountPath"] == "/models" and mount["readOnly"] is True
+    source = r.values["triton"]["modelRepository"]["source"]
+    if source == "initContainer":
+        assert volume["emptyDir"] == {}
+        (init,) = pod["initContainers"]
+        assert init["image"].startswith("specrec/model-repository:")
+        assert init["volumeMounts"] == [{"name": "model-repository", "mountPath": "/repository"}]
+    elif source == "image":
+        assert volume["image"]["reference"].startswith("specrec/model-repository:")
+        assert mount["subPath"] == "models" and "initContainers" not in pod
+    else:
+        assert volume["persistentVolumeClaim"]["claimName"] == r.values["triton"]["modelRepository"]["existingClaim"]
+
+
+def test_service_monitors_scrape_each_metrics_port(rendered: dict[str, Rendered]) -> None:
+    r = rendered["mig"]
+    assert r.values["serviceMonitor"]["enabled"]
+    for component in ("orchestrator", "draft", "triton"):
+        monitor = r.get("ServiceMonitor", component)
+        service = r.get("Service", component)
+        assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        assert any(p["name"] == "metrics" for p in service["spec"]["ports"])
+    assert rendered["default"].all("ServiceMonitor") == []
