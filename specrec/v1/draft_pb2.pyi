@@ -1,0 +1,62 @@
+from specrec.v1 import tree_pb2 as _tree_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DraftBudget(_message.Message):
+    __slots__ = ("depth", "max_nodes", "top_k")
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    depth: int
+    max_nodes: int
+    top_k: int
+    def __init__(self, depth: _Optional[int] = ..., max_nodes: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class OpenSession(_message.Message):
+    __slots__ = ("context", "n_items", "exclude_history", "budget", "drafter", "want_probs", "user_group")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    N_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    WANT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    USER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    context: _containers.RepeatedScalarFieldContainer[int]
+    n_items: int
+    exclude_history: bool
+    budget: DraftBudget
+    drafter: str
+    want_probs: bool
+    user_group: str
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., n_items: _Optional[int] = ..., exclude_history: _Optional[bool] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., drafter: _Optional[str] = ..., want_probs: _Optional[bool] = ..., user_group: _Optional[str] = ...) -> None: ...
+
+class AdvanceSession(_message.Message):
+    __slots__ = ("committed", "budget")
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    committed: _containers.RepeatedScalarFieldContainer[int]
+    budget: DraftBudget
+    def __init__(self, committed: _Optional[_Iterable[int]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ...) -> None: ...
+
+class SpeculateRequest(_message.Message):
+    __slots__ = ("open", "advance")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    ADVANCE_FIELD_NUMBER: _ClassVar[int]
+    open: OpenSession
+    advance: AdvanceSession
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., advance: _Optional[_Union[AdvanceSession, _Mapping]] = ...) -> None: ...
+
+class SpeculateResponse(_message.Message):
+    __slots__ = ("tree", "draft_ahead_hit", "draft_ms")
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_HIT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    tree: _tree_pb2.TokenTree
+    draft_ahead_hit: bool
+    draft_ms: float
+    def __init__(self, tree: _Optional[_Union[_tree_pb2.TokenTree, _Mapping]] = ..., draft_ahead_hit: _Optional[bool] = ..., draft_ms: _Optional[float] = ...) -> None: ...
