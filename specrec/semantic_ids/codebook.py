@@ -88,7 +88,8 @@ def item_vectors(genres: np.ndarray, years: np.ndarray, interactions: np.ndarray
     centred = interactions - interactions.mean(axis=0, keepdims=True)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     dim = min(dim, len(s))
-    collab = (vt[:dim].T * s[:dim]) / (s[0] + 1e-8)
+    # Components weighted by sqrt of their singular value: the top factor (popularity) must not drown the rest.
+    collab = vt[:dim].T * np.sqrt(s[:dim] / (s[0] + 1e-8))
     collab /= np.linalg.norm(collab, axis=1, keepdims=True).mean() + 1e-8
     parts = [collab]
     if genres.shape[1]:

@@ -1,0 +1,244 @@
+"""TargetVerifier: per-sequence KV state and one batched forward for many sequences' trees.
+
+A sequence's committed tokens are in its cache row except the newest one (the previous bonus token),
+which is *pending*: the next forward feeds pending tokens + the tree, with the tree hanging off the
+last pending token. After acceptance the cache keeps pending + accepted nodes, compacted, and the
+new bonus token becomes the pending root. Requests that fail validation get a VerifyError and leave
+every sequence's state as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specrec.models.llama import KVCache, Transformer
+from specrec.models.steps import Block, build_step
+from specrec.semantic_ids.codebook import SemanticIds
+from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
+from specrec.semantic_ids.trie import ItemTrie
+from specrec.verify.rules import MODES, NO_BONUS, AcceptParams, accept
+
+MAX_TREE_NODES = 128
+
+
+class VerifyError(Exception):
+    """A request the verifier refuses; code is a gRPC status name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class VerifyRequest:
+    sequence_id: int
+    tree_tokens: list[int]
+    tree_parents: list[int]
+    context: list[int] | None = None
+    start: bool = False
+    end: bool = False
+    params: AcceptParams = AcceptParams()
+    seed: int = 0
+    n_items: int = 10
+    exclude_history: bool = True
+    draft_probs: torch.Tensor | None = None  # [n_tree + 1, vocab] or None
+
+
+@dataclass
+class VerifyResult:
+    accepted_tokens: list[int]  # accepted path's tokens then the bonus token (none if the list ended)
+    accepted_nodes: list[int]
+    done: bool
+    live_sequences: int
+
+
+@dataclass
+class Sequence:
+    row: int
+    constraint: ListConstraint
+    state: ListState  # grammar state after all committed tokens
+    committed: list[int]
+    pending: list[int]  # committed tokens not yet in the cache (a chain)
+    generator: torch.Generator
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Prepared:
+    req: VerifyRequest
+    seq: Sequence
+    allowed: list[np.ndarray | None]  # per row: root, then each node
+    states: list[ListState | None]
+
+
+class TargetVerifier:
+    def __init__(self, artifacts: Path, device: str = "cpu", max_sequences: int = 64, max_len: int = 512,
+                 idle_timeout_s: float = 60.0, target_subdir: str = "target"):
+        self.device = torch.device(device)
+        self.sids = SemanticIds.load(artifacts)
+        self.trie = ItemTrie(self.sids)
+        self.model = Transformer.from_pretrained(Path(artifacts) / target_subdir, device=self.device)
+        self.cache = KVCache(self.model.args, max_sequences, min(max_len, self.model.args.max_len), device=self.device)
+        self.idle_timeout_s = idle_timeout_s
+        self.sequences: OrderedDict[int, Sequence] = OrderedDict()  # least recently used first
+        self.free_rows = list(range(max_sequences))[::-1]
+        self.vocab_size = self.sids.vocab.size
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self.sequences)
+
+    # -- state -----------------------------------------------------------------------------------
+    def end(self, sequence_id: int) -> None:
+        seq = self.sequences.pop(sequence_id, None)
+        if seq is not None:
+            self.cache.lengths[seq.row] = 0
+            self.free_rows.append(seq.row)
+
+    def expire_idle(self, now: float | None = None) -> list[int]:
+        """Free sequences idle longer than the timeout (Triton's own idle timeout does not reach us)."""
+        now = time.monotonic() if now is None else now
+        stale = [sid for sid, s in self.sequences.items() if now - s.last_used > self.idle_timeout_s]
+        for sid in stale:
+            self.end(sid)
+        return stale
+
+    def _claim_row(self, busy: set[int]) -> int:
+        if not self.free_rows:  # evict the least recently used sequence not in this batch
+            victim = next((sid for sid in self.sequences if sid not in busy), None)
+            if victim is None:
+                raise VerifyError("RESOURCE_EXHAUSTED", f"the target holds {self.cache.n_rows} live sequences, its "
+                                  "cap; retry later or raise max_sequences")
+            self.end(victim)
+        return self.free_rows.pop()
+
+    def _open(self, req: VerifyRequest, busy: set[int]) -> Sequence:
+        if req.n_items < 1 or req.n_items > 200:
+            raise VerifyError("INVALID_ARGUMENT", f"n_items must be in 1..200, got {req.n_items}")
+        self._check_tokens("CONTEXT", req.context or [])
+        constraint = ListConstraint(self.trie, req.n_items, req.exclude_history)
+        try:
+            state = constraint.start(list(req.context or []))
+        except ConstraintError as e:
+            raise VerifyError("INVALID_ARGUMENT", f"CONTEXT is not a valid list prefix: {e}") from None
+        self.end(req.sequence_id)
+        row = self._claim_row(busy)
+        self.cache.lengths[row] = 0
+        gen = torch.Generator().manual_seed(req.seed)
+        return Sequence(row, constraint, state, list(req.context or []), list(req.context or []), gen)
+
+    # -- validation ------------------------------------------------------------------------------
+    def _check_tokens(self, name: str, tokens: list[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise VerifyError("INVALID_ARGUMENT", f"{name} holds token {bad[0]} outside the vocabulary "
+                              f"0..{self.vocab_size - 1}")
+
+    def _check_tree(self, req: VerifyRequest) -> None:
+        n = len(req.tree_tokens)
+        if n != len(req.tree_parents):
+            raise VerifyError("INVALID_ARGUMENT", f"TREE_TOKENS has {n} entries but TREE_PARENTS has "
+                              f"{len(req.tree_parents)}; they must match")
+        if n > MAX_TREE_NODES:
+            raise VerifyError("INVALID_ARGUMENT", f"tree of {n} nodes exceeds the limit of {MAX_TREE_NODES}")
+        for i, p in enumerate(req.tree_parents):
+            if not -1 <= p < i:
+                raise VerifyError("INVALID_ARGUMENT", f"TREE_PARENTS[{i}] = {p}: a parent must be -1 (the root) "
+                                  f"or an earlier node index 0..{i - 1}")
+        self._check_tokens("TREE_TOKENS", req.tree_tokens)
+        if req.params.mode not in MODES:
+            raise VerifyError("INVALID_ARGUMENT", f"mode {req.params.mode!r} unknown; use one of {', '.join(MODES)}")
+        if req.draft_probs is not None and tuple(req.draft_probs.shape) != (n + 1, self.vocab_size):
+            raise VerifyError("INVALID_ARGUMENT", f"DRAFT_PROBS must hold (nodes + 1) x vocab = {(n + 1)} x "
+                              f"{self.vocab_size} values, got {tuple(req.draft_probs.shape)}")
+
+    def _prepare(self, req: VerifyRequest, busy: set[int]) -> _Prepared:
+        self._check_tree(req)
+        seq = self.sequences.get(req.sequence_id)
+        needs_open = req.start or seq is None or (req.context is not None and req.context != seq.committed)
+        if needs_open:
+            if req.context is None:
+                raise VerifyError("INVALID_ARGUMENT", f"sequence {req.sequence_id} has no state here (never started, "
+                                  "ended, or evicted): send CONTEXT with the committed tokens to rebuild it")
+            seq = self._open(req, busy)
+        assert seq is not None
+        if seq.state.finished:
+            raise VerifyError("INVALID_ARGUMENT", f"sequence {req.sequence_id} already ended its list with EOS")
+        needed = self.cache.lengths[seq.row] + len(seq.pending) + len(req.tree_tokens)
+        if needed > self.cache.max_len:
+            raise VerifyError("INVALID_ARGUMENT", f"sequence would reach {needed} tokens, over the target's "
+                              f"limit of {self.cache.max_len}")
+        states: list[ListState | None] = [seq.state]
+        for tok, par in zip(req.tree_tokens, req.tree_parents, strict=True):
+            parent = states[par + 1]
+            states.append(None if parent is None else seq.constraint.advance(parent, tok))
+        allowed = [None if s is None else seq.constraint.allowed(s) for s in states]
+        return _Prepared(req, seq, allowed, states)
+
+    # -- verification ----------------------------------------------------------------------------
+    def verify_batch(self, reqs: list[VerifyRequest]) -> list[VerifyResult | VerifyError]:
+        """Verify every request's tree in one forward. END requests free state after answering."""
+        self.expire_idle()
+        results: list[VerifyResult | VerifyError | None] = [None] * len(reqs)
+        prepared: list[tuple[int, _Prepared]] = []
+        busy = {r.sequence_id for r in reqs}
+        for i, req in enumerate(reqs):
+            if req.end and not req.tree_tokens and req.context is None and not req.start:
+                self.end(req.sequence_id)  # a bare END: nothing to verify
+                results[i] = VerifyResult([], [], True, self.live_sequences)
+                continue
+            try:
+                prep = self._prepare(req, busy)
+            except VerifyError as e:
+                results[i] = e
+                continue
+            self.sequences[req.sequence_id] = prep.seq
+            prepared.append((i, prep))
+        if prepared:
+            for (i, prep), res in zip(prepared, self._run([p for _, p in prepared]), strict=True):
+                results[i] = res
+        for i, req in enumerate(reqs):
+            if req.end:
+                self.end(req.sequence_id)
+                if isinstance(results[i], VerifyResult):
+                    results[i].live_sequences = self.live_sequences  # type: ignore[union-attr]
+        return [r for r in results if r is not None]
+
+    @torch.inference_mode()
+    def _run(self, batch: list[_Prepared]) -> list[VerifyResult]:
+        blocks = []
+        for p in batch:
+            k = len(p.seq.pending)
+            parents = list(range(-1, k - 1)) + [k - 1 if q < 0 else q + k for q in p.req.tree_parents]
+            blocks.append(Block(p.seq.row, p.seq.pending + p.req.tree_tokens, parents))
+        step = build_step(self.cache, blocks, self.device)
+        logits = self.model(step.tokens, step.positions, self.cache, step.rows, step.slots, step.mask)
+        return [self._commit(p, logits[b, len(p.seq.pending) - 1: len(p.seq.pending) + len(p.req.tree_tokens)])
+                for b, p in enumerate(batch)]
+
+    def _commit(self, p: _Prepared, logits: torch.Tensor) -> VerifyResult:
+        seq, req = p.seq, p.req
+        path, bonus = accept(req.tree_tokens, req.tree_parents, logits.float().cpu(), p.allowed, req.params,
+                             seq.generator, req.draft_probs)
+        k = len(seq.pending)
+        base = self.cache.lengths[seq.row]
+        self.cache.keep_path(seq.row, [base + i for i in range(k)] + [base + k + n for n in path])
+        accepted = [req.tree_tokens[n] for n in path]
+        state = p.states[path[-1] + 1] if path else seq.state
+        assert state is not None
+        if bonus != NO_BONUS:
+            nxt = seq.constraint.advance(state, bonus)
+            assert nxt is not None, "the bonus token always obeys the grammar"
+            state = nxt
+            accepted.append(bonus)
+        seq.state, seq.committed = state, seq.committed + accepted
+        seq.pending = [bonus] if bonus != NO_BONUS else []
+        seq.last_used = time.monotonic()
+        self.sequences.move_to_end(req.sequence_id)
+        return VerifyResult(accepted, path, state.finished, self.live_sequences)

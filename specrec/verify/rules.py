@@ -1,0 +1,141 @@
+"""Acceptance rules: which path of a draft tree the target keeps, and the token it adds after it.
+
+Vocabulary (as in vLLM's rejection sampler): *accepted* tokens are draft nodes the target keeps, in
+root-down order; the *bonus* token is the target's own choice after the last accepted node (after a
+rejection it is also called the recovered token). Rows of `logits` are the target's outputs: row 0 at
+the root (the last committed token), row i + 1 after tree node i. `allowed[r]` is the grammar's set
+at row r, or None where the node itself broke the grammar (such a node is never accepted).
+
+Modes:
+- greedy (lossless): follow the child equal to the constrained argmax; bonus = argmax where none is.
+- stochastic (lossless sampling): SpecInfer's multi-candidate rule. Children drafted as distinct
+  top-k picks are point masses: accept child x with probability P(x), else zero P(x), renormalise and
+  try the next; children sampled from q use min(1, P/q) with residual P <- norm(max(0, P - q)).
+  All rejected: the bonus is sampled from what is left of P.
+- relaxed (DARE, lossy): accept a child whose token is in the target's top-k with P >= min_prob
+  (else only the argmax counts); the longest such branch wins; bonus = argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specrec.decoding.select import constrained_argmax, constrained_probs, sample
+
+MODES = ("greedy", "stochastic", "relaxed")
+NO_BONUS = -1  # the accepted path ended the list (EOS): nothing follows
+
+
+@dataclass(frozen=True)
+class AcceptParams:
+    mode: str = "greedy"
+    temperature: float = 1.0
+    relaxed_top_k: int = 2
+    relaxed_min_prob: float = 0.1
+
+
+def children_of(parents: list[int]) -> list[list[int]]:
+    """children[r] = tree nodes whose parent is row r (row 0 = root, row i + 1 = node i)."""
+    kids: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for i, p in enumerate(parents):
+        kids[p + 1].append(i)
+    return kids
+
+
+def accept(tokens: list[int], parents: list[int], logits: torch.Tensor, allowed: list[np.ndarray | None],
+           params: AcceptParams, generator: torch.Generator | None = None,
+           draft_probs: torch.Tensor | None = None) -> tuple[list[int], int]:
+    """Returns (accepted node indices root-down, bonus token). logits: [n + 1, vocab]."""
+    kids = children_of(parents)
+    if params.mode == "greedy":
+        return _greedy(tokens, kids, logits, allowed)
+    if params.mode == "relaxed":
+        return _relaxed(tokens, kids, logits, allowed, params)
+    if params.mode == "stochastic":
+        gen = generator or torch.Generator()
+        return _stochastic(tokens, kids, logits, allowed, params.temperature, gen, draft_probs)
+    raise ValueError(f"unknown verification mode {params.mode!r}; choose one of {', '.join(MODES)}")
+
+
+def _finished(allowed: np.ndarray | None) -> bool:
+    return allowed is None or len(allowed) == 0
+
+
+def _greedy(tokens: list[int], kids: list[list[int]], logits: torch.Tensor,
+            allowed: list[np.ndarray | None]) -> tuple[list[int], int]:
+    path: list[int] = []
+    row = 0
+    while not _finished(allowed[row]):
+        best = constrained_argmax(logits[row], allowed[row])  # type: ignore[arg-type]
+        match = next((c for c in kids[row] if tokens[c] == best), None)
+        if match is None:
+            return path, best
+        path.append(match)
+        row = match + 1
+    return path, NO_BONUS
+
+
+def _relaxed_set(logits: torch.Tensor, allowed: np.ndarray, params: AcceptParams) -> set[int]:
+    probs = constrained_probs(logits, allowed, 1.0)
+    top = torch.topk(probs, min(params.relaxed_top_k, len(allowed)))
+    ok = {int(t) for p, t in zip(top.values, top.indices, strict=True) if float(p) >= params.relaxed_min_prob}
+    return ok or {constrained_argmax(logits, allowed)}
+
+
+def _relaxed(tokens: list[int], kids: list[list[int]], logits: torch.Tensor, allowed: list[np.ndarray | None],
+             params: AcceptParams) -> tuple[list[int], int]:
+    def longest(row: int) -> list[int]:
+        if _finished(allowed[row]):
+            return []
+        ok = _relaxed_set(logits[row], allowed[row], params)  # type: ignore[arg-type]
+        best: list[int] = []
+        for c in kids[row]:
+            if tokens[c] in ok:
+                branch = [c] + longest(c + 1)
+                best = branch if len(branch) > len(best) else best
+        return best
+
+    path = longest(0)
+    last = path[-1] + 1 if path else 0
+    if _finished(allowed[last]):
+        return path, NO_BONUS
+    return path, constrained_argmax(logits[last], allowed[last])  # type: ignore[arg-type]
+
+
+def _stochastic(tokens: list[int], kids: list[list[int]], logits: torch.Tensor, allowed: list[np.ndarray | None],
+                temperature: float, gen: torch.Generator,
+                draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
+    path: list[int] = []
+    row = 0
+    while not _finished(allowed[row]):
+        p = constrained_probs(logits[row], allowed[row], temperature)  # type: ignore[arg-type]
+        q = draft_probs[row].double() if draft_probs is not None and float(draft_probs[row].sum()) > 0 else None
+        chosen = _try_children(tokens, kids[row], p, q, gen)
+        if chosen is None:
+            return path, sample(p / p.sum(), gen)
+        path.append(chosen)
+        row = chosen + 1
+    return path, NO_BONUS
+
+
+def _try_children(tokens: list[int], children: list[int], p: torch.Tensor, q: torch.Tensor | None,
+                  gen: torch.Generator) -> int | None:
+    """Recursive rejection over siblings; p is reduced in place to the residual on each rejection."""
+    for c in children:
+        x = tokens[c]
+        total = float(p.sum())
+        if total <= 0:
+            break
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if q is None:  # distinct top-k children: q is a point mass at x
+            if u < float(p[x]) / total:
+                return c
+            p[x] = 0.0
+        else:
+            if float(q[x]) > 0 and u < float(p[x]) / total / float(q[x]):
+                return c
+            p.copy_(torch.clamp(p / total - q, min=0.0))
+    return None
