@@ -24,7 +24,7 @@ TARGET_PROFILES = {
     # tests: < 1M parameters, ~1 minute on 2 CPU cores
     "tiny": TargetProfile("tiny", hidden=64, layers=2, heads=2, intermediate=192, steps=400, batch_size=32, lr=3e-3),
     # `make run` default: a few M parameters, < 10 minutes
-    "small": TargetProfile("small", hidden=192, layers=4, heads=4, intermediate=512, steps=1500, batch_size=32,
+    "small": TargetProfile("small", hidden=192, layers=4, heads=4, intermediate=512, steps=900, batch_size=32,
                            lr=2e-3),
     # benchmarks: >= 20M parameters, trains for a long while on CPU (see README)
     "bench": TargetProfile("bench", hidden=512, layers=8, heads=8, intermediate=1536, steps=4000, batch_size=32,

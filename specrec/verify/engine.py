@@ -201,7 +201,7 @@ class TargetVerifier:
             self.sequences[req.sequence_id] = prep.seq
             prepared.append((i, prep))
         if prepared:
-            for (i, prep), res in zip(prepared, self._run([p for _, p in prepared]), strict=True):
+            for (i, _prep), res in zip(prepared, self._run([p for _, p in prepared]), strict=True):
                 results[i] = res
         for i, req in enumerate(reqs):
             if req.end:

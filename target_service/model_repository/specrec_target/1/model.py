@@ -1,0 +1,126 @@
+"""specrec_target: Triton Python-backend adapter over specrec.verify.TargetVerifier.
+
+One request = one token tree for one sequence (correlation id; START/END from request.flags()).
+Triton hands execute() the requests its oldest-first sequence batcher gathered; all their trees are
+verified in ONE forward pass. Inputs (batch dim implicit, one row per request):
+
+    CONTEXT       INT64 [-1]  optional; the full committed tokens. Needed at START and whenever this
+                              instance holds no state for the sequence (it is then rebuilt).
+    TREE_TOKENS   INT64 [-1]  draft tree tokens, parents first; may be empty (plain decoding step)
+    TREE_PARENTS  INT64 [-1]  parent index per node; -1 = child of the last committed token
+    DRAFT_PROBS   FP32  [-1]  optional, stochastic mode; [n_tree + 1, vocab] flattened row-major
+
+Request parameters (JSON): mode (greedy | stochastic | relaxed), temperature, seed, relaxed_top_k,
+relaxed_min_prob, n_items and exclude_history (read when the sequence starts or is rebuilt).
+
+Outputs:
+    ACCEPTED_TOKENS INT64 [-1]  the accepted path's tokens, then the bonus token
+    ACCEPTED_NODES  INT64 [-1]  tree indices of the accepted path
+    DONE            BOOL  [1]   the list finished with EOS
+    LIVE_SEQUENCES  INT64 [1]   sequences this instance holds state for, after this request
+
+A bad request gets an error response (INVALID_ARG, or UNAVAILABLE prefixed "RESOURCE_EXHAUSTED:"
+when the live-sequence cap is reached) and changes no state; the other requests of the batch are
+unaffected. Per-sequence state is freed at END, on idle expiry and by LRU eviction past the cap.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
+
+ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "UNAVAILABLE", "NOT_FOUND": "NOT_FOUND"}
+
+
+def _param(config, key, default=""):
+    return config.get("parameters", {}).get(key, {}).get("string_value", "") or default
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        if "sequence_batching" not in config:
+            raise pb_utils.TritonModelException("specrec_target needs sequence_batching in config.pbtxt")
+        model_dir = _param(config, "SPECREC_TARGET_MODEL_DIR", os.environ.get("SPECREC_TARGET_MODEL_DIR", ""))
+        if not model_dir or not os.path.isdir(model_dir):
+            raise pb_utils.TritonModelException(
+                f"no trained artifacts at {model_dir!r}: set SPECREC_TARGET_MODEL_DIR (or the config parameter) "
+                "to a directory holding semantic_ids/ and target/ (specrec train-target prints it)")
+        device = _param(config, "device", os.environ.get("SPECREC_DEVICE", "")) or (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if threads := os.environ.get("SPECREC_TORCH_THREADS"):
+            torch.set_num_threads(int(threads))
+        idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
+        self.verifier = TargetVerifier(model_dir, device=device,
+                                       max_sequences=int(_param(config, "max_sequences", "64")),
+                                       max_len=int(_param(config, "max_len", "512")),
+                                       idle_timeout_s=idle_us / 1e6)
+
+    def execute(self, requests):
+        parsed, responses = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                parsed.append((i, self._parse(request)))
+            except VerifyError as e:
+                responses[i] = _error(e)
+        results = self.verifier.verify_batch([req for _, req in parsed])
+        for (i, _), res in zip(parsed, results):
+            responses[i] = _error(res) if isinstance(res, VerifyError) else pb_utils.InferenceResponse(
+                output_tensors=_outputs(res))
+        return responses
+
+    def _parse(self, request):
+        flags = request.flags()
+        try:
+            params = json.loads(request.parameters() or "{}")
+            accept = AcceptParams(mode=str(params.get("mode", "greedy")),
+                                  temperature=float(params.get("temperature", 1.0)),
+                                  relaxed_top_k=int(params.get("relaxed_top_k", 2)),
+                                  relaxed_min_prob=float(params.get("relaxed_min_prob", 0.1)))
+            seed, n_items = int(params.get("seed", 0)), int(params.get("n_items", 10))
+            exclude = str(params.get("exclude_history", True)).lower() not in ("false", "0")
+        except (TypeError, ValueError) as e:
+            raise VerifyError("INVALID_ARGUMENT", f"bad request parameter: {e}") from None
+        tokens, parents = _ints(request, "TREE_TOKENS"), _ints(request, "TREE_PARENTS")
+        probs = pb_utils.get_input_tensor_by_name(request, "DRAFT_PROBS")
+        draft_probs = None
+        if probs is not None:
+            flat = torch.from_numpy(probs.as_numpy().reshape(-1).astype(np.float32))
+            vocab = self.verifier.vocab_size
+            if flat.numel() != (len(tokens or []) + 1) * vocab:
+                raise VerifyError("INVALID_ARGUMENT", f"DRAFT_PROBS must hold (nodes + 1) x {vocab} values, "
+                                  f"got {flat.numel()}")
+            draft_probs = flat.view(-1, vocab)
+        return VerifyRequest(sequence_id=int(request.correlation_id()), tree_tokens=tokens or [],
+                             tree_parents=parents or [], context=_ints(request, "CONTEXT"),
+                             start=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START),
+                             end=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END),
+                             params=accept, seed=seed, n_items=n_items, exclude_history=exclude,
+                             draft_probs=draft_probs)
+
+    def finalize(self):
+        self.verifier = None
+
+
+def _ints(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else [int(x) for x in tensor.as_numpy().reshape(-1)]
+
+
+def _error(e):
+    code = getattr(pb_utils.TritonError, ERROR_CODES.get(e.code, "INTERNAL"))
+    prefix = "RESOURCE_EXHAUSTED: " if e.code == "RESOURCE_EXHAUSTED" else ""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(prefix + str(e), code))
+
+
+def _outputs(res):
+    return [
+        pb_utils.Tensor("ACCEPTED_TOKENS", np.asarray(res.accepted_tokens, dtype=np.int64).reshape(1, -1)),
+        pb_utils.Tensor("ACCEPTED_NODES", np.asarray(res.accepted_nodes, dtype=np.int64).reshape(1, -1)),
+        pb_utils.Tensor("DONE", np.array([[res.done]], dtype=np.bool_)),
+        pb_utils.Tensor("LIVE_SEQUENCES", np.array([[res.live_sequences]], dtype=np.int64)),
+    ]
