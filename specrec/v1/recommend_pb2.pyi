@@ -1,0 +1,116 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DecodingOptions(_message.Message):
+    __slots__ = ("mode", "temperature", "seed", "policy", "max_tree_nodes", "drafter", "include_history")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MODE_GREEDY: _ClassVar[DecodingOptions.Mode]
+        MODE_SAMPLING: _ClassVar[DecodingOptions.Mode]
+        MODE_RELAXED: _ClassVar[DecodingOptions.Mode]
+    MODE_GREEDY: DecodingOptions.Mode
+    MODE_SAMPLING: DecodingOptions.Mode
+    MODE_RELAXED: DecodingOptions.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    mode: DecodingOptions.Mode
+    temperature: float
+    seed: int
+    policy: str
+    max_tree_nodes: int
+    drafter: str
+    include_history: bool
+    def __init__(self, mode: _Optional[_Union[DecodingOptions.Mode, str]] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., policy: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ..., drafter: _Optional[str] = ..., include_history: _Optional[bool] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("history", "num_items", "options")
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    history: _containers.RepeatedScalarFieldContainer[str]
+    num_items: int
+    options: DecodingOptions
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ...) -> None: ...
+
+class Item(_message.Message):
+    __slots__ = ("item_id", "title", "semantic_id")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_ID_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    title: str
+    semantic_id: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., semantic_id: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "tau", "draft_ms", "verify_ms", "network_ms", "total_ms", "fallback_rounds", "policy")
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    rounds: int
+    drafted_tokens: int
+    accepted_tokens: int
+    tau: float
+    draft_ms: float
+    verify_ms: float
+    network_ms: float
+    total_ms: float
+    fallback_rounds: int
+    policy: str
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tau: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fallback_rounds: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("items", "stats", "trace_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    stats: Stats
+    trace_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+
+class RecommendChunk(_message.Message):
+    __slots__ = ("item", "done")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    item: Item
+    done: RecommendResponse
+    def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., done: _Optional[_Union[RecommendResponse, _Mapping]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "num_items", "options")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    prompt: _containers.RepeatedScalarFieldContainer[int]
+    num_items: int
+    options: DecodingOptions
+    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ...) -> None: ...
+
+class GenerateChunk(_message.Message):
+    __slots__ = ("tokens", "done", "stats")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    done: bool
+    stats: Stats
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
