@@ -1,0 +1,59 @@
+"""Orchestrator configuration: one schema, read from flags with SPECREC_* environment defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass
+class OrchestratorConfig:
+    artifacts: str  # directory with semantic_ids/ (the same artifacts the target and drafter load)
+    port: int = 50051
+    host: str = "127.0.0.1"
+    metrics_port: int = 9100  # 0 = no /metrics endpoint
+    target_addr: str = "127.0.0.1:8001"
+    draft_addr: str = "127.0.0.1:50052"  # empty = no drafter: plain decoding on the target
+    policy: str = "adaptive"
+    drafter: str = ""  # default drafter name sent to the draft service ("" = its own default)
+    max_in_flight: int = 64  # requests decoding at once; past it RESOURCE_EXHAUSTED
+    max_history: int = 50  # items per request history
+    max_items: int = 50
+    draft_timeout_ms: float = 50.0  # a tree later than this: the round goes on without it
+    verify_timeout_s: float = 10.0
+    grace_s: float = 30.0
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
+        p = argparse.ArgumentParser(prog="specrec-orchestrator",
+                                    description="specrec's client-facing gRPC server: runs draft -> verify per request.")
+        p.add_argument("--artifacts", default=_env("SPECREC_ARTIFACTS", ""),
+                       help="artifact directory (semantic_ids/), env SPECREC_ARTIFACTS")
+        p.add_argument("--host", default=_env("SPECREC_HOST", "127.0.0.1"), help="bind address (0.0.0.0 in a pod)")
+        p.add_argument("--port", type=int, default=int(_env("SPECREC_ORCHESTRATOR_PORT", "50051")))
+        p.add_argument("--metrics-port", type=int, default=int(_env("SPECREC_METRICS_PORT", "9100")),
+                       help="Prometheus /metrics port, 0 = off")
+        p.add_argument("--target-addr", default=_env("SPECREC_TARGET_ADDR", "127.0.0.1:8001"),
+                       help="Triton gRPC address")
+        p.add_argument("--draft-addr", default=_env("SPECREC_DRAFT_ADDR", "127.0.0.1:50052"),
+                       help="draft service address; empty = plain decoding only")
+        p.add_argument("--policy", default=_env("SPECREC_POLICY", "adaptive"),
+                       help="default speculation policy: adaptive | heuristic | off | fixed:DEPTH:NODES")
+        p.add_argument("--drafter", default=_env("SPECREC_DRAFTER", ""), help="model | retrieval | hybrid")
+        p.add_argument("--max-in-flight", type=int, default=int(_env("SPECREC_MAX_IN_FLIGHT", "64")))
+        p.add_argument("--max-history", type=int, default=int(_env("SPECREC_MAX_HISTORY", "50")))
+        p.add_argument("--draft-timeout-ms", type=float, default=float(_env("SPECREC_DRAFT_TIMEOUT_MS", "50")),
+                       help="per-round drafting budget; slower trees are skipped")
+        p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")))
+        a = p.parse_args(argv)
+        if not a.artifacts:
+            p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")
+        return cls(artifacts=a.artifacts, host=a.host, port=a.port, metrics_port=a.metrics_port,
+                   target_addr=a.target_addr, draft_addr=a.draft_addr, policy=a.policy, drafter=a.drafter,
+                   max_in_flight=a.max_in_flight, max_history=a.max_history, draft_timeout_ms=a.draft_timeout_ms,
+                   grace_s=a.grace_s)

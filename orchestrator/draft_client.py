@@ -1,0 +1,113 @@
+"""Client side of DraftService.Speculate: one stream per request, a deadline per tree, backoff when down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator.controller import Budget
+from specrec.v1 import draft_pb2, draft_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DraftUnavailable(Exception):
+    """The drafter failed, answered late or broke the protocol: finish this request without it."""
+
+
+@dataclass
+class DraftedTree:
+    tokens: list[int]
+    parents: list[int]
+    draft_ms: float
+    ahead_hit: bool
+
+
+def _budget(b: Budget) -> draft_pb2.DraftBudget:
+    return draft_pb2.DraftBudget(depth=b.depth, max_nodes=b.max_nodes)
+
+
+class DraftSession:
+    """A Speculate stream. Any failure closes it: a late answer would desynchronise the stream."""
+
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, timeout_s: float, metadata: tuple = ()):
+        self._call = stub.Speculate(metadata=metadata)
+        self._timeout_s = timeout_s
+        self.closed = False
+
+    async def _exchange(self, request: draft_pb2.SpeculateRequest, timeout_s: float) -> DraftedTree:
+        if self.closed:
+            raise DraftUnavailable("draft stream already closed")
+        try:
+            await asyncio.wait_for(self._call.write(request), timeout_s)
+            resp = await asyncio.wait_for(self._call.read(), timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise DraftUnavailable(f"no tree within {timeout_s * 1000:.0f} ms") from None
+        except grpc.aio.AioRpcError as e:
+            await self.close()
+            raise DraftUnavailable(f"draft service: {e.code().name}: {e.details()}") from None
+        if resp is grpc.aio.EOF:
+            await self.close()
+            raise DraftUnavailable("draft service closed the stream")
+        tree = resp.tree
+        if len(tree.tokens) != len(tree.parents):
+            await self.close()
+            raise DraftUnavailable("malformed tree: tokens and parents differ in length")
+        return DraftedTree(list(tree.tokens), list(tree.parents), resp.draft_ms, resp.draft_ahead_hit)
+
+    async def open(self, context: list[int], n_items: int, exclude_history: bool, budget: Budget,
+                   drafter: str, timeout_s: float) -> DraftedTree:
+        req = draft_pb2.SpeculateRequest(open=draft_pb2.OpenSession(
+            context=context, n_items=n_items, exclude_history=exclude_history, budget=_budget(budget),
+            drafter=drafter))
+        return await self._exchange(req, timeout_s)
+
+    async def advance(self, committed: list[int], budget: Budget) -> DraftedTree:
+        req = draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession(committed=committed,
+                                                                           budget=_budget(budget)))
+        return await self._exchange(req, self._timeout_s)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._call.cancel()
+
+
+class DraftClient:
+    """Shared by all requests: the channel, and a backoff window after the service failed."""
+
+    def __init__(self, addr: str, timeout_s: float):
+        self.addr = addr
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(addr) if addr else None
+        self._stub = draft_pb2_grpc.DraftServiceStub(self._channel) if self._channel else None
+        self._down_until = 0.0
+        self._backoff_s = 0.5
+
+    @property
+    def available(self) -> bool:
+        return self._stub is not None and time.monotonic() >= self._down_until
+
+    def session(self, metadata: tuple = ()) -> DraftSession:
+        assert self._stub is not None
+        return DraftSession(self._stub, self.timeout_s, metadata)
+
+    def failed(self, reason: str) -> None:
+        """Keep new requests off the drafter for a while; the window doubles up to 30 s."""
+        if time.monotonic() >= self._down_until:
+            log.warning("drafter at %s unavailable (%s); plain decoding for %.1f s", self.addr, reason,
+                        self._backoff_s)
+            self._down_until = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, 30.0)
+
+    def succeeded(self) -> None:
+        self._backoff_s = 0.5
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()

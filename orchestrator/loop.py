@@ -1,0 +1,240 @@
+"""The speculation loop of one request: draft -> verify -> commit -> emit, until the list ends.
+
+The draft stream and the Triton sequence open concurrently. A round asks the policy for a budget,
+gets a tree from the drafter (or, at depth 0 or without a drafter, just the tokens the grammar
+forces), has the target verify it, commits the accepted path plus the bonus token and hands the
+commit to the drafter with the next budget. Both sessions are closed on every exit path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from orchestrator.catalog import Catalog
+from orchestrator.controller import Budget, Policy, RoundStats
+from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable
+from specrec.semantic_ids.constraint import ListConstraint, ListState
+from specrec.target_client import TargetClient, TargetSequenceUnknown, VerifyOutcome
+
+log = logging.getLogger(__name__)
+NO_DRAFT = Budget(0, 0)
+
+
+@dataclass
+class LoopOptions:
+    n_items: int = 10
+    exclude_history: bool = True
+    mode: str = "greedy"  # target verification mode: greedy | stochastic | relaxed
+    temperature: float = 1.0
+    seed: int = 0
+    max_nodes: int = 0  # cap on tree size, 0 = the policy's choice
+    drafter: str = ""
+
+
+@dataclass
+class LoopStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    committed: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+    fallback_rounds: int = 0
+    policy: str = ""
+    per_round: list[RoundStats] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        return self.committed / self.rounds if self.rounds else 0.0
+
+
+def forced_chain(constraint: ListConstraint, state: ListState) -> tuple[list[int], list[int]]:
+    """The tokens the grammar forces from `state`, as a chain tree: the target checks them for free."""
+    tokens: list[int] = []
+    while not state.finished and (tok := constraint.forced(state)) is not None:
+        state = constraint.advance(state, tok)  # type: ignore[assignment]
+        tokens.append(tok)
+    return tokens, list(range(-1, len(tokens) - 1))
+
+
+def tree_depth(parents: list[int]) -> int:
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return max(depth, default=0)
+
+
+class SpeculationLoop:
+    def __init__(self, catalog: Catalog, target: TargetClient, drafts: DraftClient, verify_timeout_s: float):
+        self.catalog = catalog
+        self.target = target
+        self.drafts = drafts
+        self.verify_timeout_s = verify_timeout_s
+        self.in_flight = 0
+        self.sequences_open = 0
+        self.draft_sessions_open = 0
+
+    async def run(self, prompt: list[int], opts: LoopOptions, policy: Policy,
+                  emit: Callable[[list[int]], Awaitable[None]], metadata: tuple = ()) -> LoopStats:
+        """Generate after `prompt`; `emit` gets each round's committed tokens. Raises TargetError."""
+        self.in_flight += 1
+        try:
+            return await _Request(self, prompt, opts, policy, emit, metadata).run()
+        finally:
+            self.in_flight -= 1
+
+
+class _Request:
+    def __init__(self, loop: SpeculationLoop, prompt: list[int], opts: LoopOptions, policy: Policy,
+                 emit: Callable[[list[int]], Awaitable[None]], metadata: tuple):
+        self.loop, self.opts, self.policy, self.emit, self.metadata = loop, opts, policy, emit, metadata
+        self.constraint = loop.catalog.constraint(opts.n_items, opts.exclude_history)
+        self.state = self.constraint.start(prompt)
+        self.committed = list(prompt)
+        self.seq_id = secrets.randbits(63) or 1
+        self.session: DraftSession | None = None
+        self.unsent: list[int] = []  # committed tokens the drafter has not been told yet
+        self.stats = LoopStats(policy=policy.name)
+        self.req_state = policy.new_request(self.next_slot)
+        self.started = False
+
+    @property
+    def next_slot(self) -> int:
+        return self.state.node[0]  # depth inside the current item = the slot of the next token
+
+    async def run(self) -> LoopStats:
+        t0 = time.perf_counter()
+        try:
+            outcome = await self._open()
+            await self._commit(outcome)
+            while not self.state.finished:
+                await self._round()
+        finally:
+            await asyncio.shield(self._close())
+            self.stats.total_s = time.perf_counter() - t0
+        return self.stats
+
+    # -- sessions --------------------------------------------------------------------------------
+    async def _open(self) -> VerifyOutcome:
+        """START on the target and Open on the drafter, concurrently."""
+        tokens, parents = forced_chain(self.constraint, self.state)
+        verify = asyncio.ensure_future(self._verify(tokens, parents, start=True))
+        if self.loop.drafts.available and self.policy.name != "off":
+            self.session = self.loop.drafts.session(self.metadata)
+            self.loop.draft_sessions_open += 1
+            try:
+                await self.session.open(self.committed, self.opts.n_items, self.opts.exclude_history, NO_DRAFT,
+                                        self.opts.drafter, self.loop.drafts.timeout_s * 20)
+            except DraftUnavailable as e:
+                await self._drop_drafter(str(e))
+        self.stats.drafted += len(tokens)
+        return await verify
+
+    async def _close(self) -> None:
+        if self.session is not None:
+            await self._drop_drafter(None)
+        if self.started:
+            self.started = False
+            self.loop.sequences_open -= 1
+            try:
+                await self.loop.target.end(self.seq_id)
+            except Exception as e:  # the sequence also expires on its own; never mask the real outcome
+                log.debug("ending sequence %d failed: %s", self.seq_id, e)
+
+    async def _drop_drafter(self, reason: str | None) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+            self.loop.draft_sessions_open -= 1
+        if reason is not None:
+            self.loop.drafts.failed(reason)
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def _budget(self) -> Budget:
+        budget = self.policy.choose(self.req_state, self.next_slot, self.loop.in_flight)
+        if self.session is None or budget.depth == 0:
+            return NO_DRAFT
+        if self.opts.max_nodes and budget.max_nodes > self.opts.max_nodes:
+            budget = Budget(min(budget.depth, self.opts.max_nodes), self.opts.max_nodes)
+        return budget
+
+    async def _draft(self, budget: Budget) -> tuple[DraftedTree | None, float]:
+        if self.session is None:
+            return None, 0.0
+        t0 = time.perf_counter()
+        try:
+            tree = await self.session.advance(self.unsent, budget)
+        except DraftUnavailable as e:
+            await self._drop_drafter(str(e))
+            return None, time.perf_counter() - t0
+        self.unsent = []
+        self.loop.drafts.succeeded()
+        return tree, time.perf_counter() - t0
+
+    async def _round(self) -> None:
+        budget = self._budget()
+        slot = self.next_slot
+        tree, draft_s, sync = None, 0.0, None
+        if budget.depth:
+            tree, draft_s = await self._draft(budget)
+            self.stats.fallback_rounds += tree is None
+        elif self.session is not None:  # keep the drafter in step; it catches up while the target verifies
+            sync = asyncio.ensure_future(self._draft(NO_DRAFT))
+        if tree is not None and tree.tokens:
+            tokens, parents = tree.tokens, tree.parents
+        else:
+            tokens, parents = forced_chain(self.constraint, self.state)
+        t0 = time.perf_counter()
+        try:
+            outcome = await self._verify(tokens, parents)
+        finally:
+            if sync is not None:
+                await sync
+        verify_s = time.perf_counter() - t0
+        depth = tree_depth(parents)
+        accepted = len(outcome.accepted_nodes)
+        stats = RoundStats(budget=budget, accepted=accepted,
+                           accepted_per_depth=[d < accepted for d in range(depth)],
+                           slots=[(slot + d) % 5 for d in range(depth)], draft_s=draft_s, verify_s=verify_s,
+                           n_nodes=len(tokens), in_flight=self.loop.in_flight)
+        self.policy.observe(self.req_state, stats)
+        self.stats.drafted += len(tokens)
+        self.stats.draft_s += draft_s
+        self.stats.verify_s += verify_s
+        self.stats.per_round.append(stats)
+        await self._commit(outcome)
+
+    async def _verify(self, tokens: list[int], parents: list[int], start: bool = False) -> VerifyOutcome:
+        kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
+                  n_items=self.opts.n_items, exclude_history=self.opts.exclude_history,
+                  timeout_s=self.loop.verify_timeout_s, headers=dict(self.metadata) or None)
+        if start:
+            self.started = True
+            self.loop.sequences_open += 1
+        try:
+            return await self.loop.target.verify(self.seq_id, tokens, parents, start=start,
+                                                 context=self.committed if start else None, **kw)
+        except TargetSequenceUnknown:
+            # evicted, expired or a restarted Triton: rebuild the sequence from everything committed
+            log.info("sequence %d lost by the target; rebuilding from %d tokens", self.seq_id, len(self.committed))
+            return await self.loop.target.verify(self.seq_id, tokens, parents, start=True, context=self.committed,
+                                                 **kw)
+
+    async def _commit(self, outcome: VerifyOutcome) -> None:
+        for tok in outcome.accepted_tokens:
+            nxt = self.constraint.advance(self.state, tok)
+            if nxt is None:
+                raise RuntimeError(f"the target committed token {tok}, which the list grammar forbids")
+            self.state = nxt
+        self.committed += outcome.accepted_tokens
+        self.unsent += outcome.accepted_tokens
+        self.stats.rounds += 1
+        self.stats.accepted += len(outcome.accepted_nodes)
+        self.stats.committed += len(outcome.accepted_tokens)
+        await self.emit(outcome.accepted_tokens)

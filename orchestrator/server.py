@@ -1,0 +1,189 @@
+"""specrec-orchestrator: the client-facing Recommender gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator.catalog import Catalog, RequestInvalid
+from orchestrator.config import OrchestratorConfig
+from orchestrator.controller import Policy, make_policy
+from orchestrator.draft_client import DraftClient
+from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
+from specrec.semantic_ids.vocab import SEP
+from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
+from specrec.v1 import recommend_pb2 as pb
+from specrec.v1 import recommend_pb2_grpc as pb_grpc
+
+log = logging.getLogger("specrec.orchestrator")
+SERVICE = "specrec.v1.Recommender"
+MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPLING: "stochastic",
+         pb.DecodingOptions.MODE_RELAXED: "relaxed"}
+
+
+def stats_message(s: LoopStats) -> pb.Stats:
+    return pb.Stats(rounds=s.rounds, drafted_tokens=s.drafted, accepted_tokens=s.accepted, tau=s.tau,
+                    draft_ms=s.draft_s * 1e3, verify_ms=s.verify_s * 1e3,
+                    network_ms=max(0.0, s.total_s - s.draft_s - s.verify_s) * 1e3, total_ms=s.total_s * 1e3,
+                    fallback_rounds=s.fallback_rounds, policy=s.policy)
+
+
+class ItemEmitter:
+    """Turns committed tokens into items: an item is out once its SEP is committed."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self.partial: list[int] = []
+
+    def feed(self, tokens: list[int]) -> list[pb.Item]:
+        items = []
+        for tok in tokens:
+            if tok == SEP:
+                item = self.catalog.item_of(self.partial)
+                if item is not None:
+                    sids = self.catalog.sids
+                    items.append(pb.Item(item_id=sids.item_ids[item], title=sids.titles[item],
+                                         semantic_id=[int(c) for c in sids.codes[item]]))
+                self.partial = []
+            else:
+                self.partial.append(tok)
+        return items
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    def __init__(self, config: OrchestratorConfig, catalog: Catalog, loop: SpeculationLoop):
+        self.config = config
+        self.catalog = catalog
+        self.loop = loop
+        self.policies: dict[str, Policy] = {}
+
+    def policy(self, spec: str) -> Policy:
+        spec = spec or self.config.policy
+        if spec not in self.policies:  # one instance per spec: adaptive learns across requests
+            self.policies[spec] = make_policy(spec)
+        return self.policies[spec]
+
+    async def _validate(self, request, context: grpc.aio.ServicerContext, prompt: list[int] | None = None
+                        ) -> tuple[list[int], LoopOptions, Policy]:
+        try:
+            n = request.num_items or 10
+            if not 1 <= n <= self.config.max_items:
+                raise RequestInvalid(f"num_items = {n} is out of range 1..{self.config.max_items}")
+            opts = request.options
+            if opts.mode not in MODES:
+                raise RequestInvalid(f"options.mode = {opts.mode} is not a known mode")
+            if opts.temperature < 0:
+                raise RequestInvalid("options.temperature must be >= 0")
+            if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
+                raise RequestInvalid("options.max_tree_nodes must be in 0..128")
+            try:
+                policy = self.policy(opts.policy)
+            except ValueError as e:
+                raise RequestInvalid(f"options.policy: {e}") from None
+            if prompt is None:
+                prompt = self.catalog.prompt(list(request.history), self.config.max_history)
+            loop_opts = LoopOptions(n_items=n, exclude_history=not opts.include_history, mode=MODES[opts.mode],
+                                    temperature=opts.temperature or 1.0, seed=opts.seed,
+                                    max_nodes=opts.max_tree_nodes, drafter=opts.drafter or self.config.drafter)
+            self.catalog.constraint(n, loop_opts.exclude_history).start(prompt)
+        except ValueError as e:  # RequestInvalid and the grammar's ConstraintError
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.loop.in_flight >= self.config.max_in_flight:
+            await context.send_initial_metadata((("retry-after-ms", "100"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.loop.in_flight} requests in flight, the cap; retry after ~100 ms")
+        return prompt, loop_opts, policy
+
+    async def _generate(self, prompt, opts, policy, context, emit) -> LoopStats:
+        try:
+            return await self.loop.run(prompt, opts, policy, emit)
+        except TargetInvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}")
+        except TargetError as e:
+            code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"the target model (Triton at {self.config.target_addr}) failed: {e}")
+        raise AssertionError("unreachable")
+
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.RecommendResponse:
+        prompt, opts, policy = await self._validate(request, context)
+        emitter, items = ItemEmitter(self.catalog), []
+
+        async def emit(tokens: list[int]) -> None:
+            items.extend(emitter.feed(tokens))
+
+        stats = await self._generate(prompt, opts, policy, context, emit)
+        return pb.RecommendResponse(items=items, stats=stats_message(stats))
+
+    async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[pb.RecommendChunk]:
+        prompt, opts, policy = await self._validate(request, context)
+        emitter, items = ItemEmitter(self.catalog), []
+
+        async def emit(tokens: list[int]) -> None:
+            for item in emitter.feed(tokens):
+                items.append(item)
+                await context.write(pb.RecommendChunk(item=item))
+
+        stats = await self._generate(prompt, opts, policy, context, emit)
+        await context.write(pb.RecommendChunk(done=pb.RecommendResponse(items=items, stats=stats_message(stats))))
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.GenerateChunk]:
+        if not request.prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: send BOS history REC tokens")
+        prompt, opts, policy = await self._validate(request, context, prompt=list(request.prompt))
+
+        async def emit(tokens: list[int]) -> None:
+            await context.write(pb.GenerateChunk(tokens=tokens))
+
+        stats = await self._generate(prompt, opts, policy, context, emit)
+        await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats)))
+
+
+async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
+    """The server, bound but not started (port 0 = pick one): the seam tests use."""
+    catalog = Catalog(config.artifacts)
+    loop = SpeculationLoop(catalog, TargetClient(config.target_addr, timeout_s=config.verify_timeout_s),
+                           DraftClient(config.draft_addr, config.draft_timeout_ms / 1000), config.verify_timeout_s)
+    server = grpc.aio.server()
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    return server, port, loop
+
+
+async def serve(config: OrchestratorConfig) -> None:
+    server, port, _ = await build_server(config)
+    await server.start()
+    log.info("orchestrator listening on %s:%d (target %s, drafter %s, policy %s)", config.host, port,
+             config.target_addr, config.draft_addr or "none", config.policy)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining for up to %.0f s", config.grace_s)
+    # in-flight requests finish within the grace period; new ones are refused meanwhile
+    await server.stop(config.grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(OrchestratorConfig.from_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

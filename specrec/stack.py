@@ -1,0 +1,168 @@
+"""The local stack: Triton (through its launcher), the draft service and the orchestrator as processes
+on loopback, started in order, health-checked, and stopped together. Used by `make run`, tests, benches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class StackConfig:
+    artifacts: Path
+    drafter: str = "model"
+    policy: str = "adaptive"
+    with_drafter: bool = True
+    target_grpc: int = 0  # 0 = pick a free port
+    draft_port: int = 0
+    orchestrator_port: int = 0
+    log_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    threads: int = 1  # torch threads per service: three processes share the machine's cores
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class Process:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log_file.close()
+
+    def kill(self) -> None:
+        """kill -9, for fault tests."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def grpc_healthy(addr: str, service: str = "") -> bool:
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def triton_ready(addr: str) -> bool:
+    import tritonclient.grpc as grpcclient
+
+    try:
+        return grpcclient.InferenceServerClient(addr).is_model_ready("specrec_target")
+    except Exception:
+        return False
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.procs: dict[str, Process] = {}
+        c = config
+        self.target_addr = f"127.0.0.1:{c.target_grpc or free_port()}"
+        self.draft_addr = f"127.0.0.1:{c.draft_port or free_port()}" if c.with_drafter else ""
+        self.orchestrator_addr = f"127.0.0.1:{c.orchestrator_port or free_port()}"
+        self.log_dir = c.log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"specrec-stack-{os.getpid()}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"SPECREC_ARTIFACTS": str(self.config.artifacts), "SPECREC_TORCH_THREADS": str(self.config.threads),
+                    "OMP_NUM_THREADS": str(self.config.threads)})
+        env.update(self.config.extra_env)
+        return env
+
+    def start_target(self) -> None:
+        port = self.target_addr.rsplit(":", 1)[1]
+        args = [sys.executable, "-m", "target_service.launch", "--artifacts", str(self.config.artifacts),
+                "--grpc-port", port, "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+        self.procs["target"] = Process("target", args, self._env(), self.log_dir)
+        self._wait("target", lambda: triton_ready(self.target_addr), 180)
+
+    def start_drafter(self) -> None:
+        if not self.config.with_drafter:
+            return
+        port = self.draft_addr.rsplit(":", 1)[1]
+        args = [sys.executable, "-m", "draft_service.server", "--port", port, "--artifacts",
+                str(self.config.artifacts), "--drafter", self.config.drafter]
+        self.procs["draft"] = Process("draft", args, self._env(), self.log_dir)
+        self._wait("draft", lambda: grpc_healthy(self.draft_addr), 120)
+
+    def start_orchestrator(self) -> None:
+        port = self.orchestrator_addr.rsplit(":", 1)[1]
+        args = [sys.executable, "-m", "orchestrator.server", "--port", port, "--artifacts",
+                str(self.config.artifacts), "--target-addr", self.target_addr, "--draft-addr", self.draft_addr,
+                "--policy", self.config.policy, "--metrics-port", "0"]
+        self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir)
+        self._wait("orchestrator", lambda: grpc_healthy(self.orchestrator_addr), 60)
+
+    def start(self) -> LocalStack:
+        try:
+            self.start_target()
+            self.start_drafter()
+            self.start_orchestrator()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, name: str, ready, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise StackError(f"{name} exited with code {proc.proc.returncode}; its log "
+                                 f"({proc.log_path}) ends with:\n{proc.tail()}")
+            if ready():
+                log.info("%s ready", name)
+                return
+            time.sleep(0.25)
+        raise StackError(f"{name} not ready after {timeout:.0f} s; its log ({proc.log_path}) ends with:\n{proc.tail()}")
+
+    def stop(self) -> None:
+        for name in ("orchestrator", "draft", "target"):  # clients first, so nothing calls a stopped peer
+            if name in self.procs:
+                self.procs[name].stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
