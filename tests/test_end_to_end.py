@@ -1,0 +1,76 @@
+"""End to end on loopback: real Triton (via our launcher), the real draft service and orchestrator.
+
+The sacred check: every lossless list equals plain constrained greedy decoding of the same target.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import grpc
+import pytest
+
+from specrec.decoding.plain import decode
+from specrec.stack import LocalStack, StackConfig
+from specrec.v1 import recommend_pb2 as pb
+from specrec.v1 import recommend_pb2_grpc as pb_grpc
+
+N_USERS = 50
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifacts, tiny_target):
+    """Plain greedy lists (item ids) for the first N users, computed in process."""
+    users = list(range(N_USERS))
+    decoded = decode(tiny_target, tiny_artifacts.constraint(), [tiny_artifacts.prompt(u) for u in users])
+    return {u: [tiny_artifacts.data.item_ids[i] for i in d.items] for u, d in zip(users, decoded, strict=True)}
+
+
+def history_ids(arts, user: int) -> list[str]:
+    return [arts.data.item_ids[i] for i in arts.split.train[user][-arts.profile.max_history:]]
+
+
+def recommend_all(stub, arts, users, policy: str) -> dict[int, list[str]]:
+    def one(u: int) -> list[str]:
+        req = pb.RecommendRequest(history=history_ids(arts, u), num_items=10,
+                                  options=pb.DecodingOptions(policy=policy))
+        return [i.item_id for i in stub.Recommend(req, timeout=60).items]
+
+    with cf.ThreadPoolExecutor(4) as pool:  # concurrent requests: trees of several sequences batch in Triton
+        return dict(zip(users, pool.map(one, users), strict=True))
+
+
+@pytest.fixture(scope="module")
+def plain_stack(tiny_artifacts):
+    with LocalStack(StackConfig(artifacts=tiny_artifacts.directory, with_drafter=False, policy="off")) as stack:
+        yield stack
+
+
+def test_target_only_stack_equals_plain_greedy(plain_stack, tiny_artifacts, reference):
+    with grpc.insecure_channel(plain_stack.orchestrator_addr) as ch:
+        got = recommend_all(pb_grpc.RecommenderStub(ch), tiny_artifacts, list(reference), "off")
+    assert got == reference
+
+
+@pytest.mark.parametrize("request_, field", [
+    (pb.RecommendRequest(history=[], num_items=10), "history"),
+    (pb.RecommendRequest(history=["no-such-item"], num_items=10), "history[0]"),
+    (pb.RecommendRequest(history=["1"] * 51, num_items=10), "history"),
+    (pb.RecommendRequest(history=["1"], num_items=500), "num_items"),
+    (pb.RecommendRequest(history=["1"], num_items=10, options=pb.DecodingOptions(policy="fixed:x")), "policy"),
+])
+def test_bad_requests_get_invalid_argument_naming_the_field(plain_stack, request_, field):
+    with grpc.insecure_channel(plain_stack.orchestrator_addr) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RecommenderStub(ch).Recommend(request_, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+
+
+def test_stream_recommend_streams_items_then_stats(plain_stack, tiny_artifacts, reference):
+    with grpc.insecure_channel(plain_stack.orchestrator_addr) as ch:
+        req = pb.RecommendRequest(history=history_ids(tiny_artifacts, 0), num_items=10)
+        chunks = list(pb_grpc.RecommenderStub(ch).StreamRecommend(req, timeout=30))
+    items = [c.item.item_id for c in chunks if c.WhichOneof("kind") == "item"]
+    assert items == reference[0]
+    assert chunks[-1].WhichOneof("kind") == "done" and chunks[-1].done.stats.rounds > 0
