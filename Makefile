@@ -28,7 +28,7 @@ lint: install
 	.venv/bin/mypy specrec
 
 run: install
-	$(PY) -m specrec.cli plain --user 42
+	$(PY) -m specrec.cli demo
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -74,6 +74,80 @@ def cmd_plain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_index(arts, user: str) -> int:
+    try:
+        return arts.data.user_ids.index(str(user))
+    except ValueError:
+        raise SystemExit(f"user {user!r} is not in {arts.data.name} (ids run {arts.data.user_ids[0]}.."
+                         f"{arts.data.user_ids[-1]})") from None
+
+
+def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", timeout: float = 60.0) -> None:
+    """Call the orchestrator's Recommend for a dataset user and print the list with its stats."""
+    import grpc
+
+    from specrec.v1 import recommend_pb2 as pb
+    from specrec.v1 import recommend_pb2_grpc as pb_grpc
+
+    u = _user_index(arts, user)
+    history = [arts.data.item_ids[i] for i in arts.split.train[u][-arts.profile.max_history:]]
+    with grpc.insecure_channel(addr) as channel:
+        resp = pb_grpc.RecommenderStub(channel).Recommend(
+            pb.RecommendRequest(history=history, num_items=n, options=pb.DecodingOptions(policy=policy)),
+            timeout=timeout)
+    print(f"user {user}: recently watched " + "; ".join(arts.data.titles[i] for i in arts.split.train[u][-3:]))
+    for rank, item in enumerate(resp.items, 1):
+        print(f"  {rank:2d}. {item.title or item.item_id}")
+    s = resp.stats
+    print(f"  {s.rounds} rounds, tau {s.tau:.2f} tokens/verification, {s.accepted_tokens}/{s.drafted_tokens} "
+          f"drafted tokens accepted, policy {s.policy}, {s.fallback_rounds} fallback rounds")
+    print(f"  {s.total_ms:.0f} ms total: drafting {s.draft_ms:.0f} ms, verification {s.verify_ms:.0f} ms, "
+          f"network and the rest {s.network_ms:.0f} ms")
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from specrec.pipeline import prepare
+
+    arts = prepare(args.dataset, args.profile, seed=args.seed, train=False)
+    recommend_for_user(arts, args.addr, args.user, args.n, args.policy)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """make run: train what is missing, start the three services, show requests, stay up until Ctrl-C."""
+    import signal
+    import threading
+
+    from specrec.pipeline import prepare
+    from specrec.stack import LocalStack, StackConfig
+    from specrec.training.drafter import train_drafter, trained
+
+    arts = prepare(args.dataset, args.profile, seed=args.seed)
+    if not trained(arts):
+        log.info("training the drafter (once; cached in %s)", arts.directory)
+        train_drafter(arts)
+    config = StackConfig(artifacts=arts.directory, drafter=args.drafter, policy=args.policy,
+                         target_grpc=args.target_port, draft_port=args.draft_port,
+                         orchestrator_port=args.port, threads=args.threads)
+    log.info("starting Triton, the draft service and the orchestrator (logs in %s)", LocalStack(config).log_dir)
+    with LocalStack(config) as stack:
+        print(f"\nspecrec is up: orchestrator {stack.orchestrator_addr}, drafter {stack.draft_addr}, "
+              f"Triton {stack.target_addr}\n")
+        for user in args.users.split(","):
+            recommend_for_user(arts, stack.orchestrator_addr, user.strip(), args.n)
+            print()
+        if args.no_wait:
+            return 0
+        print(f"Try: specrec recommend --profile {arts.profile.name} --user 7 --addr {stack.orchestrator_addr}")
+        print("Ctrl-C stops all three services.")
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+        print("stopping...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="42", help="user id as the dataset knows it")
     p.add_argument("--n", type=int, default=10, help="items to recommend")
     p.set_defaults(func=cmd_plain)
+    p = sub.add_parser("recommend", help="ask a running orchestrator for one user's list")
+    _common(p)
+    p.add_argument("--user", default="42", help="user id as the dataset knows it")
+    p.add_argument("--n", type=int, default=10, help="items to recommend")
+    p.add_argument("--policy", default="", help="adaptive | heuristic | off | fixed:DEPTH:NODES (default: server's)")
+    p.add_argument("--addr", default=os.environ.get("SPECREC_ORCHESTRATOR_ADDR", "127.0.0.1:50051"),
+                   help="orchestrator address (env SPECREC_ORCHESTRATOR_ADDR)")
+    p.set_defaults(func=cmd_recommend)
+    p = sub.add_parser("demo", help="train if needed, bring up the whole stack on loopback, show it working")
+    _common(p)
+    p.add_argument("--users", default="42,7,100", help="comma-separated users to recommend for")
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--drafter", default="model", help="model | retrieval | hybrid")
+    p.add_argument("--policy", default="adaptive")
+    p.add_argument("--port", type=int, default=int(os.environ.get("SPECREC_ORCHESTRATOR_PORT", "50051")))
+    p.add_argument("--draft-port", type=int, default=int(os.environ.get("SPECREC_DRAFT_PORT", "50052")))
+    p.add_argument("--target-port", type=int, default=int(os.environ.get("SPECREC_TARGET_GRPC_PORT", "8001")))
+    p.add_argument("--threads", type=int, default=1, help="torch threads per service")
+    p.add_argument("--no-wait", action="store_true", help="stop after the sample requests")
+    p.set_defaults(func=cmd_demo)
     try:
         from specrec.drafting.commands import register
     except ImportError:
