@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator.catalog import Catalog, RequestInvalid
 from orchestrator.config import OrchestratorConfig
-from orchestrator.controller import Policy, make_policy
+from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
 from specrec.semantic_ids.vocab import SEP
@@ -63,11 +63,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.catalog = catalog
         self.loop = loop
         self.policies: dict[str, Policy] = {}
+        self.shared = SharedStats()  # every policy learns from every round, whoever chose it
 
     def policy(self, spec: str) -> Policy:
         spec = spec or self.config.policy
         if spec not in self.policies:  # one instance per spec: adaptive learns across requests
-            self.policies[spec] = make_policy(spec)
+            self.policies[spec] = make_policy(spec, shared=self.shared)
         return self.policies[spec]
 
     async def _validate(self, request, context: grpc.aio.ServicerContext, prompt: list[int] | None = None
