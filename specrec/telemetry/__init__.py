@@ -1,0 +1,43 @@
+"""Telemetry for the specrec services: OTLP tracing, grpc.aio tracing interceptors and Prometheus metrics."""
+
+from specrec.telemetry.grpc_aio import (
+    TracingServerInterceptor,
+    TracingStreamStreamClientInterceptor,
+    TracingStreamUnaryClientInterceptor,
+    TracingUnaryStreamClientInterceptor,
+    TracingUnaryUnaryClientInterceptor,
+    client_interceptors,
+    server_interceptors,
+)
+from specrec.telemetry.metrics import DrafterMetrics, OrchestratorMetrics, start_metrics_server
+from specrec.telemetry.tracing import (
+    build_tracer_provider,
+    current_trace_id,
+    extract_context,
+    inject_metadata,
+    setup_tracing,
+    shutdown_tracing,
+    tracing_configured,
+    tracing_enabled,
+)
+
+__all__ = [
+    "DrafterMetrics",
+    "OrchestratorMetrics",
+    "TracingServerInterceptor",
+    "TracingStreamStreamClientInterceptor",
+    "TracingStreamUnaryClientInterceptor",
+    "TracingUnaryStreamClientInterceptor",
+    "TracingUnaryUnaryClientInterceptor",
+    "build_tracer_provider",
+    "client_interceptors",
+    "current_trace_id",
+    "extract_context",
+    "inject_metadata",
+    "server_interceptors",
+    "setup_tracing",
+    "shutdown_tracing",
+    "start_metrics_server",
+    "tracing_configured",
+    "tracing_enabled",
+]
