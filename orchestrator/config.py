@@ -31,7 +31,7 @@ class OrchestratorConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
         p = argparse.ArgumentParser(prog="specrec-orchestrator",
-                                    description="specrec's client-facing gRPC server: runs draft -> verify per request.")
+                                    description="specrec client-facing gRPC server: draft -> verify per request.")
         p.add_argument("--artifacts", default=_env("SPECREC_ARTIFACTS", ""),
                        help="artifact directory (semantic_ids/), env SPECREC_ARTIFACTS")
         p.add_argument("--host", default=_env("SPECREC_HOST", "127.0.0.1"), help="bind address (0.0.0.0 in a pod)")

@@ -15,13 +15,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from orchestrator.catalog import Catalog
 from orchestrator.controller import Budget, Policy, RoundStats
 from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.target_client import TargetClient, TargetSequenceUnknown, VerifyOutcome
+from specrec.telemetry import OrchestratorMetrics, inject_metadata
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("specrec.orchestrator")
 NO_DRAFT = Budget(0, 0)
 
 
@@ -71,8 +75,10 @@ def tree_depth(parents: list[int]) -> int:
 
 
 class SpeculationLoop:
-    def __init__(self, catalog: Catalog, target: TargetClient, drafts: DraftClient, verify_timeout_s: float):
+    def __init__(self, catalog: Catalog, target: TargetClient, drafts: DraftClient, verify_timeout_s: float,
+                 metrics: OrchestratorMetrics | None = None):
         self.catalog = catalog
+        self.metrics = metrics or OrchestratorMetrics()
         self.target = target
         self.drafts = drafts
         self.verify_timeout_s = verify_timeout_s
@@ -84,10 +90,14 @@ class SpeculationLoop:
                   emit: Callable[[list[int]], Awaitable[None]], metadata: tuple = ()) -> LoopStats:
         """Generate after `prompt`; `emit` gets each round's committed tokens. Raises TargetError."""
         self.in_flight += 1
+        t0 = time.perf_counter()
         try:
-            return await _Request(self, prompt, opts, policy, emit, metadata).run()
+            with self.metrics.requests_in_flight.track_inprogress():
+                stats = await _Request(self, prompt, opts, policy, emit, metadata).run()
         finally:
             self.in_flight -= 1
+        self.metrics.observe_request(time.perf_counter() - t0, stats.rounds, stats.committed)
+        return stats
 
 
 class _Request:
@@ -178,12 +188,22 @@ class _Request:
         return tree, time.perf_counter() - t0
 
     async def _round(self) -> None:
+        with tracer.start_as_current_span("speculation_round") as span:
+            stats = await self._traced_round()
+            span.set_attributes({"specrec.round": self.stats.rounds, "specrec.policy": self.policy.name,
+                                 "specrec.depth": stats.budget.depth, "specrec.nodes": stats.n_nodes,
+                                 "specrec.accepted": stats.accepted})
+
+    async def _traced_round(self) -> RoundStats:
         budget = self._budget()
         slot = self.next_slot
         tree, draft_s, sync = None, 0.0, None
         if budget.depth:
-            tree, draft_s = await self._draft(budget)
-            self.stats.fallback_rounds += tree is None
+            with tracer.start_as_current_span("draft", attributes={"specrec.depth": budget.depth}):
+                tree, draft_s = await self._draft(budget)
+            if tree is None:
+                self.stats.fallback_rounds += 1
+                self.loop.metrics.fallback("drafter")
         elif self.session is not None:  # keep the drafter in step; it catches up while the target verifies
             sync = asyncio.ensure_future(self._draft(NO_DRAFT))
         if tree is not None and tree.tokens:
@@ -192,7 +212,8 @@ class _Request:
             tokens, parents = forced_chain(self.constraint, self.state)
         t0 = time.perf_counter()
         try:
-            outcome = await self._verify(tokens, parents)
+            with tracer.start_as_current_span("verify", attributes={"specrec.nodes": len(tokens)}):
+                outcome = await self._verify(tokens, parents)
         finally:
             if sync is not None:
                 await sync
@@ -208,12 +229,14 @@ class _Request:
         self.stats.draft_s += draft_s
         self.stats.verify_s += verify_s
         self.stats.per_round.append(stats)
+        self.loop.metrics.observe_round(depth, len(tokens), accepted, stats.accepted_per_depth, draft_s + verify_s)
         await self._commit(outcome)
+        return stats
 
     async def _verify(self, tokens: list[int], parents: list[int], start: bool = False) -> VerifyOutcome:
         kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
                   n_items=self.opts.n_items, exclude_history=self.opts.exclude_history,
-                  timeout_s=self.loop.verify_timeout_s, headers=dict(self.metadata) or None)
+                  timeout_s=self.loop.verify_timeout_s, headers=dict(inject_metadata(self.metadata)) or None)
         if start:
             self.started = True
             self.loop.sequences_open += 1
@@ -232,6 +255,7 @@ class _Request:
             if nxt is None:
                 raise RuntimeError(f"the target committed token {tok}, which the list grammar forbids")
             self.state = nxt
+        self.loop.metrics.set_target_live_sequences(outcome.live_sequences)
         self.committed += outcome.accepted_tokens
         self.unsent += outcome.accepted_tokens
         self.stats.rounds += 1

@@ -19,6 +19,14 @@ from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
 from specrec.semantic_ids.vocab import SEP
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
+from specrec.telemetry import (
+    OrchestratorMetrics,
+    current_trace_id,
+    server_interceptors,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_server,
+)
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -122,7 +130,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             items.extend(emitter.feed(tokens))
 
         stats = await self._generate(prompt, opts, policy, context, emit)
-        return pb.RecommendResponse(items=items, stats=stats_message(stats))
+        return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id())
 
     async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.RecommendChunk]:
@@ -135,7 +143,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 await context.write(pb.RecommendChunk(item=item))
 
         stats = await self._generate(prompt, opts, policy, context, emit)
-        await context.write(pb.RecommendChunk(done=pb.RecommendResponse(items=items, stats=stats_message(stats))))
+        await context.write(pb.RecommendChunk(done=pb.RecommendResponse(items=items, stats=stats_message(stats),
+                                                                      trace_id=current_trace_id())))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
@@ -153,9 +162,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
     """The server, bound but not started (port 0 = pick one): the seam tests use."""
     catalog = Catalog(config.artifacts)
+    metrics = OrchestratorMetrics()
     loop = SpeculationLoop(catalog, TargetClient(config.target_addr, timeout_s=config.verify_timeout_s),
-                           DraftClient(config.draft_addr, config.draft_timeout_ms / 1000), config.verify_timeout_s)
-    server = grpc.aio.server()
+                           DraftClient(config.draft_addr, config.draft_timeout_ms / 1000), config.verify_timeout_s,
+                           metrics)
+    if config.metrics_port:
+        port = start_metrics_server(config.metrics_port, metrics.registry)
+        log.info("metrics on :%d/metrics", port)
+    server = grpc.aio.server(interceptors=server_interceptors())
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -167,6 +181,7 @@ async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
 
 
 async def serve(config: OrchestratorConfig) -> None:
+    setup_tracing("specrec-orchestrator")
     server, port, _ = await build_server(config)
     await server.start()
     log.info("orchestrator listening on %s:%d (target %s, drafter %s, policy %s)", config.host, port,
@@ -178,6 +193,7 @@ async def serve(config: OrchestratorConfig) -> None:
     log.info("draining for up to %.0f s", config.grace_s)
     # in-flight requests finish within the grace period; new ones are refused meanwhile
     await server.stop(config.grace_s)
+    shutdown_tracing()
 
 
 def main(argv: list[str] | None = None) -> int:
