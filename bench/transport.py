@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import shutil
 import statistics
 import tempfile
@@ -22,11 +23,18 @@ ECHO_MODEL = ROOT / "tests" / "fixtures" / "echo_repository" / MODEL_NAME / "1" 
 CONTEXT = np.arange(120, dtype=np.int64)  # a typical history: ~20 items x 6 tokens
 
 
-def echo_repository(root: Path) -> Path:
-    """The real config.pbtxt next to the echo model.py, so the transport is the real one."""
+def echo_repository(root: Path, queue_delay_us: int | None = None) -> Path:
+    """The real config.pbtxt next to the echo model.py, so the transport is the real one.
+
+    `queue_delay_us` replaces the batcher's max_queue_delay_microseconds, which a lone
+    sequence pays every round.
+    """
     model = root / MODEL_NAME
     (model / "1").mkdir(parents=True)
-    shutil.copy(DEFAULT_REPOSITORY / MODEL_NAME / "config.pbtxt", model / "config.pbtxt")
+    config = (DEFAULT_REPOSITORY / MODEL_NAME / "config.pbtxt").read_text()
+    if queue_delay_us is not None:
+        config = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {queue_delay_us}", config)
+    (model / "config.pbtxt").write_text(config)
     shutil.copy(ECHO_MODEL, model / "1" / "model.py")
     return root
 
@@ -151,13 +159,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1000, help="timed rounds per transport")
     parser.add_argument("--warmup", type=int, default=50, help="untimed rounds before each block")
     parser.add_argument("--nodes", type=int, default=16, help="tree size")
+    parser.add_argument("--queue-delay-us", type=int, help="override the config's max_queue_delay_microseconds")
     parser.add_argument("--url", help="an already running Triton serving an echo specrec_target")
     args = parser.parse_args()
     if args.url:
         print(report(asyncio.run(run(args.url, args.nodes, args.rounds, args.warmup)), args.rounds, args.nodes))
         return
-    with tempfile.TemporaryDirectory(prefix="specrec-echo-") as tmp, TritonServer(echo_repository(Path(tmp))) as server:
-        results = asyncio.run(run(server.grpc_url, args.nodes, args.rounds, args.warmup))
+    with tempfile.TemporaryDirectory(prefix="specrec-echo-") as tmp:
+        repository = echo_repository(Path(tmp), args.queue_delay_us)
+        with TritonServer(repository) as server:
+            results = asyncio.run(run(server.grpc_url, args.nodes, args.rounds, args.warmup))
     print(report(results, args.rounds, args.nodes))
 
 
