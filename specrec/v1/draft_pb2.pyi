@@ -60,3 +60,29 @@ class SpeculateResponse(_message.Message):
     draft_ahead_hit: bool
     draft_ms: float
     def __init__(self, tree: _Optional[_Union[_tree_pb2.TokenTree, _Mapping]] = ..., draft_ahead_hit: _Optional[bool] = ..., draft_ms: _Optional[float] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("live_sessions", "max_sessions", "sessions_opened", "sessions_rejected", "sessions_expired", "trees_drafted", "draft_ahead_hits", "draft_ahead_misses", "invalid_requests")
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    TREES_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_HITS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_MISSES_FIELD_NUMBER: _ClassVar[int]
+    INVALID_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    live_sessions: int
+    max_sessions: int
+    sessions_opened: int
+    sessions_rejected: int
+    sessions_expired: int
+    trees_drafted: int
+    draft_ahead_hits: int
+    draft_ahead_misses: int
+    invalid_requests: int
+    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_rejected: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., trees_drafted: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ..., invalid_requests: _Optional[int] = ...) -> None: ...

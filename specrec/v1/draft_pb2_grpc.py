@@ -39,6 +39,11 @@ class DraftServiceStub:
                 request_serializer=specrec_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
                 response_deserializer=specrec_dot_v1_dot_draft__pb2.SpeculateResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/specrec.v1.DraftService/Stats',
+                request_serializer=specrec_dot_v1_dot_draft__pb2.StatsRequest.SerializeToString,
+                response_deserializer=specrec_dot_v1_dot_draft__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
 class DraftServiceServicer:
@@ -51,6 +56,13 @@ class DraftServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Live sessions and raw counters since start (derive rates in PromQL, not here).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DraftServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +70,11 @@ def add_DraftServiceServicer_to_server(servicer, server):
                     servicer.Speculate,
                     request_deserializer=specrec_dot_v1_dot_draft__pb2.SpeculateRequest.FromString,
                     response_serializer=specrec_dot_v1_dot_draft__pb2.SpeculateResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=specrec_dot_v1_dot_draft__pb2.StatsRequest.FromString,
+                    response_serializer=specrec_dot_v1_dot_draft__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class DraftService:
             '/specrec.v1.DraftService/Speculate',
             specrec_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
             specrec_dot_v1_dot_draft__pb2.SpeculateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specrec.v1.DraftService/Stats',
+            specrec_dot_v1_dot_draft__pb2.StatsRequest.SerializeToString,
+            specrec_dot_v1_dot_draft__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

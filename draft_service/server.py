@@ -1,0 +1,291 @@
+"""specrec-draft: DraftService over grpc.aio, one bidirectional Speculate stream per generation session.
+
+A stream's first message opens a session (context, grammar, budget, drafter); every later message
+says what the target committed (accepted path + bonus token) and the next budget; each is answered
+with one TokenTree. Drafting runs in a thread pool so the event loop keeps serving other streams.
+After answering, the server drafts ahead: it guesses the commit (the tree's most probable path plus
+its likeliest bonus token) and drafts the next tree while the target verifies; a right guess makes the
+next answer immediate (draft_ahead_hit).
+
+Errors end the stream with a status: INVALID_ARGUMENT for input the session cannot act on (with the
+reason), RESOURCE_EXHAUSTED past the session cap, DEADLINE_EXCEEDED after the idle timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from draft_service.sessions import SessionLimit, SessionTable
+from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
+from specrec.semantic_ids.codebook import SemanticIds
+from specrec.semantic_ids.constraint import ListConstraint
+from specrec.semantic_ids.trie import ItemTrie
+from specrec.v1 import draft_pb2, draft_pb2_grpc
+
+log = logging.getLogger("specrec.draft")
+SERVICE = "specrec.v1.DraftService"
+T = TypeVar("T")
+_VARIANT = re.compile(r"^(model|hybrid)(:drafter[-a-z0-9]*)?$|^retrieval$")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass
+class DraftConfig:
+    artifacts: str  # directory with semantic_ids/, drafter/, retrieval/ (what train-drafter writes)
+    port: int = 50052
+    host: str = "127.0.0.1"
+    drafter: str = "model"  # default when OpenSession.drafter is empty
+    max_sessions: int = 256
+    idle_timeout_s: float = 60.0
+    grace_s: float = 30.0
+    device: str = "cpu"
+    workers: int = 2  # drafting threads
+    torch_threads: int = 1  # per drafting thread
+    draft_ahead: bool = True
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> DraftConfig:
+        p = argparse.ArgumentParser(prog="specrec-draft", description="specrec's draft service (gRPC).")
+        p.add_argument("--artifacts", default=_env("SPECREC_ARTIFACTS", ""),
+                       help="artifact directory (semantic_ids/, drafter/, retrieval/), env SPECREC_ARTIFACTS")
+        p.add_argument("--host", default=_env("SPECREC_HOST", "127.0.0.1"), help="bind address (0.0.0.0 in a pod)")
+        p.add_argument("--port", type=int, default=int(_env("SPECREC_DRAFT_PORT", "50052")))
+        p.add_argument("--drafter", default=_env("SPECREC_DRAFTER", "model"),
+                       help="default drafter: model | retrieval | hybrid, env SPECREC_DRAFTER")
+        p.add_argument("--max-sessions", type=int, default=int(_env("SPECREC_DRAFT_MAX_SESSIONS", "256")),
+                       help="live sessions; past it Open gets RESOURCE_EXHAUSTED")
+        p.add_argument("--idle-timeout-s", type=float, default=float(_env("SPECREC_DRAFT_IDLE_TIMEOUT_S", "60")),
+                       help="a stream silent this long is closed (DEADLINE_EXCEEDED)")
+        p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")),
+                       help="on SIGTERM, open streams get this long to finish")
+        p.add_argument("--device", default=_env("SPECREC_DEVICE", "cpu"))
+        p.add_argument("--workers", type=int, default=int(_env("SPECREC_DRAFT_WORKERS", "2")))
+        p.add_argument("--torch-threads", type=int, default=int(_env("SPECREC_TORCH_THREADS", "1")))
+        p.add_argument("--no-draft-ahead", action="store_true",
+                       default=_env("SPECREC_DRAFT_AHEAD", "1") in ("0", "false", "no"),
+                       help="do not draft the next tree while the target verifies (env SPECREC_DRAFT_AHEAD=0)")
+        a = p.parse_args(argv)
+        if not a.artifacts:
+            p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/ and drafter/")
+        return cls(artifacts=a.artifacts, port=a.port, host=a.host, drafter=a.drafter, max_sessions=a.max_sessions,
+                   idle_timeout_s=a.idle_timeout_s, grace_s=a.grace_s, device=a.device, workers=a.workers,
+                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead)
+
+
+class Drafters:
+    """Drafters by name, loaded from the artifact directory on first use."""
+
+    def __init__(self, artifacts: Path, device: str):
+        self.artifacts = artifacts
+        self.device = device
+        self.trie = ItemTrie(SemanticIds.load(artifacts))
+        self._loaded: dict[str, Drafter] = {}
+
+    def get(self, name: str) -> Drafter:
+        if name not in self._loaded:
+            if not _VARIANT.match(name):
+                raise DraftError(f"unknown drafter {name!r}; choose one of {', '.join(drafter_names())}")
+            try:
+                self._loaded[name] = load_drafter(name, self.artifacts, device=self.device)
+            except FileNotFoundError as err:
+                raise DraftError(f"drafter {name!r} is not available on this server: {err}") from None
+        return self._loaded[name]
+
+
+def to_budget(msg: draft_pb2.DraftBudget) -> Budget:
+    return Budget(msg.depth, msg.max_nodes, msg.top_k).validated()
+
+
+class _Stream:
+    """One Speculate stream's session and the drafting work in flight for it."""
+
+    def __init__(self) -> None:
+        self.sid: int | None = None
+        self.session: DraftSession | None = None
+        self.want_probs = False
+        self.work: asyncio.Future | None = None  # commit/draft running in the pool
+        self.ahead: asyncio.Future | None = None  # draft-ahead running in the pool
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, config: DraftConfig, drafters: Drafters, table: SessionTable, pool: ThreadPoolExecutor):
+        self.config = config
+        self.drafters = drafters
+        self.table = table
+        self.pool = pool
+
+    async def _run(self, stream: _Stream, fn: Callable[..., T], *args: Any) -> T:
+        stream.work = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        return await stream.work
+
+    async def Speculate(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        stream = _Stream()
+        try:
+            while True:
+                try:
+                    req = await asyncio.wait_for(context.read(), self.config.idle_timeout_s)
+                except TimeoutError:
+                    self.table.counters.sessions_expired += 1
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"no message for {self.config.idle_timeout_s:g} s: session closed; "
+                                        "open a new stream with the full context")
+                if req is grpc.aio.EOF:
+                    return
+                try:
+                    await context.write(await self._answer(stream, req))
+                except DraftError as err:
+                    self.table.counters.invalid_requests += 1
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                except SessionLimit as err:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+                except Exception as err:
+                    log.exception("drafting failed")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"drafting failed: {type(err).__name__}: {err}")
+                if self.config.draft_ahead and stream.session is not None and not stream.session.finished:
+                    stream.ahead = asyncio.get_running_loop().run_in_executor(self.pool, _prepare_ahead,
+                                                                              stream.session)
+        finally:
+            self._retire(stream)
+
+    async def _answer(self, stream: _Stream, req: draft_pb2.SpeculateRequest) -> draft_pb2.SpeculateResponse:
+        kind = req.WhichOneof("kind")
+        t0 = time.perf_counter()
+        if kind == "open":
+            if stream.session is not None:
+                raise DraftError("this stream already has a session: send Advance, or open a new stream")
+            o = req.open
+            budget = to_budget(o.budget)
+            if o.n_items < 1:
+                raise DraftError(f"n_items must be >= 1 (the list length to generate), got {o.n_items}")
+            drafter = await self._run(stream, self.drafters.get, o.drafter or self.config.drafter)
+            constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history)
+            stream.sid = self.table.acquire()
+            stream.want_probs = o.want_probs
+            stream.session = await self._run(stream, drafter.open, list(o.context), constraint, o.user_group)
+            tree = await self._run(stream, stream.session.draft, budget, o.want_probs)
+        elif kind == "advance":
+            if stream.session is None:
+                raise DraftError("Advance before Open: the first message of a stream must be an OpenSession")
+            budget = to_budget(req.advance.budget)
+            if stream.ahead is not None:
+                prepared = await stream.ahead  # never cancelled mid-way: it owns the session's cache meanwhile
+                stream.ahead = None
+            else:
+                prepared = False
+            tree = await self._run(stream, _advance, stream.session, list(req.advance.committed), budget,
+                                   stream.want_probs)
+            if prepared:
+                if stream.session.ahead_hit:
+                    self.table.counters.draft_ahead_hits += 1
+                else:
+                    self.table.counters.draft_ahead_misses += 1
+        else:
+            raise DraftError("empty request: set either open or advance")
+        self.table.counters.trees_drafted += 1
+        return draft_pb2.SpeculateResponse(tree=tree.to_proto(), draft_ahead_hit=stream.session.ahead_hit,
+                                           draft_ms=(time.perf_counter() - t0) * 1e3)
+
+    def _retire(self, stream: _Stream) -> None:
+        """Free the session once no pool work uses it (a vanished client's work may still be running)."""
+        pending = [f for f in (stream.work, stream.ahead) if f is not None and not f.done()]
+
+        def release(_: object = None) -> None:
+            if any(not f.done() for f in pending):
+                return
+            if stream.session is not None:
+                stream.session.close()
+            if stream.sid is not None:
+                self.table.release(stream.sid)
+                stream.sid = None
+
+        for f in pending:
+            f.add_done_callback(release)
+        release()
+
+    async def Stats(self, request: draft_pb2.StatsRequest, context: grpc.aio.ServicerContext
+                    ) -> draft_pb2.StatsResponse:
+        return self.table.stats()
+
+
+def _prepare_ahead(session: DraftSession) -> bool:
+    try:
+        return session.prepare_ahead()
+    except Exception:  # a failed guess only costs the hit; the session's live state is untouched
+        log.exception("draft-ahead failed")
+        return False
+
+
+def _advance(session: DraftSession, committed: list[int], budget: Budget, want_probs: bool) -> Any:
+    session.commit(committed)
+    return session.draft(budget, want_probs)
+
+
+async def build_server(config: DraftConfig, health_servicer: health.aio.HealthServicer | None = None
+                       ) -> tuple[grpc.aio.Server, int]:
+    """The server, bound but not started (port 0 = pick one): the seam tests use. The default drafter is
+    loaded here, so a missing artifact fails at start, not at the first request."""
+    drafters = Drafters(Path(config.artifacts), config.device)
+    drafters.get(config.drafter)
+    pool = ThreadPoolExecutor(config.workers, thread_name_prefix="draft",
+                              initializer=torch.set_num_threads, initargs=(config.torch_threads,))
+    # Keepalive pings find clients that vanished without closing their connection (a dead host, a cut
+    # network); a client that just goes quiet is closed by the idle timeout.
+    server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(
+        DraftServicer(config, drafters, SessionTable(config.max_sessions), pool), server)
+    health_servicer = health_servicer or health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    return server, port
+
+
+async def serve(config: DraftConfig) -> None:
+    health_servicer = health.aio.HealthServicer()
+    server, port = await build_server(config, health_servicer)
+    await server.start()
+    log.info("draft service listening on %s:%d (drafter %s, artifacts %s)", config.host, port, config.drafter,
+             config.artifacts)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining for up to %.0f s", config.grace_s)
+    await health_servicer.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
+    # Open streams may finish within the grace period; new RPCs are refused meanwhile.
+    await server.stop(config.grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = DraftConfig.from_args(argv)
+    torch.set_num_threads(config.torch_threads)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

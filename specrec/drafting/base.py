@@ -1,0 +1,361 @@
+"""The drafter contract: sessions that propose token trees and follow what the target commits.
+
+Vocabulary (as in the verifier): after each tree the target *accepts* a root-down path of it and adds
+one *bonus* token; both are *committed*. A session is told the committed tokens by `commit` and then
+drafts the next tree from the new prefix. A drafter may *draft ahead*: guess the commit (the tree's
+most probable path plus its most likely bonus token) and build the next tree before the commit
+arrives; if the guess was right, the next `draft` returns that tree at once (`ahead_hit`).
+
+Bad client input raises DraftError (the service maps it to INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
+
+MAX_DEPTH = 16  # levels below the root (proto DraftBudget.depth)
+MAX_NODES = 128  # nodes per tree (proto DraftBudget.max_nodes)
+MAX_TOP_K = 16
+DEFAULT_TOP_K = 8
+
+
+class DraftError(ValueError):
+    """Input a session cannot act on; the message says what was wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    depth: int  # levels below the root, 0..MAX_DEPTH
+    max_nodes: int  # nodes kept, 0..MAX_NODES
+    top_k: int = 0  # frontier nodes expanded per level and children per node; 0 = DEFAULT_TOP_K
+
+    def validated(self) -> Budget:
+        """This budget with top_k resolved; DraftError if a field is out of range."""
+        if not 0 <= self.depth <= MAX_DEPTH:
+            raise DraftError(f"budget depth {self.depth} is out of range 0..{MAX_DEPTH}")
+        if not 0 <= self.max_nodes <= MAX_NODES:
+            raise DraftError(f"budget max_nodes {self.max_nodes} is out of range 0..{MAX_NODES}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise DraftError(f"budget top_k {self.top_k} is out of range 0..{MAX_TOP_K} (0 = default)")
+        return Budget(self.depth, self.max_nodes, self.top_k or DEFAULT_TOP_K)
+
+    @property
+    def empty(self) -> bool:
+        return self.depth == 0 or self.max_nodes == 0
+
+    @classmethod
+    def chain(cls, depth: int) -> Budget:
+        return cls(depth, depth, 1)
+
+
+@dataclass
+class DraftTree:
+    """Draft nodes in priority order (parents first); parents[i] = -1: child of the root.
+
+    For stochastic verification `probs[j]` is the drafter's distribution at node `expanded[j]`
+    (-1 = the root), over the whole vocabulary, zero outside the grammar's allowed tokens.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log q of each node at its parent (0 if forced)
+    expanded: list[int] = field(default_factory=list)
+    probs: np.ndarray | None = None  # float32 [len(expanded), vocab_size]
+    vocab_size: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def depths(self) -> list[int]:
+        out: list[int] = []
+        for p in self.parents:
+            out.append(0 if p < 0 else out[p] + 1)
+        return out
+
+    def scores(self) -> list[float]:
+        """Cumulative log q of each node's path."""
+        out: list[float] = []
+        for p, lp in zip(self.parents, self.logprobs, strict=True):
+            out.append(lp + (out[p] if p >= 0 else 0.0))
+        return out
+
+    def children(self) -> dict[int, dict[int, int]]:
+        """node (-1 = root) -> {token: child node}."""
+        kids: dict[int, dict[int, int]] = {}
+        for i, (tok, p) in enumerate(zip(self.tokens, self.parents, strict=True)):
+            kids.setdefault(p, {})[tok] = i
+        return kids
+
+    def path_tokens(self, node: int) -> list[int]:
+        out = []
+        while node >= 0:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+    def match(self, tokens: Sequence[int]) -> list[int]:
+        """Nodes of the longest root-down path whose tokens are a prefix of `tokens`."""
+        kids = self.children()
+        node, path = -1, []
+        for tok in tokens:
+            nxt = kids.get(node, {}).get(int(tok))
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        return path
+
+    def best_path(self) -> list[int]:
+        """The most probable path: from the root, always the child with the highest draft log-prob."""
+        kids = self.children()
+        node, path = -1, []
+        while kids.get(node):
+            node = max(kids[node].values(), key=lambda i: (self.logprobs[i], -i))
+            path.append(node)
+        return path
+
+    def prefix(self, n: int) -> DraftTree:
+        """The first n nodes: the best n-node tree when nodes are in priority order."""
+        if self.probs is not None:
+            keep = [j for j, e in enumerate(self.expanded) if e < n and any(p == e for p in self.parents[:n])]
+            expanded, probs = [self.expanded[j] for j in keep], self.probs[keep]
+        else:
+            expanded, probs = [], None
+        return DraftTree(self.tokens[:n], self.parents[:n], self.logprobs[:n], expanded, probs, self.vocab_size)
+
+    def to_proto(self) -> Any:
+        from specrec.v1 import tree_pb2
+
+        msg = tree_pb2.TokenTree(tokens=self.tokens, parents=self.parents, draft_logprobs=self.logprobs)
+        if self.probs is not None:
+            msg.expanded_nodes.extend(self.expanded)
+            msg.draft_probs.extend(self.probs.astype(np.float32).ravel().tolist())
+            msg.vocab_size = self.vocab_size
+        return msg
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> DraftTree:
+        probs = None
+        if msg.vocab_size and len(msg.expanded_nodes):
+            probs = np.asarray(msg.draft_probs, dtype=np.float32).reshape(len(msg.expanded_nodes), msg.vocab_size)
+        return cls(list(msg.tokens), list(msg.parents), list(msg.draft_logprobs), list(msg.expanded_nodes), probs,
+                   msg.vocab_size)
+
+
+class DraftSession(ABC):
+    """One generation: drafts trees from the committed prefix and follows the target's commits.
+
+    Subclasses implement the four hooks; this class validates input and runs draft-ahead.
+    """
+
+    def __init__(self, constraint: ListConstraint, context: Sequence[int]):
+        self.constraint = constraint
+        self.vocab_size = constraint.trie.vocab.size
+        context = [int(t) for t in context]
+        check_tokens(context, self.vocab_size, "context")
+        try:
+            self.state: ListState = constraint.start(context)
+        except ConstraintError as err:
+            raise DraftError(f"context rejected: {err}") from None
+        self.context = context
+        self.last_tree: DraftTree | None = None
+        self.ahead_hit = False  # the last tree was drafted ahead
+        self._ahead: _Ahead | None = None
+        self._ready: tuple[Budget, bool, DraftTree] | None = None
+        self._last_request: tuple[Budget, bool] | None = None
+
+    # -- hooks -------------------------------------------------------------------------------------
+    @abstractmethod
+    def _draft(self, budget: Budget, want_probs: bool) -> DraftTree:
+        """A tree rooted at the last committed token (budget validated and non-empty)."""
+
+    @abstractmethod
+    def _advance(self, tokens: list[int]) -> None:
+        """Follow committed tokens (validated); self.context/state are updated by the caller."""
+
+    def _draft_ahead(self, path: list[int], state: ListState, budget: Budget,
+                     want_probs: bool) -> tuple[list[int], Any] | None:
+        """Guess the bonus token after context + path (`state` is the grammar there) and draft the tree
+        that would follow path + bonus, leaving the current state intact. Returns (path + bonus, work),
+        or None when the drafter does not draft ahead."""
+        return None
+
+    def _adopt_ahead(self, work: Any) -> DraftTree:
+        """The guess came true: commit `assumed` using the speculative work, return its tree."""
+        raise NotImplementedError
+
+    def _drop_ahead(self, work: Any) -> None:  # noqa: B027 (optional hook)
+        """The guess was wrong: forget the speculative work."""
+
+    # -- public ------------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
+
+    @property
+    def ahead_guess(self) -> list[int] | None:
+        """The commit that draft-ahead bet on (path + bonus), if it drafted ahead."""
+        return None if self._ahead is None else list(self._ahead.assumed)
+
+    def draft(self, budget: Budget, want_probs: bool = False) -> DraftTree:
+        budget = budget.validated()
+        self._last_request = (budget, want_probs)
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[:2] == (budget, want_probs):
+            self.ahead_hit, self.last_tree = True, ready[2]
+            return ready[2]
+        self.ahead_hit = False
+        tree = DraftTree(vocab_size=self.vocab_size) if budget.empty or self.finished \
+            else self._draft(budget, want_probs)
+        self.last_tree = tree
+        return tree
+
+    def commit(self, tokens: Sequence[int]) -> None:
+        """Follow the target: `tokens` = a root-down path of the last tree, then one bonus token
+        (a path that ends the list with EOS needs no bonus: its EOS plays that part)."""
+        tokens = [int(t) for t in tokens]
+        state = self.validate_commit(tokens)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.assumed == tokens and ahead.work is not None:
+            tree = self._adopt_ahead(ahead.work)
+            self._ready = (ahead.budget, ahead.want_probs, tree)
+        else:
+            if ahead is not None and ahead.work is not None:
+                self._drop_ahead(ahead.work)
+            self._advance(tokens)
+        self.context += tokens
+        self.state = state
+        self.last_tree = None
+
+    def prepare_ahead(self) -> bool:
+        """Draft the next tree now, assuming the last tree's most probable path and its most likely
+        bonus token will be committed (same budget as the last request). Returns whether it did."""
+        tree, request = self.last_tree, self._last_request
+        if tree is None or request is None or self._ahead is not None or not len(tree):
+            return False
+        path = [tree.tokens[i] for i in tree.best_path()]
+        state = self.state_after(path)
+        if state.finished:
+            return False
+        budget, want_probs = request
+        result = self._draft_ahead(path, state, budget, want_probs)
+        if result is None:
+            return False
+        assumed, work = result
+        self._ahead = _Ahead(assumed, budget, want_probs, work)
+        return True
+
+    def state_after(self, tokens: list[int]) -> ListState:
+        """Grammar state after the committed prefix plus `tokens` (which must be allowed)."""
+        state = self.state
+        for tok in tokens:
+            nxt = self.constraint.advance(state, tok)
+            assert nxt is not None, f"token {tok} left the grammar"
+            state = nxt
+        return state
+
+    def follow(self, tokens: list[int], state: ListState) -> None:
+        """Commit without checking against a tree (composite drafters validate once, outside)."""
+        self._advance(tokens)
+        self.context += tokens
+        self.state = state
+        self.last_tree = None
+
+    def validate_commit(self, tokens: list[int]) -> ListState:
+        """The grammar state after `tokens`, or DraftError saying why they are not a valid commit."""
+        if self.finished:
+            raise DraftError("the list is already finished (EOS committed); close the session")
+        if not tokens:
+            raise DraftError("committed must hold the accepted path's tokens and the bonus token; got none")
+        check_tokens(tokens, self.vocab_size, "committed")
+        tree = self.last_tree or DraftTree()
+        path = tree.match(tokens[:-1])
+        if len(path) < len(tokens) - 1:
+            raise DraftError(f"committed tokens {tokens} are not a path of the last tree ({len(tree)} nodes) "
+                             f"followed by one bonus token: only the first {len(path)} follow the tree")
+        state = self.state
+        for i, tok in enumerate(tokens):
+            nxt = self.constraint.advance(state, tok)
+            if nxt is None:
+                raise DraftError(f"committed token {i} ({tok}) is not allowed by the list grammar here")
+            state = nxt
+        return state
+
+    def close(self) -> None:
+        if self._ahead is not None and self._ahead.work is not None:
+            self._drop_ahead(self._ahead.work)
+        self._ahead = self._ready = None
+
+
+@dataclass
+class _Ahead:
+    assumed: list[int]  # the guessed commit: most probable path + most likely bonus
+    budget: Budget
+    want_probs: bool
+    work: Any
+
+
+def check_tokens(tokens: Sequence[int], vocab_size: int, what: str) -> None:
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise DraftError(f"{what} holds unknown token ids {bad[:5]}; valid ids are 0..{vocab_size - 1}")
+
+
+class Drafter(ABC):
+    """Opens sessions; holds what sessions share (model weights, retrieval pool)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> DraftSession:
+        """A session for `context` (BOS history REC [generated...]); DraftError on bad input."""
+
+    def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
+                    budget: Budget) -> list[DraftTree]:
+        """Offline evaluation: the tree drafted after context + continuation[:t], for every t."""
+        session = self.open(context, constraint)
+        out = []
+        for tok in continuation:
+            out.append(session.draft(budget))
+            session.commit([tok])
+        return out
+
+
+DrafterFactory = Callable[..., Drafter]
+_REGISTRY: dict[str, DrafterFactory] = {}
+
+
+def register(name: str) -> Callable[[DrafterFactory], DrafterFactory]:
+    """Decorator: a factory building drafter `name` from an artifact directory."""
+
+    def wrap(factory: DrafterFactory) -> DrafterFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def drafter_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def load_drafter(name: str, artifacts: Path, **options: Any) -> Drafter:
+    """Drafter `name` ("model", "model:<variant dir>", "retrieval", "hybrid") from an artifact directory."""
+    _load_builtin()
+    kind = name.split(":", 1)[0]
+    if kind not in _REGISTRY:
+        raise DraftError(f"unknown drafter {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[kind](Path(artifacts), name=name, **options)
+
+
+def _load_builtin() -> None:
+    import specrec.drafting.hybrid  # noqa: F401  (registers model, retrieval, hybrid)

@@ -1,0 +1,382 @@
+"""PAD-Rec position-aware drafter: a small causal transformer over semantic-ID tokens.
+
+On top of our flat Llama (`Transformer.hidden`, same attention and KV cache as the target):
+
+    x   = E_tok[token] + lambda * E_slot[slot(token)]           (item-slot embedding, learnable lambda)
+    h   = decoder(x)                                             (causal / tree attention)
+    g   = sigmoid(W [h; E_step[k]])                              (context-driven gate)
+    out = lm_head(h + g * E_step[k])                             (draft-step embedding)
+
+slot(token) is the token's place inside its semantic ID (code level 0..L-1, SEP, other); k is how many
+draft steps the input token lies past the last verified token (0 for committed tokens). The step
+signal joins *after* the decoder, so cached keys and values never depend on k: a drafted node that
+the target accepts keeps its cache entries exactly (rollback without recompute). Each signal can be
+switched off (use_slot / use_step) for ablations. Saved as config.json + model.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, register
+from specrec.drafting.tree import BuiltTree, Scratch, StepFn, TreeRoot, build_trees
+from specrec.models.llama import KVCache, ModelArgs, Transformer
+from specrec.models.steps import Block, build_step
+from specrec.semantic_ids.constraint import ListConstraint, ListState
+from specrec.semantic_ids.vocab import Vocabulary
+
+MODEL_TYPE = "specrec_pad_drafter"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_DIR = "drafter"  # <artifacts>/drafter; variants live in <artifacts>/drafter-<variant>
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    level_sizes: tuple[int, ...]  # the semantic-ID vocabulary this drafter speaks
+    dim: int
+    n_layers: int
+    n_heads: int
+    intermediate: int
+    max_len: int = 512
+    max_steps: int = 16  # draft steps with their own embedding; deeper steps share the last one
+    use_slot: bool = True
+    use_step: bool = True
+    rope_theta: float = 10000.0
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return Vocabulary(tuple(self.level_sizes))
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.level_sizes) + 2  # code levels, SEP, other
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs(vocab_size=self.vocab.size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                         n_kv_heads=self.n_heads, intermediate=self.intermediate, rope_theta=self.rope_theta,
+                         max_len=self.max_len)
+
+    def to_json(self) -> dict:
+        return {"model_type": MODEL_TYPE, **asdict(self), "level_sizes": list(self.level_sizes)}
+
+    @classmethod
+    def from_json(cls, cfg: dict) -> DrafterConfig:
+        if cfg.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"config model_type {cfg.get('model_type')!r} is not a {MODEL_TYPE}")
+        fields = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}
+        return cls(**{**fields, "level_sizes": tuple(fields["level_sizes"])})
+
+
+class PadDrafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        self.lm = Transformer(config.model_args())
+        vocab = config.vocab
+        self.register_buffer("slot_table", torch.tensor([vocab.slot_of(t) for t in range(vocab.size)]),
+                             persistent=False)
+        self.slot_embed = nn.Embedding(config.n_slots, config.dim)
+        self.slot_scale = nn.Parameter(torch.ones(()))
+        self.step_embed = nn.Embedding(config.max_steps + 1, config.dim)
+        self.step_gate = nn.Linear(2 * config.dim, config.dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.step_embed.weight)  # starts as the plain drafter; steps learn their offsets
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.lm.args
+
+    def n_params(self) -> int:
+        """Parameters the drafter actually uses (switched-off signals do not count)."""
+        skip = set()
+        if not self.config.use_slot:
+            skip |= {"slot_embed.weight", "slot_scale"}
+        if not self.config.use_step:
+            skip |= {"step_embed.weight", "step_gate.weight", "step_gate.bias"}
+        return sum(p.numel() for name, p in self.named_parameters() if name not in skip)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> input embeddings [B, T, dim]."""
+        x = self.lm.model.embed_tokens(tokens)
+        if self.config.use_slot:
+            x = x + self.slot_scale * self.slot_embed(self.slot_table[tokens])
+        return x
+
+    def head(self, h: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """h [B, T, dim] decoder output, steps [B, T] -> logits [B, T, vocab]."""
+        if self.config.use_step:
+            e = self.step_embed(steps.clamp(0, self.config.max_steps))
+            h = h + torch.sigmoid(self.step_gate(torch.cat([h, e], dim=-1))) * e
+        return self.lm.lm_head(h)
+
+    def forward(self, tokens: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab]; arguments as `Transformer.hidden`, plus steps [B, T] (draft step per token)."""
+        h = self.lm.hidden(self.embed(tokens), positions, cache, rows, slots, mask)
+        return self.head(h, steps)
+
+    def sequence_logits(self, tokens: torch.Tensor, steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, T, vocab] of right-padded sequences (training; a scratch cache)."""
+        bsz, t = tokens.shape
+        param = next(self.parameters())
+        cache = KVCache(self.args, bsz, t, device=param.device, dtype=param.dtype)
+        positions, mask = causal_inputs(lengths.to(tokens.device), t)
+        return self(tokens, steps, positions, cache, torch.arange(bsz, device=tokens.device), positions, mask)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> PadDrafter:
+        directory = Path(directory)
+        path = directory / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no drafter here (run `specrec train-drafter`)")
+        model = cls(DrafterConfig.from_json(json.loads(path.read_text())))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        return model.to(device).eval()
+
+
+def causal_inputs(lengths: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] and causal mask [B, T, T] for right-padded sequences of these lengths (padding
+    sees only itself), for a forward that writes token i to cache slot i."""
+    idx = torch.arange(t, device=lengths.device)
+    positions = idx.expand(len(lengths), t)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    valid = idx[None, None, :] < lengths[:, None, None]
+    return positions, (causal & valid) | torch.eye(t, dtype=torch.bool, device=lengths.device)[None]
+
+
+def scratch_bound(budget: Budget, tokens_per_item: int) -> int:
+    """Cache slots one tree may feed: per round, top_k frontier nodes, each with a forced chain."""
+    b = budget.validated()
+    return b.depth * b.top_k * (tokens_per_item + 1) + 2
+
+
+class ModelDrafter(Drafter):
+    """Sessions over one PadDrafter; each keeps its own KV cache (one row)."""
+
+    def __init__(self, model: PadDrafter, name: str = "model", rows_per_batch: int = 32):
+        self.model = model.eval()
+        self.name = name
+        self.rows_per_batch = rows_per_batch
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> ModelSession:
+        if constraint.trie.vocab.level_sizes != tuple(self.model.config.level_sizes):
+            raise ValueError("this drafter was trained on another semantic-ID vocabulary")
+        return ModelSession(self, constraint, context)
+
+    def step_fn(self, cache: KVCache) -> StepFn:
+        def step(tokens: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                 slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            dev = self.device
+            return self.model(tokens.to(dev), steps.to(dev), positions.to(dev), cache, rows.to(dev), slots.to(dev),
+                              mask.to(dev)).float().cpu()
+
+        return step
+
+    @torch.inference_mode()
+    def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
+                    budget: Budget) -> list[DraftTree]:
+        """All positions' trees in a few batched forwards: one prefill of context + continuation, its cache
+        copied to one row per position, then every tree expanded together."""
+        seq = list(context) + list(continuation)
+        states = [constraint.start(context)]
+        for tok in continuation[:-1]:
+            nxt = constraint.advance(states[-1], tok)
+            assert nxt is not None, "the continuation breaks the list grammar"
+            states.append(nxt)
+        extra = scratch_bound(budget, constraint.trie.depth + 1)
+        out: list[DraftTree] = []
+        logq: torch.Tensor | None = None
+        for lo in range(0, len(continuation), self.rows_per_batch):
+            hi = min(len(continuation), lo + self.rows_per_batch)
+            cache = KVCache(self.model.args, hi - lo, len(seq) + extra, device=self.device)
+            step = build_step(cache, [Block.chain(0, seq)], self.device)
+            logits = self.model(step.tokens, torch.zeros_like(step.tokens), step.positions, cache, step.rows,
+                                step.slots, step.mask)
+            logq = torch.log_softmax(logits[0].float().cpu(), dim=-1)
+            cache.k[:, 1:] = cache.k[:, :1]
+            cache.v[:, 1:] = cache.v[:, :1]
+            roots = [TreeRoot(t - lo, len(context) + t, len(context) + t, states[t], logq[len(context) + t - 1])
+                     for t in range(lo, hi)]
+            scratch = Scratch({t - lo: len(context) + t for t in range(lo, hi)}, cache.max_len)
+            built = build_trees(self.step_fn(cache), constraint, roots, budget, scratch,
+                                max_step=self.model.config.max_steps)
+            out += [b.tree for b in built]
+        return out
+
+
+@dataclass
+class _AheadWork:
+    slots: list[int]  # cache slots of the assumed tokens, in order
+    root_logprobs: torch.Tensor  # log q after the assumed tokens
+    built: BuiltTree
+    scratch_next: int
+
+
+class ModelSession(DraftSession):
+    """Cache row 0 holds the committed tokens in slots [0, length); tree nodes go to scratch slots after
+    them. A commit keeps the accepted nodes' cache entries (compacted) and feeds only what the drafter
+    has not seen (usually just the bonus token)."""
+
+    def __init__(self, drafter: ModelDrafter, constraint: ListConstraint, context: Sequence[int]):
+        super().__init__(constraint, context)
+        self.drafter = drafter
+        self.model = drafter.model
+        self.per_item = constraint.trie.depth + 1
+        remaining = (constraint.n_items - self.state.n_done) * self.per_item + 1
+        self.max_positions = len(self.context) + remaining
+        if self.max_positions > self.model.config.max_len:
+            raise DraftError(f"context of {len(self.context)} tokens plus a list of {constraint.n_items} items "
+                             f"exceeds the drafter's {self.model.config.max_len} positions")
+        self.cache = KVCache(self.model.args, 1, self.max_positions + 64, device=drafter.device)
+        self.step = drafter.step_fn(self.cache)
+        self.fed: dict[tuple[int, ...], int] = {}
+        self.outputs: dict[tuple[int, ...], torch.Tensor] = {}
+        self.scratch_top = 0
+        self.root_logprobs = self._feed_chain(self.context)
+
+    @property
+    def length(self) -> int:
+        return self.cache.lengths[0]
+
+    def _ensure(self, slots: int) -> None:
+        """Grow the cache (copying it) so that `slots` slots exist."""
+        if slots <= self.cache.max_len:
+            return
+        grown = KVCache(self.model.args, 1, max(slots, 2 * self.cache.max_len), device=self.drafter.device)
+        grown.k[:, :, : self.cache.max_len] = self.cache.k
+        grown.v[:, :, : self.cache.max_len] = self.cache.v
+        grown.lengths = list(self.cache.lengths)
+        self.cache = grown
+        self.step = self.drafter.step_fn(grown)
+
+    @torch.inference_mode()
+    def _feed_chain(self, tokens: list[int]) -> torch.Tensor:
+        """Commit tokens to the cache after the prefix (draft step 0); log q [vocab] after the last one."""
+        self._ensure(self.length + len(tokens) + 1)
+        step = build_step(self.cache, [Block.chain(0, tokens)], self.drafter.device)
+        logits = self.step(step.tokens, torch.zeros_like(step.tokens), step.positions, step.rows, step.slots,
+                           step.mask)
+        self.cache.lengths[0] += len(tokens)
+        self.scratch_top = self.length
+        return torch.log_softmax(logits[0, -1], dim=-1)
+
+    def _draft(self, budget: Budget, want_probs: bool) -> DraftTree:
+        self._ensure(self.length + scratch_bound(budget, self.per_item) + 1)
+        root = TreeRoot(0, self.length, self.length, self.state, self.root_logprobs)
+        scratch = Scratch({0: self.length}, self.cache.max_len)
+        built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
+                            self.model.config.max_steps)[0]
+        self.fed, self.outputs, self.scratch_top = built.fed, built.outputs, scratch.next[0]
+        return built.tree
+
+    def _advance(self, tokens: list[int]) -> None:
+        kept = self._fed_prefix(tokens[:-1])  # at least the last token is fed again: its output roots the next tree
+        if kept:
+            self.cache.keep_path(0, kept)
+        self.root_logprobs = self._feed_chain(tokens[len(kept):])
+        self.fed, self.outputs = {}, {}
+
+    def _fed_prefix(self, tokens: list[int]) -> list[int]:
+        slots = []
+        for i in range(len(tokens)):
+            slot = self.fed.get(tuple(tokens[: i + 1]))
+            if slot is None:
+                break
+            slots.append(slot)
+        return slots
+
+    @torch.inference_mode()
+    def _draft_ahead(self, path: list[int], state: ListState, budget: Budget,
+                     want_probs: bool) -> tuple[list[int], _AheadWork] | None:
+        need = self.scratch_top + len(path) + 2 + scratch_bound(budget, self.per_item) + 1
+        self._ensure(need)
+        scratch = Scratch({0: self.scratch_top}, self.cache.max_len)
+        slots = self._fed_prefix(path)
+        base = self.length
+        out = self.outputs.get(tuple(path)) if len(slots) == len(path) else None
+        if out is None:  # feed the path's unfed tail (as draft steps) to see what follows it
+            slots = slots[: len(path) - 1] if len(slots) == len(path) else slots  # fed, not expanded: redo it
+            tail = path[len(slots):]
+            tail_slots = [scratch.alloc(0) for _ in tail]
+            logq = self._feed_at(tail, tail_slots, slots, base + len(slots), first_step=len(slots) + 1)
+            slots += tail_slots
+            out = logq[-1]
+        allowed = self.constraint.allowed(state)
+        bonus = self.constraint.forced(state)
+        if bonus is None:
+            bonus = int(allowed[int(torch.argmax(out[torch.as_tensor(allowed)]))])
+        after = self.constraint.advance(state, bonus)
+        assert after is not None
+        if after.finished:
+            return None
+        bonus_slot = scratch.alloc(0)
+        root_logq = self._feed_at([bonus], [bonus_slot], slots, base + len(path), first_step=0)[-1]
+        slots.append(bonus_slot)
+        assumed = path + [bonus]
+        root = TreeRoot(0, base, base + len(assumed), after, root_logq, extra_slots=list(slots))
+        built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
+                            self.model.config.max_steps)[0]
+        return assumed, _AheadWork(slots, root_logq, built, scratch.next[0])
+
+    def _feed_at(self, tokens: list[int], slots: list[int], context_slots: list[int], position: int,
+                 first_step: int) -> torch.Tensor:
+        """Feed a chain into scratch slots: it sees the prefix, context_slots and itself. log q [n, vocab]."""
+        n = len(tokens)
+        span = max(self.length, max(slots) + 1)
+        mask = torch.zeros((1, n, span), dtype=torch.bool)
+        mask[0, :, : self.length] = True
+        if context_slots:
+            mask[0, :, context_slots] = True
+        for i, s in enumerate(slots):
+            mask[0, i:, s] = True
+        steps = torch.tensor([[first_step + i if first_step else 0 for i in range(n)]])
+        logits = self.step(torch.tensor([tokens]), steps.clamp(max=self.model.config.max_steps),
+                           torch.arange(position, position + n)[None], torch.tensor([0]), torch.tensor([slots]),
+                           mask)
+        return torch.log_softmax(logits[0], dim=-1)
+
+    def _adopt_ahead(self, work: _AheadWork) -> DraftTree:
+        self.cache.keep_path(0, work.slots)
+        self.root_logprobs = work.root_logprobs
+        self.fed, self.outputs = work.built.fed, work.built.outputs
+        self.scratch_top = work.scratch_next
+        return work.built.tree
+
+    def _drop_ahead(self, work: _AheadWork) -> None:
+        pass  # its scratch slots lie beyond the live tree's; they are simply overwritten later
+
+
+@register("model")
+def load_model_drafter(artifacts: Path, name: str = "model", device: str = "cpu", **_: object) -> ModelDrafter:
+    """"model" loads <artifacts>/drafter; "model:<dir>" loads another variant, e.g. model:drafter-plain."""
+    variant = name.split(":", 1)[1] if ":" in name else DEFAULT_DIR
+    return ModelDrafter(PadDrafter.from_pretrained(Path(artifacts) / variant, device), name=name)

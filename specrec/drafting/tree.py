@@ -1,0 +1,331 @@
+"""EAGLE-2 dynamic token trees under the list grammar.
+
+Expansion (per tree): the root's allowed children score log q. Each round runs ONE batched drafter
+forward over the frontier nodes of every tree (tree attention: a node sees its row's committed prefix,
+its ancestors and itself), gives each expanded node its top_k allowed children scored
+parent score + log q, and keeps the round's global top_k children as the next frontier.
+
+Forced tokens (the grammar allows exactly one) are inserted without a model call: log q = 0, so they
+keep their parent's score. They still pass through the next forward with the node below them, since
+their children need the drafter's output there.
+
+Selection: the best max_nodes candidates by cumulative log q. Scores never rise along a path, and ties
+go to the shallower node, so the kept set is connected and comes out parents first; the output order
+is the priority order, so `DraftTree.prefix(n)` is the best n-node tree. A kept node whose only legal
+child is forced gets that child too (it costs the target nothing to accept).
+
+Log q is the drafter's distribution renormalised over the grammar's allowed tokens, the same mask the
+target applies.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from specrec.drafting.base import Budget, DraftTree
+from specrec.semantic_ids.constraint import ListConstraint, ListState
+
+# (tokens, steps, positions, rows, slots, mask) -> logits [B, T, vocab]; see PadDrafter.forward.
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Node:
+    """A candidate tree node. depth 0 = child of the root; the root itself has depth -1."""
+
+    __slots__ = ("token", "parent", "logprob", "score", "depth", "state", "allowed", "slot", "anc", "out", "expanded",
+                 "seq")
+
+    def __init__(self, token: int, parent: Node | None, logprob: float, score: float, depth: int, seq: int):
+        self.token = token
+        self.parent = parent
+        self.logprob = logprob
+        self.score = score
+        self.depth = depth
+        self.seq = seq  # creation order, the last tie-break
+        self.state: ListState | None = None
+        self.allowed: np.ndarray | None = None  # the grammar's allowed next tokens, once asked
+        self.slot = -1  # cache slot once fed to the drafter
+        self.anc: list[int] = []  # cache slots this node attends besides the prefix (ancestors, extra)
+        self.out: torch.Tensor | None = None  # masked log q [vocab] after this node, once expanded
+        self.expanded = False  # children were created (by the model or as a forced token)
+
+    def path(self) -> tuple[int, ...]:
+        out, node = [], self
+        while node is not None and node.depth >= 0:
+            out.append(node.token)
+            node = node.parent
+        return tuple(reversed(out))
+
+
+@dataclass
+class TreeRoot:
+    """Where a tree hangs: the last committed token of one cache row."""
+
+    row: int
+    prefix: int  # the tree attends cache slots [0, prefix) of its row
+    position: int  # position of depth-0 nodes (= number of committed tokens)
+    state: ListState  # grammar state after the committed tokens
+    logprobs: torch.Tensor | None  # [vocab] drafter log q after the last committed token (None: not needed)
+    extra_slots: list[int] = field(default_factory=list)  # committed tokens cached outside [0, prefix)
+
+
+@dataclass
+class BuiltTree:
+    tree: DraftTree
+    fed: dict[tuple[int, ...], int]  # token path from the root -> cache slot holding that node
+    outputs: dict[tuple[int, ...], torch.Tensor]  # token path -> masked log q after it (expanded nodes)
+
+
+class Scratch:
+    """Hands out cache slots for draft nodes, per row, from a start slot up to a limit (the cache's
+    max_len); the slot after the last one handed out stays free for padding."""
+
+    def __init__(self, start: dict[int, int], limit: int):
+        self.next = dict(start)
+        self.limit = limit
+
+    def alloc(self, row: int) -> int:
+        slot = self.next[row]
+        if slot + 1 >= self.limit:
+            raise OverflowError(f"draft tree needs more than the {self.limit} cache slots of row {row}")
+        self.next[row] = slot + 1
+        return slot
+
+
+class CandidateTree:
+    """Candidates grown below one root, with grammar states computed on demand."""
+
+    def __init__(self, root: TreeRoot, constraint: ListConstraint, counter: list[int]):
+        self.spec = root
+        self.constraint = constraint
+        self.counter = counter
+        self.root = Node(-1, None, 0.0, 0.0, -1, self._seq())
+        self.root.state = root.state
+        self.root.anc = list(root.extra_slots)
+        self.root.out = None if root.logprobs is None else masked(root.logprobs, self.allowed(self.root))
+        self.nodes: list[Node] = []
+
+    def _seq(self) -> int:
+        self.counter[0] += 1
+        return self.counter[0]
+
+    def state(self, node: Node) -> ListState:
+        if node.state is None:
+            assert node.parent is not None
+            nxt = self.constraint.advance(self.state(node.parent), node.token)
+            assert nxt is not None, "a draft node left the grammar"
+            node.state = nxt
+        return node.state
+
+    def allowed(self, node: Node) -> np.ndarray:
+        if node.allowed is None:
+            node.allowed = self.constraint.allowed(self.state(node))
+        return node.allowed
+
+    def add(self, parent: Node, token: int, logprob: float) -> Node:
+        node = Node(token, parent, logprob, parent.score + logprob, parent.depth + 1, self._seq())
+        self.nodes.append(node)
+        return node
+
+    def forced_child(self, node: Node, max_depth: int) -> Node | None:
+        """Insert node's forced child (no model call), if the grammar forces one and depth allows."""
+        if node.expanded or node.depth + 1 >= max_depth:
+            return None
+        allowed = self.allowed(node)
+        if len(allowed) != 1:
+            return None
+        node.expanded = True
+        return self.add(node, int(allowed[0]), 0.0)
+
+
+def masked(logprobs: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
+    """Log q renormalised over `allowed` (-inf elsewhere). logprobs/logits: [vocab]."""
+    keep = torch.full_like(logprobs, -math.inf)
+    idx = torch.as_tensor(allowed, dtype=torch.long)
+    keep[idx] = logprobs[idx]
+    return torch.log_softmax(keep, dim=-1) if len(idx) else keep
+
+
+def build_trees(step: StepFn | None, constraint: ListConstraint, roots: list[TreeRoot], budget: Budget,
+                scratch: Scratch, want_probs: bool = False, max_step: int = 16) -> list[BuiltTree]:
+    """One dynamic tree per root, expanded together (one drafter forward per round)."""
+    budget = budget.validated()
+    counter = [0]
+    trees = [CandidateTree(r, constraint, counter) for r in roots]
+    if budget.empty:
+        return [BuiltTree(DraftTree(vocab_size=constraint.trie.vocab.size), {}, {}) for _ in trees]
+    frontiers: list[list[Node]] = [[t.root] for t in trees]
+    for _ in range(budget.depth):
+        # 1. follow forced tokens down from each frontier node to the node whose children we need
+        to_expand: list[tuple[CandidateTree, Node]] = []
+        for tree, frontier in zip(trees, frontiers, strict=True):
+            for node in frontier:
+                while (child := tree.forced_child(node, budget.depth)) is not None:
+                    node = child
+                if node.depth + 1 < budget.depth and len(tree.allowed(node)):
+                    to_expand.append((tree, node))
+        if not to_expand:
+            break
+        # 2. one forward over every not-yet-fed node on the way to a node we expand
+        for _, node in to_expand:
+            if node.depth < 0 and node.out is None:
+                raise ValueError("a root that is not forced needs the drafter's log q (TreeRoot.logprobs)")
+        _feed(step, [(t, n) for t, n in to_expand if n.out is None], scratch, max_step)
+        # 3. top_k allowed children of every expanded node; the round's best top_k per tree go on
+        new_children: dict[int, list[Node]] = {}
+        for tree, node in to_expand:
+            node.expanded = True
+            assert node.out is not None
+            out = node.out
+            k = min(budget.top_k, len(tree.allowed(node)))
+            vals, toks = torch.topk(out, k)
+            kids = new_children.setdefault(id(tree), [])
+            for v, tok in zip(vals.tolist(), toks.tolist(), strict=True):
+                if v > -math.inf:
+                    kids.append(tree.add(node, tok, v))
+        frontiers = []
+        for tree in trees:
+            kids = new_children.get(id(tree), [])
+            kids.sort(key=lambda n: (-n.score, n.seq))
+            frontiers.append(kids[: budget.top_k])
+    return [select(tree, budget, want_probs) for tree in trees]
+
+
+def _feed(step: StepFn | None, targets: list[tuple[CandidateTree, Node]], scratch: Scratch, max_step: int) -> None:
+    """Run the drafter on every unfed node up to each target; store log q at the targets."""
+    if not targets:
+        return
+    if step is None:
+        raise ValueError("this tree needs drafter outputs but no drafter step was given")
+    per_row: dict[int, list[tuple[CandidateTree, Node]]] = {}
+    for tree, target in targets:
+        chain, node = [], target
+        while node.slot < 0 and node.depth >= 0:
+            chain.append(node)
+            node = node.parent  # type: ignore[assignment]
+        for n in reversed(chain):
+            n.slot = scratch.alloc(tree.spec.row)
+            parent = n.parent
+            assert parent is not None
+            n.anc = parent.anc + ([parent.slot] if parent.depth >= 0 else [])
+            per_row.setdefault(tree.spec.row, []).append((tree, n))
+    rows = sorted(per_row)
+    t = max(len(per_row[r]) for r in rows)
+    pad = {r: scratch.next[r] for r in rows}  # a free slot per row: padding writes there, seeing only itself
+    span = max(max(pad[r] + 1, *(tree.spec.prefix for tree, _ in per_row[r])) for r in rows)
+    bsz = len(rows)
+    tokens = torch.zeros((bsz, t), dtype=torch.long)
+    steps = torch.zeros((bsz, t), dtype=torch.long)
+    positions = torch.zeros((bsz, t), dtype=torch.long)
+    slots = torch.tensor([[pad[r]] * t for r in rows], dtype=torch.long)
+    mask = torch.zeros((bsz, t, span), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        for i, (tree, n) in enumerate(per_row[row]):
+            tokens[b, i] = n.token
+            steps[b, i] = min(n.depth + 1, max_step)
+            positions[b, i] = tree.spec.position + n.depth
+            slots[b, i] = n.slot
+            mask[b, i, : tree.spec.prefix] = True
+            if n.anc:
+                mask[b, i, n.anc] = True
+        mask[b, torch.arange(t), slots[b]] = True
+    with torch.inference_mode():
+        logits = step(tokens, steps, positions, torch.as_tensor(rows), slots, mask)
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    wanted = {id(n) for _, n in targets}
+    for b, row in enumerate(rows):
+        for i, (tree, n) in enumerate(per_row[row]):
+            if id(n) in wanted:
+                n.out = masked(logq[b, i], tree.allowed(n))
+
+
+def select(tree: CandidateTree, budget: Budget, want_probs: bool) -> BuiltTree:
+    """The best max_nodes candidates (plus forced closure), in priority order."""
+    heap = [(-n.score, n.depth, n.seq, n) for n in tree.nodes]
+    heapq.heapify(heap)
+    taken: list[Node] = []
+    index: dict[int, int] = {id(tree.root): -1}
+    # The root's forced child, if its expansion was never reached (depth budget), comes first anyway.
+    while heap and len(taken) < budget.max_nodes:
+        _, _, _, node = heapq.heappop(heap)
+        if id(node.parent) not in index:  # unreachable by monotone scores; kept as a guard
+            continue
+        index[id(node)] = len(taken)
+        taken.append(node)
+        forced = tree.forced_child(node, budget.depth)
+        if forced is not None:
+            heapq.heappush(heap, (-forced.score, forced.depth, forced.seq, forced))
+    vocab = tree.constraint.trie.vocab.size
+    out = DraftTree([n.token for n in taken], [index[id(n.parent)] for n in taken], [n.logprob for n in taken],
+                    vocab_size=vocab)
+    if want_probs:
+        parents = set(out.parents)
+        expanded = [n for n in [tree.root, *taken] if index[id(n)] in parents]
+        out.expanded = [index[id(n)] for n in expanded]
+        out.probs = np.stack([_probs(tree, n, vocab) for n in expanded]) if expanded \
+            else np.zeros((0, vocab), dtype=np.float32)
+    fed: dict[tuple[int, ...], int] = {}
+    outputs: dict[tuple[int, ...], torch.Tensor] = {}
+    for n in tree.nodes:
+        if n.slot >= 0 or n.out is not None:
+            path = n.path()
+            if n.slot >= 0:
+                fed[path] = n.slot
+            if n.out is not None:
+                outputs[path] = n.out
+    if tree.root.out is not None:
+        outputs[()] = tree.root.out
+    return BuiltTree(out, fed, outputs)
+
+
+def _probs(tree: CandidateTree, node: Node, vocab: int) -> np.ndarray:
+    """The distribution the node's children were drafted from: q, or a point mass on a forced token."""
+    if node.out is not None:
+        return node.out.exp().numpy().astype(np.float32)
+    allowed = tree.allowed(node)
+    probs = np.zeros(vocab, dtype=np.float32)
+    if len(allowed) == 1:
+        probs[int(allowed[0])] = 1.0
+    return probs
+
+
+def merge_trees(trees: list[DraftTree], max_nodes: int, want_probs: bool = False) -> DraftTree:
+    """Union of several drafters' trees (shared paths merged), scored by the best source's cumulative
+    log q, cut to the best max_nodes (connected, priority order). Draft probs come from the first tree
+    that expanded a node."""
+    nodes: dict[tuple[int, ...], float] = {}
+    dist: dict[tuple[int, ...], np.ndarray] = {}
+    vocab = max((t.vocab_size for t in trees), default=0)
+    for tree in trees:
+        scores = tree.scores()
+        paths = [tuple(tree.path_tokens(i)) for i in range(len(tree))]
+        for path, score in zip(paths, scores, strict=True):
+            nodes[path] = max(nodes.get(path, -math.inf), score)
+        if tree.probs is not None:
+            for j, e in enumerate(tree.expanded):
+                dist.setdefault(() if e < 0 else paths[e], tree.probs[j])
+    order = sorted(nodes, key=lambda p: (-nodes[p], len(p), p))
+    index: dict[tuple[int, ...], int] = {(): -1}
+    tokens, parents, logprobs = [], [], []
+    for path in order:
+        if len(tokens) >= max_nodes:
+            break
+        if path[:-1] not in index:
+            continue
+        index[path] = len(tokens)
+        tokens.append(path[-1])
+        parents.append(index[path[:-1]])
+        logprobs.append(nodes[path] - (nodes[path[:-1]] if path[:-1] else 0.0))
+    out = DraftTree(tokens, parents, logprobs, vocab_size=vocab)
+    if want_probs:
+        has_kids = set(parents)
+        kept = [p for p in index if index[p] in has_kids and p in dist]
+        out.expanded = [index[p] for p in kept]
+        out.probs = np.stack([dist[p] for p in kept]) if kept else np.zeros((0, vocab), dtype=np.float32)
+    return out

@@ -1,0 +1,373 @@
+"""Distil the target into a small PAD-Rec drafter.
+
+Data (sequence-level distillation): prompts cut from the training histories of users outside the
+offline-evaluation set, each followed by the target's own greedy list, the context the drafter meets
+at decode time when its drafts are accepted. The target's distribution at every list position,
+renormalised over the grammar's allowed tokens, is computed once and cached.
+
+Loss at each list position that is not grammar-forced (p = target, q = drafter, both trie-masked):
+- a divergence D(p, q): forward KL, reverse KL, Jensen-Shannon or total variation (DistillSpec);
+- HASS's top-K loss: -sum over the target's top K tokens of p log q (sharpens what acceptance needs);
+- HASS's harmonised multi-step training: for part of each batch, cut the list at a random point, let
+  the drafter draft `unroll` tokens itself (sampled from q), feed them back with their draft-step
+  index, and distil the target's distribution after them. Step embeddings only learn from this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from specrec.decoding.plain import decode
+from specrec.drafting.model_drafter import DEFAULT_DIR, DrafterConfig, PadDrafter, causal_inputs
+from specrec.drafting.offline import is_eval_user
+from specrec.models.llama import KVCache, Transformer
+from specrec.pipeline import Artifacts
+from specrec.semantic_ids.constraint import ListConstraint, ListState
+from specrec.semantic_ids.vocab import PAD, REC
+from specrec.training.examples import encode_prompt
+from specrec.training.loop import train
+
+log = logging.getLogger(__name__)
+DIVERGENCES = ("fkl", "rkl", "js", "tvd")
+DATA_DIR = "drafter-data"
+
+
+@dataclass(frozen=True)
+class DrafterProfile:
+    name: str
+    dim: int
+    layers: int
+    heads: int
+    intermediate: int
+    steps: int
+    batch_size: int
+    lr: float
+    windows: int  # distillation prompts (target greedy lists)
+    unroll: int = 3  # HASS: draft steps unrolled on the drafter's own tokens
+    unroll_batch: int = 16
+    top_k: int = 5  # HASS top-K loss (the target's K best tokens; ML-100k levels have 16 codes)
+    top_k_weight: float = 1.0
+
+
+# Sized to <= 1/10 of the target profile of the same name (checked at training time); steps for CPU.
+DRAFTER_PROFILES = {
+    "tiny": DrafterProfile("tiny", dim=24, layers=1, heads=2, intermediate=48, steps=300, batch_size=32, lr=3e-3,
+                           windows=800),
+    "small": DrafterProfile("small", dim=64, layers=2, heads=4, intermediate=192, steps=1200, batch_size=32,
+                            lr=2e-3, windows=4000),
+    "bench": DrafterProfile("bench", dim=256, layers=2, heads=4, intermediate=768, steps=2000, batch_size=32,
+                            lr=1e-3, windows=6000),
+}
+
+
+def drafter_profile(name: str) -> DrafterProfile:
+    try:
+        return DRAFTER_PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(DRAFTER_PROFILES)}") from None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What makes one drafter variant: the divergence and which PAD-Rec / HASS parts are on."""
+
+    divergence: str = "fkl"
+    use_slot: bool = True
+    use_step: bool = True
+    hass: bool = True
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+
+    @property
+    def variant(self) -> str:
+        """Directory name: "drafter" for the default, else e.g. "drafter-rkl-no-step"."""
+        default = TrainSpec()
+        parts = [] if self.divergence == default.divergence else [self.divergence]
+        parts += [flag for flag, on in (("no-slot", self.use_slot), ("no-step", self.use_step),
+                                         ("no-hass", self.hass)) if not on]
+        return "-".join([DEFAULT_DIR, *parts])
+
+
+PLAIN = TrainSpec(use_slot=False, use_step=False, hass=False)  # a plain distilled drafter of the same size
+ABLATIONS = (TrainSpec(), PLAIN, TrainSpec(use_slot=False), TrainSpec(use_step=False), TrainSpec(hass=False))
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+@dataclass
+class DistillData:
+    users: list[int]
+    sequences: list[list[int]]  # prompt + the target's greedy list (ends with EOS)
+    rec: list[int]  # index of REC in each sequence
+    teacher: list[torch.Tensor]  # float16 [len - 1 - rec, vocab]: target log p after each list-region token,
+    #                              renormalised over the allowed tokens (-inf elsewhere)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(asdict(self), path)
+
+    @classmethod
+    def load(cls, path: Path) -> DistillData:
+        return cls(**torch.load(path, weights_only=True))
+
+
+@torch.no_grad()
+def causal_logits(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The target's teacher-forced logits [B, T, vocab] for right-padded sequences."""
+    bsz, t = tokens.shape
+    cache = KVCache(model.args, bsz, t)
+    positions, mask = causal_inputs(lengths, t)
+    return model(tokens, positions, cache, torch.arange(bsz), positions, mask)
+
+
+def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), t), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s)
+    return out, torch.tensor([len(s) for s in seqs])
+
+
+def allowed_masks(constraint: ListConstraint, states: list[ListState], vocab: int) -> torch.Tensor:
+    mask = torch.zeros(len(states), vocab, dtype=torch.bool)
+    for i, st in enumerate(states):
+        mask[i, torch.as_tensor(constraint.allowed(st), dtype=torch.long)] = True
+    return mask
+
+
+def list_states(constraint: ListConstraint, seq: list[int], rec: int) -> list[ListState]:
+    """Grammar state after seq[:rec + 1], seq[:rec + 2], ..., seq[:-1] (each list-region prediction)."""
+    state = constraint.start(seq[: rec + 1])
+    states = [state]
+    for tok in seq[rec + 1: -1]:
+        nxt = constraint.advance(state, tok)
+        assert nxt is not None
+        state = nxt
+        states.append(state)
+    return states
+
+
+def teacher_logp(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+@torch.no_grad()
+def make_distill_data(arts: Artifacts, target: Transformer, n_windows: int, seed: int = 0,
+                      batch: int = 64, progress: bool = True) -> DistillData:
+    """Prompts cut at random points of non-evaluation users' training histories + target greedy lists."""
+    rng = np.random.default_rng(seed)
+    prof = arts.profile
+    pairs = [(u, t) for u, seq in enumerate(arts.split.train) if not is_eval_user(u) for t in range(1, len(seq) + 1)]
+    picks = rng.choice(len(pairs), size=min(n_windows, len(pairs)), replace=False)
+    windows = sorted(pairs[i] for i in picks)
+    constraint = arts.constraint()
+    vocab = arts.sids.vocab.size
+    data = DistillData([], [], [], [])
+    for lo in tqdm(range(0, len(windows), batch), desc="distill data", disable=not progress, unit="batch"):
+        chunk = windows[lo: lo + batch]
+        prompts = [encode_prompt(arts.sids, arts.split.train[u][max(0, t - prof.max_history): t]) for u, t in chunk]
+        outs = decode(target, constraint, prompts)
+        seqs = [p + d.tokens for p, d in zip(prompts, outs, strict=True)]
+        tokens, lengths = pad(seqs)
+        logits = causal_logits(target, tokens, lengths)
+        for i, ((u, _), seq) in enumerate(zip(chunk, seqs, strict=True)):
+            rec = seq.index(REC)
+            states = list_states(constraint, seq, rec)
+            allowed = allowed_masks(constraint, states, vocab)
+            data.users.append(u)
+            data.sequences.append(seq)
+            data.rec.append(rec)
+            data.teacher.append(teacher_logp(logits[i, rec: len(seq) - 1], allowed).half())
+    return data
+
+
+def distill_data(arts: Artifacts, profile: DrafterProfile, target: Transformer | None = None, seed: int = 0,
+                 progress: bool = True) -> DistillData:
+    """Cached under <artifacts>/drafter-data/; shared by every drafter variant of the profile."""
+    path = arts.directory / DATA_DIR / f"greedy-{profile.windows}-{seed}.pt"
+    if path.is_file():
+        return DistillData.load(path)
+    target = target or Transformer.from_pretrained(arts.target_dir)
+    data = make_distill_data(arts, target, profile.windows, seed, progress=progress)
+    data.save(path)
+    return data
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+def divergence(kind: str, lp: torch.Tensor, lq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Per-row divergence between target p and drafter q, both given as masked log-probs [N, V]."""
+    zero = torch.zeros((), dtype=lq.dtype)
+    p = torch.where(allowed, lp.exp(), zero)
+    q = torch.where(allowed, lq.exp(), zero)
+    lp0 = torch.where(allowed, lp, zero)
+    lq0 = torch.where(allowed, lq, zero)
+    if kind == "fkl":
+        return (p * (lp0 - lq0)).sum(-1)
+    if kind == "rkl":
+        return (q * (lq0 - lp0)).sum(-1)
+    if kind == "js":
+        lm = torch.where(allowed, torch.log((p + q).clamp_min(1e-30) / 2), zero)
+        return 0.5 * (p * (lp0 - lm)).sum(-1) + 0.5 * (q * (lq0 - lm)).sum(-1)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def top_k_loss(lp: torch.Tensor, lq: torch.Tensor, k: int) -> torch.Tensor:
+    """HASS: -sum_{v in top-K(p)} p(v) log q(v), per row."""
+    vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    ok = torch.isfinite(vals)
+    picked = lq.gather(-1, idx)
+    return -torch.where(ok, vals.exp() * picked.clamp_min(-1e4), torch.zeros((), dtype=lq.dtype)).sum(-1)
+
+
+def position_loss(spec: TrainSpec, prof: DrafterProfile, logits: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """Mean loss over rows of logits/lp [N, V] whose grammar allows more than one token."""
+    allowed = torch.isfinite(lp)
+    keep = allowed.sum(-1) > 1
+    if not keep.any():
+        return logits.sum() * 0.0
+    logits, lp, allowed = logits[keep], lp[keep].float(), allowed[keep]
+    lq = F.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    loss = divergence(spec.divergence, lp, lq, allowed)
+    if spec.hass:
+        loss = loss + prof.top_k_weight * top_k_loss(lp, lq, prof.top_k)
+    return loss.mean()
+
+
+class DistillLoss:
+    """loss_fn(rng) for training.loop.train: teacher-forced distillation + HASS unrolling."""
+
+    def __init__(self, model: PadDrafter, target: Transformer, data: DistillData, constraint: ListConstraint,
+                 spec: TrainSpec, prof: DrafterProfile):
+        self.model, self.target, self.data = model, target, data
+        self.constraint, self.spec, self.prof = constraint, spec, prof
+        self.vocab = model.config.vocab.size
+        self._states: dict[int, list[ListState]] = {}
+
+    def __call__(self, rng: np.random.Generator) -> torch.Tensor:
+        picks = rng.integers(len(self.data.sequences), size=self.prof.batch_size)
+        loss = self.teacher_forced(picks)
+        if self.spec.hass and self.prof.unroll > 0:
+            loss = loss + self.unrolled(picks[: self.prof.unroll_batch], rng)
+        return loss
+
+    def teacher_forced(self, picks: np.ndarray) -> torch.Tensor:
+        seqs = [self.data.sequences[i] for i in picks]
+        tokens, lengths = pad(seqs)
+        logits = self.model.sequence_logits(tokens, torch.zeros_like(tokens), lengths)
+        rows, cols = [], []
+        for b, i in enumerate(picks):
+            rec, n = self.data.rec[i], len(self.data.sequences[i])
+            rows += [b] * (n - 1 - rec)
+            cols += list(range(rec, n - 1))
+        lp = torch.cat([self.data.teacher[i] for i in picks])
+        return position_loss(self.spec, self.prof, logits[rows, cols], lp)
+
+    def states(self, i: int) -> list[ListState]:
+        if i not in self._states:
+            self._states[i] = list_states(self.constraint, self.data.sequences[i], self.data.rec[i])
+        return self._states[i]
+
+    def unrolled(self, picks: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """Draft `unroll` tokens on the drafter's own samples after a random cut; distil after each."""
+        k = self.prof.unroll
+        prefixes, states = [], []
+        for i in picks:
+            seq, rec = self.data.sequences[i], self.data.rec[i]
+            c = int(rng.integers(rec + 1, len(seq)))  # committed tokens: seq[:c]; the drafter goes on from there
+            prefixes.append(list(seq[:c]))
+            states.append(self.states(int(i))[c - 1 - rec])
+        drafted: list[list[int]] = [[] for _ in picks]
+        after: list[list[ListState]] = [[] for _ in picks]
+        with torch.no_grad():
+            for j in range(k):
+                live = [b for b in range(len(picks)) if not states[b].finished]
+                if not live:
+                    break
+                seqs = [prefixes[b] + drafted[b] for b in live]
+                tokens, lengths = pad(seqs)
+                steps = torch.zeros_like(tokens)
+                for r, b in enumerate(live):
+                    steps[r, len(prefixes[b]): len(seqs[r])] = torch.arange(1, j + 1)
+                logits = self.model.sequence_logits(tokens, steps, lengths)
+                last = logits[torch.arange(len(live)), lengths - 1]
+                allowed = allowed_masks(self.constraint, [states[b] for b in live], self.vocab)
+                probs = F.softmax(last.float().masked_fill(~allowed, float("-inf")), dim=-1)
+                toks = torch.multinomial(probs, 1)[:, 0].tolist()
+                for b, tok in zip(live, toks, strict=True):
+                    nxt = self.constraint.advance(states[b], tok)
+                    assert nxt is not None
+                    drafted[b].append(tok)
+                    states[b] = nxt
+                    after[b].append(nxt)
+        # positions whose input is a drafted token and whose next token is still open
+        use = [b for b in range(len(picks)) if any(not s.finished for s in after[b])]
+        if not use:
+            return self.model.slot_scale * 0.0
+        seqs = [prefixes[b] + drafted[b] for b in use]
+        tokens, lengths = pad(seqs)
+        steps = torch.zeros_like(tokens)
+        rows, cols, st = [], [], []
+        for r, b in enumerate(use):
+            c = len(prefixes[b])
+            steps[r, c: c + len(drafted[b])] = torch.arange(1, len(drafted[b]) + 1)
+            for j, s in enumerate(after[b]):
+                if not s.finished:
+                    rows.append(r)
+                    cols.append(c + j)
+                    st.append(s)
+        teacher = causal_logits(self.target, tokens, lengths)[rows, cols]
+        lp = teacher_logp(teacher, allowed_masks(self.constraint, st, self.vocab))
+        logits = self.model.sequence_logits(tokens, steps, lengths)[rows, cols]
+        return position_loss(self.spec, self.prof, logits, lp)
+
+
+# -- training --------------------------------------------------------------------------------------
+
+def drafter_config(arts: Artifacts, prof: DrafterProfile, spec: TrainSpec) -> DrafterConfig:
+    return DrafterConfig(tuple(arts.sids.vocab.level_sizes), dim=prof.dim, n_layers=prof.layers, n_heads=prof.heads,
+                         intermediate=prof.intermediate, max_len=arts.profile.max_len, use_slot=spec.use_slot,
+                         use_step=spec.use_step)
+
+
+def train_drafter(arts: Artifacts, spec: TrainSpec = TrainSpec(), profile: DrafterProfile | None = None,
+                  seed: int = 0, progress: bool = True, steps: int | None = None) -> Path:
+    """Train one variant into <artifacts>/<spec.variant>/ (resumable from <variant>.train/)."""
+    prof = profile or drafter_profile(arts.profile.name)
+    if steps is not None:
+        prof = replace(prof, steps=steps)
+    target = Transformer.from_pretrained(arts.target_dir)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    data = distill_data(arts, prof, target, seed=seed, progress=progress)
+    torch.manual_seed(seed)
+    model = PadDrafter(drafter_config(arts, prof, spec))
+    n_target = sum(p.numel() for p in target.parameters())
+    if model.n_params() * 10 > n_target:
+        raise ValueError(f"drafter profile {prof.name} has {model.n_params()} parameters, more than 1/10 of the "
+                         f"target's {n_target}")
+    loss_fn = DistillLoss(model, target, data, arts.constraint(), spec, prof)
+    out = arts.directory / spec.variant
+    losses = train(model, loss_fn, prof.steps, prof.lr, arts.directory / f"{spec.variant}.train", seed=seed,
+                   desc=f"{spec.variant}[{prof.name}]", progress=progress)
+    model.save(out)
+    meta = {"spec": asdict(spec), "profile": asdict(prof), "seed": seed, "params": model.n_params(),
+            "target_params": n_target, "final_loss": float(np.mean(losses[-20:])) if losses else None}
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def trained(arts: Artifacts, spec: TrainSpec = TrainSpec()) -> bool:
+    return (arts.directory / spec.variant / "config.json").is_file()

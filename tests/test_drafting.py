@@ -1,0 +1,323 @@
+"""Drafters and token trees: tree invariants, forced tokens, the drafter's cached forward, rollback,
+draft-ahead, retrieval/hybrid trees, offline tau bookkeeping and the distillation losses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from specrec.drafting.base import Budget, Drafter, DraftError, DraftTree, load_drafter
+from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
+from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, matches, replay
+from specrec.drafting.tree import Scratch, TreeRoot, build_trees, masked
+from specrec.pipeline import Artifacts
+from specrec.semantic_ids.constraint import ListConstraint, ListState
+from specrec.semantic_ids.vocab import EOS
+from specrec.training.drafter import DIVERGENCES, divergence, top_k_loss
+from tests.drafter_artifacts import ensure_tiny_drafters
+
+BUDGETS = [Budget(1, 1, 1), Budget(4, 4, 1), Budget(6, 16, 4), Budget(8, 32, 8), Budget(16, 128, 16)]
+
+
+@pytest.fixture(scope="module")
+def drafters(tiny_artifacts: Artifacts) -> dict[str, Drafter]:
+    directory = ensure_tiny_drafters(tiny_artifacts)
+    return {name: load_drafter(name, directory) for name in ("model", "retrieval", "hybrid")}
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_artifacts: Artifacts) -> list[list[int]]:
+    return [tiny_artifacts.prompt(u) for u in eval_users(tiny_artifacts, 4)]
+
+
+def state_after(constraint: ListConstraint, state: ListState, tokens: list[int]) -> ListState:
+    for tok in tokens:
+        nxt = constraint.advance(state, tok)
+        assert nxt is not None, tok
+        state = nxt
+    return state
+
+
+def check_tree(tree: DraftTree, constraint: ListConstraint, state: ListState, budget: Budget) -> None:
+    """Connected, parents first, within budget, grammar-valid, distinct siblings, priority order."""
+    b = budget.validated()
+    assert len(tree) <= b.max_nodes
+    assert len(tree.tokens) == len(tree.parents) == len(tree.logprobs)
+    assert all(-1 <= p < i for i, p in enumerate(tree.parents))
+    assert all(d < b.depth for d in tree.depths())
+    states: dict[int, ListState] = {-1: state}
+    for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
+        assert tok in constraint.allowed(states[p]), f"node {i} ({tok}) is not allowed by the grammar"
+        states[i] = constraint.advance(states[p], tok)
+        if len(constraint.allowed(states[p])) == 1:
+            assert tree.logprobs[i] == 0.0  # forced tokens cost nothing
+    for kids in tree.children().values():
+        assert len(set(kids)) == len(kids)
+    scores = tree.scores()
+    assert all(a >= b - 1e-6 for a, b in zip(scores, scores[1:], strict=False)), "not in priority order"
+    assert all(lp <= 1e-6 for lp in tree.logprobs)
+
+
+def random_commit(tree: DraftTree, constraint: ListConstraint, state: ListState, rng: np.random.Generator) -> list[int]:
+    """A root-down path of the tree (random node, maybe none) and a random allowed bonus token."""
+    path = [] if not len(tree) or rng.random() < 0.2 else tree.path_tokens(int(rng.integers(len(tree))))
+    st = state_after(constraint, state, path)
+    if st.finished:
+        return path
+    return path + [int(rng.choice(constraint.allowed(st)))]
+
+
+def assert_same_tree(a: DraftTree, b: DraftTree) -> None:
+    assert a.tokens == b.tokens and a.parents == b.parents
+    assert np.allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+# -- trees ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["model", "retrieval", "hybrid"])
+def test_tree_invariants(drafters, prompts, tiny_artifacts, name):
+    constraint = tiny_artifacts.constraint()
+    for prompt in prompts:
+        session = drafters[name].open(prompt, constraint)
+        for budget in BUDGETS:
+            check_tree(session.draft(budget), constraint, session.state, budget)
+
+
+def test_empty_budget_gives_empty_tree(drafters, prompts, tiny_artifacts):
+    session = drafters["model"].open(prompts[0], tiny_artifacts.constraint())
+    assert len(session.draft(Budget(0, 10))) == 0 and len(session.draft(Budget(5, 0))) == 0
+
+
+def test_forced_tokens_need_no_model_call(tiny_artifacts, prompts):
+    """After an item's last RQ code the collision code and SEP are forced: no drafter call at all."""
+    constraint = tiny_artifacts.constraint()
+    state = constraint.start(prompts[0])
+    for _ in range(tiny_artifacts.sids.n_levels - 1):
+        state = constraint.advance(state, int(constraint.allowed(state)[0]))
+    assert constraint.forced(state) is not None
+    root = TreeRoot(0, 0, 0, state, logprobs=None)
+    built = build_trees(None, constraint, [root], Budget(2, 8, 4), Scratch({0: 0}, 64))[0]
+    forced = [constraint.forced(state)]
+    forced.append(constraint.forced(constraint.advance(state, forced[0])))
+    assert built.tree.tokens == forced and built.tree.parents == [-1, 0] and built.tree.logprobs == [0.0, 0.0]
+
+
+def test_one_batched_forward_per_level(drafters, prompts, tiny_artifacts, monkeypatch):
+    constraint = tiny_artifacts.constraint()
+    session = drafters["model"].open(prompts[1], constraint)
+    assert isinstance(session, ModelSession)
+    calls = []
+    forward = session.model.forward
+    monkeypatch.setattr(session.model, "forward", lambda *a: calls.append(a[0].shape) or forward(*a))
+    budget = Budget(8, 64, 8)
+    tree = session.draft(budget)
+    check_tree(tree, constraint, session.state, budget)
+    assert 1 <= len(calls) <= budget.depth - 1  # the root's children come from the last commit's forward
+    assert all(shape[0] == 1 for shape in calls)
+
+
+def test_drafter_tree_forward_equals_plain_recompute(drafters, prompts, tiny_artifacts):
+    """Every expanded node's log q (tree attention over the cache) = a fresh forward over context + path."""
+    constraint = tiny_artifacts.constraint()
+    session = drafters["model"].open(prompts[2], constraint)
+    session.draft(Budget(6, 32, 4))
+    model = session.model
+    checked = 0
+    for path, logq in session.outputs.items():
+        seq = session.context + list(path)
+        steps = torch.tensor([[0] * len(session.context) + list(range(1, len(path) + 1))])
+        with torch.no_grad():
+            logits = model.sequence_logits(torch.tensor([seq]), steps, torch.tensor([len(seq)]))[0, -1]
+        allowed = constraint.allowed(state_after(constraint, session.state, list(path)))
+        fresh = masked(torch.log_softmax(logits, -1), allowed)
+        assert torch.allclose(fresh[allowed], logq[allowed], atol=1e-4), path
+        checked += 1
+    assert checked > 5
+
+
+def test_want_probs_are_distributions_over_allowed_tokens(drafters, prompts, tiny_artifacts):
+    constraint = tiny_artifacts.constraint()
+    for name in ("model", "retrieval", "hybrid"):
+        session = drafters[name].open(prompts[0], constraint)
+        tree = session.draft(Budget(6, 24, 4), want_probs=True)
+        assert tree.probs is not None and tree.probs.shape == (len(tree.expanded), tree.vocab_size)
+        states = {-1: session.state}
+        for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
+            states[i] = constraint.advance(states[p], tok)
+        for node, row in zip(tree.expanded, tree.probs, strict=True):
+            assert node in tree.parents, "only nodes with children carry a distribution"
+            assert abs(row.sum() - 1) < 1e-4
+            outside = np.ones(tree.vocab_size, dtype=bool)
+            outside[constraint.allowed(states[node])] = False
+            assert row[outside].sum() == 0
+        roundtrip = DraftTree.from_proto(tree.to_proto())
+        assert roundtrip.tokens == tree.tokens and np.allclose(roundtrip.probs, tree.probs)
+
+
+# -- sessions: commit, rollback, draft-ahead ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["model", "hybrid", "retrieval"])
+def test_rollback_equals_fresh_session(drafters, prompts, tiny_artifacts, name):
+    """The tree after a commit equals a fresh session's tree for the same committed prefix."""
+    constraint = tiny_artifacts.constraint()
+    rng = np.random.default_rng(0)
+    budget = Budget(6, 24, 4)
+    for prompt in prompts[:2]:
+        session = drafters[name].open(prompt, constraint)
+        tree = session.draft(budget)
+        for _ in range(6):
+            if session.finished:
+                break
+            session.commit(random_commit(tree, constraint, session.state, rng))
+            tree = session.draft(budget)
+            assert_same_tree(tree, drafters[name].open(session.context, constraint).draft(budget))
+
+
+@pytest.mark.parametrize("name", ["model", "hybrid", "retrieval"])
+def test_draft_ahead_hit_and_miss(drafters, prompts, tiny_artifacts, name):
+    constraint = tiny_artifacts.constraint()
+    budget = Budget(6, 16, 4)
+    session = drafters[name].open(prompts[3], constraint)
+    tree = session.draft(budget)
+    assert session.prepare_ahead()
+    guess = session.ahead_guess
+    assert guess is not None and guess[:-1] == tree.path_tokens(tree.best_path()[-1])
+    session.commit(guess)  # the guess comes true: the next tree is ready
+    hit = session.draft(budget)
+    assert session.ahead_hit
+    assert_same_tree(hit, drafters[name].open(session.context, constraint).draft(budget))
+    assert session.prepare_ahead()
+    guess = session.ahead_guess
+    st = state_after(constraint, session.state, guess[:-1])
+    other = [int(t) for t in constraint.allowed(st) if t != guess[-1]]
+    session.commit(guess[:-1] + other[:1] if other else guess[:1])  # a different bonus: a miss
+    miss = session.draft(budget)
+    assert not session.ahead_hit
+    assert_same_tree(miss, drafters[name].open(session.context, constraint).draft(budget))
+    # a hit with a different budget is not used, and still right
+    session.prepare_ahead()
+    session.commit(session.ahead_guess)
+    other_budget = Budget(3, 5, 2)
+    tree = session.draft(other_budget)
+    assert not session.ahead_hit
+    assert_same_tree(tree, drafters[name].open(session.context, constraint).draft(other_budget))
+
+
+def test_bad_commits_and_budgets_are_refused(drafters, prompts, tiny_artifacts):
+    constraint = tiny_artifacts.constraint()
+    session = drafters["model"].open(prompts[0], constraint)
+    tree = session.draft(Budget(4, 8, 2))
+    deep = max(range(len(tree)), key=lambda i: tree.depths()[i])
+    path = tree.path_tokens(deep)
+    wrong = [t for t in constraint.allowed(session.state) if t not in tree.children()[-1]]
+    cases = {
+        "empty": [],
+        "unknown token": [path[0], 10_000],
+        "not a path": wrong[:1] + [path[0]] if wrong else [path[0], path[0], path[0]],
+        "bad bonus": path + [1],  # BOS is never allowed in the list
+    }
+    for what, tokens in cases.items():
+        with pytest.raises(DraftError):
+            session.commit(tokens)
+        assert session.last_tree is tree, what  # a refused commit changes nothing
+    for budget in (Budget(17, 8), Budget(4, 129), Budget(-1, 8), Budget(4, 8, 99)):
+        with pytest.raises(DraftError):
+            session.draft(budget)
+    with pytest.raises(DraftError):
+        drafters["model"].open([1, 2, 3], constraint)  # no REC
+    with pytest.raises(DraftError):
+        drafters["model"].open(prompts[0][:-1] + [999, 4], constraint)
+
+
+def test_commit_without_bonus_when_eos_is_accepted(drafters, tiny_artifacts, prompts):
+    """With one item to go and its RQ codes written, the rest is forced up to EOS: the tree holds it all
+    and the commit has no bonus token."""
+    constraint = ListConstraint(tiny_artifacts.trie, n_items=1)
+    state = constraint.start(prompts[0])
+    codes = []
+    for _ in range(tiny_artifacts.sids.n_levels - 1):
+        codes.append(int(constraint.allowed(state)[0]))
+        state = constraint.advance(state, codes[-1])
+    session = drafters["model"].open(prompts[0] + codes, constraint)
+    tree = session.draft(Budget(4, 4, 1))
+    assert tree.tokens[-1] == EOS and tree.logprobs == [0.0] * len(tree)
+    session.commit(tree.tokens)
+    assert session.finished and len(session.draft(Budget(4, 4, 1))) == 0
+    with pytest.raises(DraftError):
+        session.commit([EOS])
+
+
+# -- model persistence -----------------------------------------------------------------------------
+
+def test_save_and_load_roundtrip(tmp_path, tiny_artifacts):
+    torch.manual_seed(0)
+    cfg = DrafterConfig(tiny_artifacts.sids.vocab.level_sizes, dim=16, n_layers=1, n_heads=2, intermediate=32,
+                        use_step=False)
+    model = PadDrafter(cfg)
+    model.save(tmp_path / "d")
+    loaded = PadDrafter.from_pretrained(tmp_path / "d")
+    assert loaded.config == cfg
+    tokens = torch.tensor([tiny_artifacts.prompt(0)])
+    args = (tokens, torch.zeros_like(tokens), torch.tensor([tokens.shape[1]]))
+    with torch.no_grad():
+        assert torch.equal(model.sequence_logits(*args), loaded.sequence_logits(*args))
+    assert model.n_params() < PadDrafter(DrafterConfig(cfg.level_sizes, 16, 1, 2, 32)).n_params()
+
+
+# -- offline tau -------------------------------------------------------------------------------------
+
+class _Oracle(Drafter):
+    """Drafts the truth itself, as a chain of `depth` tokens."""
+
+    name = "oracle"
+
+    def __init__(self, truth: list[int]):
+        self.truth = truth
+
+    def open(self, context, constraint, user_group=""):
+        raise NotImplementedError
+
+    def trees_along(self, context, constraint, continuation, budget):
+        b = budget.validated()
+        out = []
+        for t in range(len(continuation)):
+            toks = continuation[t: t + min(b.depth, b.max_nodes)]
+            out.append(DraftTree(toks, list(range(-1, len(toks) - 1)), [0.0] * len(toks)))
+        return out
+
+
+def test_replay_counts_bonus_and_stops_at_eos():
+    truth = Truth([1, 4], list(range(10, 19)) + [EOS], [False] * 10, ["L0"] * 10)
+    report = Report("x")
+    replay(report, "c", [2] * 10, truth)  # rounds commit 3, 3, 3, 1
+    assert report.rounds["c"] == 4 and report.committed["c"] == 10 and report.tau("c") == 2.5
+    tree = DraftTree([10, 11, 12, 99], [-1, 0, 1, 0], [0.0] * 4)
+    assert matches([tree], truth, [1, 2, 4]) == {1: [1], 2: [2], 4: [3]}
+
+
+def test_oracle_chain_tau(tiny_artifacts):
+    constraint = tiny_artifacts.constraint()
+    truth_tokens = [int(t) for t in range(20)]
+    truth = Truth([1, 4], truth_tokens, [False] * 20, ["L0"] * 20)
+    report = evaluate(_Oracle(truth_tokens), [truth], constraint, EvalConfig(chain_depths=(1, 3), tree_sizes=(8,)))
+    assert report.tau("chain 1") == 2.0 and report.tau("chain 3") == 4.0
+    assert report.tau("tree 8") == 20 / math.ceil(20 / 9)
+
+
+# -- distillation losses -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergences(kind):
+    torch.manual_seed(0)
+    allowed = torch.tensor([[True, True, False, True]] * 3)
+    lp = torch.log_softmax(torch.randn(3, 4).masked_fill(~allowed, -math.inf), -1)
+    lq = torch.log_softmax(torch.randn(3, 4).masked_fill(~allowed, -math.inf), -1)
+    assert torch.allclose(divergence(kind, lp, lp, allowed), torch.zeros(3), atol=1e-6)
+    d = divergence(kind, lp, lq, allowed)
+    assert torch.isfinite(d).all() and (d > 0).all()
+    if kind == "tvd":
+        assert (d <= 1).all()
+    assert (top_k_loss(lp, lq, 2) > 0).all()
