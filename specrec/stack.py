@@ -34,6 +34,7 @@ class StackConfig:
     target_grpc: int = 0  # 0 = pick a free port
     draft_port: int = 0
     orchestrator_port: int = 0
+    metrics_port: int = 0  # orchestrator /metrics; 0 = off
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     threads: int = 1  # torch threads per service: three processes share the machine's cores
@@ -129,7 +130,7 @@ class LocalStack:
         port = self.orchestrator_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "orchestrator.server", "--port", port, "--artifacts",
                 str(self.config.artifacts), "--target-addr", self.target_addr, "--draft-addr", self.draft_addr,
-                "--policy", self.config.policy, "--metrics-port", "0"]
+                "--policy", self.config.policy, "--metrics-port", str(self.config.metrics_port)]
         self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir)
         self._wait("orchestrator", lambda: grpc_healthy(self.orchestrator_addr), 60)
 

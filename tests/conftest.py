@@ -25,3 +25,11 @@ def tiny_artifacts() -> Artifacts:
 @pytest.fixture(scope="session")
 def tiny_target(tiny_artifacts: Artifacts) -> Transformer:
     return Transformer.from_pretrained(tiny_artifacts.target_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter(tiny_artifacts: Artifacts) -> Path:
+    """The tiny PAD-Rec drafter and retrieval pool beside the tiny target (trained once, then cached)."""
+    from tests.drafter_artifacts import ensure_tiny_drafters
+
+    return ensure_tiny_drafters(tiny_artifacts)

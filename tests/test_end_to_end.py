@@ -74,3 +74,24 @@ def test_stream_recommend_streams_items_then_stats(plain_stack, tiny_artifacts, 
     items = [c.item.item_id for c in chunks if c.WhichOneof("kind") == "item"]
     assert items == reference[0]
     assert chunks[-1].WhichOneof("kind") == "done" and chunks[-1].done.stats.rounds > 0
+
+
+@pytest.fixture(scope="module")
+def full_stack(tiny_artifacts, tiny_drafter):
+    with LocalStack(StackConfig(artifacts=tiny_artifacts.directory, policy="adaptive")) as stack:
+        yield stack
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "heuristic", "fixed:3:16", "off"])
+def test_speculative_lists_equal_plain_greedy_under_every_policy(full_stack, tiny_artifacts, reference, policy):
+    with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
+        got = recommend_all(pb_grpc.RecommenderStub(ch), tiny_artifacts, list(reference), policy)
+    assert got == reference
+
+
+def test_speculation_accepts_draft_tokens(full_stack, tiny_artifacts):
+    with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
+        req = pb.RecommendRequest(history=history_ids(tiny_artifacts, 3), num_items=10,
+                                  options=pb.DecodingOptions(policy="fixed:3:16"))
+        stats = pb_grpc.RecommenderStub(ch).Recommend(req, timeout=60).stats
+    assert stats.fallback_rounds == 0 and stats.accepted_tokens > 0 and stats.tau > 1.0

@@ -60,6 +60,7 @@ class KVCache:
     def n_rows(self) -> int:
         return self.k.shape[1]
 
+    @torch.inference_mode()  # the cache may have been made in inference mode; edits must be too
     def keep_path(self, row: int, src_slots: list[int]) -> None:
         """Compact: move the kept scratch slots to follow the committed prefix, and commit them."""
         dst = torch.arange(self.lengths[row], self.lengths[row] + len(src_slots))
