@@ -24,7 +24,7 @@ class OrchestratorConfig:
     max_in_flight: int = 64  # requests decoding at once; past it RESOURCE_EXHAUSTED
     max_history: int = 50  # items per request history
     max_items: int = 50
-    draft_timeout_ms: float = 50.0  # a tree later than this: the round goes on without it
+    draft_timeout_ms: float = 200.0  # a tree later than this: the round goes on without it
     verify_timeout_s: float = 10.0
     grace_s: float = 30.0
 
@@ -47,7 +47,7 @@ class OrchestratorConfig:
         p.add_argument("--drafter", default=_env("SPECREC_DRAFTER", ""), help="model | retrieval | hybrid")
         p.add_argument("--max-in-flight", type=int, default=int(_env("SPECREC_MAX_IN_FLIGHT", "64")))
         p.add_argument("--max-history", type=int, default=int(_env("SPECREC_MAX_HISTORY", "50")))
-        p.add_argument("--draft-timeout-ms", type=float, default=float(_env("SPECREC_DRAFT_TIMEOUT_MS", "50")),
+        p.add_argument("--draft-timeout-ms", type=float, default=float(_env("SPECREC_DRAFT_TIMEOUT_MS", "200")),
                        help="per-round drafting budget; slower trees are skipped")
         p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")))
         a = p.parse_args(argv)
