@@ -104,3 +104,61 @@ def test_speculation_accepts_draft_tokens(full_stack, tiny_artifacts):
                                   options=pb.DecodingOptions(policy="fixed:3:16"))
         stats = pb_grpc.RecommenderStub(ch).Recommend(req, timeout=60).stats
     assert stats.fallback_rounds == 0 and stats.accepted_tokens > 0 and stats.tau > 1.0
+
+
+def live_counts(stack) -> tuple[int, int]:
+    """(drafter live sessions, target live sequences) as the services themselves report them."""
+    import asyncio
+
+    from specrec.target_client import TargetClient
+    from specrec.v1 import draft_pb2, draft_pb2_grpc
+
+    with grpc.insecure_channel(stack.draft_addr) as ch:
+        sessions = draft_pb2_grpc.DraftServiceStub(ch).Stats(draft_pb2.StatsRequest(), timeout=5).live_sessions
+
+    async def probe() -> int:  # a throwaway sequence: its END answer reports what is left alive
+        client = TargetClient(stack.target_addr)
+        try:
+            await client.verify(2**62, [], [], context=[1, 4], start=True)
+            return (await client.verify(2**62, [], [], end=True)).live_sequences
+        finally:
+            await client.close()
+
+    return sessions, asyncio.run(probe())
+
+
+def test_cancelled_and_expired_requests_leave_no_session_behind(full_stack, tiny_artifacts):
+    import time
+
+    with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        codes = []
+        for u in range(8):
+            req = pb.RecommendRequest(history=history_ids(tiny_artifacts, u), num_items=10)
+            try:
+                stub.Recommend(req, timeout=0.02 + 0.01 * u)  # deadlines that expire mid-request
+            except grpc.RpcError as e:
+                codes.append(e.code())
+            stream = stub.StreamRecommend(req, timeout=30)
+            next(stream)  # the first item arrived, then the client walks away
+            stream.cancel()
+    assert codes and all(c == grpc.StatusCode.DEADLINE_EXCEEDED for c in codes)
+    deadline = time.monotonic() + 10
+    while live_counts(full_stack) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_counts(full_stack) == (0, 0)
+
+
+def test_drafter_killed_mid_request_lists_still_equal_plain_greedy(tiny_artifacts, tiny_drafter, reference):
+    import threading
+
+    config = StackConfig(artifacts=tiny_artifacts.directory, policy="fixed:3:16")
+    with LocalStack(config) as stack, grpc.insecure_channel(stack.orchestrator_addr) as ch:
+        killer = threading.Timer(0.5, stack.procs["draft"].kill)
+        killer.start()
+        fallbacks: list[int] = []
+        got = recommend_all(pb_grpc.RecommenderStub(ch), tiny_artifacts, list(reference)[:20], "fixed:3:16",
+                            fallbacks)
+        killer.join()
+    assert got == {u: reference[u] for u in list(reference)[:20]}
+    assert sum(fallbacks) > 0, "the drafter died mid-run, so some rounds went on without it"
