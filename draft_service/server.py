@@ -32,12 +32,14 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
+from specrec.telemetry import server_interceptors, setup_tracing, shutdown_tracing
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger("specrec.draft")
@@ -153,7 +155,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 if req is grpc.aio.EOF:
                     return
                 try:
-                    await context.write(await self._answer(stream, req))
+                    resp = await self._answer(stream, req)
+                    # one event per tree on the session's server span (a no-op when tracing is off)
+                    trace.get_current_span().add_event("tree", {"specrec.nodes": len(resp.tree.tokens),
+                                                                "specrec.draft_ahead_hit": resp.draft_ahead_hit})
+                    await context.write(resp)
                 except DraftError as err:
                     self.table.counters.invalid_requests += 1
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -251,7 +257,8 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
                               initializer=torch.set_num_threads, initargs=(config.torch_threads,))
     # Keepalive pings find clients that vanished without closing their connection (a dead host, a cut
     # network); a client that just goes quiet is closed by the idle timeout.
-    server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
+    server = grpc.aio.server(interceptors=server_interceptors(),
+                             options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(
         DraftServicer(config, drafters, SessionTable(config.max_sessions), pool), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
@@ -264,6 +271,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
 
 
 async def serve(config: DraftConfig) -> None:
+    setup_tracing("specrec-draft")
     health_servicer = health.aio.HealthServicer()
     server, port = await build_server(config, health_servicer)
     await server.start()
@@ -277,6 +285,7 @@ async def serve(config: DraftConfig) -> None:
     await health_servicer.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
     # Open streams may finish within the grace period; new RPCs are refused meanwhile.
     await server.stop(config.grace_s)
+    shutdown_tracing()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,91 @@
+"""One trace per request across orchestrator, drafter and Triton, and /metrics consistent with the stats.
+
+Real processes on loopback; a local OTLP receiver stands in for the collector (gRPC from our
+services, OTLP/HTTP JSON from Triton's own OpenTelemetry mode).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+
+from specrec.stack import LocalStack, StackConfig, free_port
+from specrec.v1 import recommend_pb2 as pb
+from specrec.v1 import recommend_pb2_grpc as pb_grpc
+from tests.otlp_receiver import OtlpReceiver
+
+
+@pytest.fixture(scope="module")
+def traced(tiny_artifacts, tiny_drafter):
+    with OtlpReceiver() as receiver:
+        metrics_port = free_port()
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": "1.0",
+               "OTEL_BSP_SCHEDULE_DELAY": "200", "SPECREC_TARGET_TRACE_URL": receiver.http_endpoint}
+        config = StackConfig(artifacts=tiny_artifacts.directory, policy="fixed:3:8", metrics_port=metrics_port,
+                             extra_env=env)
+        with LocalStack(config) as stack:
+            yield stack, receiver, metrics_port
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_artifacts):
+    stack, receiver, _ = traced
+    history = [tiny_artifacts.data.item_ids[i] for i in tiny_artifacts.split.train[0][-20:]]
+    with grpc.insecure_channel(stack.orchestrator_addr) as ch:
+        resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5), timeout=60)
+    trace_id = resp.trace_id
+    assert len(trace_id) == 32
+
+    def services(spans):
+        return {s["service_name"] for s in spans if s["trace_id"] == trace_id}
+
+    def complete(spans) -> bool:  # the server span ends last: after the response went out
+        ours = [s for s in spans if s["trace_id"] == trace_id]
+        return ({"specrec-orchestrator", "specrec-draft", "specrec-target"} <= services(spans)
+                and any(s["name"] == "specrec.v1.Recommender/Recommend" for s in ours))
+
+    receiver.wait_for(complete, timeout=30)
+    spans = [s for s in receiver.spans() if s["trace_id"] == trace_id]
+    by_id = {s["span_id"]: s for s in spans}
+    server = next(s for s in spans if s["name"] == "specrec.v1.Recommender/Recommend")
+    rounds = [s for s in spans if s["name"] == "speculation_round"]
+    assert len(rounds) == resp.stats.rounds - 1  # the opening START verify is not a speculation round
+    for r in rounds:
+        assert r["parent_span_id"] == server["span_id"]
+        assert {"specrec.round", "specrec.policy", "specrec.depth", "specrec.nodes", "specrec.accepted"} <= set(
+            r["attributes"])
+    verifies = {s["span_id"] for s in spans if s["name"] == "verify"}
+    assert all(by_id[s["parent_span_id"]]["name"] == "speculation_round" for s in spans if s["name"] == "verify")
+    triton_roots = [s for s in spans if s["service_name"] == "specrec-target" and s["parent_span_id"] in verifies]
+    assert triton_roots, "Triton's spans join the trace under a verify span"
+    drafter = [s for s in spans if s["service_name"] == "specrec-draft" and s["name"].endswith("Speculate")]
+    assert drafter and by_id.get(drafter[0]["parent_span_id"], {}).get("service_name") == "specrec-orchestrator"
+
+
+def test_metrics_move_with_the_response_stats(traced, tiny_artifacts):
+    stack, _, port = traced
+    before = scrape(port)
+    history = [tiny_artifacts.data.item_ids[i] for i in tiny_artifacts.split.train[1][-20:]]
+    with grpc.insecure_channel(stack.orchestrator_addr) as ch:
+        stats = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5),
+                                                      timeout=60).stats
+    after = scrape(port)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("specrec_spec_decode_num_drafts_total") == stats.rounds - 1  # START is not a draft round
+    assert delta("specrec_spec_decode_num_accepted_tokens_total") <= stats.accepted_tokens
+    assert delta("specrec_spec_decode_num_accepted_tokens_total") > 0
+    assert delta("specrec_request_latency_seconds_count") == 1
