@@ -13,10 +13,20 @@ from specrec.drafting.base import Budget, Drafter, DraftError, DraftTree, load_d
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, matches, replay
 from specrec.drafting.tree import Scratch, TreeRoot, build_trees, masked
+from specrec.models.llama import Transformer
 from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import EOS
-from specrec.training.drafter import DIVERGENCES, divergence, top_k_loss
+from specrec.training.drafter import (
+    DIVERGENCES,
+    DistillLoss,
+    TrainSpec,
+    distill_data,
+    divergence,
+    drafter_config,
+    drafter_profile,
+    top_k_loss,
+)
 from tests.drafter_artifacts import ensure_tiny_drafters
 
 BUDGETS = [Budget(1, 1, 1), Budget(4, 4, 1), Budget(6, 16, 4), Budget(8, 32, 8), Budget(16, 128, 16)]
@@ -321,3 +331,21 @@ def test_divergences(kind):
     if kind == "tvd":
         assert (d <= 1).all()
     assert (top_k_loss(lp, lq, 2) > 0).all()
+
+
+def test_distillation_step_trains_step_embeddings_only_with_hass(drafters, tiny_artifacts):
+    """One loss evaluation per spec: finite, and the draft-step embedding gets gradient from the unrolled
+    steps (HASS) but not from teacher forcing alone."""
+    prof = drafter_profile("tiny")
+    data = distill_data(tiny_artifacts, prof, progress=False)  # cached by the drafters fixture
+    teacher = Transformer.from_pretrained(tiny_artifacts.target_dir)
+    for spec, grad_expected in ((TrainSpec(), True), (TrainSpec(hass=False), False)):
+        torch.manual_seed(0)
+        model = PadDrafter(drafter_config(tiny_artifacts, prof, spec))
+        with torch.no_grad():
+            model.step_embed.weight.normal_(0, 0.02)  # zero at init, which would hide the gate's gradient
+        loss = DistillLoss(model, teacher, data, tiny_artifacts.constraint(), spec, prof)(np.random.default_rng(0))
+        assert torch.isfinite(loss)
+        loss.backward()
+        grad = model.step_embed.weight.grad
+        assert (grad is not None and grad[1:].abs().sum() > 0) == grad_expected, spec

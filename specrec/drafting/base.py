@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -330,13 +330,14 @@ class Drafter(ABC):
 
 
 DrafterFactory = Callable[..., Drafter]
+F = TypeVar("F", bound=DrafterFactory)
 _REGISTRY: dict[str, DrafterFactory] = {}
 
 
-def register(name: str) -> Callable[[DrafterFactory], DrafterFactory]:
+def register(name: str) -> Callable[[F], F]:
     """Decorator: a factory building drafter `name` from an artifact directory."""
 
-    def wrap(factory: DrafterFactory) -> DrafterFactory:
+    def wrap(factory: F) -> F:
         _REGISTRY[name] = factory
         return factory
 

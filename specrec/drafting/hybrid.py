@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specrec.drafting.base import Budget, Drafter, DraftSession, DraftTree, register
-from specrec.drafting.model_drafter import ModelDrafter, ModelSession, load_model_drafter
+from specrec.drafting.model_drafter import AheadWork, ModelDrafter, ModelSession, load_model_drafter
 from specrec.drafting.retrieval import RetrievalDrafter, RetrievalSession, load_retrieval_drafter, retrieval_tree
 from specrec.drafting.tree import merge_trees
 from specrec.semantic_ids.constraint import ListConstraint, ListState
@@ -37,7 +37,7 @@ class HybridDrafter(Drafter):
 @dataclass
 class _HybridAhead:
     assumed: list[int]
-    model_work: object
+    model_work: AheadWork
     pool_tree: DraftTree
     budget: Budget
     want_probs: bool

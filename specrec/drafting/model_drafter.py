@@ -76,6 +76,8 @@ class DrafterConfig:
 
 
 class PadDrafter(nn.Module):
+    slot_table: torch.Tensor  # [vocab] item slot of each token
+
     def __init__(self, config: DrafterConfig):
         super().__init__()
         self.config = config
@@ -234,7 +236,7 @@ class ModelDrafter(Drafter):
 
 
 @dataclass
-class _AheadWork:
+class AheadWork:
     slots: list[int]  # cache slots of the assumed tokens, in order
     root_logprobs: torch.Tensor  # log q after the assumed tokens
     built: BuiltTree
@@ -316,7 +318,7 @@ class ModelSession(DraftSession):
 
     @torch.inference_mode()
     def _draft_ahead(self, path: list[int], state: ListState, budget: Budget,
-                     want_probs: bool) -> tuple[list[int], _AheadWork] | None:
+                     want_probs: bool) -> tuple[list[int], AheadWork] | None:
         need = self.scratch_top + len(path) + 2 + scratch_bound(budget, self.per_item) + 1
         self._ensure(need)
         scratch = Scratch({0: self.scratch_top}, self.cache.max_len)
@@ -345,7 +347,7 @@ class ModelSession(DraftSession):
         root = TreeRoot(0, base, base + len(assumed), after, root_logq, extra_slots=list(slots))
         built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
                             self.model.config.max_steps)[0]
-        return assumed, _AheadWork(slots, root_logq, built, scratch.next[0])
+        return assumed, AheadWork(slots, root_logq, built, scratch.next[0])
 
     def _feed_at(self, tokens: list[int], slots: list[int], context_slots: list[int], position: int,
                  first_step: int) -> torch.Tensor:
@@ -364,14 +366,14 @@ class ModelSession(DraftSession):
                            mask)
         return torch.log_softmax(logits[0], dim=-1)
 
-    def _adopt_ahead(self, work: _AheadWork) -> DraftTree:
+    def _adopt_ahead(self, work: AheadWork) -> DraftTree:
         self.cache.keep_path(0, work.slots)
         self.root_logprobs = work.root_logprobs
         self.fed, self.outputs = work.built.fed, work.built.outputs
         self.scratch_top = work.scratch_next
         return work.built.tree
 
-    def _drop_ahead(self, work: _AheadWork) -> None:
+    def _drop_ahead(self, work: AheadWork) -> None:
         pass  # its scratch slots lie beyond the live tree's; they are simply overwritten later
 
 

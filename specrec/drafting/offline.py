@@ -11,7 +11,7 @@ remaining) tokens. We replay the speculation loop over the truth for every budge
 Chains of depth d use Budget(8, 8, top_k=1) cut to d nodes; trees of n nodes use
 Budget(tree_depth, 64, top_k) cut to n nodes (the tree's first n nodes are its best n-node tree).
 Per item slot, rounds are grouped by the slot of the first token the round had to guess (its first
-unforced token): code level 0..L-1, SEP, or EOS.
+unforced token): code level L0..L{n-1}, SEP, EOS, or "end" when only forced tokens were left.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def target_truths(arts: Artifacts, target: Transformer, users: list[int], batch:
                 nxt = constraint.advance(state, tok)
                 assert nxt is not None
                 state = nxt
-            slots, nxt_slot = [], "forced"
+            slots, nxt_slot = [], "end"
             for tok, f in zip(reversed(dec.tokens), reversed(forced), strict=True):
                 if not f:
                     nxt_slot = slot_name(constraint, tok)

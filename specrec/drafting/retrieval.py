@@ -173,7 +173,7 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> tuple[np.nd
 
 
 def build_pool(item_tokens: list[list[int]], sequences: list[np.ndarray], item_vectors: np.ndarray,
-               outputs: list[tuple[int, list[int]]] = (), n_groups: int = 3, seed: int = 0) -> RetrievalPool:
+               outputs: Sequence[tuple[int, list[int]]] = (), n_groups: int = 3, seed: int = 0) -> RetrievalPool:
     """Pool from users' training sequences (item index lists) and earlier target outputs
     ((user, tokens) pairs), grouped by user cluster. item_tokens[i] = item i's code tokens."""
     norm = item_vectors / (np.linalg.norm(item_vectors, axis=1, keepdims=True) + 1e-8)
@@ -295,7 +295,7 @@ def load_retrieval_drafter(artifacts: Path, name: str = "retrieval", **_: object
     return RetrievalDrafter(RetrievalPool.load(Path(artifacts) / POOL_DIR), name=name)
 
 
-def pool_for(arts: Artifacts, outputs: list[tuple[int, list[int]]] = (), n_groups: int = 3, seed: int = 0,
+def pool_for(arts: Artifacts, outputs: Sequence[tuple[int, list[int]]] = (), n_groups: int = 3, seed: int = 0,
              context_items: int = 2) -> RetrievalPool:
     """The pool of a dataset's artifacts: training sequences of all users plus earlier target outputs
     ((user, prompt + list) pairs), each output kept from `context_items` history items before REC on."""

@@ -56,7 +56,8 @@ class Node:
         self.expanded = False  # children were created (by the model or as a forced token)
 
     def path(self) -> tuple[int, ...]:
-        out, node = [], self
+        out: list[int] = []
+        node: Node | None = self
         while node is not None and node.depth >= 0:
             out.append(node.token)
             node = node.parent
@@ -312,7 +313,9 @@ def merge_trees(trees: list[DraftTree], max_nodes: int, want_probs: bool = False
                 dist.setdefault(() if e < 0 else paths[e], tree.probs[j])
     order = sorted(nodes, key=lambda p: (-nodes[p], len(p), p))
     index: dict[tuple[int, ...], int] = {(): -1}
-    tokens, parents, logprobs = [], [], []
+    tokens: list[int] = []
+    parents: list[int] = []
+    logprobs: list[float] = []
     for path in order:
         if len(tokens) >= max_nodes:
             break

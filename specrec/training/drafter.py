@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -52,8 +53,9 @@ class DrafterProfile:
     lr: float
     windows: int  # distillation prompts (target greedy lists)
     unroll: int = 3  # HASS: draft steps unrolled on the drafter's own tokens
-    unroll_batch: int = 16
-    top_k: int = 5  # HASS top-K loss (the target's K best tokens; ML-100k levels have 16 codes)
+    unroll_batch: int = 8
+    unroll_sample: bool = False  # unrolled tokens: the drafter's argmax (as HASS) or samples from q (DistillSpec)
+    top_k: int = 1  # HASS top-K loss: the target's K best tokens (1 = its argmax, what greedy verification accepts)
     top_k_weight: float = 1.0
 
 
@@ -225,11 +227,15 @@ def divergence(kind: str, lp: torch.Tensor, lq: torch.Tensor, allowed: torch.Ten
 
 
 def top_k_loss(lp: torch.Tensor, lq: torch.Tensor, k: int) -> torch.Tensor:
-    """HASS: -sum_{v in top-K(p)} p(v) log q(v), per row."""
+    """HASS: cross-entropy to the target's mass restricted to its top K tokens (renormalised), per row.
+
+    K = 1 is the target's argmax as a hard label: greedy verification accepts exactly that token, so q
+    learns P(token = argmax p), the acceptance probability tree selection ranks by."""
     vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)
     ok = torch.isfinite(vals)
+    weights = torch.softmax(vals.masked_fill(~ok, -math.inf), dim=-1)
     picked = lq.gather(-1, idx)
-    return -torch.where(ok, vals.exp() * picked.clamp_min(-1e4), torch.zeros((), dtype=lq.dtype)).sum(-1)
+    return -torch.where(ok, weights * picked.clamp_min(-1e4), torch.zeros((), dtype=lq.dtype)).sum(-1)
 
 
 def position_loss(spec: TrainSpec, prof: DrafterProfile, logits: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
@@ -304,8 +310,11 @@ class DistillLoss:
                 logits = self.model.sequence_logits(tokens, steps, lengths)
                 last = logits[torch.arange(len(live)), lengths - 1]
                 allowed = allowed_masks(self.constraint, [states[b] for b in live], self.vocab)
-                probs = F.softmax(last.float().masked_fill(~allowed, float("-inf")), dim=-1)
-                toks = torch.multinomial(probs, 1)[:, 0].tolist()
+                logits_ok = last.float().masked_fill(~allowed, float("-inf"))
+                if self.prof.unroll_sample:
+                    toks = torch.multinomial(F.softmax(logits_ok, dim=-1), 1)[:, 0].tolist()
+                else:
+                    toks = logits_ok.argmax(-1).tolist()
                 for b, tok in zip(live, toks, strict=True):
                     nxt = self.constraint.advance(states[b], tok)
                     assert nxt is not None
