@@ -1,7 +1,7 @@
 """Verification cost on this machine: latency vs tree size, and batched vs one-by-one verification.
 
 Runs the verifier library in process (the same code Triton's model.py calls) so the numbers isolate
-the forward pass from transport. Usage: python bench/verify_cost.py [--profile small] [--repeats 5]
+the forward pass from transport. Usage: .venv/bin/python -m bench.verify_cost [--profile small] [--repeats 5] (from the repo root)
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="small")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     arts = prepare("ml-100k", args.profile, progress=True)
