@@ -1,7 +1,8 @@
 """Verification cost on this machine: latency vs tree size, and batched vs one-by-one verification.
 
 Runs the verifier library in process (the same code Triton's model.py calls) so the numbers isolate
-the forward pass from transport. Usage: .venv/bin/python -m bench.verify_cost [--profile small] [--repeats 5] (from the repo root)
+the forward pass from transport.
+Usage (repo root): .venv/bin/python -m bench.verify_cost [--profile small] [--repeats 5]
 """
 
 from __future__ import annotations

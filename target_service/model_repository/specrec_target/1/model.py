@@ -68,7 +68,7 @@ class TritonPythonModel:
             except VerifyError as e:
                 responses[i] = _error(e)
         results = self.verifier.verify_batch([req for _, req in parsed])
-        for (i, _), res in zip(parsed, results):
+        for (i, _), res in zip(parsed, results, strict=True):
             responses[i] = _error(res) if isinstance(res, VerifyError) else pb_utils.InferenceResponse(
                 output_tensors=_outputs(res))
         return responses
