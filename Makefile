@@ -21,6 +21,7 @@ proto: install
 		$$(find protos -name '*.proto')
 
 test: install
+	.venv/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 lint: install
