@@ -292,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DraftConfig.from_args(argv)
     torch.set_num_threads(config.torch_threads)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (DraftError, FileNotFoundError) as err:  # a missing artifact: say which, no traceback
+        log.error("cannot start: %s", err)
+        return 2
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftTree, load_drafter
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, matches, replay
-from specrec.drafting.tree import Scratch, TreeRoot, build_trees, masked
+from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, masked
 from specrec.models.llama import Transformer
 from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint, ListState
@@ -349,3 +349,18 @@ def test_distillation_step_trains_step_embeddings_only_with_hass(drafters, tiny_
         loss.backward()
         grad = model.step_embed.weight.grad
         assert (grad is not None and grad[1:].abs().sum() > 0) == grad_expected, spec
+
+
+def test_child_state_equals_constraint_advance(tiny_artifacts, prompts):
+    """Tree building's fast grammar step agrees with ListConstraint.advance along random lists."""
+    rng = np.random.default_rng(0)
+    constraint = ListConstraint(tiny_artifacts.trie, n_items=4)
+    for prompt in prompts:
+        state = constraint.start(prompt)
+        while not state.finished:
+            tok = int(rng.choice(constraint.allowed(state)))
+            fast, slow = child_state(constraint, state, tok), constraint.advance(state, tok)
+            assert slow is not None
+            assert (fast.node, fast.n_done, fast.finished) == (slow.node, slow.n_done, slow.finished)
+            assert np.array_equal(fast.used, slow.used)
+            state = slow

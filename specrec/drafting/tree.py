@@ -30,6 +30,7 @@ import torch
 
 from specrec.drafting.base import Budget, DraftTree
 from specrec.semantic_ids.constraint import ListConstraint, ListState
+from specrec.semantic_ids.vocab import EOS, SEP
 
 # (tokens, steps, positions, rows, slots, mask) -> logits [B, T, vocab]; see PadDrafter.forward.
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -119,9 +120,7 @@ class CandidateTree:
     def state(self, node: Node) -> ListState:
         if node.state is None:
             assert node.parent is not None
-            nxt = self.constraint.advance(self.state(node.parent), node.token)
-            assert nxt is not None, "a draft node left the grammar"
-            node.state = nxt
+            node.state = child_state(self.constraint, self.state(node.parent), node.token)
         return node.state
 
     def allowed(self, node: Node) -> np.ndarray:
@@ -143,6 +142,18 @@ class CandidateTree:
             return None
         node.expanded = True
         return self.add(node, int(allowed[0]), 0.0)
+
+
+def child_state(constraint: ListConstraint, state: ListState, token: int) -> ListState:
+    """constraint.advance(state, token) for a token taken from constraint.allowed(state), without
+    deriving that allowed set a second time (the hot path of tree building)."""
+    if token == EOS:
+        return ListState(state.node, state.n_done, state.used, True)
+    if token == SEP:
+        return ListState(constraint.trie.root, state.n_done + 1, np.union1d(state.used, [state.node[1]]))
+    child = constraint.trie.child(state.node, token)
+    assert child is not None, "a draft node left the grammar"
+    return ListState(child, state.n_done, state.used)
 
 
 def masked(logprobs: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
@@ -179,15 +190,13 @@ def build_trees(step: StepFn | None, constraint: ListConstraint, roots: list[Tre
                 raise ValueError("a root that is not forced needs the drafter's log q (TreeRoot.logprobs)")
         _feed(step, [(t, n) for t, n in to_expand if n.out is None], scratch, max_step)
         # 3. top_k allowed children of every expanded node; the round's best top_k per tree go on
+        outs = torch.stack([node.out for _, node in to_expand])  # type: ignore[misc]  [m, vocab], -inf = banned
+        vals, toks = torch.topk(outs, min(budget.top_k, outs.shape[-1]), dim=-1)
         new_children: dict[int, list[Node]] = {}
-        for tree, node in to_expand:
+        for (tree, node), row_vals, row_toks in zip(to_expand, vals.tolist(), toks.tolist(), strict=True):
             node.expanded = True
-            assert node.out is not None
-            out = node.out
-            k = min(budget.top_k, len(tree.allowed(node)))
-            vals, toks = torch.topk(out, k)
             kids = new_children.setdefault(id(tree), [])
-            for v, tok in zip(vals.tolist(), toks.tolist(), strict=True):
+            for v, tok in zip(row_vals, row_toks, strict=True):
                 if v > -math.inf:
                     kids.append(tree.add(node, tok, v))
         frontiers = []
@@ -221,11 +230,11 @@ def _feed(step: StepFn | None, targets: list[tuple[CandidateTree, Node]], scratc
     pad = {r: scratch.next[r] for r in rows}  # a free slot per row: padding writes there, seeing only itself
     span = max(max(pad[r] + 1, *(tree.spec.prefix for tree, _ in per_row[r])) for r in rows)
     bsz = len(rows)
-    tokens = torch.zeros((bsz, t), dtype=torch.long)
-    steps = torch.zeros((bsz, t), dtype=torch.long)
-    positions = torch.zeros((bsz, t), dtype=torch.long)
-    slots = torch.tensor([[pad[r]] * t for r in rows], dtype=torch.long)
-    mask = torch.zeros((bsz, t, span), dtype=torch.bool)
+    tokens = np.zeros((bsz, t), dtype=np.int64)
+    steps = np.zeros((bsz, t), dtype=np.int64)
+    positions = np.zeros((bsz, t), dtype=np.int64)
+    slots = np.array([[pad[r]] * t for r in rows], dtype=np.int64)
+    mask = np.zeros((bsz, t, span), dtype=bool)
     for b, row in enumerate(rows):
         for i, (tree, n) in enumerate(per_row[row]):
             tokens[b, i] = n.token
@@ -233,17 +242,21 @@ def _feed(step: StepFn | None, targets: list[tuple[CandidateTree, Node]], scratc
             positions[b, i] = tree.spec.position + n.depth
             slots[b, i] = n.slot
             mask[b, i, : tree.spec.prefix] = True
-            if n.anc:
-                mask[b, i, n.anc] = True
-        mask[b, torch.arange(t), slots[b]] = True
+            mask[b, i, n.anc] = True
+        mask[b, np.arange(t), slots[b]] = True
     with torch.inference_mode():
-        logits = step(tokens, steps, positions, torch.as_tensor(rows), slots, mask)
-    logq = torch.log_softmax(logits.float(), dim=-1)
+        logits = step(torch.from_numpy(tokens), torch.from_numpy(steps), torch.from_numpy(positions),
+                      torch.as_tensor(rows), torch.from_numpy(slots), torch.from_numpy(mask))
     wanted = {id(n) for _, n in targets}
-    for b, row in enumerate(rows):
-        for i, (tree, n) in enumerate(per_row[row]):
-            if id(n) in wanted:
-                n.out = masked(logq[b, i], tree.allowed(n))
+    picks = [(b, i, tree, n) for b, row in enumerate(rows) for i, (tree, n) in enumerate(per_row[row])
+             if id(n) in wanted]
+    allowed = np.zeros((len(picks), logits.shape[-1]), dtype=bool)
+    for j, (_, _, tree, n) in enumerate(picks):
+        allowed[j, tree.allowed(n)] = True
+    rows_out = logits[[b for b, _, _, _ in picks], [i for _, i, _, _ in picks]].float()
+    outs = torch.log_softmax(rows_out.masked_fill(~torch.from_numpy(allowed), -math.inf), dim=-1)
+    for j, (_, _, _, n) in enumerate(picks):
+        n.out = outs[j]
 
 
 def select(tree: CandidateTree, budget: Budget, want_probs: bool) -> BuiltTree:
