@@ -39,7 +39,7 @@ from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, dra
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
-from specrec.telemetry import server_interceptors, setup_tracing, shutdown_tracing
+from specrec.telemetry import DrafterMetrics, server_interceptors, setup_tracing, shutdown_tracing, start_metrics_server
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger("specrec.draft")
@@ -65,6 +65,7 @@ class DraftConfig:
     workers: int = 2  # drafting threads
     torch_threads: int = 1  # per drafting thread
     draft_ahead: bool = True
+    metrics_port: int = 0  # Prometheus /metrics; 0 = off
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> DraftConfig:
@@ -84,6 +85,8 @@ class DraftConfig:
         p.add_argument("--device", default=_env("SPECREC_DEVICE", "cpu"))
         p.add_argument("--workers", type=int, default=int(_env("SPECREC_DRAFT_WORKERS", "2")))
         p.add_argument("--torch-threads", type=int, default=int(_env("SPECREC_TORCH_THREADS", "1")))
+        p.add_argument("--metrics-port", type=int, default=int(_env("SPECREC_DRAFT_METRICS_PORT", "0")),
+                       help="Prometheus /metrics port, 0 = off (env SPECREC_DRAFT_METRICS_PORT)")
         p.add_argument("--no-draft-ahead", action="store_true",
                        default=_env("SPECREC_DRAFT_AHEAD", "1") in ("0", "false", "no"),
                        help="do not draft the next tree while the target verifies (env SPECREC_DRAFT_AHEAD=0)")
@@ -92,7 +95,7 @@ class DraftConfig:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/ and drafter/")
         return cls(artifacts=a.artifacts, port=a.port, host=a.host, drafter=a.drafter, max_sessions=a.max_sessions,
                    idle_timeout_s=a.idle_timeout_s, grace_s=a.grace_s, device=a.device, workers=a.workers,
-                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead)
+                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead, metrics_port=a.metrics_port)
 
 
 class Drafters:
@@ -131,11 +134,13 @@ class _Stream:
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, config: DraftConfig, drafters: Drafters, table: SessionTable, pool: ThreadPoolExecutor):
+    def __init__(self, config: DraftConfig, drafters: Drafters, table: SessionTable, pool: ThreadPoolExecutor,
+                 metrics: DrafterMetrics):
         self.config = config
         self.drafters = drafters
         self.table = table
         self.pool = pool
+        self.metrics = metrics
 
     async def _run(self, stream: _Stream, fn: Callable[..., T], *args: Any) -> T:
         stream.work = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
@@ -187,6 +192,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             drafter = await self._run(stream, self.drafters.get, o.drafter or self.config.drafter)
             constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history)
             stream.sid = self.table.acquire()
+            self.metrics.session_opened()
             stream.want_probs = o.want_probs
             stream.session = await self._run(stream, drafter.open, list(o.context), constraint, o.user_group)
             tree = await self._run(stream, stream.session.draft, budget, o.want_probs)
@@ -202,15 +208,19 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             tree = await self._run(stream, _advance, stream.session, list(req.advance.committed), budget,
                                    stream.want_probs)
             if prepared:
-                if stream.session.ahead_hit:
+                hit = stream.session.ahead_hit
+                self.metrics.draft_ahead(hit)
+                if hit:
                     self.table.counters.draft_ahead_hits += 1
                 else:
                     self.table.counters.draft_ahead_misses += 1
         else:
             raise DraftError("empty request: set either open or advance")
+        seconds = time.perf_counter() - t0
         self.table.counters.trees_drafted += 1
+        self.metrics.observe_tree(len(tree), seconds)
         return draft_pb2.SpeculateResponse(tree=tree.to_proto(), draft_ahead_hit=stream.session.ahead_hit,
-                                           draft_ms=(time.perf_counter() - t0) * 1e3)
+                                           draft_ms=seconds * 1e3)
 
     def _retire(self, stream: _Stream) -> None:
         """Free the session once no pool work uses it (a vanished client's work may still be running)."""
@@ -223,6 +233,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 stream.session.close()
             if stream.sid is not None:
                 self.table.release(stream.sid)
+                self.metrics.session_closed()
                 stream.sid = None
 
         for f in pending:
@@ -257,10 +268,13 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
                               initializer=torch.set_num_threads, initargs=(config.torch_threads,))
     # Keepalive pings find clients that vanished without closing their connection (a dead host, a cut
     # network); a client that just goes quiet is closed by the idle timeout.
+    metrics = DrafterMetrics()
+    if config.metrics_port:
+        log.info("metrics on :%d/metrics", start_metrics_server(config.metrics_port, metrics.registry))
     server = grpc.aio.server(interceptors=server_interceptors(),
                              options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(
-        DraftServicer(config, drafters, SessionTable(config.max_sessions), pool), server)
+        DraftServicer(config, drafters, SessionTable(config.max_sessions), pool, metrics), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)

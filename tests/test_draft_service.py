@@ -346,3 +346,27 @@ def test_sigterm_drains_and_exits(artifacts):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_metrics_endpoint_counts_sessions_and_trees(artifacts):
+    import urllib.request
+
+    port = _free_port()
+    server, svc = await start(artifacts, metrics_port=port)
+    try:
+        call = svc.stub.Speculate()
+        await ask(call, open_req(prompts(artifacts, 1)[0]))
+
+        def scrape() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("specrec_draft_") and " " in line}
+
+        values = await asyncio.to_thread(scrape)
+        assert values["specrec_draft_sessions"] == 1 and values["specrec_draft_trees_total"] == 1
+        call.cancel()
+        await wait_live(svc.stub, 0)
+        assert (await asyncio.to_thread(scrape))["specrec_draft_sessions"] == 0
+    finally:
+        await svc.channel.close()
+        await server.stop(0)
