@@ -314,8 +314,24 @@ class TritonServer:
             self.install = find_triton()
         return self.install
 
-    def start(self, timeout: float = 120.0) -> TritonServer:
-        """Start Triton and wait until the server and every model in `models` are ready."""
+    def start(self, timeout: float = 120.0, attempts: int = 2) -> TritonServer:
+        """Start Triton and wait until the server and every model in `models` are ready.
+
+        A tritonserver killed by a signal during start-up (seen once on a busy machine: an abort in its
+        gRPC event engine) is started again, up to `attempts` times; any other failure is raised at once.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except TritonLaunchError:
+                code = self.process.poll() if self.process is not None else None
+                if attempt == attempts or code is None or code >= 0:
+                    raise
+                log.warning("tritonserver died with signal %d while starting; retrying", -code)
+                self.process = None
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> TritonServer:
         if self.running:
             return self
         if not self.model_repository.is_dir():
