@@ -15,6 +15,7 @@ Loss at each list position that is not grammar-forced (p = target, q = drafter, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ class DrafterProfile:
     windows: int  # distillation prompts (target greedy lists)
     unroll: int = 3  # HASS: draft steps unrolled on the drafter's own tokens
     unroll_batch: int = 8
+    unroll_weight: float = 1.0  # per unrolled position, relative to a teacher-forced one
     unroll_sample: bool = False  # unrolled tokens: the drafter's argmax (as HASS) or samples from q (DistillSpec)
     top_k: int = 1  # HASS top-K loss: the target's K best tokens (1 = its argmax, what greedy verification accepts)
     top_k_weight: float = 1.0
@@ -238,18 +240,19 @@ def top_k_loss(lp: torch.Tensor, lq: torch.Tensor, k: int) -> torch.Tensor:
     return -torch.where(ok, weights * picked.clamp_min(-1e4), torch.zeros((), dtype=lq.dtype)).sum(-1)
 
 
-def position_loss(spec: TrainSpec, prof: DrafterProfile, logits: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    """Mean loss over rows of logits/lp [N, V] whose grammar allows more than one token."""
+def position_loss(spec: TrainSpec, prof: DrafterProfile, logits: torch.Tensor,
+                  lp: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed loss, positions) over rows of logits/lp [N, V] whose grammar allows more than one token."""
     allowed = torch.isfinite(lp)
     keep = allowed.sum(-1) > 1
     if not keep.any():
-        return logits.sum() * 0.0
+        return logits.sum() * 0.0, 0
     logits, lp, allowed = logits[keep], lp[keep].float(), allowed[keep]
     lq = F.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
     loss = divergence(spec.divergence, lp, lq, allowed)
     if spec.hass:
         loss = loss + prof.top_k_weight * top_k_loss(lp, lq, prof.top_k)
-    return loss.mean()
+    return loss.sum(), int(keep.sum())
 
 
 class DistillLoss:
@@ -264,12 +267,13 @@ class DistillLoss:
 
     def __call__(self, rng: np.random.Generator) -> torch.Tensor:
         picks = rng.integers(len(self.data.sequences), size=self.prof.batch_size)
-        loss = self.teacher_forced(picks)
-        if self.spec.hass and self.prof.unroll > 0:
-            loss = loss + self.unrolled(picks[: self.prof.unroll_batch], rng)
-        return loss
+        loss, n = self.teacher_forced(picks)
+        if self.spec.hass and self.prof.unroll > 0:  # every position weighs the same, drafted or not (as HASS)
+            more, m = self.unrolled(picks[: self.prof.unroll_batch], rng)
+            loss, n = loss + self.prof.unroll_weight * more, n + m
+        return loss / max(n, 1)
 
-    def teacher_forced(self, picks: np.ndarray) -> torch.Tensor:
+    def teacher_forced(self, picks: np.ndarray) -> tuple[torch.Tensor, int]:
         seqs = [self.data.sequences[i] for i in picks]
         tokens, lengths = pad(seqs)
         logits = self.model.sequence_logits(tokens, torch.zeros_like(tokens), lengths)
@@ -286,7 +290,7 @@ class DistillLoss:
             self._states[i] = list_states(self.constraint, self.data.sequences[i], self.data.rec[i])
         return self._states[i]
 
-    def unrolled(self, picks: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def unrolled(self, picks: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
         """Draft `unroll` tokens on the drafter's own samples after a random cut; distil after each."""
         k = self.prof.unroll
         prefixes, states = [], []
@@ -324,7 +328,7 @@ class DistillLoss:
         # positions whose input is a drafted token and whose next token is still open
         use = [b for b in range(len(picks)) if any(not s.finished for s in after[b])]
         if not use:
-            return self.model.slot_scale * 0.0
+            return self.model.slot_scale * 0.0, 0
         seqs = [prefixes[b] + drafted[b] for b in use]
         tokens, lengths = pad(seqs)
         steps = torch.zeros_like(tokens)
@@ -369,9 +373,12 @@ def train_drafter(arts: Artifacts, spec: TrainSpec = TrainSpec(), profile: Draft
                          f"target's {n_target}")
     loss_fn = DistillLoss(model, target, data, arts.constraint(), spec, prof)
     out = arts.directory / spec.variant
-    losses = train(model, loss_fn, prof.steps, prof.lr, arts.directory / f"{spec.variant}.train", seed=seed,
-                   desc=f"{spec.variant}[{prof.name}]", progress=progress)
+    work_dir = arts.directory / f"{spec.variant}.train"
+    losses = train(model, loss_fn, prof.steps, prof.lr, work_dir, seed=seed, desc=f"{spec.variant}[{prof.name}]",
+                   progress=progress)
     model.save(out)
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # empty once training finished (the loop deletes its checkpoint)
     meta = {"spec": asdict(spec), "profile": asdict(prof), "seed": seed, "params": model.n_params(),
             "target_params": n_target, "final_loss": float(np.mean(losses[-20:])) if losses else None}
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
