@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specrec.drafting.random_tree import random_tree
 from specrec.pipeline import prepare
 from specrec.verify import TargetVerifier, VerifyRequest
-from tests.treegen import random_tree
 
 SIZES = (0, 1, 4, 8, 16, 32, 64)
 BATCHES = (1, 4, 8)

@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry import trace
 
@@ -51,7 +51,6 @@ class LoopStats:
     total_s: float = 0.0
     fallback_rounds: int = 0
     policy: str = ""
-    per_round: list[RoundStats] = field(default_factory=list)
 
     @property
     def tau(self) -> float:
@@ -228,7 +227,6 @@ class _Request:
         self.stats.drafted += len(tokens)
         self.stats.draft_s += draft_s
         self.stats.verify_s += verify_s
-        self.stats.per_round.append(stats)
         self.loop.metrics.observe_round(depth, len(tokens), accepted, stats.accepted_per_depth, draft_s + verify_s)
         await self._commit(outcome)
         return stats

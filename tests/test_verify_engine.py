@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from specrec.decoding.plain import decode
+from specrec.drafting.random_tree import random_tree
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
-from tests.treegen import random_tree
 
 N_USERS = 12
 

@@ -1,4 +1,4 @@
-"""Test drafters: trees that sometimes follow a known continuation and otherwise guess at random."""
+"""A random test drafter: grammar-valid trees that sometimes follow a known continuation."""
 
 from __future__ import annotations
 
