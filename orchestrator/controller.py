@@ -190,8 +190,25 @@ class LinearCost:
     @property
     def theta(self) -> list[float]:
         if self._theta is None:
-            self._theta = np.linalg.solve(self._xtx + self._ridge, self._xty + self._ridge @ self.prior).tolist()
+            self._theta = _nonnegative_solve(self._xtx + self._ridge, self._xty + self._ridge @ self.prior).tolist()
         return self._theta
+
+
+def _nonnegative_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin of the quadratic (a, b) with every coefficient >= 0, by clamping the most negative and re-solving.
+
+    Every cost feature adds time, so a negative coefficient is an artefact of correlated features (arms that
+    grow depth and nodes together): unclamped, it made bigger trees look cheaper to draft than smaller ones.
+    """
+    free = np.ones(len(b), dtype=bool)
+    theta = np.zeros(len(b))
+    while free.any():
+        theta[:] = 0.0
+        theta[free] = np.linalg.solve(a[np.ix_(free, free)], b[free])
+        if (theta >= 0).all():
+            break
+        free[int(np.argmin(theta))] = False
+    return np.maximum(theta, 0.0)
 
 
 # Verification of t tokens (pending root + tree nodes) with `load` other requests in flight:
@@ -293,14 +310,17 @@ class SharedStats:
     so concurrent requests on one event loop (or a few threads) are safe.
     """
 
-    def __init__(self, arms: Sequence[Budget] | None = None, *, discount: float = 0.999):
+    def __init__(self, arms: Sequence[Budget] | None = None, *, discount: float = 0.999,
+                 max_in_flight: int | None = None, overload_fraction: float = 0.5):
         self.arms = tuple(arms) if arms is not None else default_arms()
+        self.max_in_flight = max_in_flight
+        self.overload_fraction = overload_fraction
         if len(set(self.arms)) != len(self.arms) or not self.arms:
             raise ValueError("arms must be non-empty and distinct")
         self.lock = threading.RLock()
         self._index = {a: i for i, a in enumerate(self.arms)}
         self.depths = np.array([a.depth for a in self.arms])
-        self._nodes = np.array([a.max_nodes for a in self.arms])
+        self.nodes = np.array([a.max_nodes for a in self.arms])
         self._levels = np.arange(max(1, self.depths.max()))
         self._drafted = self._levels[None, :] < self.depths[:, None]  # [arms, levels]
         self.acceptance = AcceptanceModel([width_class(a.depth, a.max_nodes) if a.depth else 0 for a in self.arms])
@@ -340,8 +360,8 @@ class SharedStats:
 
     def _seconds(self, steps: np.ndarray, load: int) -> np.ndarray:
         """Predicted round seconds (draft + verify) of every arm, shape [arms]."""
-        draft = np.maximum(_dot(self.draft_cost.theta, _draft_features(steps, self._nodes, load)), 0.0)
-        verify = np.maximum(_dot(self.verify_cost.theta, _verify_features(self._nodes + 1, load)), MIN_SECONDS)
+        draft = np.maximum(_dot(self.draft_cost.theta, _draft_features(steps, self.nodes, load)), 0.0)
+        verify = np.maximum(_dot(self.verify_cost.theta, _verify_features(self.nodes + 1, load)), MIN_SECONDS)
         return np.where(self.depths > 0, draft, 0.0) + verify
 
     def predict(self, next_slot: int, in_flight: int) -> tuple[np.ndarray, np.ndarray]:
@@ -355,6 +375,20 @@ class SharedStats:
             steps = (self._drafted & (slots != SEP_SLOT)[None, :]).sum(axis=1)  # forced SEP needs no draft step
             seconds = self._seconds(steps, max(in_flight, 1) - 1)
             return committed, seconds * self.bandit.time_correction(self.draft_cost.theta, self.verify_cost.theta)
+
+    def node_cap(self, in_flight: int) -> int:
+        """Most tree nodes a round may draft at this load: MAX_NODES up to overload_fraction of the in-flight cap,
+        then shrinking linearly to 0 (no speculation) at the cap.
+
+        Near the cap the target's batches are full of other requests' work: speculation is turned down before
+        the server starts refusing requests, whatever the cost model has learnt so far.
+        """
+        if not self.max_in_flight:
+            return MAX_NODES
+        soft = self.overload_fraction * self.max_in_flight
+        if in_flight <= soft:
+            return MAX_NODES
+        return int(MAX_NODES * max(0.0, self.max_in_flight - in_flight) / max(1.0, self.max_in_flight - soft))
 
     def arm_index(self, budget: Budget) -> int | None:
         return self._index.get(budget)
@@ -454,6 +488,7 @@ class AdaptivePolicy:
             # No optimism beyond the possible: an arm cannot commit more than depth + 1 tokens a round.
             ceiling = (shared.depths + 1) / seconds / rate[best]
             score = np.where(shared.bandit.tried(), np.minimum(score, ceiling), score)
+            score = np.where(shared.nodes <= shared.node_cap(in_flight), score, -np.inf)  # depth 0 always fits
             req.arm = int(np.argmax(score))
             shared.bandit.start(next_slot, req.arm)
         req.next_slot = next_slot

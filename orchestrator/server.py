@@ -71,7 +71,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.catalog = catalog
         self.loop = loop
         self.policies: dict[str, Policy] = {}
-        self.shared = SharedStats()  # every policy learns from every round, whoever chose it
+        # every policy learns from every round, whoever chose it; near the in-flight cap speculation shrinks
+        self.shared = SharedStats(max_in_flight=config.max_in_flight)
 
     def policy(self, spec: str) -> Policy:
         spec = spec or self.config.policy

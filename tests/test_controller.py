@@ -12,12 +12,15 @@ import pytest
 
 from bench.controller_sim import Result, World, fixed_specs, play_round, run
 from orchestrator.controller import (
+    DRAFT_PRIOR,
+    DRAFT_SCALE,
     MAX_DEPTH,
     NO_SPECULATION,
     AdaptivePolicy,
     Budget,
     FixedPolicy,
     HeuristicPolicy,
+    LinearCost,
     RoundStats,
     SharedStats,
     default_arms,
@@ -199,3 +202,29 @@ def test_interleaved_requests_share_one_policy_safely():
             tokens, seconds = tokens + st.committed, seconds + st.round_s
     best_fixed = max(rate_of(RICH, spec, 40, seed=9, in_flight=8) for spec in ("off", *fixed_specs()))
     assert tokens / seconds >= 0.9 * best_fixed
+
+
+def test_cost_fits_never_make_bigger_trees_cheaper_to_draft():
+    # Arms that grow depth and nodes together, and a noisy small tree that measured slow: least squares alone
+    # gives nodes a negative cost, so 32-node trees would look cheaper to draft than 16-node ones.
+    cost = LinearCost(DRAFT_PRIOR, DRAFT_SCALE)
+    for _ in range(50):
+        cost.update((1.0, 3, 32, 0.0), 9e-3)
+        cost.update((1.0, 6, 64, 0.0), 19e-3)
+        cost.update((1.0, 3, 16, 0.0), 10e-3)
+    assert min(cost.theta) >= 0.0, cost.theta
+    predict = lambda nodes: sum(t * f for t, f in zip(cost.theta, (1.0, 3, nodes, 0.0), strict=True))  # noqa: E731
+    assert predict(16) <= predict(32) <= predict(64)
+
+
+def test_adaptive_turns_speculation_down_near_the_in_flight_cap():
+    shared = SharedStats(max_in_flight=64)
+    policy = make_policy("adaptive", shared=shared)
+    run(RICH, policy, 60, seed=10)  # speculation pays on this world: it learns to draft big trees
+    req = policy.new_request(0)
+    assert policy.choose(req, 0, 1).depth > 0
+    policy.observe(req, stats(shared.arms[req.arm], 0))
+    half_way = policy.choose(req, 0, 48)  # between the soft mark (32) and the cap: at most 64 nodes
+    assert half_way.max_nodes <= 64
+    policy.observe(req, stats(half_way, 0))
+    assert policy.choose(req, 0, 64) == NO_SPECULATION  # at the cap: plain decoding, before any refusal

@@ -34,7 +34,7 @@ from specrec.telemetry import (
     start_metrics_server,
     tracing_enabled,
 )
-from tests.otlp_receiver import OtlpReceiver
+from specrec.telemetry.receiver import OtlpReceiver
 
 _OTEL_ENV = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -14,7 +14,7 @@ import pytest
 from specrec.stack import LocalStack, StackConfig, free_port
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
-from tests.otlp_receiver import OtlpReceiver
+from specrec.telemetry.receiver import OtlpReceiver
 
 
 @pytest.fixture(scope="module")

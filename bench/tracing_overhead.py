@@ -1,0 +1,131 @@
+"""End-to-end latency with tracing at 100% sampling vs tracing off, two identical stacks side by side.
+
+Both stacks run the same models, policy and users. The traced one exports every span of all three services
+(orchestrator and drafter by OTLP/gRPC, Triton by OTLP/HTTP) to a local OTLP receiver; the other has no
+endpoint configured, i.e. the no-op tracer. Requests alternate between the stacks user by user (the order
+flips every repeat), so drift of a shared machine hits both alike; the overhead is the median of per-pair
+latency ratios (same user, same repeat).
+
+    python -m bench.tracing_overhead --profile tiny --users 40 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.speedup import RESULTS, git_rev, histories, machine
+from specrec.pipeline import prepare
+from specrec.stack import LocalStack, StackConfig
+from specrec.telemetry.receiver import OtlpReceiver
+from specrec.v1 import recommend_pb2, recommend_pb2_grpc
+
+GOAL = 0.03  # issue 6: tracing at 100% costs under 3% of end-to-end latency
+
+
+def traced_env(receiver: OtlpReceiver) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": "1.0",
+            "SPECREC_TARGET_TRACE_URL": receiver.http_endpoint}
+
+
+def latency_ms(stub, history: list[str], n_items: int, timeout: float) -> tuple[float, list[str]]:
+    t0 = time.perf_counter()
+    resp = stub.Recommend(recommend_pb2.RecommendRequest(history=history, num_items=n_items), timeout=timeout)
+    return (time.perf_counter() - t0) * 1000, [it.item_id for it in resp.items]
+
+
+def measure(stubs: dict[str, object], users, repeats: int, warmup: int, n_items: int, timeout: float) -> dict:
+    """Per-pair latencies {mode: [ms]} in matching order, after `warmup` unrecorded passes per stack."""
+    for stub in stubs.values():
+        for _, h in users[:warmup]:
+            latency_ms(stub, h, n_items, timeout)
+    out: dict[str, list[float]] = {name: [] for name in stubs}
+    mismatches = 0
+    for rep in range(repeats):
+        order = list(stubs) if rep % 2 == 0 else list(reversed(stubs))
+        for i, (_, h) in enumerate(users):
+            lists = {}
+            for name in (order if i % 2 == 0 else list(reversed(order))):
+                ms, lists[name] = latency_ms(stubs[name], h, n_items, timeout)
+                out[name].append(ms)
+            mismatches += len({tuple(v) for v in lists.values()}) - 1
+    return {"latency_ms": out, "mismatches": mismatches}
+
+
+def summarize(lat: dict[str, list[float]]) -> dict:
+    ratios = [t / o for t, o in zip(lat["traced"], lat["off"], strict=True)]
+    med_ratio = statistics.median(ratios)
+    mean_ratio = statistics.fmean(lat["traced"]) / statistics.fmean(lat["off"])
+    return {mode: {"mean_ms": statistics.fmean(v), "p50_ms": statistics.median(v)} for mode, v in lat.items()} | {
+        "pairwise_median_ratio": med_ratio, "mean_ratio": mean_ratio, "pairs": len(ratios),
+        "overhead_pct": 100 * (med_ratio - 1), "goal_met": med_ratio - 1 < GOAL}
+
+
+def report(res: dict) -> str:
+    s, m = res["summary"], res["machine"]
+    return "\n".join([
+        f"# Tracing overhead — {res['date']}", "",
+        f"- command: `{res['command']}`",
+        f"- machine: {m['cpu_model']}, {m['nproc']} cores, load average at start {m['loadavg_start']}; "
+        f"code `{res['git']}`",
+        f"- profile {res['profile']}, policy {res['policy']}, drafter {res['drafter']}, {res['users']} users x "
+        f"{res['repeats']} repeats, {res['items']} items per list; warm-up excluded",
+        f"- traced stack: 100% sampling in orchestrator, drafter and Triton, exported to a local OTLP receiver "
+        f"({res['spans']} spans received); off: no endpoint (no-op tracer)", "",
+        "| mode | mean ms | p50 ms |", "|---|---|---|",
+        f"| off | {s['off']['mean_ms']:.1f} | {s['off']['p50_ms']:.1f} |",
+        f"| traced (100%) | {s['traced']['mean_ms']:.1f} | {s['traced']['p50_ms']:.1f} |", "",
+        f"Overhead: **{s['overhead_pct']:+.1f}%** (median of {s['pairs']} pairwise ratios; "
+        f"{100 * (s['mean_ratio'] - 1):+.1f}% on mean latency). Goal < {100 * GOAL:.0f}%: "
+        f"{'met' if s['goal_met'] else 'MISSED'}. Lists differing between the stacks: {res['mismatches']}.", ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="tiny")
+    p.add_argument("--users", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--items", type=int, default=10)
+    p.add_argument("--policy", default="fixed:3:16", help="a fixed policy keeps both stacks' rounds identical")
+    p.add_argument("--drafter", default="model")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    arts = prepare("ml-100k", a.profile, progress=True)
+    users = histories(arts, a.users)
+    mach = machine()
+    with OtlpReceiver() as receiver:
+        base = dict(artifacts=arts.directory, drafter=a.drafter, policy=a.policy)
+        with LocalStack(StackConfig(**base, extra_env=traced_env(receiver))) as traced, \
+                LocalStack(StackConfig(**base)) as off:
+            chans = {"traced": grpc.insecure_channel(traced.orchestrator_addr),
+                     "off": grpc.insecure_channel(off.orchestrator_addr)}
+            stubs = {k: recommend_pb2_grpc.RecommenderStub(c) for k, c in chans.items()}
+            res = measure(stubs, users, a.repeats, a.warmup, a.items, a.timeout)
+            for c in chans.values():
+                c.close()
+        spans = len(receiver.spans())
+    date = dt.date.today().isoformat()
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    out = {"date": date, "command": f"python -m bench.tracing_overhead {args}", "git": git_rev(),
+           "machine": mach, "profile": a.profile, "policy": a.policy, "drafter": a.drafter, "users": len(users),
+           "repeats": a.repeats, "items": a.items, "spans": spans, "mismatches": res["mismatches"],
+           "summary": summarize(res["latency_ms"]), "latency_ms": res["latency_ms"]}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"tracing-overhead-{date}.json").write_text(json.dumps(out, indent=1))
+    text = report(out)
+    (a.out / f"tracing-overhead-{date}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
