@@ -98,11 +98,20 @@ def tree_widths(world: World, max_nodes: int, slots: tuple[int, ...], forced: tu
     return tuple(widths)
 
 
+def forced_chain_slots(world: World, next_slot: int, rng: random.Random) -> list[int]:
+    """Slots the grammar forces from next_slot: SEP always, the last code level with forced_last_code."""
+    if next_slot == LAST_CODE_SLOT and rng.random() < world.forced_last_code:
+        return [LAST_CODE_SLOT, SEP_SLOT]
+    return [SEP_SLOT] if next_slot == SEP_SLOT else []
+
+
 def play_round(world: World, budget: Budget, next_slot: int, in_flight: int, rng: random.Random) -> RoundStats:
     """One draft -> verify round of `budget` starting at `next_slot`."""
     jitter = math.exp(rng.gauss(0.0, world.noise))
-    if budget.depth == 0:
-        return RoundStats(budget, 0, [], [], 0.0, world.verify_s(1, in_flight) * jitter, 0, in_flight)
+    if budget.depth == 0:  # plain step: the target checks the grammar's forced chain with its one new token
+        chain = forced_chain_slots(world, next_slot, rng)
+        return RoundStats(budget, len(chain), [True] * len(chain), chain, 0.0,
+                          world.verify_s(len(chain) + 1, in_flight) * jitter, len(chain), in_flight)
     slots = tuple((next_slot + d) % N_SLOTS for d in range(budget.depth))
     forced = tuple(s == SEP_SLOT or (s == LAST_CODE_SLOT and rng.random() < world.forced_last_code) for s in slots)
     widths = tree_widths(world, budget.max_nodes, slots, forced)

@@ -327,6 +327,11 @@ class SharedStats:
         self.draft_cost = LinearCost(DRAFT_PRIOR, DRAFT_SCALE)
         self.verify_cost = LinearCost(VERIFY_PRIOR, VERIFY_SCALE)
         self.bandit = ArmStats(len(self.arms), discount)
+        # Tokens a depth-0 round commits, per next slot: 1 plus the chain the grammar forces from there (on
+        # ML-100k the collision code and SEP: 3 tokens from slot 3). Taken as 1, plain rounds looked up to 3x
+        # worse than they are exactly where they are best.
+        self.plain_committed = np.ones(N_SLOTS)
+        self._plain_rounds = np.zeros(N_SLOTS)
         self.rounds = 0
 
     def record(self, stats: RoundStats, next_slot: int | None = None) -> None:
@@ -344,13 +349,18 @@ class SharedStats:
                 slot = next_slot if next_slot is not None else _first(stats.slots)
                 if stats.round_s > 0:
                     # Features at the arm's own size, as predict() sees it, not the tree actually built.
+                    # A plain round verifies its forced chain: as many tokens as it commits.
                     draft = _draft_features(steps, budget.max_nodes, load) if budget.depth else ()
-                    verify = _verify_features(budget.max_nodes + 1, load)
+                    verify = _verify_features((budget.max_nodes if budget.depth else stats.n_nodes) + 1, load)
                     self.bandit.add(arm, slot, stats.round_s, draft, verify)
                 else:
                     self.bandit.add(arm, slot)
             if stats.verify_s > 0:
                 self.verify_cost.update(_verify_features(stats.n_nodes + 1, load), stats.verify_s)
+            if budget.depth == 0 and next_slot is not None:
+                self._plain_rounds[next_slot] = min(self._plain_rounds[next_slot] + 1, self.acceptance.cap)
+                self.plain_committed[next_slot] += (
+                    (stats.committed - self.plain_committed[next_slot]) / self._plain_rounds[next_slot])
             if budget.depth == 0 or not stats.accepted_per_depth:
                 return
             width = width_class(budget.depth, budget.max_nodes)
@@ -358,10 +368,11 @@ class SharedStats:
             if stats.draft_s > 0:
                 self.draft_cost.update(_draft_features(steps, stats.n_nodes, load), stats.draft_s)
 
-    def _seconds(self, steps: np.ndarray, load: int) -> np.ndarray:
+    def _seconds(self, steps: np.ndarray, next_slot: int, load: int) -> np.ndarray:
         """Predicted round seconds (draft + verify) of every arm, shape [arms]."""
         draft = np.maximum(_dot(self.draft_cost.theta, _draft_features(steps, self.nodes, load)), 0.0)
-        verify = np.maximum(_dot(self.verify_cost.theta, _verify_features(self.nodes + 1, load)), MIN_SECONDS)
+        tokens = np.where(self.depths == 0, self.plain_committed[next_slot], self.nodes + 1)
+        verify = np.maximum(_dot(self.verify_cost.theta, _verify_features(tokens, load)), MIN_SECONDS)
         return np.where(self.depths > 0, draft, 0.0) + verify
 
     def predict(self, next_slot: int, in_flight: int) -> tuple[np.ndarray, np.ndarray]:
@@ -372,8 +383,9 @@ class SharedStats:
             a = np.where(self._drafted, a, 0.0)
             # E[committed] = 1 + sum_k prod_{j<=k} a_j: depth k is committed iff depths 1..k all pass; +1 bonus.
             committed = 1.0 + np.cumprod(a, axis=1).sum(axis=1)
+            committed = np.where(self.depths == 0, self.plain_committed[next_slot], committed)
             steps = (self._drafted & (slots != SEP_SLOT)[None, :]).sum(axis=1)  # forced SEP needs no draft step
-            seconds = self._seconds(steps, max(in_flight, 1) - 1)
+            seconds = self._seconds(steps, next_slot, max(in_flight, 1) - 1)
             return committed, seconds * self.bandit.time_correction(self.draft_cost.theta, self.verify_cost.theta)
 
     def node_cap(self, in_flight: int) -> int:
@@ -415,12 +427,13 @@ class FixedPolicy:
         return RequestState(next_slot=next_slot)
 
     def choose(self, req: RequestState, next_slot: int, in_flight: int) -> Budget:
+        req.next_slot = next_slot
         return self.budget
 
     def observe(self, req: RequestState, stats: RoundStats) -> None:
         req.rounds += 1
         if self.shared is not None:
-            self.shared.record(stats)
+            self.shared.record(stats, req.next_slot)
 
 
 class HeuristicPolicy:
@@ -441,6 +454,7 @@ class HeuristicPolicy:
         return RequestState(next_slot=next_slot, depth=self.start)
 
     def choose(self, req: RequestState, next_slot: int, in_flight: int) -> Budget:
+        req.next_slot = next_slot
         return Budget(req.depth, req.depth)
 
     def observe(self, req: RequestState, stats: RoundStats) -> None:
@@ -451,7 +465,7 @@ class HeuristicPolicy:
         elif drafted:
             req.depth = max(1, req.depth - 1)
         if self.shared is not None:
-            self.shared.record(stats)
+            self.shared.record(stats, req.next_slot)
 
 
 class AdaptivePolicy:
@@ -485,8 +499,10 @@ class AdaptivePolicy:
             best = int(np.argmax(rate))
             cost = np.minimum(1.0, seconds[best] / seconds)
             score = rate / rate[best] + shared.bandit.bonus(next_slot, self.exploration, cost)
-            # No optimism beyond the possible: an arm cannot commit more than depth + 1 tokens a round.
-            ceiling = (shared.depths + 1) / seconds / rate[best]
+            # No optimism beyond the possible: an arm cannot commit more than depth + 1 tokens a round (a plain
+            # round: its forced chain + 1, which it commits for sure).
+            most = np.where(shared.depths == 0, committed, shared.depths + 1)
+            ceiling = most / seconds / rate[best]
             score = np.where(shared.bandit.tried(), np.minimum(score, ceiling), score)
             score = np.where(shared.nodes <= shared.node_cap(in_flight), score, -np.inf)  # depth 0 always fits
             req.arm = int(np.argmax(score))

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from specrec.stack import LocalStack, StackConfig, free_port
+from specrec.telemetry.receiver import OtlpReceiver
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
-from specrec.telemetry.receiver import OtlpReceiver
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A local OTLP trace receiver (tests, benches, local debugging): OTLP/gRPC and OTLP/HTTP (protobuf or JSON) on loopback."""
+"""A local OTLP trace receiver (tests, benches, debugging): OTLP/gRPC and OTLP/HTTP (protobuf or JSON) on loopback."""
 
 from __future__ import annotations
 
