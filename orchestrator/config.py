@@ -6,6 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass
 
+# How the orchestrator finds its Triton and draft pods (orchestrator.routing); "" = by environment.
+ROUTING_MODES = ("static", "endpointslices")
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -45,7 +48,7 @@ class OrchestratorConfig:
                        help="Triton gRPC address, or a comma-separated list: requests spread over them")
         p.add_argument("--draft-addr", default=_env("SPECREC_DRAFT_ADDR", "127.0.0.1:50052"),
                        help="draft service address(es), comma-separated; empty = plain decoding only")
-        p.add_argument("--routing", default=_env("SPECREC_ROUTING", ""), choices=("", "static", "endpointslices"),
+        p.add_argument("--routing", default=_env("SPECREC_ROUTING", ""), choices=("", *ROUTING_MODES),
                        help="static: the addresses above; endpointslices: watch the EndpointSlices of "
                             "SPECREC_TARGET_SERVICE / SPECREC_DRAFT_SERVICE; default: endpointslices in a cluster")
         p.add_argument("--policy", default=_env("SPECREC_POLICY", "adaptive"),

@@ -278,7 +278,8 @@ class _Request:
             except TargetError as e:
                 if attempt == attempts or not backends.lost(pod, e):
                     raise
-                log.warning("sequence %d lost its Triton pod %s (%s); moving", self.seq_id, pod, e)
+                log.warning("sequence %d lost its Triton pod %s after %d tokens (%s); moving", self.seq_id, pod,
+                            self.stats.committed, e)
         raise AssertionError("unreachable")
 
     async def _verify_on(self, target: TargetClient, tokens: list[int], parents: list[int],
