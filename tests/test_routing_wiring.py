@@ -12,9 +12,11 @@ import asyncio
 
 import pytest
 
+from draft_service.server import DraftConfig, build_server
 from orchestrator.backends import Backends, router_from_config
 from orchestrator.config import OrchestratorConfig
-from orchestrator.draft_client import DraftClient
+from orchestrator.controller import Budget
+from orchestrator.draft_client import DraftClient, DraftUnavailable
 from orchestrator.routing import DRAFT, TARGET, Router, rendezvous_rank
 from specrec.target_client import TargetClient, TargetUnavailable
 from tests.test_routing import NS, api, async_wait_until, endpoint_slice  # noqa: F401 - `api` is a fixture
@@ -129,3 +131,24 @@ async def test_static_addresses_come_from_comma_separated_flags() -> None:
         assert wired.draft("any") is None  # no drafter configured: plain decoding
     finally:
         await wired.close()
+
+
+async def test_draft_stream_on_a_departed_pods_closed_channel_is_draft_unavailable(tiny_artifacts, tiny_drafter):
+    """A draft pod leaves while a request's tree is in flight: the pool closes its channel, and the request
+    sees DraftUnavailable (it goes on by plain decoding), not an error of its own."""
+    server, port = await build_server(DraftConfig(artifacts=str(tiny_artifacts.directory), port=0,
+                                                  drafter="retrieval"))
+    await server.start()
+    try:
+        client = DraftClient(f"127.0.0.1:{port}", 5.0)
+        session = client.session()
+        prompt = tiny_artifacts.prompt(0)
+        await session.open(prompt, 10, True, Budget(0, 0), "retrieval", 5.0)
+        in_flight = asyncio.ensure_future(session.advance([], Budget(3, 8)))
+        await asyncio.sleep(0)  # the tree request is on the wire
+        await client.close()
+        with pytest.raises(DraftUnavailable, match="closed"):
+            await in_flight
+        assert session.closed
+    finally:
+        await server.stop(0)
