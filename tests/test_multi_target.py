@@ -1,10 +1,9 @@
 """Two real Triton servers behind one orchestrator: requests spread over both, and survive one leaving or dying.
 
-Both Tritons are real `target_service.launch` processes serving the tiny target. The lists must equal
-plain constrained greedy decoding whatever happens to the pods. Which pod served what is read from
-Triton's own model statistics. EndpointSlices come from the local list/watch stand-in of
-tests/test_routing.py (no Kubernetes API server can run here).
-"""
+Both Tritons are real `target_service.launch` processes serving the tiny target, beside a real draft
+service. The lists must equal plain constrained greedy decoding whatever happens to the pods. Which pod
+served what is read from Triton's own model statistics. EndpointSlices come from the local list/watch
+stand-in of tests/test_routing.py (no Kubernetes API server can run here)."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -40,9 +40,9 @@ def history_ids(arts, user: int) -> list[str]:
     return [arts.data.item_ids[i] for i in arts.split.train[user][-arts.profile.max_history:]]
 
 
-def request(arts, user: int) -> pb.RecommendRequest:
+def request(arts, user: int, policy: str = "off") -> pb.RecommendRequest:
     return pb.RecommendRequest(history=history_ids(arts, user), num_items=10,
-                               options=pb.DecodingOptions(policy="off"))
+                               options=pb.DecodingOptions(policy=policy))
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +57,32 @@ def service_env(artifacts: Path) -> dict[str, str]:
     return {**os.environ, "SPECREC_ARTIFACTS": str(artifacts), "SPECREC_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
+@dataclass
+class Services:
+    tritons: list[tuple[str, Process]]  # (gRPC address, process)
+    draft_addr: str
+
+
 @pytest.fixture(scope="module")
-def tritons(tiny_artifacts, tmp_path_factory) -> Iterator[list[tuple[str, Process]]]:
-    """Two Tritons, started side by side (each takes ~10 s to load the Python backend)."""
-    log_dir = tmp_path_factory.mktemp("tritons")
-    started = []
+def services(tiny_artifacts, tiny_drafter, tmp_path_factory) -> Iterator[Services]:
+    """Two Tritons and a draft service, started side by side (each takes 10-30 s to load here)."""
+    log_dir, env = tmp_path_factory.mktemp("services"), service_env(tiny_artifacts.directory)
+    tritons = []
     for i in range(2):
         port = free_port()
         args = [sys.executable, "-m", "target_service.launch", "--artifacts", str(tiny_artifacts.directory),
                 "--grpc-port", str(port), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
-        started.append((f"127.0.0.1:{port}", Process(f"triton{i}", args, service_env(tiny_artifacts.directory),
-                                                      log_dir)))
+        tritons.append((f"127.0.0.1:{port}", Process(f"triton{i}", args, env, log_dir)))
+    draft_port = free_port()
+    drafter = Process("draft", [sys.executable, "-m", "draft_service.server", "--port", str(draft_port),
+                                "--artifacts", str(tiny_artifacts.directory), "--drafter", "model"], env, log_dir)
     try:
-        for addr, proc in started:
+        for addr, proc in tritons:
             wait_for(lambda a=addr: triton_ready(a), proc, 180)
-        yield started
+        wait_for(lambda: grpc_healthy(f"127.0.0.1:{draft_port}"), drafter, 120)
+        yield Services(tritons, f"127.0.0.1:{draft_port}")
     finally:
-        for _, proc in started:
+        for _, proc in [*tritons, ("", drafter)]:
             proc.stop()
 
 
@@ -120,10 +129,10 @@ async def recommend_all(addr: str, arts, users: list[int]) -> dict[int, list[str
 
 # Runs first: it needs both Tritons alive (the test below kills one).
 async def test_endpointslice_routing_spreads_requests_and_drops_a_departed_pod(
-    api, tritons, tiny_artifacts, reference  # noqa: F811 - `api` is the fixture imported above
+    api, services, tiny_artifacts, reference  # noqa: F811 - `api` is the fixture imported above
 ) -> None:
     fake, api_client = api
-    (a, _), (b, _) = tritons
+    (a, _), (b, _) = services.tritons
     # One slice per Triton: both listen on 127.0.0.1, on ports of their own.
     for name, addr in (("triton-a", a), ("triton-b", b)):
         fake.put(endpoint_slice(name, "triton", {"127.0.0.1": True}, port=int(addr.rsplit(":", 1)[1])))
@@ -160,19 +169,20 @@ def moves(metrics_port: int) -> float:
                if line.startswith("specrec_target_moves_total"))
 
 
-def test_static_routing_survives_a_triton_killed_mid_run(tritons, tiny_artifacts, reference, tmp_path) -> None:
-    (a, proc_a), (b, _) = tritons
+def test_static_routing_survives_a_triton_killed_mid_run(services, tiny_artifacts, reference, tmp_path) -> None:
+    (a, proc_a), (b, _) = services.tritons
     orch_addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+    # Speculation on: the sequences that move carry draft trees, rebuilt on the other Triton.
     args = [sys.executable, "-m", "orchestrator.server", "--port", orch_addr.rsplit(":", 1)[1], "--artifacts",
-            str(tiny_artifacts.directory), "--target-addr", f"{a},{b}", "--draft-addr", "", "--policy", "off",
-            "--metrics-port", str(metrics_port)]
+            str(tiny_artifacts.directory), "--target-addr", f"{a},{b}", "--draft-addr", services.draft_addr,
+            "--policy", "fixed:3:16", "--metrics-port", str(metrics_port)]
     orchestrator = Process("orchestrator", args, service_env(tiny_artifacts.directory), tmp_path)
     try:
         wait_for(lambda: grpc_healthy(orch_addr), orchestrator, 60)
         start_a = inferences(a)
         with grpc.insecure_channel(orch_addr) as ch, cf.ThreadPoolExecutor(4) as pool:
             stub = pb_grpc.RecommenderStub(ch)
-            futures = {u: pool.submit(lambda u=u: stub.Recommend(request(tiny_artifacts, u), timeout=60))
+            futures = {u: pool.submit(lambda u=u: stub.Recommend(request(tiny_artifacts, u, "fixed:3:16"), timeout=60))
                        for u in reference}
             # Kill Triton a as soon as this run's sequences are on it, with most requests still to come.
             wait_for(lambda: inferences(a) > start_a + 3, orchestrator, 30)
