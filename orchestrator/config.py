@@ -6,6 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass
 
+# How the orchestrator finds its Triton and draft pods (orchestrator.routing); "" = by environment.
+ROUTING_MODES = ("static", "endpointslices")
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -17,8 +20,11 @@ class OrchestratorConfig:
     port: int = 50051
     host: str = "127.0.0.1"
     metrics_port: int = 9100  # 0 = no /metrics endpoint
-    target_addr: str = "127.0.0.1:8001"
-    draft_addr: str = "127.0.0.1:50052"  # empty = no drafter: plain decoding on the target
+    target_addr: str = "127.0.0.1:8001"  # comma-separated: one Triton per address (static routing)
+    draft_addr: str = "127.0.0.1:50052"  # comma-separated; empty = no drafter: plain decoding on the target
+    # "static" (the addresses above), "endpointslices" (watch the Services named by SPECREC_TARGET_SERVICE /
+    # SPECREC_DRAFT_SERVICE), or "" = endpointslices inside a cluster, static outside (orchestrator.routing)
+    routing: str = ""
     policy: str = "adaptive"
     drafter: str = ""  # default drafter name sent to the draft service ("" = its own default)
     max_in_flight: int = 64  # requests decoding at once; past it RESOURCE_EXHAUSTED
@@ -39,9 +45,12 @@ class OrchestratorConfig:
         p.add_argument("--metrics-port", type=int, default=int(_env("SPECREC_METRICS_PORT", "9100")),
                        help="Prometheus /metrics port, 0 = off")
         p.add_argument("--target-addr", default=_env("SPECREC_TARGET_ADDR", "127.0.0.1:8001"),
-                       help="Triton gRPC address")
+                       help="Triton gRPC address, or a comma-separated list: requests spread over them")
         p.add_argument("--draft-addr", default=_env("SPECREC_DRAFT_ADDR", "127.0.0.1:50052"),
-                       help="draft service address; empty = plain decoding only")
+                       help="draft service address(es), comma-separated; empty = plain decoding only")
+        p.add_argument("--routing", default=_env("SPECREC_ROUTING", ""), choices=("", *ROUTING_MODES),
+                       help="static: the addresses above; endpointslices: watch the EndpointSlices of "
+                            "SPECREC_TARGET_SERVICE / SPECREC_DRAFT_SERVICE; default: endpointslices in a cluster")
         p.add_argument("--policy", default=_env("SPECREC_POLICY", "adaptive"),
                        help="default speculation policy: adaptive | heuristic | off | fixed:DEPTH:NODES")
         p.add_argument("--drafter", default=_env("SPECREC_DRAFTER", ""), help="model | retrieval | hybrid")
@@ -54,6 +63,7 @@ class OrchestratorConfig:
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")
         return cls(artifacts=a.artifacts, host=a.host, port=a.port, metrics_port=a.metrics_port,
-                   target_addr=a.target_addr, draft_addr=a.draft_addr, policy=a.policy, drafter=a.drafter,
+                   target_addr=a.target_addr, draft_addr=a.draft_addr, routing=a.routing, policy=a.policy,
+                   drafter=a.drafter,
                    max_in_flight=a.max_in_flight, max_history=a.max_history, draft_timeout_ms=a.draft_timeout_ms,
                    grace_s=a.grace_s)

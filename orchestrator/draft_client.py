@@ -52,6 +52,14 @@ class DraftSession:
         except grpc.aio.AioRpcError as e:
             await self.close()
             raise DraftUnavailable(f"draft service: {e.code().name}: {e.details()}") from None
+        except (asyncio.InvalidStateError, grpc.aio.UsageError, asyncio.CancelledError) as e:
+            # The draft pod left and its channel was closed under the stream (the call is finished,
+            # or cancelled by grpc); a cancellation of this request itself propagates.
+            task = asyncio.current_task()
+            if isinstance(e, asyncio.CancelledError) and (task is None or task.cancelling()):
+                raise
+            await self.close()
+            raise DraftUnavailable(f"draft stream cut off: the channel closed ({type(e).__name__})") from None
         if resp is grpc.aio.EOF:
             await self.close()
             raise DraftUnavailable("draft service closed the stream")

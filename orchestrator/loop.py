@@ -4,6 +4,10 @@ The draft stream and the Triton sequence open concurrently. A round asks the pol
 gets a tree from the drafter (or, at depth 0 or without a drafter, just the tokens the grammar
 forces), has the target verify it, commits the accepted path plus the bonus token and hands the
 commit to the drafter with the next budget. Both sessions are closed on every exit path.
+
+Every round of a request goes to one Triton pod, the one holding its sequence; if that pod leaves or
+fails UNAVAILABLE, the request moves to the next pod of its rendezvous ranking (orchestrator.backends)
+and the sequence is rebuilt there from the committed context, so the output does not change.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
+from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
 from orchestrator.controller import Budget, Policy, RoundStats
 from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable
 from specrec.semantic_ids.constraint import ListConstraint, ListState
-from specrec.target_client import TargetClient, TargetSequenceUnknown, VerifyOutcome
+from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
 from specrec.telemetry import OrchestratorMetrics, inject_metadata
 
 log = logging.getLogger(__name__)
@@ -74,16 +79,22 @@ def tree_depth(parents: list[int]) -> int:
 
 
 class SpeculationLoop:
-    def __init__(self, catalog: Catalog, target: TargetClient, drafts: DraftClient, verify_timeout_s: float,
+    def __init__(self, catalog: Catalog, backends: Backends, verify_timeout_s: float,
                  metrics: OrchestratorMetrics | None = None):
         self.catalog = catalog
         self.metrics = metrics or OrchestratorMetrics()
-        self.target = target
-        self.drafts = drafts
+        self.backends = backends
         self.verify_timeout_s = verify_timeout_s
         self.in_flight = 0
         self.sequences_open = 0
         self.draft_sessions_open = 0
+        self._background: set[asyncio.Future[None]] = set()
+
+    def in_background(self, work: Awaitable[None]) -> None:
+        """Run `work` without waiting for it (a reference is kept until it ends)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def run(self, prompt: list[int], opts: LoopOptions, policy: Policy,
                   emit: Callable[[list[int]], Awaitable[None]], metadata: tuple = ()) -> LoopStats:
@@ -107,6 +118,9 @@ class _Request:
         self.state = self.constraint.start(prompt)
         self.committed = list(prompt)
         self.seq_id = secrets.randbits(63) or 1
+        self.key = f"{self.seq_id:016x}"  # places the request on pods (rendezvous hashing)
+        self.pod: str | None = None  # the Triton pod holding the sequence
+        self.drafts: DraftClient | None = None  # the draft pod's client, for this request
         self.session: DraftSession | None = None
         self.unsent: list[int] = []  # committed tokens the drafter has not been told yet
         self.stats = LoopStats(policy=policy.name)
@@ -134,12 +148,14 @@ class _Request:
         """START on the target and Open on the drafter, concurrently."""
         tokens, parents = forced_chain(self.constraint, self.state)
         verify = asyncio.ensure_future(self._verify(tokens, parents, start=True))
-        if self.loop.drafts.available and self.policy.name != "off":
-            self.session = self.loop.drafts.session(self.metadata)
+        drafts = self.loop.backends.draft(self.key) if self.policy.name != "off" else None
+        if drafts is not None:
+            self.drafts = drafts
+            self.session = drafts.session(self.metadata)
             self.loop.draft_sessions_open += 1
             try:
                 await self.session.open(self.committed, self.opts.n_items, self.opts.exclude_history, NO_DRAFT,
-                                        self.opts.drafter, self.loop.drafts.timeout_s * 20)
+                                        self.opts.drafter, drafts.timeout_s * 20)
             except DraftUnavailable as e:
                 await self._drop_drafter(str(e))
         self.stats.drafted += len(tokens)
@@ -151,18 +167,26 @@ class _Request:
         if self.started:
             self.started = False
             self.loop.sequences_open -= 1
-            try:
-                await self.loop.target.end(self.seq_id)
-            except Exception as e:  # the sequence also expires on its own; never mask the real outcome
-                log.debug("ending sequence %d failed: %s", self.seq_id, e)
+            if self.pod is not None:
+                await self._end_on(self.pod)
+
+    async def _end_on(self, pod: str, timeout_s: float | None = None) -> None:
+        """END the sequence on `pod` if its client is still open; the sequence also expires on its own."""
+        target = self.loop.backends.targets.find(pod)
+        if target is None:
+            return
+        try:
+            await target.end(self.seq_id, timeout_s=timeout_s)
+        except Exception as e:  # never mask the real outcome
+            log.debug("ending sequence %d on %s failed: %s", self.seq_id, pod, e)
 
     async def _drop_drafter(self, reason: str | None) -> None:
         if self.session is not None:
             await self.session.close()
             self.session = None
             self.loop.draft_sessions_open -= 1
-        if reason is not None:
-            self.loop.drafts.failed(reason)
+        if reason is not None and self.drafts is not None:
+            self.drafts.failed(reason)  # this draft pod's backoff only: other pods keep drafting
 
     # -- rounds ----------------------------------------------------------------------------------
     def _budget(self) -> Budget:
@@ -183,7 +207,8 @@ class _Request:
             await self._drop_drafter(str(e))
             return None, time.perf_counter() - t0
         self.unsent = []
-        self.loop.drafts.succeeded()
+        if self.drafts is not None:
+            self.drafts.succeeded()
         return tree, time.perf_counter() - t0
 
     async def _round(self) -> None:
@@ -232,20 +257,43 @@ class _Request:
         return stats
 
     async def _verify(self, tokens: list[int], parents: list[int], start: bool = False) -> VerifyOutcome:
-        kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
-                  n_items=self.opts.n_items, exclude_history=self.opts.exclude_history,
-                  timeout_s=self.loop.verify_timeout_s, headers=dict(inject_metadata(self.metadata)) or None)
+        """Verify on the request's Triton pod; if the pod is gone, move to the next one and rebuild there."""
         if start:
             self.started = True
             self.loop.sequences_open += 1
+        backends = self.loop.backends
+        attempts = backends.attempts()
+        for attempt in range(1, attempts + 1):
+            pod, target = backends.target(self.key, self.pod)
+            rebuild = start
+            if self.pod is not None and pod != self.pod:
+                backends.moved(self.pod, pod)
+                # A pod that left may still be draining: free the sequence's KV there (in the background:
+                # a dead pod would hold up the request until the timeout).
+                self.loop.in_background(self._end_on(self.pod, timeout_s=1.0))
+                rebuild = True  # the new pod has never seen this sequence: START it from the context
+            self.pod = pod
+            try:
+                return await backends.call(pod, self._verify_on(target, tokens, parents, rebuild))
+            except TargetError as e:
+                if attempt == attempts or not backends.lost(pod, e):
+                    raise
+                log.warning("sequence %d lost its Triton pod %s after %d tokens (%s); moving", self.seq_id, pod,
+                            self.stats.committed, e)
+        raise AssertionError("unreachable")
+
+    async def _verify_on(self, target: TargetClient, tokens: list[int], parents: list[int],
+                         start: bool) -> VerifyOutcome:
+        kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
+                  n_items=self.opts.n_items, exclude_history=self.opts.exclude_history,
+                  timeout_s=self.loop.verify_timeout_s, headers=dict(inject_metadata(self.metadata)) or None)
         try:
-            return await self.loop.target.verify(self.seq_id, tokens, parents, start=start,
-                                                 context=self.committed if start else None, **kw)
+            return await target.verify(self.seq_id, tokens, parents, start=start,
+                                       context=self.committed if start else None, **kw)
         except TargetSequenceUnknown:
             # evicted, expired or a restarted Triton: rebuild the sequence from everything committed
             log.info("sequence %d lost by the target; rebuilding from %d tokens", self.seq_id, len(self.committed))
-            return await self.loop.target.verify(self.seq_id, tokens, parents, start=True, context=self.committed,
-                                                 **kw)
+            return await target.verify(self.seq_id, tokens, parents, start=True, context=self.committed, **kw)
 
     async def _commit(self, outcome: VerifyOutcome) -> None:
         for tok in outcome.accepted_tokens:

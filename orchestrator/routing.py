@@ -346,6 +346,12 @@ class Router:
         # A pod that just failed is still a better bet than refusing the request.
         return rendezvous_pick(key, healthy or endpoints)
 
+    def usable(self, service: str, address: str) -> bool:
+        """True while `address` is ready for `service` and not in a failure cooldown."""
+        with self._lock:
+            ready = address in self._endpoints.get(service, frozenset())
+            return ready and self._failed.get((service, address), 0.0) <= time.monotonic()
+
     def mark_failed(self, service: str, address: str) -> None:
         """Report that `address` failed a call; keys placed on it move to their next choice."""
         with self._lock:
@@ -438,6 +444,10 @@ class ChannelPool(Generic[C]):
     @property
     def addresses(self) -> frozenset[str]:
         return frozenset(self._channels)
+
+    def find(self, address: str) -> C | None:
+        """The open channel for `address`, or None (never opens one: for pods that may have left)."""
+        return self._channels.get(address)
 
     def get(self, address: str) -> C:
         """The channel for `address`, opened on first use."""

@@ -12,11 +12,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from orchestrator.backends import Backends, router_from_config
 from orchestrator.catalog import Catalog, RequestInvalid
 from orchestrator.config import OrchestratorConfig
 from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
+from orchestrator.routing import DRAFT, TARGET, Router
 from specrec.semantic_ids.vocab import SEP
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
 from specrec.telemetry import (
@@ -119,7 +121,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         except TargetError as e:
             code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
                 else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"the target model (Triton at {self.config.target_addr}) failed: {e}")
+            await context.abort(code, f"the target model (Triton) failed: {e}")
         raise AssertionError("unreachable")
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
@@ -160,13 +162,27 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats)))
 
 
-async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
-    """The server, bound but not started (port 0 = pick one): the seam tests use."""
+def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, router: Router | None = None
+                   ) -> Backends:
+    """A client per Triton and draft pod; pods from `router`, else from the config (static or EndpointSlices)."""
+    if router is None:
+        router = router_from_config(asyncio.get_running_loop(), target_addr=config.target_addr,
+                                    draft_addr=config.draft_addr, routing=config.routing)
+    return Backends(router, lambda addr: TargetClient(addr, timeout_s=config.verify_timeout_s),
+                    lambda addr: DraftClient(addr, config.draft_timeout_ms / 1000), registry=metrics.registry)
+
+
+async def build_server(config: OrchestratorConfig, router: Router | None = None
+                       ) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
+    """The server, bound but not started (port 0 = pick one): the seam tests use.
+
+    `router` replaces the one the config describes (tests pass one fed by a local EndpointSlice API).
+    """
     catalog = Catalog(config.artifacts)
     metrics = OrchestratorMetrics()
-    loop = SpeculationLoop(catalog, TargetClient(config.target_addr, timeout_s=config.verify_timeout_s),
-                           DraftClient(config.draft_addr, config.draft_timeout_ms / 1000), config.verify_timeout_s,
-                           metrics)
+    backends = build_backends(config, metrics, router)
+    await backends.start()
+    loop = SpeculationLoop(catalog, backends, config.verify_timeout_s, metrics)
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
         log.info("metrics on :%d/metrics", port)
@@ -183,10 +199,12 @@ async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
 
 async def serve(config: OrchestratorConfig) -> None:
     setup_tracing("specrec-orchestrator")
-    server, port, _ = await build_server(config)
+    server, port, loop = await build_server(config)
     await server.start()
-    log.info("orchestrator listening on %s:%d (target %s, drafter %s, policy %s)", config.host, port,
-             config.target_addr, config.draft_addr or "none", config.policy)
+    router = loop.backends.router
+    log.info("orchestrator listening on %s:%d (Triton pods %s, draft pods %s, policy %s)", config.host, port,
+             sorted(router.endpoints(TARGET)) or "none yet", sorted(router.endpoints(DRAFT)) or "none",
+             config.policy)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -194,6 +212,7 @@ async def serve(config: OrchestratorConfig) -> None:
     log.info("draining for up to %.0f s", config.grace_s)
     # in-flight requests finish within the grace period; new ones are refused meanwhile
     await server.stop(config.grace_s)
+    await loop.backends.close()
     shutdown_tracing()
 
 

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
+from orchestrator.config import ROUTING_MODES
+
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "specrec"
 RELEASE, NAMESPACE = "rec", "specrec"
@@ -298,6 +300,7 @@ def test_orchestrator_is_wired_to_draft_and_triton(rendered: dict[str, Rendered]
         assert any(p["name"] == "grpc" for p in svc["spec"]["ports"])
     mode = r.values["orchestrator"]["routing"]["mode"]
     assert env["SPECREC_ROUTING"]["value"] == mode
+    assert mode in ROUTING_MODES  # a mode the orchestrator accepts (its --routing choices)
     role = r.find("Role", "orchestrator")
     pod = r.get("Deployment", "orchestrator")["spec"]["template"]["spec"]
     if mode == "endpointslices":
@@ -306,6 +309,14 @@ def test_orchestrator_is_wired_to_draft_and_triton(rendered: dict[str, Rendered]
         ]
         binding = r.get("RoleBinding", "orchestrator")
         assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+        # The binding grants exactly that Role, to the orchestrator's ServiceAccount, in the release namespace
+        # (the router watches EndpointSlices there: SPECREC_NAMESPACE is the pod's own namespace).
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+        assert binding["subjects"][0]["kind"] == "ServiceAccount"
+        assert role["metadata"]["namespace"] == binding["subjects"][0]["namespace"] == NAMESPACE
+        if r.values["orchestrator"]["serviceAccount"]["create"]:
+            assert any(sa["metadata"]["name"] == pod["serviceAccountName"] for sa in r.all("ServiceAccount"))
         assert pod["automountServiceAccountToken"] is True
     else:
         assert role is None and pod["automountServiceAccountToken"] is False
