@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
+from specrec.security import SecurityConfigError, TlsConfig, add_port, add_tls_args, tls_from_args
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
@@ -66,6 +67,7 @@ class DraftConfig:
     torch_threads: int = 1  # per drafting thread
     draft_ahead: bool = True
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
+    tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth = only the orchestrator's cert
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> DraftConfig:
@@ -90,12 +92,18 @@ class DraftConfig:
         p.add_argument("--no-draft-ahead", action="store_true",
                        default=_env("SPECREC_DRAFT_AHEAD", "1") in ("0", "false", "no"),
                        help="do not draft the next tree while the target verifies (env SPECREC_DRAFT_AHEAD=0)")
+        add_tls_args(p)
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/ and drafter/")
+        try:
+            tls = tls_from_args(a)
+        except SecurityConfigError as err:
+            p.error(str(err))
         return cls(artifacts=a.artifacts, port=a.port, host=a.host, drafter=a.drafter, max_sessions=a.max_sessions,
                    idle_timeout_s=a.idle_timeout_s, grace_s=a.grace_s, device=a.device, workers=a.workers,
-                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead, metrics_port=a.metrics_port)
+                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead, metrics_port=a.metrics_port,
+                   tls=tls)
 
 
 class Drafters:
@@ -280,7 +288,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
     return server, port
 
 
@@ -289,8 +297,8 @@ async def serve(config: DraftConfig) -> None:
     health_servicer = health.aio.HealthServicer()
     server, port = await build_server(config, health_servicer)
     await server.start()
-    log.info("draft service listening on %s:%d (drafter %s, artifacts %s)", config.host, port, config.drafter,
-             config.artifacts)
+    log.info("draft service listening on %s:%d (drafter %s, artifacts %s, %s)", config.host, port, config.drafter,
+             config.artifacts, config.tls.describe())
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

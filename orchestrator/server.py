@@ -17,6 +17,8 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
+from specrec.security import add_port
+from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.vocab import SEP
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
 from specrec.telemetry import (
@@ -163,20 +165,20 @@ async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     """The server, bound but not started (port 0 = pick one): the seam tests use."""
     catalog = Catalog(config.artifacts)
     metrics = OrchestratorMetrics()
-    loop = SpeculationLoop(catalog, TargetClient(config.target_addr, timeout_s=config.verify_timeout_s),
-                           DraftClient(config.draft_addr, config.draft_timeout_ms / 1000), config.verify_timeout_s,
-                           metrics)
+    target = TargetClient(config.target_addr, timeout_s=config.verify_timeout_s, tls=config.tls)
+    drafter = DraftClient(config.draft_addr, config.draft_timeout_ms / 1000, tls=config.tls)
+    loop = SpeculationLoop(catalog, target, drafter, config.verify_timeout_s, metrics)
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
         log.info("metrics on :%d/metrics", port)
-    server = grpc.aio.server(interceptors=server_interceptors())
+    server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth)])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
     return server, port, loop
 
 
@@ -184,8 +186,9 @@ async def serve(config: OrchestratorConfig) -> None:
     setup_tracing("specrec-orchestrator")
     server, port, _ = await build_server(config)
     await server.start()
-    log.info("orchestrator listening on %s:%d (target %s, drafter %s, policy %s)", config.host, port,
-             config.target_addr, config.draft_addr or "none", config.policy)
+    log.info("orchestrator listening on %s:%d (target %s, drafter %s, policy %s, %s, token %s)", config.host, port,
+             config.target_addr, config.draft_addr or "none", config.policy, config.tls.describe(),
+             "required" if config.auth.on else "off")
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
