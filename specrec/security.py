@@ -263,4 +263,7 @@ def tls_from_args(a: argparse.Namespace) -> TlsConfig:
 
 
 def auth_from_args(a: argparse.Namespace) -> AuthConfig:
-    return AuthConfig(token_file=a.token_file, token="" if a.token_file else os.environ.get("SPECREC_AUTH_TOKEN", ""))
+    """The token settings; an unreadable or empty token file fails here, at start-up."""
+    config = AuthConfig(token_file=a.token_file, token="" if a.token_file else os.environ.get("SPECREC_AUTH_TOKEN", ""))
+    config.source()
+    return config

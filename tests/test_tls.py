@@ -1,0 +1,260 @@
+"""TLS on every hop: the real stack (Triton, drafter, orchestrator) with mTLS and a bearer token.
+
+Certificates are made here with `cryptography`: a CA, one identity for the services (serverAuth and
+clientAuth, SAN 127.0.0.1 and localhost), and an impostor identity with the same names signed by
+another CA. Lists over mTLS must equal plain greedy decoding; every client without the right
+certificate or token must be refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orchestrator.config import OrchestratorConfig
+from specrec.cli import main as cli_main
+from specrec.decoding.plain import decode
+from specrec.security import SecurityConfigError, TlsConfig, auth_metadata, channel
+from specrec.stack import LocalStack, StackConfig
+from specrec.v1 import draft_pb2, draft_pb2_grpc
+from specrec.v1 import recommend_pb2 as pb
+from specrec.v1 import recommend_pb2_grpc as pb_grpc
+
+USERS = [0, 1, 2]
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+def _write_cert(cert: x509.Certificate, path: Path) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def make_ca(directory: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    path = directory / f"{cn}.pem"
+    _write_cert(cert, path)
+    return key, cert, path
+
+
+def make_identity(directory: Path, name: str, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate
+                  ) -> tuple[Path, Path]:
+    """A leaf certificate for loopback, usable by a server and as a client certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    _write_cert(cert, cert_path)
+    _write_key(key, key_path)
+    return cert_path, key_path
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    cert: Path
+    key: Path
+    rogue_cert: Path  # same names, signed by another CA
+    rogue_key: Path
+    token: str
+    token_file: Path
+
+    def tls(self) -> TlsConfig:
+        return TlsConfig(cert=str(self.cert), key=str(self.key), ca=str(self.ca), client_auth=True)
+
+    def rogue(self) -> TlsConfig:
+        """Trusts the real CA (so the server is accepted) but presents a certificate the services never signed."""
+        return TlsConfig(cert=str(self.rogue_cert), key=str(self.rogue_key), ca=str(self.ca))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca, ca_path = make_ca(d, "specrec-test-ca")
+    cert, key = make_identity(d, "specrec-node", ca_key, ca)
+    rogue_ca_key, rogue_ca, _ = make_ca(d, "rogue-ca")
+    rogue_cert, rogue_key = make_identity(d, "rogue-node", rogue_ca_key, rogue_ca)
+    token = secrets.token_urlsafe(24)
+    token_file = d / "token"
+    token_file.write_text(token + "\n")  # a trailing newline, as `kubectl create secret --from-file` often has
+    return Pki(ca_path, cert, key, rogue_cert, rogue_key, token, token_file)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifacts, tiny_target) -> dict[int, list[str]]:
+    decoded = decode(tiny_target, tiny_artifacts.constraint(), [tiny_artifacts.prompt(u) for u in USERS])
+    return {u: [tiny_artifacts.data.item_ids[i] for i in d.items] for u, d in zip(USERS, decoded, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_artifacts, tiny_drafter, pki, tmp_path_factory):
+    config = StackConfig(artifacts=tiny_artifacts.directory, drafter="model", policy="fixed:3:8", tls=pki.tls(),
+                         token_file=pki.token_file, log_dir=tmp_path_factory.mktemp("logs"))
+    with LocalStack(config) as s:
+        yield s
+
+
+def request(arts, user: int) -> pb.RecommendRequest:
+    history = [arts.data.item_ids[i] for i in arts.split.train[user][-arts.profile.max_history:]]
+    return pb.RecommendRequest(history=history, num_items=10)
+
+
+def refusal(addr: str, tls: TlsConfig, metadata: tuple = (), arts=None) -> grpc.StatusCode:
+    """The status a Recommend call gets (OK when it is served)."""
+    with channel(addr, tls) as ch:
+        try:
+            pb_grpc.RecommenderStub(ch).Recommend(request(arts, 0), timeout=30, metadata=metadata)
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def draft_refusal(addr: str, tls: TlsConfig) -> grpc.StatusCode:
+    with channel(addr, tls) as ch:
+        try:
+            draft_pb2_grpc.DraftServiceStub(ch).Stats(draft_pb2.StatsRequest(), timeout=10)
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def triton_refuses(addr: str, tls: TlsConfig) -> bool:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        grpcclient.InferenceServerClient(addr, **tls.triton_kwargs()).is_server_ready(client_timeout=10)
+    except InferenceServerException:
+        return True
+    return False
+
+
+def test_lists_over_mtls_with_token_equal_plain_greedy(stack, pki, tiny_artifacts, reference):
+    with channel(stack.orchestrator_addr, pki.tls()) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        for user, expected in reference.items():
+            resp = stub.Recommend(request(tiny_artifacts, user), timeout=60, metadata=auth_metadata(pki.token))
+            assert [i.item_id for i in resp.items] == expected
+            assert resp.stats.drafted_tokens > 0  # the drafter hop works over mTLS too
+
+
+def test_stream_recommend_needs_the_token_too(stack, pki, tiny_artifacts, reference):
+    with channel(stack.orchestrator_addr, pki.tls()) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.StreamRecommend(request(tiny_artifacts, 0), timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        chunks = list(stub.StreamRecommend(request(tiny_artifacts, 0), timeout=60,
+                                           metadata=auth_metadata(pki.token)))
+    assert [c.item.item_id for c in chunks if c.WhichOneof("kind") == "item"] == reference[0]
+
+
+def test_plaintext_clients_are_refused_on_every_hop(stack, pki, tiny_artifacts):
+    plain = TlsConfig()
+    assert refusal(stack.orchestrator_addr, plain, auth_metadata(pki.token), tiny_artifacts) == \
+        grpc.StatusCode.UNAVAILABLE
+    assert draft_refusal(stack.draft_addr, plain) == grpc.StatusCode.UNAVAILABLE
+    assert triton_refuses(stack.target_addr, plain)
+
+
+def test_a_certificate_from_another_ca_is_refused(stack, pki, tiny_artifacts):
+    md = auth_metadata(pki.token)
+    assert refusal(stack.orchestrator_addr, pki.rogue(), md, tiny_artifacts) == grpc.StatusCode.UNAVAILABLE
+    assert draft_refusal(stack.draft_addr, pki.rogue()) == grpc.StatusCode.UNAVAILABLE
+    assert triton_refuses(stack.target_addr, pki.rogue())
+    # TLS without any client certificate: refused too (mTLS), while the right one is served
+    no_cert = TlsConfig(ca=str(pki.ca))
+    assert refusal(stack.orchestrator_addr, no_cert, md, tiny_artifacts) == grpc.StatusCode.UNAVAILABLE
+    assert draft_refusal(stack.draft_addr, no_cert) == grpc.StatusCode.UNAVAILABLE
+    assert triton_refuses(stack.target_addr, no_cert)
+    assert draft_refusal(stack.draft_addr, pki.tls()) == grpc.StatusCode.OK
+    assert not triton_refuses(stack.target_addr, pki.tls())
+
+
+@pytest.mark.parametrize("metadata", [(), auth_metadata("not-the-token"), (("authorization", "Basic Zm9vOmJhcg=="),),
+                                      (("authorization", "Bearer "),)], ids=["missing", "wrong", "basic", "empty"])
+def test_a_missing_or_wrong_token_is_unauthenticated(stack, pki, tiny_artifacts, metadata):
+    with channel(stack.orchestrator_addr, pki.tls()) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RecommenderStub(ch).Recommend(request(tiny_artifacts, 0), timeout=30, metadata=metadata)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "token" in err.value.details() or "Bearer" in err.value.details()
+
+
+def test_health_checks_need_no_token(stack, pki):
+    with channel(stack.orchestrator_addr, pki.tls()) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cli_recommend_speaks_tls_and_sends_the_token(stack, pki, reference, tiny_artifacts, capsys):
+    tls_args = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
+    base = ["recommend", "--dataset", "ml-100k", "--profile", "tiny", "--addr", stack.orchestrator_addr,
+            "--user", tiny_artifacts.data.user_ids[0], *tls_args]
+    assert cli_main([*base, "--token-file", str(pki.token_file)]) == 0
+    out = capsys.readouterr().out
+    titles = dict(zip(tiny_artifacts.data.item_ids, tiny_artifacts.data.titles, strict=True))
+    assert titles[reference[0][0]] in out
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(base)
+    assert "UNAUTHENTICATED" in str(exit_.value)
+
+
+def test_the_logs_hold_neither_the_token_nor_the_key(stack, pki, tiny_artifacts):
+    refusal(stack.orchestrator_addr, pki.tls(), auth_metadata(pki.token + "x"), tiny_artifacts)  # a near miss
+    key_body = pki.key.read_text().splitlines()[1]
+    logs = {p.name: p.read_text(errors="replace") for p in stack.log_dir.glob("*.log")}
+    assert set(logs) == {"target.log", "draft.log", "orchestrator.log"}
+    assert "mTLS" in logs["orchestrator.log"]  # the logs do say how the listener is secured
+    for name, text in logs.items():
+        assert pki.token not in text, name
+        assert key_body not in text, name
+
+
+def test_inconsistent_settings_fail_with_a_message_naming_the_setting(tmp_path):
+    with pytest.raises(SecurityConfigError, match="SPECREC_TLS_KEY"):
+        TlsConfig(cert="server.crt")
+    with pytest.raises(SecurityConfigError, match="SPECREC_TLS_CA"):
+        TlsConfig(cert="a", key="b", client_auth=True)
+    with pytest.raises(SecurityConfigError, match="cannot read"):
+        TlsConfig(cert=str(tmp_path / "missing.crt"), key="k").server_credentials()
+    with pytest.raises(SystemExit):  # argparse's error: the message on stderr, exit code 2
+        OrchestratorConfig.from_args(["--artifacts", str(tmp_path), "--tls-cert", "only-a-cert.pem"])
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit):
+        OrchestratorConfig.from_args(["--artifacts", str(tmp_path), "--token-file", str(empty)])
