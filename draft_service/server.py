@@ -36,7 +36,15 @@ from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
-from specrec.security import SecurityConfigError, TlsConfig, add_port, add_tls_args, tls_from_args
+from specrec.security import (
+    SecurityConfigError,
+    TlsConfig,
+    add_port,
+    add_probe_port_arg,
+    add_tls_args,
+    start_probe_listener,
+    tls_from_args,
+)
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
@@ -68,6 +76,7 @@ class DraftConfig:
     draft_ahead: bool = True
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth = only the orchestrator's cert
+    probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> DraftConfig:
@@ -93,6 +102,7 @@ class DraftConfig:
                        default=_env("SPECREC_DRAFT_AHEAD", "1") in ("0", "false", "no"),
                        help="do not draft the next tree while the target verifies (env SPECREC_DRAFT_AHEAD=0)")
         add_tls_args(p)
+        add_probe_port_arg(p)
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/ and drafter/")
@@ -103,7 +113,7 @@ class DraftConfig:
         return cls(artifacts=a.artifacts, port=a.port, host=a.host, drafter=a.drafter, max_sessions=a.max_sessions,
                    idle_timeout_s=a.idle_timeout_s, grace_s=a.grace_s, device=a.device, workers=a.workers,
                    torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead, metrics_port=a.metrics_port,
-                   tls=tls)
+                   tls=tls, probe_port=a.probe_port)
 
 
 class Drafters:
@@ -297,6 +307,7 @@ async def serve(config: DraftConfig) -> None:
     health_servicer = health.aio.HealthServicer()
     server, port = await build_server(config, health_servicer)
     await server.start()
+    probes = await start_probe_listener(health_servicer, config.host, config.probe_port)
     log.info("draft service listening on %s:%d (drafter %s, artifacts %s, %s)", config.host, port, config.drafter,
              config.artifacts, config.tls.describe())
     stop = asyncio.Event()
@@ -307,6 +318,8 @@ async def serve(config: DraftConfig) -> None:
     await health_servicer.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
     # Open streams may finish within the grace period; new RPCs are refused meanwhile.
     await server.stop(config.grace_s)
+    if probes is not None:
+        await probes.stop(None)
     shutdown_tracing()
 
 

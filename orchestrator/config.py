@@ -11,6 +11,7 @@ from specrec.security import (
     SecurityConfigError,
     TlsConfig,
     add_auth_args,
+    add_probe_port_arg,
     add_tls_args,
     auth_from_args,
     tls_from_args,
@@ -39,6 +40,7 @@ class OrchestratorConfig:
     grace_s: float = 30.0
     tls: TlsConfig = field(default_factory=TlsConfig)  # listener, and both clients (drafter, Triton)
     auth: AuthConfig = field(default_factory=AuthConfig)  # bearer token on the client API
+    probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -64,6 +66,7 @@ class OrchestratorConfig:
         p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")))
         add_tls_args(p)
         add_auth_args(p)
+        add_probe_port_arg(p)
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")
@@ -74,4 +77,4 @@ class OrchestratorConfig:
         return cls(artifacts=a.artifacts, host=a.host, port=a.port, metrics_port=a.metrics_port,
                    target_addr=a.target_addr, draft_addr=a.draft_addr, policy=a.policy, drafter=a.drafter,
                    max_in_flight=a.max_in_flight, max_history=a.max_history, draft_timeout_ms=a.draft_timeout_ms,
-                   grace_s=a.grace_s, tls=tls, auth=auth)
+                   grace_s=a.grace_s, tls=tls, auth=auth, probe_port=a.probe_port)

@@ -17,7 +17,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
-from specrec.security import add_port
+from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.vocab import SEP
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
@@ -161,7 +161,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats)))
 
 
-async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
+async def build_server(config: OrchestratorConfig, health_servicer: health.aio.HealthServicer | None = None
+                       ) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
     """The server, bound but not started (port 0 = pick one): the seam tests use."""
     catalog = Catalog(config.artifacts)
     metrics = OrchestratorMetrics()
@@ -173,7 +174,7 @@ async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
         log.info("metrics on :%d/metrics", port)
     server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth)])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -184,8 +185,10 @@ async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
 
 async def serve(config: OrchestratorConfig) -> None:
     setup_tracing("specrec-orchestrator")
-    server, port, _ = await build_server(config)
+    health_servicer = health.aio.HealthServicer()
+    server, port, _ = await build_server(config, health_servicer)
     await server.start()
+    probes = await start_probe_listener(health_servicer, config.host, config.probe_port)
     log.info("orchestrator listening on %s:%d (target %s, drafter %s, policy %s, %s, token %s)", config.host, port,
              config.target_addr, config.draft_addr or "none", config.policy, config.tls.describe(),
              "required" if config.auth.on else "off")
@@ -196,6 +199,8 @@ async def serve(config: OrchestratorConfig) -> None:
     log.info("draining for up to %.0f s", config.grace_s)
     # in-flight requests finish within the grace period; new ones are refused meanwhile
     await server.stop(config.grace_s)
+    if probes is not None:
+        await probes.stop(None)
     shutdown_tracing()
 
 

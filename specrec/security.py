@@ -229,6 +229,29 @@ def channel(address: str, tls: TlsConfig, **kwargs: Any) -> grpc.Channel:
     return grpc.secure_channel(address, creds, **kwargs) if creds else grpc.insecure_channel(address, **kwargs)
 
 
+async def start_probe_listener(health_servicer: Any, host: str, port: int) -> grpc.aio.Server | None:
+    """A plaintext listener serving only grpc.health.v1 from `health_servicer` (None when port is 0).
+
+    Kubelet's native gRPC probes cannot speak TLS; this port answers them while the API port
+    requires TLS. It reveals nothing but SERVING / NOT_SERVING."""
+    if not port:
+        return None
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    log.info("health probes (plaintext, grpc.health.v1 only) on %s:%d", host, bound)
+    return server
+
+
+def add_probe_port_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe-port", type=int, default=int(os.environ.get("SPECREC_PROBE_PORT", "0")),
+                   help="plaintext port serving only gRPC health checks, for kubelet probes when TLS is on; "
+                        "0 = off (env SPECREC_PROBE_PORT)")
+
+
 def server_interceptors(auth: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
     source = auth.source()
     return [BearerTokenInterceptor(source)] if source else []

@@ -44,6 +44,7 @@ class StackConfig:
     # certificate of their calls and of the stack's health checks. None = plaintext.
     tls: TlsConfig | None = None
     token_file: Path | None = None  # bearer token the orchestrator requires on its API
+    probe_ports: bool = False  # plaintext health-only ports for drafter and orchestrator (LocalStack.probe_addrs)
 
 
 class StackError(RuntimeError):
@@ -107,6 +108,8 @@ class LocalStack:
         self.target_addr = f"127.0.0.1:{c.target_grpc or free_port()}"
         self.draft_addr = f"127.0.0.1:{c.draft_port or free_port()}" if c.with_drafter else ""
         self.orchestrator_addr = f"127.0.0.1:{c.orchestrator_port or free_port()}"
+        self.probe_addrs = {name: f"127.0.0.1:{free_port()}" for name in ("draft", "orchestrator")} \
+            if c.probe_ports else {}
         self.log_dir = c.log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"specrec-stack-{os.getpid()}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -137,7 +140,7 @@ class LocalStack:
             return
         port = self.draft_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "draft_service.server", "--port", port, "--artifacts",
-                str(self.config.artifacts), "--drafter", self.config.drafter]
+                str(self.config.artifacts), "--drafter", self.config.drafter, *self._probe_arg("draft")]
         self.procs["draft"] = Process("draft", args, self._env(), self.log_dir)
         self._wait("draft", lambda: grpc_healthy(self.draft_addr, tls=self.tls), 120)
 
@@ -146,10 +149,14 @@ class LocalStack:
         args = [sys.executable, "-m", "orchestrator.server", "--port", port, "--artifacts",
                 str(self.config.artifacts), "--target-addr", self.target_addr, "--draft-addr", self.draft_addr,
                 "--policy", self.config.policy, "--metrics-port", str(self.config.metrics_port)]
+        args += self._probe_arg("orchestrator")
         if self.config.token_file is not None:
             args += ["--token-file", str(self.config.token_file)]
         self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir)
         self._wait("orchestrator", lambda: grpc_healthy(self.orchestrator_addr, tls=self.tls), 60)
+
+    def _probe_arg(self, name: str) -> list[str]:
+        return ["--probe-port", self.probe_addrs[name].rsplit(":", 1)[1]] if name in self.probe_addrs else []
 
     def start(self) -> LocalStack:
         try:

@@ -123,7 +123,8 @@ def reference(tiny_artifacts, tiny_target) -> dict[int, list[str]]:
 @pytest.fixture(scope="module")
 def stack(tiny_artifacts, tiny_drafter, pki, tmp_path_factory):
     config = StackConfig(artifacts=tiny_artifacts.directory, drafter="model", policy="fixed:3:8", tls=pki.tls(),
-                         token_file=pki.token_file, log_dir=tmp_path_factory.mktemp("logs"))
+                         token_file=pki.token_file, log_dir=tmp_path_factory.mktemp("logs"),
+                         probe_ports=True)
     with LocalStack(config) as s:
         yield s
 
@@ -219,6 +220,21 @@ def test_health_checks_need_no_token(stack, pki):
     with channel(stack.orchestrator_addr, pki.tls()) as ch:
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_probe_ports_answer_plaintext_health_checks_and_nothing_else(stack, tiny_artifacts):
+    """Kubelet's gRPC probes cannot speak TLS: each service has a plaintext port serving only health."""
+    for name, addr in stack.probe_addrs.items():
+        with grpc.insecure_channel(addr) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING, name
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.RecommenderStub(ch).Recommend(request(tiny_artifacts, 0), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
+            with pytest.raises(grpc.RpcError) as err:
+                draft_pb2_grpc.DraftServiceStub(ch).Stats(draft_pb2.StatsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
+    assert set(stack.probe_addrs) == {"draft", "orchestrator"}
 
 
 def test_cli_recommend_speaks_tls_and_sends_the_token(stack, pki, reference, tiny_artifacts, capsys):
