@@ -41,6 +41,8 @@ class OrchestratorConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)  # listener, and both clients (drafter, Triton)
     auth: AuthConfig = field(default_factory=AuthConfig)  # bearer token on the client API
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
+    draft_tls_name: str = ""  # name on the drafters' certificate, when not the dialled host
+    target_tls_name: str = ""  # name on Triton's certificate, when not the dialled host
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -67,6 +69,10 @@ class OrchestratorConfig:
         add_tls_args(p)
         add_auth_args(p)
         add_probe_port_arg(p)
+        p.add_argument("--draft-tls-name", default=_env("SPECREC_DRAFT_TLS_NAME", ""),
+                       help="name the drafters' TLS certificate carries, if not the dialled host (pod IPs)")
+        p.add_argument("--target-tls-name", default=_env("SPECREC_TARGET_TLS_NAME", ""),
+                       help="name Triton's TLS certificate carries, if not the dialled host (pod IPs)")
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")
@@ -77,4 +83,5 @@ class OrchestratorConfig:
         return cls(artifacts=a.artifacts, host=a.host, port=a.port, metrics_port=a.metrics_port,
                    target_addr=a.target_addr, draft_addr=a.draft_addr, policy=a.policy, drafter=a.drafter,
                    max_in_flight=a.max_in_flight, max_history=a.max_history, draft_timeout_ms=a.draft_timeout_ms,
-                   grace_s=a.grace_s, tls=tls, auth=auth, probe_port=a.probe_port)
+                   grace_s=a.grace_s, tls=tls, auth=auth, probe_port=a.probe_port,
+                   draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name)

@@ -83,10 +83,11 @@ class DraftSession:
 class DraftClient:
     """Shared by all requests: the channel, and a backoff window after the service failed."""
 
-    def __init__(self, addr: str, timeout_s: float, tls: TlsConfig | None = None):
+    def __init__(self, addr: str, timeout_s: float, tls: TlsConfig | None = None, tls_name: str = ""):
         self.addr = addr
         self.timeout_s = timeout_s
-        self._channel = aio_channel(addr, tls or TlsConfig(), interceptors=client_interceptors()) if addr else None
+        self._channel = aio_channel(addr, tls or TlsConfig(), tls_name, interceptors=client_interceptors()) \
+            if addr else None
         self._stub = draft_pb2_grpc.DraftServiceStub(self._channel) if self._channel else None
         self._down_until = 0.0
         self._backoff_s = 0.5

@@ -166,8 +166,10 @@ async def build_server(config: OrchestratorConfig, health_servicer: health.aio.H
     """The server, bound but not started (port 0 = pick one): the seam tests use."""
     catalog = Catalog(config.artifacts)
     metrics = OrchestratorMetrics()
-    target = TargetClient(config.target_addr, timeout_s=config.verify_timeout_s, tls=config.tls)
-    drafter = DraftClient(config.draft_addr, config.draft_timeout_ms / 1000, tls=config.tls)
+    target = TargetClient(config.target_addr, timeout_s=config.verify_timeout_s, tls=config.tls,
+                          tls_name=config.target_tls_name)
+    drafter = DraftClient(config.draft_addr, config.draft_timeout_ms / 1000, tls=config.tls,
+                          tls_name=config.draft_tls_name)
     loop = SpeculationLoop(catalog, target, drafter, config.verify_timeout_s, metrics)
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)

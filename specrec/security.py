@@ -86,8 +86,10 @@ class TlsConfig:
             certificate_chain=_read(self.cert, "TLS certificate") if self.cert else None,
         )
 
-    def triton_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of tritonclient's InferenceServerClient (grpc and grpc.aio): it reads the files."""
+    def triton_kwargs(self, server_name: str = "") -> dict[str, Any]:
+        """Keyword arguments of tritonclient's InferenceServerClient (grpc and grpc.aio): it reads the files.
+
+        `server_name`: the name Triton's certificate must carry when it differs from the dialled host."""
         if not self.on:
             return {}
         kwargs: dict[str, Any] = {"ssl": True}
@@ -95,6 +97,8 @@ class TlsConfig:
             kwargs["root_certificates"] = self.ca
         if self.cert:
             kwargs.update(private_key=self.key, certificate_chain=self.cert)
+        if server_name:  # channel_args replaces tritonclient's defaults, so they are repeated here
+            kwargs["channel_args"] = [*_triton_channel_defaults(), *name_override(server_name)]
         return kwargs
 
     def triton_server_args(self) -> list[str]:
@@ -209,24 +213,46 @@ def _refusing(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHand
                 response_serializer=handler.response_serializer)
 
 
+def name_override(server_name: str) -> list[tuple[str, str]]:
+    """Channel options verifying the peer's certificate against `server_name` instead of the dialled host:
+    the orchestrator dials pod IPs (EndpointSlice routing) while certificates name the Service."""
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
+
+
+def _triton_channel_defaults() -> list[tuple[str, Any]]:
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    k = KeepAliveOptions()
+    return [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", k.keepalive_time_ms), ("grpc.keepalive_timeout_ms", k.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", k.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", k.http2_max_pings_without_data)]
+
+
 def add_port(server: grpc.aio.Server | grpc.Server, address: str, tls: TlsConfig) -> int:
     """Bind `address` with TLS when the config has a certificate, else in plaintext; returns the port."""
     creds = tls.server_credentials()
     return server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
 
 
-def aio_channel(address: str, tls: TlsConfig, **kwargs: Any) -> grpc.aio.Channel:
-    """An asyncio channel to `address`, over TLS when the config says so (kwargs: interceptors, options)."""
+def aio_channel(address: str, tls: TlsConfig, server_name: str = "", options: Any = (),
+                **kwargs: Any) -> grpc.aio.Channel:
+    """An asyncio channel to `address`, over TLS when the config says so (kwargs: interceptors, ...).
+
+    `server_name`: the name the peer's certificate must carry when it is not the dialled host."""
     creds = tls.channel_credentials()
     if creds is None:
-        return grpc.aio.insecure_channel(address, **kwargs)
-    return grpc.aio.secure_channel(address, creds, **kwargs)
+        return grpc.aio.insecure_channel(address, options=list(options), **kwargs)
+    return grpc.aio.secure_channel(address, creds, options=[*options, *name_override(server_name)], **kwargs)
 
 
-def channel(address: str, tls: TlsConfig, **kwargs: Any) -> grpc.Channel:
+def channel(address: str, tls: TlsConfig, server_name: str = "", options: Any = (), **kwargs: Any) -> grpc.Channel:
     """A blocking channel to `address` (CLI, health checks), over TLS when the config says so."""
     creds = tls.channel_credentials()
-    return grpc.secure_channel(address, creds, **kwargs) if creds else grpc.insecure_channel(address, **kwargs)
+    if creds is None:
+        return grpc.insecure_channel(address, options=list(options), **kwargs)
+    return grpc.secure_channel(address, creds, options=[*options, *name_override(server_name)], **kwargs)
 
 
 async def start_probe_listener(health_servicer: Any, host: str, port: int) -> grpc.aio.Server | None:

@@ -73,11 +73,12 @@ class TargetClient:
     fixed when the stream opens).
     """
 
-    def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 5.0, tls: TlsConfig | None = None) -> None:
+    def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 5.0, tls: TlsConfig | None = None,
+                 tls_name: str = "") -> None:
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url, **(tls or TlsConfig()).triton_kwargs())
+        self._client = grpcclient.InferenceServerClient(url, **(tls or TlsConfig()).triton_kwargs(tls_name))
         self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
 
     async def verify(

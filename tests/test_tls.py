@@ -144,8 +144,8 @@ def refusal(addr: str, tls: TlsConfig, metadata: tuple = (), arts=None) -> grpc.
     return grpc.StatusCode.OK
 
 
-def draft_refusal(addr: str, tls: TlsConfig) -> grpc.StatusCode:
-    with channel(addr, tls) as ch:
+def draft_refusal(addr: str, tls: TlsConfig, server_name: str = "") -> grpc.StatusCode:
+    with channel(addr, tls, server_name) as ch:
         try:
             draft_pb2_grpc.DraftServiceStub(ch).Stats(draft_pb2.StatsRequest(), timeout=10)
         except grpc.RpcError as err:
@@ -153,12 +153,12 @@ def draft_refusal(addr: str, tls: TlsConfig) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def triton_refuses(addr: str, tls: TlsConfig) -> bool:
+def triton_refuses(addr: str, tls: TlsConfig, server_name: str = "") -> bool:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     try:
-        grpcclient.InferenceServerClient(addr, **tls.triton_kwargs()).is_server_ready(client_timeout=10)
+        grpcclient.InferenceServerClient(addr, **tls.triton_kwargs(server_name)).is_server_ready(client_timeout=10)
     except InferenceServerException:
         return True
     return False
@@ -204,6 +204,15 @@ def test_a_certificate_from_another_ca_is_refused(stack, pki, tiny_artifacts):
     assert triton_refuses(stack.target_addr, no_cert)
     assert draft_refusal(stack.draft_addr, pki.tls()) == grpc.StatusCode.OK
     assert not triton_refuses(stack.target_addr, pki.tls())
+
+
+def test_peers_are_checked_against_the_name_the_orchestrator_is_told(stack, pki):
+    """With pod-IP routing the orchestrator dials IPs and checks the Service name instead (--draft-tls-name,
+    --target-tls-name): the right name passes, any other is refused."""
+    assert draft_refusal(stack.draft_addr, pki.tls(), "localhost") == grpc.StatusCode.OK
+    assert draft_refusal(stack.draft_addr, pki.tls(), "rec-specrec-draft.specrec.svc") == grpc.StatusCode.UNAVAILABLE
+    assert not triton_refuses(stack.target_addr, pki.tls(), "localhost")
+    assert triton_refuses(stack.target_addr, pki.tls(), "rec-specrec-triton.specrec.svc")
 
 
 @pytest.mark.parametrize("metadata", [(), auth_metadata("not-the-token"), (("authorization", "Basic Zm9vOmJhcg=="),),
