@@ -193,6 +193,7 @@ EXPECTED_ACCELERATORS: dict[str, dict[str, tuple[str, int] | None]] = {
     "cpu-only": {"draft": None, "triton": None},
     "whole-gpus": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 2)},
     "mig": {"draft": ("nvidia.com/mig-1g.10gb", 1), "triton": ("nvidia.com/mig-3g.40gb", 1)},
+    "tls": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 1)},
 }
 
 
@@ -424,7 +425,8 @@ def test_tls_leaves_the_network_policies_as_they_were(rendered: dict[str, Render
 
 
 @pytest.mark.parametrize("values, message", [
-    (["--set", "tls.enabled=true"], "tls.orchestrator.secretName is required when tls.enabled is true"),
+    (["--set", "tls.enabled=true,tls.orchestrator.secretName=o,tls.triton.secretName=t"],
+     "tls.draft.secretName is required when tls.enabled is true"),
     (["--set", "auth.enabled=true"], "auth.existingSecret is required when auth.enabled is true"),
 ])
 def test_tls_and_auth_without_their_secret_are_refused(helm: str, values: list[str], message: str) -> None:
