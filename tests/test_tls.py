@@ -1,6 +1,6 @@
 """TLS on every hop: the real stack (Triton, drafter, orchestrator) with mTLS and a bearer token.
 
-Certificates are made here with `cryptography`: a CA, one identity for the services (serverAuth and
+Certificates are made here (specrec.devcerts, on `cryptography`): a CA, one identity for the services (serverAuth and
 clientAuth, SAN 127.0.0.1 and localhost), and an impostor identity with the same names signed by
 another CA. Lists over mTLS must equal plain greedy decoding; every client without the right
 certificate or token must be refused.
@@ -8,23 +8,18 @@ certificate or token must be refused.
 
 from __future__ import annotations
 
-import datetime as dt
 import secrets
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.config import OrchestratorConfig
 from specrec.cli import main as cli_main
 from specrec.decoding.plain import decode
+from specrec.devcerts import make_ca, make_identity
 from specrec.security import SecurityConfigError, TlsConfig, auth_metadata, channel
 from specrec.stack import LocalStack, StackConfig
 from specrec.v1 import draft_pb2, draft_pb2_grpc
@@ -32,55 +27,6 @@ from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
 USERS = [0, 1, 2]
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-
-
-def _write_cert(cert: x509.Certificate, path: Path) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def make_ca(directory: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
-    path = directory / f"{cn}.pem"
-    _write_cert(cert, path)
-    return key, cert, path
-
-
-def make_identity(directory: Path, name: str, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate
-                  ) -> tuple[Path, Path]:
-    """A leaf certificate for loopback, usable by a server and as a client certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    _write_cert(cert, cert_path)
-    _write_key(key, key_path)
-    return cert_path, key_path
 
 
 @dataclass(frozen=True)
@@ -104,14 +50,13 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    ca_key, ca, ca_path = make_ca(d, "specrec-test-ca")
-    cert, key = make_identity(d, "specrec-node", ca_key, ca)
-    rogue_ca_key, rogue_ca, _ = make_ca(d, "rogue-ca")
-    rogue_cert, rogue_key = make_identity(d, "rogue-node", rogue_ca_key, rogue_ca)
+    ca = make_ca(d, "specrec-test-ca")
+    node = make_identity(d, "specrec-node", ca)  # SAN localhost and 127.0.0.1
+    rogue = make_identity(d, "rogue-node", make_ca(d, "rogue-ca"))
     token = secrets.token_urlsafe(24)
     token_file = d / "token"
     token_file.write_text(token + "\n")  # a trailing newline, as `kubectl create secret --from-file` often has
-    return Pki(ca_path, cert, key, rogue_cert, rogue_key, token, token_file)
+    return Pki(ca.path, node.cert, node.key, rogue.cert, rogue.key, token, token_file)
 
 
 @pytest.fixture(scope="module")
