@@ -44,14 +44,15 @@ class TlsConfig:
     ca: PEM bundle that verifies peers: the servers this process calls, and, with client_auth, the
         clients of its own listener. Empty = the system roots (client side only).
     client_auth: the listener requires a client certificate signed by `ca` (mTLS).
-    enabled: dial peers over TLS even without cert/ca (a server with a publicly trusted certificate).
+    system_roots: dial peers over TLS even with neither cert nor ca, trusting the system roots
+        (a client of a server with a publicly trusted certificate).
     """
 
     cert: str = ""
     key: str = ""
     ca: str = ""
     client_auth: bool = False
-    enabled: bool = False
+    system_roots: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
@@ -66,15 +67,17 @@ class TlsConfig:
 
     @property
     def on(self) -> bool:
-        return bool(self.enabled or self.cert or self.ca)
+        """Peers are dialled over TLS."""
+        return bool(self.system_roots or self.cert or self.ca)
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """Credentials for `add_secure_port`, or None when this listener stays plaintext (no cert)."""
         if not self.cert:
             return None
         pair = [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))]
-        root = _read(self.ca, "TLS CA") if self.ca else None
-        return grpc.ssl_server_credentials(pair, root_certificates=root, require_client_auth=self.client_auth)
+        if not self.client_auth:  # no client certificate asked for: the CA only verifies the peers we call
+            return grpc.ssl_server_credentials(pair)
+        return grpc.ssl_server_credentials(pair, root_certificates=_read(self.ca, "TLS CA"), require_client_auth=True)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """Credentials for `secure_channel`, or None when peers are dialled in plaintext."""
@@ -159,6 +162,8 @@ class TokenSource:
         if mtime != self._mtime:
             value = _read(self._path, "token file").strip()
             if not value:
+                if self._value:  # caught mid-write: keep the last good token, read again next time
+                    return self._value
                 raise SecurityConfigError(f"token file {self._path} is empty")
             self._value, self._mtime = value, mtime
         return self._value
@@ -308,7 +313,7 @@ def add_auth_args(p: argparse.ArgumentParser) -> None:
 
 def tls_from_args(a: argparse.Namespace) -> TlsConfig:
     return TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca,
-                     client_auth=getattr(a, "tls_client_auth", False), enabled=a.tls)
+                     client_auth=getattr(a, "tls_client_auth", False), system_roots=a.tls)
 
 
 def auth_from_args(a: argparse.Namespace) -> AuthConfig:

@@ -120,7 +120,8 @@ class LocalStack:
         if self.config.tls is not None:
             t = self.config.tls
             env.update({"SPECREC_TLS_CERT": t.cert, "SPECREC_TLS_KEY": t.key, "SPECREC_TLS_CA": t.ca,
-                        "SPECREC_TLS_CLIENT_AUTH": "1" if t.client_auth else "0", "SPECREC_TLS": "1" if t.on else "0"})
+                        "SPECREC_TLS_CLIENT_AUTH": "1" if t.client_auth else "0",
+                        "SPECREC_TLS": "1" if t.system_roots else "0"})
         env.update(self.config.extra_env)
         return env
 

@@ -385,7 +385,8 @@ class TritonServer:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url, **self.tls.triton_kwargs())
+        # Triton serves TLS only with a certificate; the probe dials the way Triton serves.
+        client = grpcclient.InferenceServerClient(self.grpc_url, **(self.tls.triton_kwargs() if self.tls.cert else {}))
         try:
             while time.monotonic() < deadline:
                 self._check_alive()

@@ -8,6 +8,7 @@ certificate or token must be refused.
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from orchestrator.config import OrchestratorConfig
 from specrec.cli import main as cli_main
 from specrec.decoding.plain import decode
 from specrec.devcerts import make_ca, make_identity
-from specrec.security import SecurityConfigError, TlsConfig, auth_metadata, channel
+from specrec.security import SecurityConfigError, TlsConfig, TokenSource, add_port, auth_metadata, channel
 from specrec.stack import LocalStack, StackConfig
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
@@ -228,3 +229,41 @@ def test_inconsistent_settings_fail_with_a_message_naming_the_setting(tmp_path):
     empty.write_text("\n")
     with pytest.raises(SystemExit):
         OrchestratorConfig.from_args(["--artifacts", str(tmp_path), "--token-file", str(empty)])
+
+
+def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    tokens = TokenSource(str(path))
+    assert tokens.get() == b"first"
+    path.write_text("second")
+    os.utime(path, (1, 1))  # a new mtime, as when Kubernetes swaps the Secret's files
+    assert tokens.get() == b"second"
+    path.write_text("")  # caught mid-write: the last good token stays
+    os.utime(path, (2, 2))
+    assert tokens.get() == b"second"
+    assert "second" not in repr(tokens)
+
+
+@pytest.mark.parametrize("client_auth", [False, True])
+def test_the_api_admits_clients_without_a_certificate_unless_told_otherwise(pki, client_auth):
+    """The chart's default API listener: TLS with the CA mounted, yet no client certificate asked for."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = add_port(server, "127.0.0.1:0", TlsConfig(cert=str(pki.cert), key=str(pki.key), ca=str(pki.ca),
+                                                     client_auth=client_auth))
+    server.start()
+    try:
+        with channel(f"127.0.0.1:{port}", TlsConfig(ca=str(pki.ca))) as ch:
+            try:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+    finally:
+        server.stop(None)
+    assert code == (grpc.StatusCode.UNAVAILABLE if client_auth else grpc.StatusCode.OK)
