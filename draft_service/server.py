@@ -75,7 +75,7 @@ class DraftConfig:
     torch_threads: int = 1  # per drafting thread
     draft_ahead: bool = True
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
-    tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth = only the orchestrator's cert
+    tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth: CA-signed client certs only
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
 
     @classmethod
