@@ -27,12 +27,13 @@ import numpy as np
 
 from bench.speedup import RESULTS, git_rev, histories, machine
 from orchestrator.catalog import Catalog
+from orchestrator.config import OrchestratorConfig
 from orchestrator.controller import Policy, RequestState, RoundStats, SharedStats, make_policy
-from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, SpeculationLoop
+from orchestrator.server import build_backends
 from specrec.pipeline import prepare
 from specrec.stack import LocalStack, StackConfig
-from specrec.target_client import TargetClient
+from specrec.telemetry import OrchestratorMetrics
 
 POLICIES = "off,adaptive,heuristic,fixed:1:1,fixed:2:8,fixed:3:16,fixed:4:16,fixed:6:32,fixed:8:32"
 TOLERANCE = 0.05  # issue 5: adaptive at most 5% above the best fixed depth
@@ -80,9 +81,12 @@ async def run_pass(loop: SpeculationLoop, catalog: Catalog, policy: RecordingPol
 
 async def measure(stack: LocalStack, args, users) -> dict[str, list[dict]]:
     catalog = Catalog(stack.config.artifacts)
-    target = TargetClient(stack.target_addr)
-    drafts = DraftClient(stack.draft_addr, args.draft_timeout_ms / 1000)
-    loop = SpeculationLoop(catalog, target, drafts, verify_timeout_s=30.0)
+    config = OrchestratorConfig(artifacts=str(stack.config.artifacts), target_addr=stack.target_addr,
+                                draft_addr=stack.draft_addr, routing="static", draft_timeout_ms=args.draft_timeout_ms,
+                                verify_timeout_s=30.0)
+    backends = build_backends(config, OrchestratorMetrics())
+    await backends.start()
+    loop = SpeculationLoop(catalog, backends, config.verify_timeout_s)
     specs = args.policies.split(",")
     policies = {s: RecordingPolicy(make_policy(s, shared=SharedStats())) for s in specs}
     records: dict[str, list[dict]] = {s: [] for s in specs}
@@ -95,8 +99,7 @@ async def measure(stack: LocalStack, args, users) -> dict[str, list[dict]]:
                     records[spec] += [dict(r, rep=rep) for r in out]
             print(f"repeat {rep}/{args.repeats} done", file=sys.stderr)
     finally:
-        await target.close()
-        await drafts.close()
+        await backends.close()
     return {"records": records, "arms": {s: arm_counts(p.rounds) for s, p in policies.items()}}
 
 

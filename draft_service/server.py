@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +36,15 @@ from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
+from specrec.security import (
+    SecurityConfigError,
+    TlsConfig,
+    add_port,
+    add_probe_port_arg,
+    add_tls_args,
+    start_probe_listener,
+    tls_from_args,
+)
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
@@ -66,6 +75,8 @@ class DraftConfig:
     torch_threads: int = 1  # per drafting thread
     draft_ahead: bool = True
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
+    tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth: CA-signed client certs only
+    probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> DraftConfig:
@@ -90,12 +101,19 @@ class DraftConfig:
         p.add_argument("--no-draft-ahead", action="store_true",
                        default=_env("SPECREC_DRAFT_AHEAD", "1") in ("0", "false", "no"),
                        help="do not draft the next tree while the target verifies (env SPECREC_DRAFT_AHEAD=0)")
+        add_tls_args(p)
+        add_probe_port_arg(p)
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/ and drafter/")
+        try:
+            tls = tls_from_args(a)
+        except SecurityConfigError as err:
+            p.error(str(err))
         return cls(artifacts=a.artifacts, port=a.port, host=a.host, drafter=a.drafter, max_sessions=a.max_sessions,
                    idle_timeout_s=a.idle_timeout_s, grace_s=a.grace_s, device=a.device, workers=a.workers,
-                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead, metrics_port=a.metrics_port)
+                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead, metrics_port=a.metrics_port,
+                   tls=tls, probe_port=a.probe_port)
 
 
 class Drafters:
@@ -280,7 +298,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
     return server, port
 
 
@@ -289,8 +307,9 @@ async def serve(config: DraftConfig) -> None:
     health_servicer = health.aio.HealthServicer()
     server, port = await build_server(config, health_servicer)
     await server.start()
-    log.info("draft service listening on %s:%d (drafter %s, artifacts %s)", config.host, port, config.drafter,
-             config.artifacts)
+    probes = await start_probe_listener(health_servicer, config.host, config.probe_port)
+    log.info("draft service listening on %s:%d (drafter %s, artifacts %s, %s)", config.host, port, config.drafter,
+             config.artifacts, config.tls.describe())
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -299,6 +318,8 @@ async def serve(config: DraftConfig) -> None:
     await health_servicer.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
     # Open streams may finish within the grace period; new RPCs are refused meanwhile.
     await server.stop(config.grace_s)
+    if probes is not None:
+        await probes.stop(None)
     shutdown_tracing()
 
 

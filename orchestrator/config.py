@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from specrec.security import (
+    AuthConfig,
+    SecurityConfigError,
+    TlsConfig,
+    add_auth_args,
+    add_probe_port_arg,
+    add_tls_args,
+    auth_from_args,
+    tls_from_args,
+)
 
 # How the orchestrator finds its Triton and draft pods (orchestrator.routing); "" = by environment.
 ROUTING_MODES = ("static", "endpointslices")
@@ -33,6 +44,11 @@ class OrchestratorConfig:
     draft_timeout_ms: float = 200.0  # a tree later than this: the round goes on without it
     verify_timeout_s: float = 10.0
     grace_s: float = 30.0
+    tls: TlsConfig = field(default_factory=TlsConfig)  # listener, and both clients (drafter, Triton)
+    auth: AuthConfig = field(default_factory=AuthConfig)  # bearer token on the client API
+    probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
+    draft_tls_name: str = ""  # name on the drafters' certificate, when not the dialled host
+    target_tls_name: str = ""  # name on Triton's certificate, when not the dialled host
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -59,11 +75,23 @@ class OrchestratorConfig:
         p.add_argument("--draft-timeout-ms", type=float, default=float(_env("SPECREC_DRAFT_TIMEOUT_MS", "200")),
                        help="per-round drafting budget; slower trees are skipped")
         p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")))
+        add_tls_args(p)
+        add_auth_args(p)
+        add_probe_port_arg(p)
+        p.add_argument("--draft-tls-name", default=_env("SPECREC_DRAFT_TLS_NAME", ""),
+                       help="name the drafters' TLS certificate carries, if not the dialled host (pod IPs)")
+        p.add_argument("--target-tls-name", default=_env("SPECREC_TARGET_TLS_NAME", ""),
+                       help="name Triton's TLS certificate carries, if not the dialled host (pod IPs)")
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")
+        try:
+            tls, auth = tls_from_args(a), auth_from_args(a)
+        except SecurityConfigError as err:
+            p.error(str(err))
         return cls(artifacts=a.artifacts, host=a.host, port=a.port, metrics_port=a.metrics_port,
                    target_addr=a.target_addr, draft_addr=a.draft_addr, routing=a.routing, policy=a.policy,
                    drafter=a.drafter,
                    max_in_flight=a.max_in_flight, max_history=a.max_history, draft_timeout_ms=a.draft_timeout_ms,
-                   grace_s=a.grace_s)
+                   grace_s=a.grace_s, tls=tls, auth=auth, probe_port=a.probe_port,
+                   draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name)

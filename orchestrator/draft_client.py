@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator.controller import Budget
+from specrec.security import TlsConfig, aio_channel
 from specrec.telemetry import client_interceptors
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
@@ -90,10 +91,11 @@ class DraftSession:
 class DraftClient:
     """Shared by all requests: the channel, and a backoff window after the service failed."""
 
-    def __init__(self, addr: str, timeout_s: float):
+    def __init__(self, addr: str, timeout_s: float, tls: TlsConfig | None = None, tls_name: str = ""):
         self.addr = addr
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(addr, interceptors=client_interceptors()) if addr else None
+        self._channel = aio_channel(addr, tls or TlsConfig(), tls_name, interceptors=client_interceptors()) \
+            if addr else None
         self._stub = draft_pb2_grpc.DraftServiceStub(self._channel) if self._channel else None
         self._down_until = 0.0
         self._backoff_s = 0.5

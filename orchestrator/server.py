@@ -19,6 +19,8 @@ from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
 from orchestrator.routing import DRAFT, TARGET, Router
+from specrec.security import add_port, start_probe_listener
+from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.vocab import SEP
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
 from specrec.telemetry import (
@@ -168,11 +170,16 @@ def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, rou
     if router is None:
         router = router_from_config(asyncio.get_running_loop(), target_addr=config.target_addr,
                                     draft_addr=config.draft_addr, routing=config.routing)
-    return Backends(router, lambda addr: TargetClient(addr, timeout_s=config.verify_timeout_s),
-                    lambda addr: DraftClient(addr, config.draft_timeout_ms / 1000), registry=metrics.registry)
+    return Backends(router,
+                    lambda addr: TargetClient(addr, timeout_s=config.verify_timeout_s, tls=config.tls,
+                                              tls_name=config.target_tls_name),
+                    lambda addr: DraftClient(addr, config.draft_timeout_ms / 1000, tls=config.tls,
+                                             tls_name=config.draft_tls_name),
+                    registry=metrics.registry)
 
 
-async def build_server(config: OrchestratorConfig, router: Router | None = None
+async def build_server(config: OrchestratorConfig, router: Router | None = None,
+                       health_servicer: health.aio.HealthServicer | None = None
                        ) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
     """The server, bound but not started (port 0 = pick one): the seam tests use.
 
@@ -186,25 +193,28 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
         log.info("metrics on :%d/metrics", port)
-    server = grpc.aio.server(interceptors=server_interceptors())
+    server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth)])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", config.tls)
     return server, port, loop
 
 
 async def serve(config: OrchestratorConfig) -> None:
     setup_tracing("specrec-orchestrator")
-    server, port, loop = await build_server(config)
+    health_servicer = health.aio.HealthServicer()
+    server, port, loop = await build_server(config, health_servicer=health_servicer)
     await server.start()
+    probes = await start_probe_listener(health_servicer, config.host, config.probe_port)
     router = loop.backends.router
-    log.info("orchestrator listening on %s:%d (Triton pods %s, draft pods %s, policy %s)", config.host, port,
-             sorted(router.endpoints(TARGET)) or "none yet", sorted(router.endpoints(DRAFT)) or "none",
-             config.policy)
+    log.info("orchestrator listening on %s:%d (Triton pods %s, draft pods %s, policy %s, %s, token %s)",
+             config.host, port, sorted(router.endpoints(TARGET)) or "none yet",
+             sorted(router.endpoints(DRAFT)) or "none", config.policy, config.tls.describe(),
+             "required" if config.auth.on else "off")
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -213,6 +223,8 @@ async def serve(config: OrchestratorConfig) -> None:
     # in-flight requests finish within the grace period; new ones are refused meanwhile
     await server.stop(config.grace_s)
     await loop.backends.close()
+    if probes is not None:
+        await probes.stop(None)
     shutdown_tracing()
 
 

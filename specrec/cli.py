@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from specrec.security import add_auth_args, add_tls_args
+
 log = logging.getLogger("specrec")
 
 DEFAULT_DATASET = os.environ.get("SPECREC_DATASET", "ml-100k")
@@ -82,19 +84,21 @@ def _user_index(arts, user: str) -> int:
                          f"{arts.data.user_ids[-1]})") from None
 
 
-def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", timeout: float = 60.0) -> None:
-    """Call the orchestrator's Recommend for a dataset user and print the list with its stats."""
-    import grpc
+def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", timeout: float = 60.0,
+                       tls=None, token: str = "") -> None:
+    """Call the orchestrator's Recommend for a dataset user and print the list with its stats.
 
+    `tls` (a specrec.security.TlsConfig) dials over TLS; `token` is sent as `authorization: Bearer`."""
+    from specrec.security import TlsConfig, auth_metadata, channel
     from specrec.v1 import recommend_pb2 as pb
     from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
     u = _user_index(arts, user)
     history = [arts.data.item_ids[i] for i in arts.split.train[u][-arts.profile.max_history:]]
-    with grpc.insecure_channel(addr) as channel:
-        resp = pb_grpc.RecommenderStub(channel).Recommend(
+    with channel(addr, tls or TlsConfig()) as ch:
+        resp = pb_grpc.RecommenderStub(ch).Recommend(
             pb.RecommendRequest(history=history, num_items=n, options=pb.DecodingOptions(policy=policy)),
-            timeout=timeout)
+            timeout=timeout, metadata=auth_metadata(token))
     print(f"user {user}: recently watched " + "; ".join(arts.data.titles[i] for i in arts.split.train[u][-3:]))
     for rank, item in enumerate(resp.items, 1):
         print(f"  {rank:2d}. {item.title or item.item_id}")
@@ -106,10 +110,20 @@ def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", tim
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from specrec.pipeline import prepare
+    import grpc
 
+    from specrec.pipeline import prepare
+    from specrec.security import SecurityConfigError, auth_from_args, read_token, tls_from_args
+
+    try:
+        tls, token = tls_from_args(args), read_token(auth_from_args(args))
+    except SecurityConfigError as err:
+        raise SystemExit(f"specrec recommend: {err}") from None
     arts = prepare(args.dataset, args.profile, seed=args.seed, train=False)
-    recommend_for_user(arts, args.addr, args.user, args.n, args.policy)
+    try:
+        recommend_for_user(arts, args.addr, args.user, args.n, args.policy, tls=tls, token=token)
+    except grpc.RpcError as err:  # refused (UNAUTHENTICATED), unreachable, bad input: say which, no traceback
+        raise SystemExit(f"specrec recommend: {err.code().name}: {err.details()}") from None
     return 0
 
 
@@ -174,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="", help="adaptive | heuristic | off | fixed:DEPTH:NODES (default: server's)")
     p.add_argument("--addr", default=os.environ.get("SPECREC_ORCHESTRATOR_ADDR", "127.0.0.1:50051"),
                    help="orchestrator address (env SPECREC_ORCHESTRATOR_ADDR)")
+    add_tls_args(p, client_only=True)
+    add_auth_args(p)
     p.set_defaults(func=cmd_recommend)
     p = sub.add_parser("demo", help="train if needed, bring up the whole stack on loopback, show it working")
     _common(p)

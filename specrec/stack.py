@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specrec.security import TlsConfig, channel
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,11 @@ class StackConfig:
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     threads: int = 1  # torch threads per service: three processes share the machine's cores
+    # One identity for all three services (they get it as SPECREC_TLS_*); it is also the client
+    # certificate of their calls and of the stack's health checks. None = plaintext.
+    tls: TlsConfig | None = None
+    token_file: Path | None = None  # bearer token the orchestrator requires on its API
+    probe_ports: bool = False  # plaintext health-only ports for drafter and orchestrator (LocalStack.probe_addrs)
 
 
 class StackError(RuntimeError):
@@ -74,20 +81,21 @@ class Process:
         self.proc.wait()
 
 
-def grpc_healthy(addr: str, service: str = "") -> bool:
+def grpc_healthy(addr: str, service: str = "", tls: TlsConfig | None = None) -> bool:
     try:
-        with grpc.insecure_channel(addr) as ch:
+        with channel(addr, tls or TlsConfig()) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
 
 
-def triton_ready(addr: str) -> bool:
+def triton_ready(addr: str, tls: TlsConfig | None = None) -> bool:
     import tritonclient.grpc as grpcclient
 
     try:
-        return grpcclient.InferenceServerClient(addr).is_model_ready("specrec_target")
+        return grpcclient.InferenceServerClient(addr, **(tls or TlsConfig()).triton_kwargs()).is_model_ready(
+            "specrec_target")
     except Exception:
         return False
 
@@ -100,6 +108,8 @@ class LocalStack:
         self.target_addr = f"127.0.0.1:{c.target_grpc or free_port()}"
         self.draft_addr = f"127.0.0.1:{c.draft_port or free_port()}" if c.with_drafter else ""
         self.orchestrator_addr = f"127.0.0.1:{c.orchestrator_port or free_port()}"
+        self.probe_addrs = {name: f"127.0.0.1:{free_port()}" for name in ("draft", "orchestrator")} \
+            if c.probe_ports else {}
         self.log_dir = c.log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"specrec-stack-{os.getpid()}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -107,32 +117,47 @@ class LocalStack:
         env = dict(os.environ)
         env.update({"SPECREC_ARTIFACTS": str(self.config.artifacts), "SPECREC_TORCH_THREADS": str(self.config.threads),
                     "OMP_NUM_THREADS": str(self.config.threads)})
+        if self.config.tls is not None:
+            t = self.config.tls
+            env.update({"SPECREC_TLS_CERT": t.cert, "SPECREC_TLS_KEY": t.key, "SPECREC_TLS_CA": t.ca,
+                        "SPECREC_TLS_CLIENT_AUTH": "1" if t.client_auth else "0",
+                        "SPECREC_TLS": "1" if t.system_roots else "0"})
         env.update(self.config.extra_env)
         return env
+
+    @property
+    def tls(self) -> TlsConfig:
+        return self.config.tls or TlsConfig()
 
     def start_target(self) -> None:
         port = self.target_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "target_service.launch", "--artifacts", str(self.config.artifacts),
                 "--grpc-port", port, "--http-port", str(free_port()), "--metrics-port", str(free_port())]
         self.procs["target"] = Process("target", args, self._env(), self.log_dir)
-        self._wait("target", lambda: triton_ready(self.target_addr), 180)
+        self._wait("target", lambda: triton_ready(self.target_addr, self.tls), 180)
 
     def start_drafter(self) -> None:
         if not self.config.with_drafter:
             return
         port = self.draft_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "draft_service.server", "--port", port, "--artifacts",
-                str(self.config.artifacts), "--drafter", self.config.drafter]
+                str(self.config.artifacts), "--drafter", self.config.drafter, *self._probe_arg("draft")]
         self.procs["draft"] = Process("draft", args, self._env(), self.log_dir)
-        self._wait("draft", lambda: grpc_healthy(self.draft_addr), 120)
+        self._wait("draft", lambda: grpc_healthy(self.draft_addr, tls=self.tls), 120)
 
     def start_orchestrator(self) -> None:
         port = self.orchestrator_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "orchestrator.server", "--port", port, "--artifacts",
                 str(self.config.artifacts), "--target-addr", self.target_addr, "--draft-addr", self.draft_addr,
                 "--policy", self.config.policy, "--metrics-port", str(self.config.metrics_port)]
+        args += self._probe_arg("orchestrator")
+        if self.config.token_file is not None:
+            args += ["--token-file", str(self.config.token_file)]
         self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir)
-        self._wait("orchestrator", lambda: grpc_healthy(self.orchestrator_addr), 60)
+        self._wait("orchestrator", lambda: grpc_healthy(self.orchestrator_addr, tls=self.tls), 60)
+
+    def _probe_arg(self, name: str) -> list[str]:
+        return ["--probe-port", self.probe_addrs[name].rsplit(":", 1)[1]] if name in self.probe_addrs else []
 
     def start(self) -> LocalStack:
         try:

@@ -10,6 +10,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from specrec.security import TlsConfig
+
 MODEL_NAME = "specrec_target"
 MODES = ("greedy", "stochastic", "relaxed")
 # tritonclient sends the correlation id as an int64 request parameter.
@@ -71,11 +73,12 @@ class TargetClient:
     fixed when the stream opens).
     """
 
-    def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 5.0, tls: TlsConfig | None = None,
+                 tls_name: str = "") -> None:
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, **(tls or TlsConfig()).triton_kwargs(tls_name))
         self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
 
     async def verify(

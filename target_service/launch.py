@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specrec.paths import specrec_home
+from specrec.security import SecurityConfigError, TlsConfig, add_tls_args, tls_from_args
 
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
@@ -235,6 +236,7 @@ class TritonServer:
         exit_timeout_s: int = 10,
         echo_log: bool = False,
         install: TritonInstall | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
@@ -249,6 +251,7 @@ class TritonServer:
         self.exit_timeout_s = exit_timeout_s
         self.echo_log = echo_log
         self.install = install
+        self.tls = tls or TlsConfig()  # gRPC endpoint only: Triton's HTTP port (probes) stays plaintext
         self.process: subprocess.Popen[bytes] | None = None
         self._log_lines: collections.deque[str] = collections.deque(maxlen=400)
         self._log_thread: threading.Thread | None = None
@@ -292,6 +295,7 @@ class TritonServer:
             # Several servers on one host (tests, benches) must not share shm region names.
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
+        cmd += self.tls.triton_server_args()
         return cmd + trace_args(self.trace_otlp_url, self.trace_rate) + self.extra_args
 
     def child_env(self) -> dict[str, str]:
@@ -381,7 +385,8 @@ class TritonServer:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        # Triton serves TLS only with a certificate; the probe dials the way Triton serves.
+        client = grpcclient.InferenceServerClient(self.grpc_url, **(self.tls.triton_kwargs() if self.tls.cert else {}))
         try:
             while time.monotonic() < deadline:
                 self._check_alive()
@@ -504,7 +509,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=(
             "Environment: SPECREC_TARGET_GRPC_PORT, SPECREC_TARGET_HTTP_PORT, SPECREC_TARGET_METRICS_PORT, "
             "SPECREC_ARTIFACTS (trained model dir, given to the model as SPECREC_TARGET_MODEL_DIR), "
-            "SPECREC_DEVICE, SPECREC_TARGET_INSTANCES, SPECREC_TARGET_TRACE_URL."
+            "SPECREC_DEVICE, SPECREC_TARGET_INSTANCES, SPECREC_TARGET_TRACE_URL, "
+            "SPECREC_TLS_CERT, SPECREC_TLS_KEY, SPECREC_TLS_CA, SPECREC_TLS_CLIENT_AUTH."
         ),
     )
     env = os.environ.get
@@ -532,7 +538,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exit-timeout", type=int, default=30,
                         help="on SIGTERM, seconds Triton waits for open sequences to end (default: 30)")
     parser.add_argument("extra", nargs="*", help="extra tritonserver arguments (after --)")
-    return parser.parse_args(argv)  # fmt: skip
+    add_tls_args(parser)  # --grpc-use-ssl[-mutual] on Triton's gRPC port; the readiness probe dials with it
+    args = parser.parse_args(argv)
+    try:
+        args.tls = tls_from_args(args)
+    except SecurityConfigError as err:
+        parser.error(str(err))
+    return args  # fmt: skip
 
 
 def server_from_args(args: argparse.Namespace) -> TritonServer:
@@ -559,6 +571,7 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         shm_growth_bytes=args.shm_mb * MB,
         exit_timeout_s=args.exit_timeout,
         echo_log=True,
+        tls=args.tls,
     )
 
 

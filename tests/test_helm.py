@@ -26,7 +26,7 @@ MIB = 1 << 20
 
 
 def test_ci_scenarios_cover_cpu_gpu_and_mig() -> None:
-    assert {"cpu-only", "whole-gpus", "mig"} <= set(SCENARIOS)
+    assert {"cpu-only", "whole-gpus", "mig", "tls"} <= set(SCENARIOS)
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +195,7 @@ EXPECTED_ACCELERATORS: dict[str, dict[str, tuple[str, int] | None]] = {
     "cpu-only": {"draft": None, "triton": None},
     "whole-gpus": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 2)},
     "mig": {"draft": ("nvidia.com/mig-1g.10gb", 1), "triton": ("nvidia.com/mig-3g.40gb", 1)},
+    "tls": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 1)},
 }
 
 
@@ -261,6 +262,8 @@ def test_probes_hit_triton_health_endpoints_and_grpc_health(rendered: dict[str, 
     assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert triton["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     for component, port in (("orchestrator", 50051), ("draft", 50052)):
+        # kubelet's gRPC probe cannot speak TLS: with TLS on it checks the plaintext health-only port
+        port = r.values["tls"]["probePort"] if r.values["tls"]["enabled"] else port
         container = r.container(component)
         assert container["readinessProbe"]["grpc"] == {"port": port}
         assert container["livenessProbe"]["grpc"] == {"port": port}
@@ -370,6 +373,77 @@ def test_model_repository_source(rendered: dict[str, Rendered], scenario: str) -
         assert mount["subPath"] == "models" and "initContainers" not in pod
     else:
         assert volume["persistentVolumeClaim"]["claimName"] == r.values["triton"]["modelRepository"]["existingClaim"]
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_tls_secrets_are_mounted_and_every_hop_is_told_to_use_them(
+    rendered: dict[str, Rendered], scenario: str
+) -> None:
+    r = rendered[scenario]
+    tls, auth = r.values["tls"], r.values["auth"]
+    for component in ("orchestrator", "draft", "triton"):
+        pod = r.get("Deployment", component)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in r.container(component)["volumeMounts"]}
+        if not tls["enabled"]:
+            assert "tls" not in volumes and "tls" not in mounts
+            assert not any(k.startswith("SPECREC_TLS") for k in _env(r.container(component)))
+            continue
+        # The component's own Secret, read-only, never world-readable.
+        assert volumes["tls"]["secret"] == {"secretName": tls[component]["secretName"], "defaultMode": 0o440}
+        assert mounts["tls"] == {"name": "tls", "mountPath": tls["mountPath"], "readOnly": True}
+    triton_args = r.container("triton")["args"]
+    if tls["enabled"]:
+        files = {name: f"{tls['mountPath']}/{name}" for name in ("tls.crt", "tls.key", "ca.crt")}
+        assert {"--grpc-use-ssl=true", f"--grpc-server-cert={files['tls.crt']}",
+                f"--grpc-server-key={files['tls.key']}", f"--grpc-root-cert={files['ca.crt']}"} <= set(triton_args)
+        assert ("--grpc-use-ssl-mutual=true" in triton_args) == tls["mutual"]
+        for component, client_auth in (("orchestrator", tls["clientAuthOnApi"]), ("draft", tls["mutual"])):
+            env = _env(r.container(component))
+            assert (env["SPECREC_TLS_CERT"], env["SPECREC_TLS_KEY"], env["SPECREC_TLS_CA"]) == \
+                (files["tls.crt"], files["tls.key"], files["ca.crt"])
+            assert env["SPECREC_TLS_CLIENT_AUTH"] == ("1" if client_auth else "0")
+            assert env["SPECREC_PROBE_PORT"] == str(tls["probePort"])
+        # The orchestrator checks its peers against their Service names, also when it dials pod IPs.
+        env = _env(r.container("orchestrator"))
+        assert env["SPECREC_DRAFT_TLS_NAME"] == f"{r.get('Service', 'draft')['metadata']['name']}.{NAMESPACE}.svc"
+        assert env["SPECREC_TARGET_TLS_NAME"] == f"{r.get('Service', 'triton')['metadata']['name']}.{NAMESPACE}.svc"
+    else:
+        assert not any(a.startswith("--grpc-use-ssl") for a in triton_args)
+    orchestrator = r.get("Deployment", "orchestrator")["spec"]["template"]["spec"]
+    token_volume = next((v for v in orchestrator["volumes"] if v["name"] == "auth-token"), None)
+    env = _env(r.container("orchestrator"))
+    if auth["enabled"]:
+        assert token_volume is not None and token_volume["secret"]["secretName"] == auth["existingSecret"]
+        assert token_volume["secret"]["items"] == [{"key": auth["secretKey"], "path": "token"}]
+        mount = next(m for m in r.container("orchestrator")["volumeMounts"] if m["name"] == "auth-token")
+        assert mount["readOnly"] is True and env["SPECREC_AUTH_TOKEN_FILE"] == f"{mount['mountPath']}/token"
+    else:
+        assert token_volume is None and "SPECREC_AUTH_TOKEN_FILE" not in env
+    # Secrets reach the pods as files only: no env var carries a secret value.
+    for component in ("orchestrator", "draft", "triton"):
+        assert not any("secretKeyRef" in str(e.get("valueFrom", {})) for e in r.container(component).get("env", []))
+
+
+def test_tls_leaves_the_network_policies_as_they_were(rendered: dict[str, Rendered]) -> None:
+    assert rendered["tls"].values["tls"]["enabled"] and not rendered["default"].values["tls"]["enabled"]
+    for component in ("orchestrator", "draft", "triton"):
+        assert rendered["tls"].get("NetworkPolicy", component) == rendered["default"].get("NetworkPolicy", component)
+
+
+@pytest.mark.parametrize("values, message", [
+    (["--set", "tls.enabled=true,tls.orchestrator.secretName=o,tls.triton.secretName=t"],
+     "tls.draft.secretName is required when tls.enabled is true"),
+    (["--set", "auth.enabled=true"], "auth.existingSecret is required when auth.enabled is true"),
+])
+def test_tls_and_auth_without_their_secret_are_refused(helm: str, values: list[str], message: str) -> None:
+    result = subprocess.run([helm, "template", RELEASE, str(CHART), *values], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and message in result.stderr
 
 
 def test_service_monitors_scrape_each_metrics_port(rendered: dict[str, Rendered]) -> None:

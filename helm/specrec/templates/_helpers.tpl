@@ -220,3 +220,115 @@ Python backend shared-memory arguments for Triton, derived from the same values 
 - --backend-config=python,shm-default-byte-size={{ mul .Values.triton.shm.pythonDefaultMiB $mib }}
 - --backend-config=python,shm-growth-byte-size={{ mul .Values.triton.shm.pythonGrowthMiB $mib }}
 {{- end }}
+
+{{/*
+The Secret holding one component's TLS identity (tls.crt, tls.key, ca.crt: what cert-manager writes);
+required when tls.enabled. Call with (dict "ctx" $ "component" "draft").
+*/}}
+{{- define "specrec.tlsSecretName" -}}
+{{- $secret := (index .ctx.Values.tls .component).secretName }}
+{{- if not $secret }}
+{{- fail (printf "tls.%s.secretName is required when tls.enabled is true: the name of an existing Secret holding tls.crt, tls.key and ca.crt" .component) }}
+{{- end }}
+{{- $secret }}
+{{- end }}
+
+{{/*
+Secret volumes of one component: its TLS identity when tls.enabled and, for the orchestrator, the API
+bearer token when auth.enabled. Whole-Secret mounts (no subPath), so rotated Secrets reach the pod.
+Call with (dict "ctx" $ "component" "draft").
+*/}}
+{{- define "specrec.secretVolumes" -}}
+{{- if .ctx.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "specrec.tlsSecretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- if and (eq .component "orchestrator") .ctx.Values.auth.enabled }}
+{{- if not .ctx.Values.auth.existingSecret }}
+{{- fail "auth.existingSecret is required when auth.enabled is true: the name of an existing Secret holding the API bearer token" }}
+{{- end }}
+- name: auth-token
+  secret:
+    secretName: {{ .ctx.Values.auth.existingSecret }}
+    items:
+      - key: {{ .ctx.Values.auth.secretKey }}
+        path: token
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{/*
+Mounts matching specrec.secretVolumes. Call with (dict "ctx" $ "component" "draft").
+*/}}
+{{- define "specrec.secretVolumeMounts" -}}
+{{- if .ctx.Values.tls.enabled }}
+- name: tls
+  mountPath: {{ .ctx.Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if and (eq .component "orchestrator") .ctx.Values.auth.enabled }}
+- name: auth-token
+  mountPath: /etc/specrec/auth
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+TLS and token environment of a Python service (specrec.security reads SPECREC_TLS_*, SPECREC_PROBE_PORT,
+SPECREC_AUTH_TOKEN_FILE). The drafter requires client certificates when tls.mutual; the orchestrator's
+API when tls.clientAuthOnApi. The orchestrator checks its peers' certificates against their Service
+names, also when it dials pod IPs. Call with (dict "ctx" $ "component" "draft").
+*/}}
+{{- define "specrec.securityEnv" -}}
+{{- $t := .ctx.Values.tls }}
+{{- $ns := .ctx.Release.Namespace }}
+{{- if $t.enabled }}
+- name: SPECREC_TLS_CERT
+  value: {{ printf "%s/tls.crt" $t.mountPath | quote }}
+- name: SPECREC_TLS_KEY
+  value: {{ printf "%s/tls.key" $t.mountPath | quote }}
+- name: SPECREC_TLS_CA
+  value: {{ printf "%s/ca.crt" $t.mountPath | quote }}
+- name: SPECREC_TLS_CLIENT_AUTH
+  value: {{ ternary $t.clientAuthOnApi $t.mutual (eq .component "orchestrator") | ternary "1" "0" | quote }}
+- name: SPECREC_PROBE_PORT
+  value: {{ $t.probePort | toString | quote }}
+{{- if eq .component "orchestrator" }}
+- name: SPECREC_DRAFT_TLS_NAME
+  value: {{ printf "%s.%s.svc" (include "specrec.componentName" (dict "ctx" .ctx "component" "draft")) $ns | quote }}
+- name: SPECREC_TARGET_TLS_NAME
+  value: {{ printf "%s.%s.svc" (include "specrec.componentName" (dict "ctx" .ctx "component" "triton")) $ns | quote }}
+{{- end }}
+{{- end }}
+{{- if and (eq .component "orchestrator") .ctx.Values.auth.enabled }}
+- name: SPECREC_AUTH_TOKEN_FILE
+  value: /etc/specrec/auth/token
+{{- end }}
+{{- end }}
+
+{{/*
+The port of the orchestrator's and drafter's gRPC probes: kubelet's gRPC probe cannot speak TLS, so with
+tls.enabled it checks the plaintext health-only listener on tls.probePort.
+Call with (dict "ctx" $ "port" .Values.draft.containerPorts.grpc).
+*/}}
+{{- define "specrec.probePort" -}}
+{{- ternary .ctx.Values.tls.probePort .port .ctx.Values.tls.enabled }}
+{{- end }}
+
+{{/*
+tritonserver flags for TLS on its gRPC port (mutual when tls.mutual); HTTP stays plaintext for the probes.
+*/}}
+{{- define "specrec.tritonTlsArgs" -}}
+{{- $t := .Values.tls }}
+{{- if $t.enabled }}
+- --grpc-use-ssl=true
+- --grpc-server-cert={{ $t.mountPath }}/tls.crt
+- --grpc-server-key={{ $t.mountPath }}/tls.key
+- --grpc-root-cert={{ $t.mountPath }}/ca.crt
+{{- if $t.mutual }}
+- --grpc-use-ssl-mutual=true
+{{- end }}
+{{- end }}
+{{- end }}
