@@ -30,12 +30,14 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
+from specrec.grpc_guard import UndecodableRequests
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
@@ -157,6 +159,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"no message for {self.config.idle_timeout_s:g} s: session closed; "
                                         "open a new stream with the full context")
+                except DecodeError as err:  # grpc.aio would call it UNKNOWN
+                    self.table.counters.invalid_requests += 1
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"a message on this stream is not a valid SpeculateRequest ({err})")
                 if req is grpc.aio.EOF:
                     return
                 try:
@@ -271,7 +277,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     metrics = DrafterMetrics()
     if config.metrics_port:
         log.info("metrics on :%d/metrics", start_metrics_server(config.metrics_port, metrics.registry))
-    server = grpc.aio.server(interceptors=server_interceptors(),
+    server = grpc.aio.server(interceptors=[*server_interceptors(), UndecodableRequests()],
                              options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(
         DraftServicer(config, drafters, SessionTable(config.max_sessions), pool, metrics), server)

@@ -17,6 +17,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
+from specrec.grpc_guard import UndecodableRequests
 from specrec.semantic_ids.vocab import SEP
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
 from specrec.telemetry import (
@@ -169,7 +170,7 @@ async def build_server(config: OrchestratorConfig) -> tuple[grpc.aio.Server, int
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
         log.info("metrics on :%d/metrics", port)
-    server = grpc.aio.server(interceptors=server_interceptors())
+    server = grpc.aio.server(interceptors=[*server_interceptors(), UndecodableRequests()])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
