@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ log = logging.getLogger("specrec.orchestrator")
 SERVICE = "specrec.v1.Recommender"
 MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPLING: "stochastic",
          pb.DecodingOptions.MODE_RELAXED: "relaxed"}
+MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
 
 
 def stats_message(s: LoopStats) -> pb.Stats:
@@ -89,8 +91,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             opts = request.options
             if opts.mode not in MODES:
                 raise RequestInvalid(f"options.mode = {opts.mode} is not a known mode")
-            if opts.temperature < 0:
-                raise RequestInvalid("options.temperature must be >= 0")
+            if not (math.isfinite(opts.temperature) and opts.temperature >= 0):  # NaN passes a plain "< 0"
+                raise RequestInvalid(f"options.temperature must be a finite number >= 0, got {opts.temperature}")
+            if opts.seed > MAX_SEED:
+                raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes")
             if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
                 raise RequestInvalid("options.max_tree_nodes must be in 0..128")
             try:

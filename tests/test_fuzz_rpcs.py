@@ -9,6 +9,7 @@ drafted, and Recommend calls made while the fuzz runs return the plain greedy li
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from specrec.decoding.plain import decode
@@ -364,7 +365,13 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
     valid_prompts = [tiny_artifacts.prompt(u) for u in range(5, 9)]
     codes: Counter[str] = Counter()
 
+    sampling = pb.DecodingOptions.MODE_SAMPLING
+    found = item_ids[:3], valid_prompts[0], 2  # the bugs this fuzz found, kept as fixed examples
+
     @settings(FUZZ, max_examples=int(40 * SCALE))
+    @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1))
+    @example("Generate", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, temperature=math.nan))
+    @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions())
     @given(st.sampled_from(["Recommend", "StreamRecommend", "Generate"]), histories(item_ids),
            prompts(valid_prompts, contexts["finished"]), num_items, options)
     def run(rpc: str, history: list[str], prompt: list[int], n: int, opts: pb.DecodingOptions) -> None:
