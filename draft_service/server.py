@@ -18,7 +18,6 @@ import asyncio
 import functools
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -36,7 +35,15 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
-from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
+from specrec.drafting.base import (
+    DRAFTER_NAME,
+    Budget,
+    Drafter,
+    DraftError,
+    DraftSession,
+    drafter_names,
+    load_drafter,
+)
 from specrec.grpc_guard import UndecodableRequests
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
@@ -47,7 +54,6 @@ from specrec.v1 import draft_pb2, draft_pb2_grpc
 log = logging.getLogger("specrec.draft")
 SERVICE = "specrec.v1.DraftService"
 T = TypeVar("T")
-_VARIANT = re.compile(r"^(model|hybrid)(:drafter[-a-z0-9]*)?$|^retrieval$")
 
 
 def _env(name: str, default: str) -> str:
@@ -111,7 +117,7 @@ class Drafters:
 
     def get(self, name: str) -> Drafter:
         if name not in self._loaded:
-            if not _VARIANT.match(name):
+            if not DRAFTER_NAME.fullmatch(name):
                 raise DraftError(f"unknown drafter {name!r}; choose one of {', '.join(drafter_names())}")
             try:
                 self._loaded[name] = load_drafter(name, self.artifacts, device=self.device)

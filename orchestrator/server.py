@@ -18,6 +18,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
+from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
 from specrec.semantic_ids.vocab import SEP
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
@@ -95,6 +96,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 raise RequestInvalid(f"options.temperature must be a finite number >= 0, got {opts.temperature}")
             if opts.seed > MAX_SEED:
                 raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes")
+            if opts.drafter and not DRAFTER_NAME.fullmatch(opts.drafter):  # else the drafter's refusal backs
+                # every request off the drafter for a while, as if the service were down
+                raise RequestInvalid(f"options.drafter = {opts.drafter!r} is not a drafter: use model, retrieval "
+                                     "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty")
             if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
                 raise RequestInvalid("options.max_tree_nodes must be in 0..128")
             try:

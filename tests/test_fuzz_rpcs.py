@@ -299,7 +299,7 @@ class RecommendWitness(threading.Thread):
             self.error = e
 
 
-options = st.builds(
+wild_options = st.builds(
     pb.DecodingOptions,
     mode=st.one_of(st.sampled_from([0, 0, 1, 2]), st.integers(-1, 9)),
     temperature=st.one_of(st.just(0.0), st.floats(width=32)),
@@ -310,12 +310,23 @@ options = st.builds(
     drafter=st.sampled_from(["", "model", "retrieval", "hybrid", "model:drafter-nope", "nope"]),
     include_history=st.booleans(),
 )
-num_items = st.one_of(st.integers(0, 3), st.integers(-5, 60), st.sampled_from([-2**31, 2**31 - 1]))
+sane_options = st.builds(  # every combination of valid choices, so half the calls decode to the end
+    pb.DecodingOptions,
+    mode=st.sampled_from([0, 1, 2]),
+    temperature=st.one_of(st.just(0.0), st.floats(0.05, 3.0)),
+    seed=st.integers(0, 2**63 - 1),
+    policy=st.sampled_from(["", "adaptive", "heuristic", "off", "fixed:3:16", "fixed:1:1", "heuristic:4"]),
+    max_tree_nodes=st.integers(0, 128),
+    drafter=st.sampled_from(["", "model", "retrieval", "hybrid"]),
+    include_history=st.booleans(),
+)
+options = st.one_of(sane_options, wild_options)
+num_items = st.one_of(st.integers(1, 3), st.integers(0, 3), st.integers(-5, 60), st.sampled_from([-2**31, 2**31 - 1]))
 
 
 @st.composite
 def histories(draw: st.DrawFn, item_ids: list[str]) -> list[str]:
-    kind = draw(st.sampled_from(["known", "known", "mixed", "empty", "long", "text"]))
+    kind = draw(st.sampled_from(["known", "known", "known", "mixed", "empty", "long", "text"]))
     known = st.sampled_from(item_ids)
     if kind == "known":
         return draw(st.lists(known, min_size=1, max_size=8))
@@ -328,7 +339,7 @@ def histories(draw: st.DrawFn, item_ids: list[str]) -> list[str]:
 
 @st.composite
 def prompts(draw: st.DrawFn, valid: list[list[int]], finished: list[int]) -> list[int]:
-    kind = draw(st.sampled_from(["valid", "valid", "finished", "random", "long", "tail", "empty"]))
+    kind = draw(st.sampled_from(["valid", "valid", "valid", "finished", "random", "long", "tail", "empty"]))
     if kind == "valid":
         return draw(st.sampled_from(valid))
     if kind == "finished":
@@ -396,3 +407,12 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
     print(f"\nRecommender statuses: {dict(codes)}; witness requests: {len(witness.got)}")
     assert codes["OK"] > 0 and codes["INVALID_ARGUMENT"] > 0
     assert_alive(stack)
+
+
+def test_a_misspelt_drafter_is_the_requests_fault(channels, tiny_artifacts):
+    """Found by the fuzz: the drafter's refusal used to back every request off the drafter for a while."""
+    req = pb.RecommendRequest(history=history_ids(tiny_artifacts, 0), num_items=2,
+                              options=pb.DecodingOptions(drafter="retreival"))
+    with pytest.raises(grpc.RpcError) as err:
+        pb_grpc.RecommenderStub(channels[1]).Recommend(req, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.drafter" in err.value.details()
