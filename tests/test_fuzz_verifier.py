@@ -54,13 +54,15 @@ class Witness:
     steps: list[int] = field(default_factory=list)
 
     def request(self, rng: np.random.Generator, n_nodes: int) -> VerifyRequest:
+        # every other list samples: its seeded generator must not be touched by anyone else's requests
+        params = AcceptParams(mode="stochastic" if self.user % 2 else "greedy", temperature=0.8)
         if self.state is None:  # (re)start on the next prompt
             prompt = self.prompts[self.user % len(self.prompts)]
             self.state = self.constraint.start(prompt)
             tokens, parents = random_tree(self.constraint, self.state, rng, n_nodes)
-            return VerifyRequest(WITNESS, tokens, parents, context=prompt, start=True)
+            return VerifyRequest(WITNESS, tokens, parents, context=prompt, start=True, params=params, seed=self.user)
         tokens, parents = random_tree(self.constraint, self.state, rng, n_nodes)
-        return VerifyRequest(WITNESS, tokens, parents)
+        return VerifyRequest(WITNESS, tokens, parents, params=params)
 
     def check(self, req: VerifyRequest, got: object) -> None:
         want = self.clean.verify_batch([req])[0]
@@ -164,7 +166,7 @@ def test_fuzzed_batches_never_raise_and_leave_a_live_sequence_alone(witness, con
     run()
     print(f"\nverifier fuzz: {len(examples)} batches, {sum(examples)} fuzzed requests, "
           f"witness {len(witness.steps)} steps / {witness.lists_done} whole lists")
-    assert witness.lists_done >= 1, "the witness never finished a list: the check compared too little"
+    assert witness.lists_done >= 2, "the witness finished no greedy and sampled list: the check compared too little"
 
 
 # -- the real Triton -----------------------------------------------------------------------------------
