@@ -18,7 +18,6 @@ import asyncio
 import functools
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -30,12 +29,22 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
-from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, drafter_names, load_drafter
+from specrec.drafting.base import (
+    DRAFTER_NAME,
+    Budget,
+    Drafter,
+    DraftError,
+    DraftSession,
+    drafter_names,
+    load_drafter,
+)
+from specrec.grpc_guard import UndecodableRequests
 from specrec.security import (
     SecurityConfigError,
     TlsConfig,
@@ -54,7 +63,6 @@ from specrec.v1 import draft_pb2, draft_pb2_grpc
 log = logging.getLogger("specrec.draft")
 SERVICE = "specrec.v1.DraftService"
 T = TypeVar("T")
-_VARIANT = re.compile(r"^(model|hybrid)(:drafter[-a-z0-9]*)?$|^retrieval$")
 
 
 def _env(name: str, default: str) -> str:
@@ -127,7 +135,7 @@ class Drafters:
 
     def get(self, name: str) -> Drafter:
         if name not in self._loaded:
-            if not _VARIANT.match(name):
+            if not DRAFTER_NAME.fullmatch(name):
                 raise DraftError(f"unknown drafter {name!r}; choose one of {', '.join(drafter_names())}")
             try:
                 self._loaded[name] = load_drafter(name, self.artifacts, device=self.device)
@@ -175,6 +183,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"no message for {self.config.idle_timeout_s:g} s: session closed; "
                                         "open a new stream with the full context")
+                except DecodeError as err:  # grpc.aio would call it UNKNOWN
+                    self.table.counters.invalid_requests += 1
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"a message on this stream is not a valid SpeculateRequest ({err})")
                 if req is grpc.aio.EOF:
                     return
                 try:
@@ -289,7 +301,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     metrics = DrafterMetrics()
     if config.metrics_port:
         log.info("metrics on :%d/metrics", start_metrics_server(config.metrics_port, metrics.registry))
-    server = grpc.aio.server(interceptors=server_interceptors(),
+    server = grpc.aio.server(interceptors=[*server_interceptors(), UndecodableRequests()],
                              options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(
         DraftServicer(config, drafters, SessionTable(config.max_sessions), pool, metrics), server)

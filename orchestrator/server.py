@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
 from orchestrator.routing import DRAFT, TARGET, Router
+from specrec.drafting.base import DRAFTER_NAME
+from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.vocab import SEP
@@ -38,6 +41,7 @@ log = logging.getLogger("specrec.orchestrator")
 SERVICE = "specrec.v1.Recommender"
 MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPLING: "stochastic",
          pb.DecodingOptions.MODE_RELAXED: "relaxed"}
+MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
 
 
 def stats_message(s: LoopStats) -> pb.Stats:
@@ -93,8 +97,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             opts = request.options
             if opts.mode not in MODES:
                 raise RequestInvalid(f"options.mode = {opts.mode} is not a known mode")
-            if opts.temperature < 0:
-                raise RequestInvalid("options.temperature must be >= 0")
+            if not (math.isfinite(opts.temperature) and opts.temperature >= 0):  # NaN passes a plain "< 0"
+                raise RequestInvalid(f"options.temperature must be a finite number >= 0, got {opts.temperature}")
+            if opts.seed > MAX_SEED:
+                raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes")
+            if opts.drafter and not DRAFTER_NAME.fullmatch(opts.drafter):  # else the drafter's refusal backs
+                # every request off the drafter for a while, as if the service were down
+                raise RequestInvalid(f"options.drafter = {opts.drafter!r} is not a drafter: use model, retrieval "
+                                     "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty")
             if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
                 raise RequestInvalid("options.max_tree_nodes must be in 0..128")
             try:
@@ -193,7 +203,8 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
         log.info("metrics on :%d/metrics", port)
-    server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth)])
+    server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth),
+                                           UndecodableRequests()])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -11,6 +11,7 @@ Bad client input raises DraftError (the service maps it to INVALID_ARGUMENT).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -342,6 +343,10 @@ def register(name: str) -> Callable[[F], F]:
         return factory
 
     return wrap
+
+
+# What a client may ask for: "model", "hybrid" (each optionally ":drafter-<variant>"), "retrieval".
+DRAFTER_NAME = re.compile(r"(model|hybrid)(:drafter[-a-z0-9]*)?|retrieval")
 
 
 def drafter_names() -> list[str]:

@@ -9,6 +9,7 @@ every sequence's state as it was.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from specrec.semantic_ids.trie import ItemTrie
 from specrec.verify.rules import MODES, NO_BONUS, AcceptParams, accept
 
 MAX_TREE_NODES = 128
+MAX_SEED = 2**64 - 1  # torch.Generator takes an unsigned 64-bit seed
 
 
 class VerifyError(Exception):
@@ -118,20 +120,20 @@ class TargetVerifier:
             self.end(victim)
         return self.free_rows.pop()
 
-    def _open(self, req: VerifyRequest, busy: set[int]) -> Sequence:
+    def _open(self, req: VerifyRequest) -> Sequence:
+        """A new sequence from CONTEXT, validated but holding no cache row yet (row -1)."""
         if req.n_items < 1 or req.n_items > 200:
             raise VerifyError("INVALID_ARGUMENT", f"n_items must be in 1..200, got {req.n_items}")
+        if not 0 <= req.seed <= MAX_SEED:
+            raise VerifyError("INVALID_ARGUMENT", f"seed must be in 0..2**64-1, got {req.seed}")
         self._check_tokens("CONTEXT", req.context or [])
         constraint = ListConstraint(self.trie, req.n_items, req.exclude_history)
         try:
             state = constraint.start(list(req.context or []))
         except ConstraintError as e:
             raise VerifyError("INVALID_ARGUMENT", f"CONTEXT is not a valid list prefix: {e}") from None
-        self.end(req.sequence_id)
-        row = self._claim_row(busy)
-        self.cache.lengths[row] = 0
         gen = torch.Generator().manual_seed(req.seed)
-        return Sequence(row, constraint, state, list(req.context or []), list(req.context or []), gen)
+        return Sequence(-1, constraint, state, list(req.context or []), list(req.context or []), gen)
 
     # -- validation ------------------------------------------------------------------------------
     def _check_tokens(self, name: str, tokens: list[int]) -> None:
@@ -152,13 +154,24 @@ class TargetVerifier:
                 raise VerifyError("INVALID_ARGUMENT", f"TREE_PARENTS[{i}] = {p}: a parent must be -1 (the root) "
                                   f"or an earlier node index 0..{i - 1}")
         self._check_tokens("TREE_TOKENS", req.tree_tokens)
-        if req.params.mode not in MODES:
-            raise VerifyError("INVALID_ARGUMENT", f"mode {req.params.mode!r} unknown; use one of {', '.join(MODES)}")
-        if req.draft_probs is not None and tuple(req.draft_probs.shape) != (n + 1, self.vocab_size):
+        _check_params(req.params)
+        if req.draft_probs is not None:
+            self._check_probs(req.draft_probs, n)
+
+    def _check_probs(self, probs: torch.Tensor, n: int) -> None:
+        if tuple(probs.shape) != (n + 1, self.vocab_size):
             raise VerifyError("INVALID_ARGUMENT", f"DRAFT_PROBS must hold (nodes + 1) x vocab = {(n + 1)} x "
-                              f"{self.vocab_size} values, got {tuple(req.draft_probs.shape)}")
+                              f"{self.vocab_size} values, got {tuple(probs.shape)}")
+        # rejection sampling divides by q and samples the residual: NaN, negative or unnormalised rows break it
+        sums = probs.double().sum(dim=1)
+        bad = ~torch.isfinite(probs).all(dim=1) | (probs < 0).any(dim=1) | ((sums - 1).abs() > 1e-3) & (sums != 0)
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0])
+            raise VerifyError("INVALID_ARGUMENT", f"DRAFT_PROBS row {row} is not a distribution (finite, >= 0, "
+                              f"summing to 1, or all 0 where nothing was drafted): sum {float(sums[row]):.4g}")
 
     def _prepare(self, req: VerifyRequest, busy: set[int]) -> _Prepared:
+        """Validate everything first; only a request that passes takes a cache row (or evicts anyone)."""
         self._check_tree(req)
         seq = self.sequences.get(req.sequence_id)
         needs_open = req.start or seq is None or (req.context is not None and req.context != seq.committed)
@@ -166,11 +179,12 @@ class TargetVerifier:
             if req.context is None:
                 raise VerifyError("INVALID_ARGUMENT", f"sequence {req.sequence_id} has no state here (never started, "
                                   "ended, or evicted): send CONTEXT with the committed tokens to rebuild it")
-            seq = self._open(req, busy)
+            seq = self._open(req)
         assert seq is not None
         if seq.state.finished:
             raise VerifyError("INVALID_ARGUMENT", f"sequence {req.sequence_id} already ended its list with EOS")
-        needed = self.cache.lengths[seq.row] + len(seq.pending) + len(req.tree_tokens)
+        cached = 0 if needs_open else self.cache.lengths[seq.row]
+        needed = cached + len(seq.pending) + len(req.tree_tokens)
         if needed > self.cache.max_len:
             raise VerifyError("INVALID_ARGUMENT", f"sequence would reach {needed} tokens, over the target's "
                               f"limit of {self.cache.max_len}")
@@ -179,6 +193,10 @@ class TargetVerifier:
             parent = states[par + 1]
             states.append(None if parent is None else seq.constraint.advance(parent, tok))
         allowed = [None if s is None else seq.constraint.allowed(s) for s in states]
+        if needs_open:
+            self.end(req.sequence_id)
+            seq.row = self._claim_row(busy)
+            self.cache.lengths[seq.row] = 0
         return _Prepared(req, seq, allowed, states)
 
     # -- verification ----------------------------------------------------------------------------
@@ -188,7 +206,13 @@ class TargetVerifier:
         results: list[VerifyResult | VerifyError | None] = [None] * len(reqs)
         prepared: list[tuple[int, _Prepared]] = []
         busy = {r.sequence_id for r in reqs}
+        seen: set[int] = set()
         for i, req in enumerate(reqs):
+            if req.sequence_id in seen:  # Triton batches one request per sequence; a library caller might not
+                results[i] = VerifyError("INVALID_ARGUMENT", f"sequence {req.sequence_id} has two requests in one "
+                                         "batch; send the next only after the previous one's answer")
+                continue
+            seen.add(req.sequence_id)
             if req.end and not req.tree_tokens and req.context is None and not req.start:
                 self.end(req.sequence_id)  # a bare END: nothing to verify
                 results[i] = VerifyResult([], [], True, self.live_sequences)
@@ -242,3 +266,18 @@ class TargetVerifier:
         seq.last_used = time.monotonic()
         self.sequences.move_to_end(req.sequence_id)
         return VerifyResult(accepted, path, state.finished, self.live_sequences)
+
+
+def _check_params(params: AcceptParams) -> None:
+    """Acceptance parameters the rules can act on: NaN or negative ones would crash sampling mid-batch."""
+    problem = None
+    if params.mode not in MODES:
+        problem = f"mode {params.mode!r} unknown; use one of {', '.join(MODES)}"
+    elif not (math.isfinite(params.temperature) and params.temperature >= 0):
+        problem = f"temperature must be a finite number >= 0, got {params.temperature}"
+    elif params.relaxed_top_k < 1:
+        problem = f"relaxed_top_k must be >= 1, got {params.relaxed_top_k}"
+    elif not 0 <= params.relaxed_min_prob <= 1:
+        problem = f"relaxed_min_prob must be in 0..1, got {params.relaxed_min_prob}"
+    if problem:
+        raise VerifyError("INVALID_ARGUMENT", problem)

@@ -77,14 +77,17 @@ class TritonPythonModel:
         flags = request.flags()
         try:
             params = json.loads(request.parameters() or "{}")
-            accept = AcceptParams(mode=str(params.get("mode", "greedy")),
-                                  temperature=float(params.get("temperature", 1.0)),
-                                  relaxed_top_k=int(params.get("relaxed_top_k", 2)),
-                                  relaxed_min_prob=float(params.get("relaxed_min_prob", 0.1)))
-            seed, n_items = int(params.get("seed", 0)), int(params.get("n_items", 10))
-            exclude = str(params.get("exclude_history", True)).lower() not in ("false", "0")
-        except (TypeError, ValueError) as e:
-            raise VerifyError("INVALID_ARGUMENT", f"bad request parameter: {e}") from None
+        except ValueError as e:
+            raise VerifyError("INVALID_ARGUMENT", f"request parameters are not JSON: {e}") from None
+        accept = AcceptParams(mode=str(params.get("mode", "greedy")),
+                              temperature=_number(params, "temperature", float, 1.0),
+                              relaxed_top_k=_number(params, "relaxed_top_k", int, 2),
+                              relaxed_min_prob=_number(params, "relaxed_min_prob", float, 0.1))
+        seed, n_items = _number(params, "seed", int, 0), _number(params, "n_items", int, 10)
+        exclude = str(params.get("exclude_history", True)).lower() not in ("false", "0")
+        sequence_id = request.correlation_id()
+        if not isinstance(sequence_id, int):  # a string id would fail int() or collide with a numeric one
+            raise VerifyError("INVALID_ARGUMENT", f"sequence id {sequence_id!r} is a string; use an integer id")
         tokens, parents = _ints(request, "TREE_TOKENS"), _ints(request, "TREE_PARENTS")
         probs = pb_utils.get_input_tensor_by_name(request, "DRAFT_PROBS")
         draft_probs = None
@@ -95,7 +98,7 @@ class TritonPythonModel:
                 raise VerifyError("INVALID_ARGUMENT", f"DRAFT_PROBS must hold (nodes + 1) x {vocab} values, "
                                   f"got {flat.numel()}")
             draft_probs = flat.view(-1, vocab)
-        return VerifyRequest(sequence_id=int(request.correlation_id()), tree_tokens=tokens or [],
+        return VerifyRequest(sequence_id=sequence_id, tree_tokens=tokens or [],
                              tree_parents=parents or [], context=_ints(request, "CONTEXT"),
                              start=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START),
                              end=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END),
@@ -104,6 +107,16 @@ class TritonPythonModel:
 
     def finalize(self):
         self.verifier = None
+
+
+def _number(params, key, cast, default):
+    """params[key] as int or float; a VerifyError naming the key when it is not one (say "abc" or "1e400")."""
+    value = params.get(key, default)
+    try:
+        return cast(value)
+    except (TypeError, ValueError, OverflowError):
+        raise VerifyError("INVALID_ARGUMENT", f"request parameter {key} = {value!r} is not "
+                          f"{'an integer' if cast is int else 'a number'}") from None
 
 
 def _ints(request, name):
