@@ -18,7 +18,15 @@ log = logging.getLogger(__name__)
 
 
 class DraftUnavailable(Exception):
-    """The drafter failed, answered late or broke the protocol: finish this request without it."""
+    """The drafter failed, answered late or broke the protocol: finish this request without it.
+
+    refused_request: the service refused what this request asked for (e.g. a drafter name it does not
+    have), so the fault is the request's: other requests keep the drafter.
+    """
+
+    def __init__(self, message: str, *, refused_request: bool = False) -> None:
+        super().__init__(message)
+        self.refused_request = refused_request
 
 
 @dataclass
@@ -52,7 +60,8 @@ class DraftSession:
             raise DraftUnavailable(f"no tree within {timeout_s * 1000:.0f} ms") from None
         except grpc.aio.AioRpcError as e:
             await self.close()
-            raise DraftUnavailable(f"draft service: {e.code().name}: {e.details()}") from None
+            refused = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+            raise DraftUnavailable(f"draft service: {e.code().name}: {e.details()}", refused_request=refused) from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError, asyncio.CancelledError) as e:
             # The draft pod left and its channel was closed under the stream (the call is finished,
             # or cancelled by grpc); a cancellation of this request itself propagates.

@@ -157,7 +157,8 @@ class _Request:
                 await self.session.open(self.committed, self.opts.n_items, self.opts.exclude_history, NO_DRAFT,
                                         self.opts.drafter, drafts.timeout_s * 20)
             except DraftUnavailable as e:
-                await self._drop_drafter(str(e))
+                # A drafter name the service does not have is this request's fault, not the pod's.
+                await self._drop_drafter(None if e.refused_request else str(e))
         self.stats.drafted += len(tokens)
         return await verify
 

@@ -106,6 +106,19 @@ def test_speculation_accepts_draft_tokens(full_stack, tiny_artifacts):
     assert stats.fallback_rounds == 0 and stats.accepted_tokens > 0 and stats.tau > 1.0
 
 
+def test_a_drafter_the_service_lacks_costs_only_that_request_its_speculation(full_stack, tiny_artifacts, reference):
+    with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        bad = pb.RecommendRequest(history=history_ids(tiny_artifacts, 4), num_items=10,
+                                  options=pb.DecodingOptions(policy="fixed:3:16", drafter="model:drafter-nope"))
+        resp = stub.Recommend(bad, timeout=60)
+        assert [i.item_id for i in resp.items] == reference[4]  # plain decoding, same list
+        good = pb.RecommendRequest(history=history_ids(tiny_artifacts, 5), num_items=10,
+                                   options=pb.DecodingOptions(policy="fixed:3:16"))
+        stats = stub.Recommend(good, timeout=60).stats
+    assert stats.fallback_rounds == 0 and stats.tau > 2.5  # the next request still drafts (plain: tau ~1.7)
+
+
 def live_counts(stack) -> tuple[int, int]:
     """(drafter live sessions, target live sequences) as the services themselves report them."""
     import asyncio
