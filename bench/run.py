@@ -41,6 +41,16 @@ PRESETS = {
 }
 
 
+def ensure_models(profile: str, dataset: str = "ml-100k") -> None:
+    """Train what is missing, as `make run` does (the target, then the default drafter); cached afterwards."""
+    from specrec.training.drafter import train_drafter, trained
+
+    arts = prepare(dataset, profile, train=True, progress=False)
+    if not trained(arts):
+        print(f"[bench] training the {profile} drafter (once; cached in {arts.directory})", flush=True)
+        train_drafter(arts, progress=False)
+
+
 def phase(name: str, t0: float) -> None:
     print(f"[bench] {name} (load {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
           f"{time.perf_counter() - t0:.0f} s since start)", flush=True)
@@ -276,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(shlex.quote(x) for x in ["python", "bench/run.py", *(argv or sys.argv[1:])])
     load, phase_s = {"start": list(os.getloadavg())}, {}
 
+    ensure_models(profile)
     phase("stack: plain vs policies x drafters", t0)
     sargs = speedup.parser().parse_args(
         ["--profile", profile, "--configs", pre["configs"], "--concurrency", pre["concurrency"],
