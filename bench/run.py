@@ -35,7 +35,7 @@ FULL_CONFIGS = ("adaptive/model,adaptive/retrieval,adaptive/hybrid,heuristic/mod
 QUICK_CONFIGS = "adaptive/model,adaptive/retrieval,heuristic/model,fixed:4:16/model"
 PRESETS = {
     "full": {"profile": "small", "configs": FULL_CONFIGS, "concurrency": "1,4,16,64", "users": 24, "repeats": 3,
-             "warmup": 2, "hf_users": 12, "slot_users": 24, "perf_conc": "1,4,16,64", "perf_interval_ms": 2000},
+             "warmup": 2, "hf_users": 12, "slot_users": 12, "perf_conc": "1,4,16,64", "perf_interval_ms": 2000},
     "quick": {"profile": "tiny", "configs": QUICK_CONFIGS, "concurrency": "1,16", "users": 8, "repeats": 3,
               "warmup": 1, "hf_users": 4, "slot_users": 4, "perf_conc": "1,4", "perf_interval_ms": 1000},
 }
