@@ -191,7 +191,8 @@ def where_time_goes(stack: dict, hf: dict | None, perf: dict | None) -> list[str
     if hf:
         for name, c in hf["configs"].items():
             out.append(f"{name}: {c['mean_ms']:.1f} ms per request, {c['target_forwards']:.1f} target forwards, "
-                       f"{c['mean_ms'] / max(c['target_forwards'], 1e-9):.1f} ms per target forward (incl. drafting).")
+                       f"{c['mean_ms'] / max(c['target_forwards'], 1e-9):.1f} ms per target forward "
+                       "(drafting included, if any).")
     return out
 
 
