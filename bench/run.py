@@ -268,6 +268,10 @@ def report(res: dict) -> str:
                 f"Stateful sequences of {perf['sequence_length']} requests (START + CONTEXT first, then one fixed tree "
                 f"per request), `--concurrency-range C:C`, measurement interval {perf['interval_ms']} ms; "
                 f"{perf['binary']}. Latency percentiles include the START request (prefill) of each sequence.", ""]
+    if res.get("perf_first_attempt"):
+        out += ["First attempt, in the same run right after the stack phase (lower machine load; the points that did "
+                "not settle within 30 % were measured again above, together with the whole grid):", "",
+                perf_table(res["perf_first_attempt"]), ""]
     out += ["## Where the time goes", ""] + [f"- {w}" for w in where_time_goes(st, hf, perf)] + [""]
     out += ["## Plots", ""] + [f"![{p}]({p})" for p in res["plots"]] + [""]
     return "\n".join(out)
