@@ -189,7 +189,8 @@ def summarize(recs: list[dict], reference: dict[int, list[int]]) -> dict:
 
 def run(arts: Artifacts, users: list[int], repeats: int = 3, warmup: int = 2, assistants: tuple[str, ...] = ("pad",),
         n_items: int = 10) -> dict:
-    """All configurations, interleaved per repeat is not needed in one process: they run back to back."""
+    """Every configuration on every user, `repeats` times; configurations run back to back (not interleaved), so
+    a drift in machine load between them shows up in their ratios."""
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
