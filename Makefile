@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install proto test run lint bench clean helm-bin
+.PHONY: install proto test run lint bench bench-quick clean helm-bin
 
 install: $(STAMP)
 
@@ -30,6 +30,16 @@ lint: install
 
 run: install
 	$(PY) -m specrec.cli demo
+
+# The benchmark suite (bench/run.py): stack vs plain, HF assisted generation, perf_analyzer, plots, one report in
+# bench/results/bench-<date>.md. Full = small profile (trained on first use, as `make run`); quick = tiny, < 5 min.
+bench: install
+	PY=$(PY) bench/fetch_perf_analyzer.sh >/dev/null
+	@t0=$$(date +%s); $(PY) bench/run.py; rc=$$?; echo "make bench took $$(( $$(date +%s) - t0 )) s"; exit $$rc
+
+bench-quick: install
+	PY=$(PY) bench/fetch_perf_analyzer.sh >/dev/null
+	@t0=$$(date +%s); $(PY) bench/run.py --quick; rc=$$?; echo "make bench-quick took $$(( $$(date +%s) - t0 )) s"; exit $$rc
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache
