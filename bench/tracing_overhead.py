@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -30,9 +31,15 @@ from specrec.v1 import recommend_pb2, recommend_pb2_grpc
 GOAL = 0.03  # issue 6: tracing at 100% costs under 3% of end-to-end latency
 
 
-def traced_env(receiver: OtlpReceiver) -> dict[str, str]:
-    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": "1.0",
-            "SPECREC_TARGET_TRACE_URL": receiver.http_endpoint}
+def traced_env(receiver: OtlpReceiver, target: bool = True) -> dict[str, str]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": "1.0"}
+    return env | ({"SPECREC_TARGET_TRACE_URL": receiver.http_endpoint} if target else {})
+
+
+def spans_per_request(spans: list[dict], requests: int) -> dict[str, float]:
+    """Spans per request by service and span name (events on spans not counted)."""
+    counts = Counter(f"{s['service_name']}: {s['name']}" for s in spans)
+    return {k: n / requests for k, n in counts.most_common()}
 
 
 def latency_ms(stub, history: list[str], n_items: int, timeout: float) -> tuple[float, list[str]]:
@@ -78,13 +85,15 @@ def report(res: dict) -> str:
         f"- profile {res['profile']}, policy {res['policy']}, drafter {res['drafter']}, {res['users']} users x "
         f"{res['repeats']} repeats, {res['items']} items per list; warm-up excluded",
         f"- traced stack: 100% sampling in orchestrator, drafter and Triton, exported to a local OTLP receiver "
-        f"({res['spans']} spans received); off: no endpoint (no-op tracer)", "",
+        f"({res['spans']} spans received){'' if res['target_tracing'] else '; Triton tracing OFF in both'}; "
+        f"off: no endpoint (no-op tracer)", "",
         "| mode | mean ms | p50 ms |", "|---|---|---|",
         f"| off | {s['off']['mean_ms']:.1f} | {s['off']['p50_ms']:.1f} |",
         f"| traced (100%) | {s['traced']['mean_ms']:.1f} | {s['traced']['p50_ms']:.1f} |", "",
         f"Overhead: **{s['overhead_pct']:+.1f}%** (median of {s['pairs']} pairwise ratios; "
         f"{100 * (s['mean_ratio'] - 1):+.1f}% on mean latency). Goal < {100 * GOAL:.0f}%: "
-        f"{'met' if s['goal_met'] else 'MISSED'}. Lists differing between the stacks: {res['mismatches']}.", ""])
+        f"{'met' if s['goal_met'] else 'MISSED'}. Lists differing between the stacks: {res['mismatches']}.", "",
+        "Spans per request: " + ", ".join(f"{k} {v:.1f}" for k, v in res["spans_per_request"].items()), ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="fixed:3:16", help="a fixed policy keeps both stacks' rounds identical")
     p.add_argument("--drafter", default="model")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--no-target-tracing", action="store_true",
+                   help="trace only orchestrator and drafter (Triton's own tracing off), to split the cost")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     arts = prepare("ml-100k", a.profile, progress=True)
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     with OtlpReceiver() as receiver:
         base = dict(artifacts=arts.directory, drafter=a.drafter, policy=a.policy)
-        with LocalStack(StackConfig(**base, extra_env=traced_env(receiver))) as traced, \
+        with LocalStack(StackConfig(**base, extra_env=traced_env(receiver, not a.no_target_tracing))) as traced, \
                 LocalStack(StackConfig(**base)) as off:
             chans = {"traced": grpc.insecure_channel(traced.orchestrator_addr),
                      "off": grpc.insecure_channel(off.orchestrator_addr)}
@@ -112,17 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             res = measure(stubs, users, a.repeats, a.warmup, a.items, a.timeout)
             for c in chans.values():
                 c.close()
-        spans = len(receiver.spans())
+        spans = receiver.spans()
+    requests = len(users) * a.repeats + min(a.warmup, len(users))
     date = dt.date.today().isoformat()
     args = " ".join(sys.argv[1:] if argv is None else argv)
     out = {"date": date, "command": f"python -m bench.tracing_overhead {args}", "git": git_rev(),
            "machine": mach, "profile": a.profile, "policy": a.policy, "drafter": a.drafter, "users": len(users),
-           "repeats": a.repeats, "items": a.items, "spans": spans, "mismatches": res["mismatches"],
+           "repeats": a.repeats, "items": a.items, "spans": len(spans), "target_tracing": not a.no_target_tracing,
+           "spans_per_request": spans_per_request(spans, requests), "mismatches": res["mismatches"],
            "summary": summarize(res["latency_ms"]), "latency_ms": res["latency_ms"]}
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"tracing-overhead-{date}.json").write_text(json.dumps(out, indent=1))
+    stem = f"tracing-overhead-{a.profile}{'-no-target' if a.no_target_tracing else ''}-{date}"
+    (a.out / f"{stem}.json").write_text(json.dumps(out, indent=1))
     text = report(out)
-    (a.out / f"tracing-overhead-{date}.md").write_text(text)
+    (a.out / f"{stem}.md").write_text(text)
     print(text)
     return 0
 
