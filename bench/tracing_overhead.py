@@ -29,10 +29,11 @@ from specrec.telemetry.receiver import OtlpReceiver
 from specrec.v1 import recommend_pb2, recommend_pb2_grpc
 
 GOAL = 0.03  # issue 6: tracing at 100% costs under 3% of end-to-end latency
+CONTROL_NOTE = "**CONTROL RUN: tracing off in both stacks** (the difference is the noise floor); "
 
 
-def traced_env(receiver: OtlpReceiver, target: bool = True) -> dict[str, str]:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": "1.0"}
+def traced_env(receiver: OtlpReceiver, target: bool = True, ratio: float = 1.0) -> dict[str, str]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
     return env | ({"SPECREC_TARGET_TRACE_URL": receiver.http_endpoint} if target else {})
 
 
@@ -84,12 +85,15 @@ def report(res: dict) -> str:
         f"code `{res['git']}`",
         f"- profile {res['profile']}, policy {res['policy']}, drafter {res['drafter']}, {res['users']} users x "
         f"{res['repeats']} repeats, {res['items']} items per list; warm-up excluded",
-        f"- traced stack: 100% sampling in orchestrator, drafter and Triton, exported to a local OTLP receiver "
+        f"- traced stack: {100 * res['sampling_ratio']:g}% sampling (parent-based) in orchestrator and drafter, every "
+        f"request in Triton, exported to a local OTLP receiver "
         f"({res['spans']} spans received){'' if res['target_tracing'] else '; Triton tracing OFF in both'}; "
+        f"{CONTROL_NOTE if res['control'] else ''}"
         f"off: no endpoint (no-op tracer)", "",
         "| mode | mean ms | p50 ms |", "|---|---|---|",
         f"| off | {s['off']['mean_ms']:.1f} | {s['off']['p50_ms']:.1f} |",
-        f"| traced (100%) | {s['traced']['mean_ms']:.1f} | {s['traced']['p50_ms']:.1f} |", "",
+        f"| traced ({100 * res['sampling_ratio']:g}%) | {s['traced']['mean_ms']:.1f} "
+        f"| {s['traced']['p50_ms']:.1f} |", "",
         f"Overhead: **{s['overhead_pct']:+.1f}%** (median of {s['pairs']} pairwise ratios; "
         f"{100 * (s['mean_ratio'] - 1):+.1f}% on mean latency). Goal < {100 * GOAL:.0f}%: "
         f"{'met' if s['goal_met'] else 'MISSED'}. Lists differing between the stacks: {res['mismatches']}.", "",
@@ -108,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--no-target-tracing", action="store_true",
                    help="trace only orchestrator and drafter (Triton's own tracing off), to split the cost")
+    p.add_argument("--sampling-ratio", type=float, default=1.0,
+                   help="OTEL_TRACES_SAMPLER_ARG of the traced stack (Triton traces every request it is given)")
+    p.add_argument("--control", action="store_true",
+                   help="A/A run: the 'traced' stack gets no tracing either; shows the noise floor of the comparison")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     arts = prepare("ml-100k", a.profile, progress=True)
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     with OtlpReceiver() as receiver:
         base = dict(artifacts=arts.directory, drafter=a.drafter, policy=a.policy)
-        with LocalStack(StackConfig(**base, extra_env=traced_env(receiver, not a.no_target_tracing))) as traced, \
+        env = {} if a.control else traced_env(receiver, not a.no_target_tracing, a.sampling_ratio)
+        with LocalStack(StackConfig(**base, extra_env=env)) as traced, \
                 LocalStack(StackConfig(**base)) as off:
             chans = {"traced": grpc.insecure_channel(traced.orchestrator_addr),
                      "off": grpc.insecure_channel(off.orchestrator_addr)}
@@ -130,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     out = {"date": date, "command": f"python -m bench.tracing_overhead {args}", "git": git_rev(),
            "machine": mach, "profile": a.profile, "policy": a.policy, "drafter": a.drafter, "users": len(users),
            "repeats": a.repeats, "items": a.items, "spans": len(spans), "target_tracing": not a.no_target_tracing,
+           "sampling_ratio": a.sampling_ratio, "control": a.control,
            "spans_per_request": spans_per_request(spans, requests), "mismatches": res["mismatches"],
            "summary": summarize(res["latency_ms"]), "latency_ms": res["latency_ms"]}
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"tracing-overhead-{a.profile}{'-no-target' if a.no_target_tracing else ''}-{date}"
+    ratio = "" if a.sampling_ratio == 1.0 else f"-ratio{a.sampling_ratio:g}"
+    variant = "-control" if a.control else ("-no-target" if a.no_target_tracing else "") + ratio
+    stem = f"tracing-overhead-{a.profile}{variant}-{date}"
     (a.out / f"{stem}.json").write_text(json.dumps(out, indent=1))
     text = report(out)
     (a.out / f"{stem}.md").write_text(text)
