@@ -18,7 +18,7 @@ from orchestrator.controller import Policy, SharedStats, make_policy
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
 from specrec.semantic_ids.vocab import SEP
-from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
+from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
     OrchestratorMetrics,
     current_trace_id,
@@ -115,6 +115,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return await self.loop.run(prompt, opts, policy, emit)
         except TargetInvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}")
+        except TargetOverloaded as e:
+            # Trailing metadata: a stream may already have sent its initial metadata with the first items.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the target model is at capacity: {e}",
+                                trailing_metadata=(("retry-after-ms", str(e.retry_after_ms)),))
         except TargetError as e:
             code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
                 else grpc.StatusCode.UNAVAILABLE
