@@ -68,6 +68,9 @@ class DraftSession:
         except grpc.aio.AioRpcError as e:
             await self.close()
             raise DraftUnavailable(f"draft service: {e.code().name}: {e.details()}") from None
+        except asyncio.InvalidStateError:  # the stream ended (drafter died) between two rounds: write() says so
+            await self.close()
+            raise DraftUnavailable("draft stream already ended by the service") from None
         if resp is grpc.aio.EOF:
             await self.close()
             raise DraftUnavailable("draft service closed the stream")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -16,7 +16,7 @@ from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
 # Errors a client can act on (back off, go elsewhere); anything else, say UNKNOWN or INTERNAL, is a
 # server that broke without saying why, and counts as a lost request.
-CLEAR_ERRORS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+CLEAR_ERRORS = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"})
 HUNG = "HUNG"  # no answer within the client's bound (its gRPC deadline, or the outer guard)
 CANCELLED = "CANCELLED"  # the client itself walked away
 
@@ -74,17 +74,22 @@ async def call_once(stub: pb_grpc.RecommenderStub, key: int, request: pb.Recomme
         code = CANCELLED if cancel_after_s is not None and isinstance(e, asyncio.CancelledError) else HUNG
         return Outcome(key, code, latency_s=time.perf_counter() - t0)
     except grpc.aio.AioRpcError as e:
-        code = HUNG if e.code() is grpc.StatusCode.DEADLINE_EXCEEDED else e.code().name
-        return Outcome(key, code, latency_s=time.perf_counter() - t0, details=e.details() or "",
+        latency = time.perf_counter() - t0
+        # DEADLINE_EXCEEDED before the client's own deadline is the server giving up (a clear error);
+        # at the client's deadline it is a request nobody answered.
+        hung = e.code() is grpc.StatusCode.DEADLINE_EXCEEDED and latency >= 0.99 * timeout_s
+        return Outcome(key, HUNG if hung else e.code().name, latency_s=latency, details=e.details() or "",
                        retry_after_ms=await _retry_after(call))
 
 
 async def run_requests(addr: str, requests: Sequence[tuple[int, pb.RecommendRequest]], concurrency: int,
                        timeout_s: float, stream: bool = False,
-                       cancel_after_s: Mapping[int, float] | None = None) -> list[Outcome]:
+                       cancel_after_s: Mapping[int, float] | None = None,
+                       on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Send `requests` with at most `concurrency` outstanding; outcomes in the order of `requests`.
 
-    `cancel_after_s` maps a request's index to the delay after which the client cancels it.
+    `cancel_after_s` maps a request's index to the delay after which the client cancels it;
+    `on_outcome` sees each outcome as it arrives (fault runs use it to strike mid-run).
     """
     gate = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(addr) as channel:
@@ -93,7 +98,10 @@ async def run_requests(addr: str, requests: Sequence[tuple[int, pb.RecommendRequ
         async def one(i: int, key: int, request: pb.RecommendRequest) -> Outcome:
             async with gate:
                 cancel = (cancel_after_s or {}).get(i)
-                return await call_once(stub, key, request, timeout_s, stream=stream, cancel_after_s=cancel)
+                outcome = await call_once(stub, key, request, timeout_s, stream=stream, cancel_after_s=cancel)
+            if on_outcome is not None:
+                on_outcome(outcome)
+            return outcome
 
         return list(await asyncio.gather(*(one(i, k, r) for i, (k, r) in enumerate(requests))))
 
@@ -147,3 +155,28 @@ class Tally:
         return (f"sent {self.sent}: completed {self.completed}, clear errors {self.erred}, cancelled "
                 f"{self.cancelled}, hung {self.hung}, wrong {self.wrong}, unclear {self.unclear} -> lost {self.lost}"
                 f" (codes {dict(self.codes)})")
+
+
+async def closed_loop(addr: str, requests: Sequence[tuple[int, pb.RecommendRequest]], concurrency: int, count: int,
+                      max_seconds: float, timeout_s: float) -> list[Outcome]:
+    """`concurrency` clients, each sending its next request when the last one ended, cycling through
+    `requests`, until `count` were sent or `max_seconds` passed. A client told to retry later waits
+    the hint, as a well-behaved caller would, instead of spinning on refusals."""
+    outcomes: list[Outcome] = []
+    sent = 0
+    stop_at = time.monotonic() + max_seconds
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+
+        async def client() -> None:
+            nonlocal sent
+            while sent < count and time.monotonic() < stop_at:
+                key, request = requests[sent % len(requests)]
+                sent += 1
+                outcome = await call_once(stub, key, request, timeout_s)
+                outcomes.append(outcome)
+                if outcome.retry_after_ms:
+                    await asyncio.sleep(int(outcome.retry_after_ms) / 1000)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return outcomes

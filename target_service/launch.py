@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from specrec.paths import specrec_home
+from target_service.stub_watch import StubWatch
 
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
@@ -592,10 +593,26 @@ def _serve(server: TritonServer, startup_timeout: float) -> int:
         return 2
     if stop_requested.is_set():  # the signal came before Triton's process existed
         server.send_signal(signal.SIGTERM)
+    watch = _watch_stubs(server)
     code = server.wait()
+    watch.stop()
     server.stop()
     log.info("Triton exited with code %d", code)
     return code
+
+
+def _watch_stubs(server: TritonServer) -> StubWatch:
+    """A dead Python stub leaves Triton READY but failing every request: kill it, so we exit and get restarted."""
+    assert server.process is not None
+    pid = server.process.pid
+
+    def lost(reason: str) -> None:
+        log.error("%s; Triton cannot serve specrec_target any more (it does not restart stubs): killing it", reason)
+        _kill_group(pid)
+
+    watch = StubWatch(pid, lost)
+    watch.start()
+    return watch
 
 
 def _forward_signals(server: TritonServer) -> threading.Event:

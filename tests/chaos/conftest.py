@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class ChaosStack(LocalStack):
     """LocalStack that can serve another model repository and talk to a drafter it did not start."""
 
     def __init__(self, config: StackConfig, model_repository: Path | None = None, draft_addr: str | None = None):
+        if config.log_dir is None:  # one directory per stack: the services' logs are the evidence
+            config.log_dir = Path(tempfile.mkdtemp(prefix="specrec-chaos-"))
         super().__init__(config)
         self.model_repository = model_repository
         if draft_addr is not None:
@@ -92,7 +95,14 @@ def triton_processes(stack: LocalStack) -> tuple[psutil.Process, list[psutil.Pro
     """(tritonserver, its Python backend stubs): children of the launcher process."""
     children = psutil.Process(stack.procs["target"].proc.pid).children(recursive=True)
     server = next(p for p in children if p.name() == "tritonserver")
-    return server, [p for p in children if STUB in " ".join(p.cmdline()) or p.name().startswith("triton_python")]
+    stubs = []
+    for p in children:
+        try:  # a killed stub Triton has not reaped yet is a zombie: gone, for our purposes
+            if p.status() != psutil.STATUS_ZOMBIE and STUB in " ".join(p.cmdline()):
+                stubs.append(p)
+        except psutil.Error:
+            pass
+    return server, stubs
 
 
 def live_counts(stack: LocalStack) -> tuple[int, int]:
