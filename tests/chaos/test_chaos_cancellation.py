@@ -20,7 +20,7 @@ def test_cancellation_storm_leaks_no_session(tiny_artifacts, tiny_drafter, refer
                          extra_env={"SPECREC_DRAFT_TIMEOUT_MS": "2000"})
     rng = random.Random(0)
     storm = requests_for(tiny_artifacts, list(reference) * 2)  # 48 per kind
-    cancel_at = {i: rng.uniform(0.0, 0.4) for i in range(len(storm))}
+    cancel_at = {i: rng.uniform(0.0, 1.5) for i in range(len(storm))}
     with ChaosStack(config) as stack:
 
         async def both():
@@ -34,7 +34,7 @@ def test_cancellation_storm_leaks_no_session(tiny_artifacts, tiny_drafter, refer
         left = live_counts(stack)
         after = Tally.of(run_requests_sync(stack.orchestrator_addr, requests_for(tiny_artifacts, reference), 4,
                                            TIMEOUT_S), reference)
-    record("cancellation storm (96 requests, 32 at a time, cancelled at 0-400 ms)", tally,
+    record("cancellation storm (96 requests, 32 at a time, cancelled at 0-1.5 s)", tally,
            leaked_sessions=left, after=after.summary())
     assert tally.lost == 0 and tally.cancelled > 0, tally.summary()
     assert settled, f"sessions left behind (drafter, target): {left}"
