@@ -593,7 +593,7 @@ def _serve(server: TritonServer, startup_timeout: float) -> int:
         return 2
     if stop_requested.is_set():  # the signal came before Triton's process existed
         server.send_signal(signal.SIGTERM)
-    watch = _watch_stubs(server)
+    watch = _watch_stubs(server, stop_requested)
     code = server.wait()
     watch.stop()
     server.stop()
@@ -601,12 +601,14 @@ def _serve(server: TritonServer, startup_timeout: float) -> int:
     return code
 
 
-def _watch_stubs(server: TritonServer) -> StubWatch:
+def _watch_stubs(server: TritonServer, stopping: threading.Event) -> StubWatch:
     """A dead Python stub leaves Triton READY but failing every request: kill it, so we exit and get restarted."""
     assert server.process is not None
     pid = server.process.pid
 
     def lost(reason: str) -> None:
+        if stopping.is_set():  # a draining Triton unloads the model: its stubs exit on purpose
+            return
         log.error("%s; Triton cannot serve specrec_target any more (it does not restart stubs): killing it", reason)
         _kill_group(pid)
 

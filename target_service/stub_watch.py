@@ -9,6 +9,7 @@ dead server: it kills Triton and exits, so its supervisor (Kubernetes, LocalStac
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,14 +22,18 @@ PROC = Path("/proc")
 def stub_pids(server_pid: int) -> set[int]:
     """Live (not zombie) stub processes whose parent is `server_pid`; empty where /proc is missing."""
     pids = set()
-    for stat in PROC.glob("[0-9]*/stat"):
+    try:
+        names = os.listdir(PROC)
+    except OSError:
+        return pids
+    for name in names:  # not Path.glob: one unreadable entry there ends the whole listing silently
+        if not name.isdigit():
+            continue
         try:
             # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-            if int(ppid) != server_pid or state == "Z":
-                continue
-            if STUB in (stat.parent / "cmdline").read_bytes().decode(errors="replace"):
-                pids.add(int(stat.parent.name))
+            state, ppid = (PROC / name / "stat").read_bytes().decode(errors="replace").rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == server_pid and state != "Z" and STUB.encode() in (PROC / name / "cmdline").read_bytes():
+                pids.add(int(name))
         except (OSError, ValueError, IndexError):
             continue  # the process exited while we looked
     return pids
@@ -46,8 +51,11 @@ class StubWatch(threading.Thread):
 
     def run(self) -> None:
         seen = len(stub_pids(self.server_pid))
+        log.info("watching %d Python backend stub process(es) of tritonserver pid %d", seen, self.server_pid)
         while not self._halt.wait(self.interval_s):
             alive = len(stub_pids(self.server_pid))
+            if alive != seen:
+                log.info("%d Python backend stub process(es) alive, %d before", alive, seen)
             if alive < seen:
                 self.on_loss(f"{seen - alive} of {seen} Python backend stub processes died")
                 return
