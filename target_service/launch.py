@@ -148,6 +148,8 @@ def free_port() -> int:
 
 def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As Triton binds: a killed server's connections in TIME_WAIT must not block its restart on the same port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("", port))
         except OSError:
@@ -612,7 +614,7 @@ def _watch_stubs(server: TritonServer, stopping: threading.Event) -> StubWatch:
         log.error("%s; Triton cannot serve specrec_target any more (it does not restart stubs): killing it", reason)
         _kill_group(pid)
 
-    watch = StubWatch(pid, lost)
+    watch = StubWatch(server.shm_prefix, lost)
     watch.start()
     return watch
 

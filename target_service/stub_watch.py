@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,20 +20,27 @@ STUB = "triton_python_backend_stub"
 PROC = Path("/proc")
 
 
-def stub_pids(server_pid: int) -> set[int]:
-    """Live (not zombie) stub processes whose parent is `server_pid`; empty where /proc is missing."""
-    pids = set()
+def stub_pids(shm_prefix: str) -> set[int]:
+    """Live (not zombie) stub processes of the Triton whose Python-backend shm prefix is `shm_prefix`.
+
+    Matched on the command line (Triton passes each stub its shm region name), not on the parent pid:
+    the parent-pid scan missed a live stub in some runs here, and this one also finds stubs gone orphan.
+    """
+    pids: set[int] = set()
     try:
         names = os.listdir(PROC)
     except OSError:
         return pids
+    wanted = (STUB.encode(), shm_prefix.encode())
     for name in names:  # not Path.glob: one unreadable entry there ends the whole listing silently
         if not name.isdigit():
             continue
         try:
-            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'
-            state, ppid = (PROC / name / "stat").read_bytes().decode(errors="replace").rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == server_pid and state != "Z" and STUB.encode() in (PROC / name / "cmdline").read_bytes():
+            cmdline = (PROC / name / "cmdline").read_bytes()
+            if not all(w in cmdline for w in wanted):
+                continue
+            # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces, so split after ')'
+            if (PROC / name / "stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
                 pids.add(int(name))
         except (OSError, ValueError, IndexError):
             continue  # the process exited while we looked
@@ -42,18 +50,23 @@ def stub_pids(server_pid: int) -> set[int]:
 class StubWatch(threading.Thread):
     """Calls `on_loss(reason)` once when fewer stubs are alive than the most seen so far."""
 
-    def __init__(self, server_pid: int, on_loss: Callable[[str], None], interval_s: float = 0.5):
+    def __init__(self, shm_prefix: str, on_loss: Callable[[str], None], interval_s: float = 0.5):
         super().__init__(name="stub-watch", daemon=True)
-        self.server_pid = server_pid
+        self.shm_prefix = shm_prefix
         self.on_loss = on_loss
         self.interval_s = interval_s
         self._halt = threading.Event()
 
     def run(self) -> None:
-        seen = len(stub_pids(self.server_pid))
-        log.info("watching %d Python backend stub process(es) of tritonserver pid %d", seen, self.server_pid)
+        seen = len(stub_pids(self.shm_prefix))
+        log.info("watching %d Python backend stub process(es) (shm prefix %s)", seen, self.shm_prefix)
+        polls = 0
         while not self._halt.wait(self.interval_s):
-            alive = len(stub_pids(self.server_pid))
+            t0 = time.monotonic()
+            alive = len(stub_pids(self.shm_prefix))
+            polls += 1
+            if polls in (1, 10, 100):  # evidence, should a loss ever go unseen
+                log.info("stub watch poll %d: %d alive (scan %.3f s)", polls, alive, time.monotonic() - t0)
             if alive != seen:
                 log.info("%d Python backend stub process(es) alive, %d before", alive, seen)
             if alive < seen:

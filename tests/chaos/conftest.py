@@ -58,6 +58,9 @@ class ChaosStack(LocalStack):
             self.draft_addr = draft_addr
 
     def start_target(self) -> None:
+        old_log = self.log_dir / "target.log"
+        if "target" in self.procs and old_log.exists():  # a restart: keep the dead server's log as evidence
+            old_log.rename(self.log_dir / f"target-{time.time_ns()}.log")
         if self.model_repository is None:
             return super().start_target()
         port = self.target_addr.rsplit(":", 1)[1]

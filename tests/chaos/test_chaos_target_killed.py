@@ -8,6 +8,9 @@ succeed with the reference lists (the orchestrator reconnects by itself).
 
 from __future__ import annotations
 
+import contextlib
+
+import psutil
 import pytest
 
 from specrec.loadgen import Outcome, Tally, run_requests_sync
@@ -68,9 +71,12 @@ def test_python_stub_killed_mid_request(stack, tiny_artifacts, reference):
 
 
 def test_tritonserver_killed_mid_request(stack, tiny_artifacts, reference):
-    server, _ = triton_processes(stack)
+    server, stubs = triton_processes(stack)
     tally = run_with_fault(stack, tiny_artifacts, reference, server.kill)
     restart_target(stack)
+    for stub in stubs:  # a stub outliving its server is an orphan we made: do not leave it running
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stub.kill()
     after = recovered(stack, tiny_artifacts, reference)
     record("tritonserver kill -9 mid-request, then restarted (24 requests, 4 at a time)", tally,
            after=after.summary())
