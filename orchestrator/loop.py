@@ -24,7 +24,7 @@ from opentelemetry import trace
 from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
 from orchestrator.controller import Budget, Policy, RoundStats
-from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable
+from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable, tree_problem
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
 from specrec.telemetry import OrchestratorMetrics, inject_metadata
@@ -206,6 +206,10 @@ class _Request:
             tree = await self.session.advance(self.unsent, budget)
         except DraftUnavailable as e:
             await self._drop_drafter(str(e))
+            return None, time.perf_counter() - t0
+        problem = tree_problem(tree.tokens, tree.parents, self.loop.catalog.sids.vocab.size)
+        if problem:  # a broken drafter costs speed, never the request: the target would refuse the tree
+            await self._drop_drafter(problem)
             return None, time.perf_counter() - t0
         self.unsent = []
         if self.drafts is not None:

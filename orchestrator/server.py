@@ -25,7 +25,7 @@ from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.vocab import SEP
-from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument
+from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
     OrchestratorMetrics,
     current_trace_id,
@@ -130,6 +130,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return await self.loop.run(prompt, opts, policy, emit)
         except TargetInvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}")
+        except TargetOverloaded as e:
+            # Trailing metadata: a stream may already have sent its initial metadata with the first items.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the target model is at capacity: {e}",
+                                trailing_metadata=(("retry-after-ms", str(e.retry_after_ms)),))
         except TargetError as e:
             code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
                 else grpc.StatusCode.UNAVAILABLE

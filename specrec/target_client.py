@@ -18,8 +18,11 @@ MODES = ("greedy", "stochastic", "relaxed")
 MAX_SEQUENCE_ID = 2**63 - 1
 OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES")
 # Busy, not down: Triton's queue is full, or model.py's live-sequence cap is reached (it
-# answers UNAVAILABLE, the only nearby code the Python backend has, with this prefix).
+# answers UNAVAILABLE, the only nearby code the Python backend has, with this prefix). Both
+# arrive as UNAVAILABLE, which clients retry at once: mapped to TargetOverloaded instead.
 BUSY = ("exceeds maximum queue size", "RESOURCE_EXHAUSTED")
+# What an overloaded target asks callers to wait before retrying (the orchestrator passes it on).
+OVERLOAD_RETRY_AFTER_MS = 200
 # Triton's sequence batcher refuses a non-START request for a sequence it holds no slot for
 # (never started, ended, idle-released, server restarted); model.py, when it holds no state
 # and got no CONTEXT, says "... has no state here" (the echo stand-in: "unknown sequence").
@@ -52,6 +55,14 @@ class TargetError(Exception):
 
 class TargetUnavailable(TargetError):
     """Triton is down or unreachable (UNAVAILABLE), or its queue is full (RESOURCE_EXHAUSTED): retry later."""
+
+
+class TargetOverloaded(TargetUnavailable):
+    """The target is up but at capacity (queue full or sequence cap): RESOURCE_EXHAUSTED, retry after a pause."""
+
+    def __init__(self, message: str, retry_after_ms: int = OVERLOAD_RETRY_AFTER_MS) -> None:
+        super().__init__(message, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.retry_after_ms = retry_after_ms
 
 
 class TargetInvalidArgument(TargetError):
@@ -189,8 +200,8 @@ def map_error(exc: InferenceServerException, url: str, sequence_id: int) -> Targ
     message = exc.message() or str(exc)
     where = f"target {url}, sequence {sequence_id}"
     if any(marker in message for marker in BUSY):
-        busy = grpc.StatusCode.RESOURCE_EXHAUSTED
-        return TargetUnavailable(f"{where}: the target is at capacity ({message}); retry later", busy)
+        return TargetOverloaded(f"{where}: the target is at capacity ({message}); "
+                                f"retry after ~{OVERLOAD_RETRY_AFTER_MS} ms")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
         return TargetUnavailable(f"{where}: Triton is unavailable ({message}); is it running?", code)
     if code is grpc.StatusCode.INVALID_ARGUMENT:

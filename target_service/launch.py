@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from specrec.paths import specrec_home
 from specrec.security import SecurityConfigError, TlsConfig, add_tls_args, tls_from_args
+from target_service.stub_watch import StubWatch
 
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
@@ -148,6 +149,8 @@ def free_port() -> int:
 
 def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As Triton binds: a killed server's connections in TIME_WAIT must not block its restart on the same port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("", port))
         except OSError:
@@ -605,10 +608,28 @@ def _serve(server: TritonServer, startup_timeout: float) -> int:
         return 2
     if stop_requested.is_set():  # the signal came before Triton's process existed
         server.send_signal(signal.SIGTERM)
+    watch = _watch_stubs(server, stop_requested)
     code = server.wait()
+    watch.stop()
     server.stop()
     log.info("Triton exited with code %d", code)
     return code
+
+
+def _watch_stubs(server: TritonServer, stopping: threading.Event) -> StubWatch:
+    """A dead Python stub leaves Triton READY but failing every request: kill it, so we exit and get restarted."""
+    assert server.process is not None
+    pid = server.process.pid
+
+    def lost(reason: str) -> None:
+        if stopping.is_set():  # a draining Triton unloads the model: its stubs exit on purpose
+            return
+        log.error("%s; Triton cannot serve specrec_target any more (it does not restart stubs): killing it", reason)
+        _kill_group(pid)
+
+    watch = StubWatch(server.shm_prefix, lost)
+    watch.start()
+    return watch
 
 
 def _forward_signals(server: TritonServer) -> threading.Event:

@@ -22,6 +22,7 @@ from specrec.target_client import (
     TargetClient,
     TargetError,
     TargetInvalidArgument,
+    TargetOverloaded,
     TargetSequenceUnknown,
     TargetUnavailable,
 )
@@ -98,8 +99,8 @@ def test_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     ("status", "message", "kind", "code"),
     [
         ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", TargetUnavailable, "UNAVAILABLE"),
-        ("StatusCode.UNAVAILABLE", "RESOURCE_EXHAUSTED: 64 live sequences", TargetUnavailable, "RESOURCE_EXHAUSTED"),
-        ("StatusCode.UNAVAILABLE", "exceeds maximum queue size", TargetUnavailable, "RESOURCE_EXHAUSTED"),
+        ("StatusCode.UNAVAILABLE", "RESOURCE_EXHAUSTED: 64 live sequences", TargetOverloaded, "RESOURCE_EXHAUSTED"),
+        ("StatusCode.UNAVAILABLE", "exceeds maximum queue size", TargetOverloaded, "RESOURCE_EXHAUSTED"),
         ("StatusCode.INVALID_ARGUMENT", "sequence 3 has no state here", TargetSequenceUnknown, "INVALID_ARGUMENT"),
         ("StatusCode.INVALID_ARGUMENT", "parent 4 of node 2 is not earlier", TargetInvalidArgument, "INVALID_ARGUMENT"),
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", TargetError, "DEADLINE_EXCEEDED"),

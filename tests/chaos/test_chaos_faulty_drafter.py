@@ -1,0 +1,99 @@
+"""A drafter that answers slowly or with malformed trees: detected and bypassed, every list unchanged.
+
+The drafter here is a FAULT INJECTOR, not the real draft service: a real gRPC server implementing
+DraftService (protos/specrec/v1/draft.proto) in this test process, answering Open normally and every
+Advance with the fault under test. Real Triton and a real orchestrator process sit behind it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from concurrent import futures
+
+import grpc
+import pytest
+
+from specrec.loadgen import Tally, run_requests_sync
+from specrec.semantic_ids.vocab import BOS
+from specrec.stack import StackConfig, free_port
+from specrec.v1 import draft_pb2, draft_pb2_grpc, tree_pb2
+from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for
+
+pytestmark = pytest.mark.slow
+DRAFT_TIMEOUT_MS = 300
+SLOW_S = 1.0  # past the orchestrator's per-tree deadline
+
+
+class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
+    """Answers every Advance with the current `mode`'s fault; counts what it injected."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.mode = "slow"
+        self.injected: Counter = Counter()
+
+    def tree(self) -> tree_pb2.TokenTree:
+        mode, v = self.mode, self.vocab_size
+        if mode == "bad_parents":  # a node pointing at itself, one at a later node
+            return tree_pb2.TokenTree(tokens=[5, 6, 7], parents=[-1, 1, 5])
+        if mode == "unknown_tokens":
+            return tree_pb2.TokenTree(tokens=[v + 7, -2], parents=[-1, 0])
+        if mode == "length_mismatch":
+            return tree_pb2.TokenTree(tokens=[5, 6, 7], parents=[-1])
+        if mode == "oversized":
+            return tree_pb2.TokenTree(tokens=[5] * 300, parents=[-1] * 300)
+        if mode == "illegal_tokens":  # in the vocabulary, but the list grammar never allows them here
+            return tree_pb2.TokenTree(tokens=[BOS, BOS, BOS], parents=[-1, 0, 1])
+        return tree_pb2.TokenTree()
+
+    def Speculate(self, request_iterator, context):
+        for request in request_iterator:
+            if request.WhichOneof("kind") == "open":
+                yield draft_pb2.SpeculateResponse(tree=tree_pb2.TokenTree())
+                continue
+            self.injected[self.mode] += 1
+            if self.mode == "slow":
+                time.sleep(SLOW_S)
+                yield draft_pb2.SpeculateResponse(tree=tree_pb2.TokenTree())
+            elif self.mode == "stream_error":
+                context.abort(grpc.StatusCode.INTERNAL, "injected fault")
+            else:
+                yield draft_pb2.SpeculateResponse(tree=self.tree())
+
+    def Stats(self, request, context):
+        return draft_pb2.StatsResponse()
+
+
+@pytest.fixture(scope="module")
+def injector_stack(tiny_artifacts):
+    injector = FaultInjector(tiny_artifacts.sids.vocab.size)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(injector, server)
+    addr = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(addr)
+    server.start()
+    config = StackConfig(artifacts=tiny_artifacts.directory, with_drafter=False, policy="fixed:3:16",
+                         extra_env={"SPECREC_DRAFT_TIMEOUT_MS": str(DRAFT_TIMEOUT_MS)})
+    try:
+        with ChaosStack(config, draft_addr=addr) as stack:
+            yield stack, injector
+    finally:
+        server.stop(grace=0)
+
+
+MODES = ["slow", "bad_parents", "unknown_tokens", "length_mismatch", "oversized", "illegal_tokens", "stream_error"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_faulty_drafter_is_bypassed(injector_stack, tiny_artifacts, reference, mode):
+    stack, injector = injector_stack
+    injector.mode = mode
+    stack.restart_orchestrator()  # a fresh orchestrator: no backoff left over from the previous fault
+    users = list(reference)[:12]
+    outcomes = run_requests_sync(stack.orchestrator_addr, requests_for(tiny_artifacts, users), 4, TIMEOUT_S)
+    tally = Tally.of(outcomes, reference)
+    record(f"drafter fault injector: {mode} ({len(users)} requests, 4 at a time)", tally,
+           injected=injector.injected[mode])
+    assert injector.injected[mode] > 0, "the orchestrator never asked the faulty drafter: nothing was tested"
+    assert tally.completed == tally.sent, tally.summary()  # a bad drafter costs speed, never a request
