@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
            "criterion": criterion(rows, res["records"]), "arms": res["arms"]}
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"policies-{a.profile}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(out | {"records": res["records"]}, indent=1))
+    # Per-request records without their token lists (checked above; they would make the file megabytes).
+    records = {k: [{f: v for f, v in r.items() if f != "tokens"} for r in rs] for k, rs in res["records"].items()}
+    stem.with_suffix(".json").write_text(json.dumps(out | {"records": records}))
     text = report(out)
     stem.with_suffix(".md").write_text(text)
     print(text)

@@ -187,6 +187,30 @@ class LocalStack:
             if name in self.procs:
                 self.procs[name].stop()
 
+    def live_counts(self) -> tuple[int, int]:
+        """(drafter live sessions, target live sequences) as the services themselves report them: what a request
+        that ended, failed or was cancelled must not leave behind."""
+        import asyncio
+
+        from specrec.target_client import TargetClient
+        from specrec.v1 import draft_pb2, draft_pb2_grpc
+
+        sessions = 0
+        if self.draft_addr:
+            with grpc.insecure_channel(self.draft_addr) as ch:
+                stub = draft_pb2_grpc.DraftServiceStub(ch)
+                sessions = stub.Stats(draft_pb2.StatsRequest(), timeout=5).live_sessions
+
+        async def probe() -> int:  # a throwaway sequence: its END answer reports what is left alive
+            client = TargetClient(self.target_addr)
+            try:
+                await client.verify(2**62, [], [], context=[1, 4], start=True)
+                return (await client.verify(2**62, [], [], end=True)).live_sequences
+            finally:
+                await client.close()
+
+        return sessions, asyncio.run(probe())
+
     def __enter__(self) -> LocalStack:
         return self.start()
 

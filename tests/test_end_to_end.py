@@ -119,27 +119,6 @@ def test_a_drafter_the_service_lacks_costs_only_that_request_its_speculation(ful
     assert stats.fallback_rounds == 0 and stats.tau > 2.5  # the next request still drafts (plain: tau ~1.7)
 
 
-def live_counts(stack) -> tuple[int, int]:
-    """(drafter live sessions, target live sequences) as the services themselves report them."""
-    import asyncio
-
-    from specrec.target_client import TargetClient
-    from specrec.v1 import draft_pb2, draft_pb2_grpc
-
-    with grpc.insecure_channel(stack.draft_addr) as ch:
-        sessions = draft_pb2_grpc.DraftServiceStub(ch).Stats(draft_pb2.StatsRequest(), timeout=5).live_sessions
-
-    async def probe() -> int:  # a throwaway sequence: its END answer reports what is left alive
-        client = TargetClient(stack.target_addr)
-        try:
-            await client.verify(2**62, [], [], context=[1, 4], start=True)
-            return (await client.verify(2**62, [], [], end=True)).live_sequences
-        finally:
-            await client.close()
-
-    return sessions, asyncio.run(probe())
-
-
 def test_cancelled_and_expired_requests_leave_no_session_behind(full_stack, tiny_artifacts):
     import time
 
@@ -157,9 +136,9 @@ def test_cancelled_and_expired_requests_leave_no_session_behind(full_stack, tiny
             stream.cancel()
     assert codes and all(c == grpc.StatusCode.DEADLINE_EXCEEDED for c in codes)
     deadline = time.monotonic() + 10
-    while live_counts(full_stack) != (0, 0) and time.monotonic() < deadline:
+    while full_stack.live_counts() != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert live_counts(full_stack) == (0, 0)
+    assert full_stack.live_counts() == (0, 0)
 
 
 def test_drafter_killed_mid_request_lists_still_equal_plain_greedy(tiny_artifacts, tiny_drafter, reference):

@@ -6,7 +6,6 @@ Set SPECREC_CHAOS_REPORT=path and every scenario appends one JSON line with its 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -15,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 from google.protobuf import text_format
@@ -24,7 +22,6 @@ from tritonclient.grpc import model_config_pb2
 from specrec.decoding.plain import decode
 from specrec.loadgen import Tally, recommend_request
 from specrec.stack import LocalStack, Process, StackConfig, free_port, triton_ready
-from specrec.target_client import TargetClient
 from target_service.launch import DEFAULT_REPOSITORY, MODEL_NAME, STUB
 
 N_USERS = 24
@@ -106,27 +103,6 @@ def triton_processes(stack: LocalStack) -> tuple[psutil.Process, list[psutil.Pro
         except psutil.Error:
             pass
     return server, stubs
-
-
-def live_counts(stack: LocalStack) -> tuple[int, int]:
-    """(drafter live sessions, target live sequences) as the services themselves report them."""
-    from specrec.v1 import draft_pb2, draft_pb2_grpc
-
-    sessions = 0
-    if stack.draft_addr:
-        with grpc.insecure_channel(stack.draft_addr) as ch:
-            stub = draft_pb2_grpc.DraftServiceStub(ch)
-            sessions = stub.Stats(draft_pb2.StatsRequest(), timeout=5).live_sessions
-
-    async def probe() -> int:  # a throwaway sequence: its END answer reports what is left alive
-        client = TargetClient(stack.target_addr)
-        try:
-            await client.verify(2**62, [], [], context=[1, 4], start=True)
-            return (await client.verify(2**62, [], [], end=True)).live_sequences
-        finally:
-            await client.close()
-
-    return sessions, asyncio.run(probe())
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.25) -> bool:

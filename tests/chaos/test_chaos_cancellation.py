@@ -10,7 +10,7 @@ import pytest
 
 from specrec.loadgen import Tally, run_requests, run_requests_sync
 from specrec.stack import StackConfig
-from tests.chaos.conftest import TIMEOUT_S, ChaosStack, live_counts, record, requests_for, wait_for
+from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ def test_cancellation_storm_leaks_no_session(tiny_artifacts, tiny_drafter, refer
 
         unary, streamed = asyncio.run(both())
         tally = Tally.of(unary + streamed, reference)
-        settled = wait_for(lambda: live_counts(stack) == (0, 0), 15)
-        left = live_counts(stack)
+        settled = wait_for(lambda: stack.live_counts() == (0, 0), 15)
+        left = stack.live_counts()
         after = Tally.of(run_requests_sync(stack.orchestrator_addr, requests_for(tiny_artifacts, reference), 4,
                                            TIMEOUT_S), reference)
     record("cancellation storm (96 requests, 32 at a time, cancelled at 0-1.5 s)", tally,
