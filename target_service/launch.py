@@ -627,7 +627,7 @@ def _watch_stubs(server: TritonServer, stopping: threading.Event) -> StubWatch:
         log.error("%s; Triton cannot serve specrec_target any more (it does not restart stubs): killing it", reason)
         _kill_group(pid)
 
-    watch = StubWatch(server.shm_prefix, lost)
+    watch = StubWatch(server.shm_prefix, lost, server_pid=pid)
     watch.start()
     return watch
 

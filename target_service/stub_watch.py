@@ -20,27 +20,30 @@ STUB = "triton_python_backend_stub"
 PROC = Path("/proc")
 
 
-def stub_pids(shm_prefix: str) -> set[int]:
-    """Live (not zombie) stub processes of the Triton whose Python-backend shm prefix is `shm_prefix`.
+def stub_pids(shm_prefix: str, server_pid: int | None = None) -> set[int]:
+    """Live (not zombie) stub processes of one Triton: its children named like a stub, or any process whose
+    command line carries its Python-backend shm prefix (Triton passes each stub its shm region name).
 
-    Matched on the command line (Triton passes each stub its shm region name), not on the parent pid:
-    the parent-pid scan missed a live stub in some runs here, and this one also finds stubs gone orphan.
+    Both, because each alone missed a live stub in some runs here; the command line also finds orphans.
     """
     pids: set[int] = set()
     try:
         names = os.listdir(PROC)
-    except OSError:
+    except OSError as e:
+        log.warning("cannot list %s: %s", PROC, e)
         return pids
     wanted = (STUB.encode(), shm_prefix.encode())
     for name in names:  # not Path.glob: one unreadable entry there ends the whole listing silently
         if not name.isdigit():
             continue
         try:
-            cmdline = (PROC / name / "cmdline").read_bytes()
-            if not all(w in cmdline for w in wanted):
+            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split at the last ')'
+            head, tail = (PROC / name / "stat").read_bytes().rsplit(b")", 1)
+            state, ppid = tail.split()[:2]
+            if state == b"Z":
                 continue
-            # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces, so split after ')'
-            if (PROC / name / "stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+            child = server_pid is not None and int(ppid) == server_pid and STUB[:15].encode() in head
+            if child or all(w in (PROC / name / "cmdline").read_bytes() for w in wanted):
                 pids.add(int(name))
         except (OSError, ValueError, IndexError):
             continue  # the process exited while we looked
@@ -50,20 +53,22 @@ def stub_pids(shm_prefix: str) -> set[int]:
 class StubWatch(threading.Thread):
     """Calls `on_loss(reason)` once when fewer stubs are alive than the most seen so far."""
 
-    def __init__(self, shm_prefix: str, on_loss: Callable[[str], None], interval_s: float = 0.5):
+    def __init__(self, shm_prefix: str, on_loss: Callable[[str], None], interval_s: float = 0.5,
+                 server_pid: int | None = None):
         super().__init__(name="stub-watch", daemon=True)
         self.shm_prefix = shm_prefix
+        self.server_pid = server_pid
         self.on_loss = on_loss
         self.interval_s = interval_s
         self._halt = threading.Event()
 
     def run(self) -> None:
-        seen = len(stub_pids(self.shm_prefix))
+        seen = len(stub_pids(self.shm_prefix, self.server_pid))
         log.info("watching %d Python backend stub process(es) (shm prefix %s)", seen, self.shm_prefix)
         polls = 0
         while not self._halt.wait(self.interval_s):
             t0 = time.monotonic()
-            alive = len(stub_pids(self.shm_prefix))
+            alive = len(stub_pids(self.shm_prefix, self.server_pid))
             polls += 1
             if polls in (1, 10, 100):  # evidence, should a loss ever go unseen
                 log.info("stub watch poll %d: %d alive (scan %.3f s)", polls, alive, time.monotonic() - t0)
