@@ -50,8 +50,9 @@ class Backends:
         self.targets.bind(router, TARGET)
         self.drafts.bind(router, DRAFT)
         self.moves = Counter("specrec_target_moves", "Requests whose sequence moved to another Triton pod, by reason "
-                             "(pod_left: no longer ready; unavailable: a call failed UNAVAILABLE).", ["reason"],
-                             registry=registry)
+                             "(pod_left: no longer ready; unavailable: a call failed UNAVAILABLE; timeout: a verify "
+                             "timed out on a pod while others were ready).", ["reason"], registry=registry)
+        self._failures: dict[str, str] = {}  # why a pod last failed a call: the reason of the moves it causes
 
     async def start(self) -> None:
         """Open clients for the endpoints known already (static addresses arrive before any listener)."""
@@ -110,13 +111,20 @@ class Backends:
         """Whether `error` from `address` means the pod is gone (the request should move), marking it failed."""
         if error.code == grpc.StatusCode.UNAVAILABLE:  # down or unreachable (a full queue is RESOURCE_EXHAUSTED)
             self.router.mark_failed(TARGET, address)
+            self._failures[address] = "unavailable"
+            return True
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and len(self.router.endpoints(TARGET)) > 1:
+            # A hung pod (stopped process, wedged device) keeps its connections open and stays "ready" until a
+            # probe fails: only the verify timeout notices. With one pod there is nowhere better to go.
+            self.router.mark_failed(TARGET, address)
+            self._failures[address] = "timeout"
             return True
         # The pod left while the call was in flight (its client may have been closed under it).
         return address not in self.router.endpoints(TARGET)
 
     def moved(self, old: str, new: str) -> None:
         """Count a request's move from pod `old` to pod `new`."""
-        reason = "pod_left" if old not in self.router.endpoints(TARGET) else "unavailable"
+        reason = "pod_left" if old not in self.router.endpoints(TARGET) else self._failures.pop(old, "unavailable")
         self.moves.labels(reason).inc()
         log.info("sequence moves from Triton pod %s to %s (%s)", old, new, reason)
 

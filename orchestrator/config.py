@@ -74,6 +74,9 @@ class OrchestratorConfig:
         p.add_argument("--max-history", type=int, default=int(_env("SPECREC_MAX_HISTORY", "50")))
         p.add_argument("--draft-timeout-ms", type=float, default=float(_env("SPECREC_DRAFT_TIMEOUT_MS", "200")),
                        help="per-round drafting budget; slower trees are skipped")
+        p.add_argument("--verify-timeout-s", type=float, default=float(_env("SPECREC_VERIFY_TIMEOUT_S", "10")),
+                       help="per-round verification deadline on a Triton pod; past it the request moves to another "
+                            "ready pod (a hung one), or fails DEADLINE_EXCEEDED if there is none")
         p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")))
         add_tls_args(p)
         add_auth_args(p)
@@ -93,5 +96,6 @@ class OrchestratorConfig:
                    target_addr=a.target_addr, draft_addr=a.draft_addr, routing=a.routing, policy=a.policy,
                    drafter=a.drafter,
                    max_in_flight=a.max_in_flight, max_history=a.max_history, draft_timeout_ms=a.draft_timeout_ms,
+                   verify_timeout_s=a.verify_timeout_s,
                    grace_s=a.grace_s, tls=tls, auth=auth, probe_port=a.probe_port,
                    draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from specrec.tree_shape import MAX_TREE_DEPTH, MAX_TREE_NODES
+
 N_SLOTS = 5  # an item is 4 code tokens then SEP; slot = a token's place inside its item
 SEP_SLOT = 4  # the grammar always forces SEP: free to draft, always accepted
-MAX_DEPTH = 16  # DraftBudget limits in protos/specrec/v1/draft.proto
-MAX_NODES = 128
+MAX_DEPTH = MAX_TREE_DEPTH
+MAX_NODES = MAX_TREE_NODES
 MIN_SECONDS = 1e-4  # floor on a predicted round time, so a bad early fit cannot promise infinite rates
 HF_START_DEPTH = 5  # transformers' num_assistant_tokens when "heuristic" was its default schedule (4.x)
 
@@ -549,3 +552,39 @@ def make_policy(spec: str = "adaptive", **kw: object) -> Policy:
     except ValueError as e:
         raise ValueError(f"bad speculation policy {spec!r}: {e}") from None
     raise ValueError(f"unknown speculation policy {spec!r}; use {SPEC_HELP}")
+
+
+class PolicyRegistry:
+    """One policy per (spec, drafter, mode); the policies of one (drafter, mode) learn together in one SharedStats.
+
+    Acceptance and drafting cost belong to a drafter and a verification mode, not to the process: learning a
+    model drafter's trees from a retrieval drafter's rounds (or greedy from stochastic ones) made the adaptive
+    policy under-speculate. Least recently used contexts are forgotten past `max_contexts`, since drafter
+    names (variants) come from clients.
+    """
+
+    def __init__(self, default_spec: str = "adaptive", *, max_in_flight: int | None = None, max_contexts: int = 32):
+        self.default_spec = default_spec
+        self.max_in_flight = max_in_flight
+        self.max_contexts = max_contexts
+        self._stats: OrderedDict[tuple[str, str], SharedStats] = OrderedDict()
+        self._policies: dict[tuple[str, str, str], Policy] = {}
+
+    def stats(self, drafter: str, mode: str) -> SharedStats:
+        key = (drafter, mode)
+        if key not in self._stats:
+            self._stats[key] = SharedStats(max_in_flight=self.max_in_flight)
+            if len(self._stats) > self.max_contexts:
+                old, _ = self._stats.popitem(last=False)
+                self._policies = {k: p for k, p in self._policies.items() if k[1:] != old}
+        self._stats.move_to_end(key)
+        return self._stats[key]
+
+    def get(self, spec: str, drafter: str, mode: str) -> Policy:
+        """The policy for a request; ValueError for a bad spec."""
+        spec = spec or self.default_spec
+        key = (spec, drafter, mode)
+        shared = self.stats(drafter, mode)
+        if key not in self._policies:
+            self._policies[key] = make_policy(spec, shared=shared)
+        return self._policies[key]

@@ -37,22 +37,6 @@ class DraftedTree:
     ahead_hit: bool
 
 
-MAX_TREE_NODES = 128  # draft.proto's cap on max_nodes, and the target's
-
-
-def tree_problem(tokens: list[int], parents: list[int], vocab_size: int) -> str | None:
-    """What is wrong with a drafted tree, or None: the target would refuse it and fail the request."""
-    if len(tokens) > MAX_TREE_NODES:
-        return f"malformed tree: {len(tokens)} nodes, more than {MAX_TREE_NODES}"
-    bad_parent = next((i for i, p in enumerate(parents) if not -1 <= p < i), None)
-    if bad_parent is not None:
-        return f"malformed tree: node {bad_parent} has parent {parents[bad_parent]}, not -1..{bad_parent - 1}"
-    bad_token = next((t for t in tokens if not 0 <= t < vocab_size), None)
-    if bad_token is not None:
-        return f"malformed tree: token {bad_token} outside the vocabulary 0..{vocab_size - 1}"
-    return None
-
-
 def _budget(b: Budget) -> draft_pb2.DraftBudget:
     return draft_pb2.DraftBudget(depth=b.depth, max_nodes=b.max_nodes)
 

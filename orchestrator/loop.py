@@ -24,10 +24,11 @@ from opentelemetry import trace
 from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
 from orchestrator.controller import Budget, Policy, RoundStats
-from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable, tree_problem
+from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
 from specrec.telemetry import OrchestratorMetrics, inject_metadata
+from specrec.tree_shape import tree_problem
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("specrec.orchestrator")
@@ -194,8 +195,12 @@ class _Request:
         budget = self.policy.choose(self.req_state, self.next_slot, self.loop.in_flight)
         if self.session is None or budget.depth == 0:
             return NO_DRAFT
-        if self.opts.max_nodes and budget.max_nodes > self.opts.max_nodes:
-            budget = Budget(min(budget.depth, self.opts.max_nodes), self.opts.max_nodes)
+        # no tree past the target's last position: it would refuse the round, and the request with it
+        cap = min(self.opts.max_nodes or budget.max_nodes, self.loop.catalog.max_len - len(self.committed) - 1)
+        if cap <= 0:
+            return NO_DRAFT
+        if budget.max_nodes > cap:
+            budget = Budget(min(budget.depth, cap), cap)
         return budget
 
     async def _draft(self, budget: Budget) -> tuple[DraftedTree | None, float]:
@@ -209,7 +214,7 @@ class _Request:
             return None, time.perf_counter() - t0
         problem = tree_problem(tree.tokens, tree.parents, self.loop.catalog.sids.vocab.size)
         if problem:  # a broken drafter costs speed, never the request: the target would refuse the tree
-            await self._drop_drafter(problem)
+            await self._drop_drafter(f"malformed tree: {problem}")
             return None, time.perf_counter() - t0
         self.unsent = []
         if self.drafts is not None:

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.backends import Backends, router_from_config
 from orchestrator.catalog import Catalog, RequestInvalid
 from orchestrator.config import OrchestratorConfig
-from orchestrator.controller import Policy, SharedStats, make_policy
+from orchestrator.controller import Policy, PolicyRegistry
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
 from orchestrator.routing import DRAFT, TARGET, Router
@@ -78,15 +78,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.config = config
         self.catalog = catalog
         self.loop = loop
-        self.policies: dict[str, Policy] = {}
-        # every policy learns from every round, whoever chose it; near the in-flight cap speculation shrinks
-        self.shared = SharedStats(max_in_flight=config.max_in_flight)
-
-    def policy(self, spec: str) -> Policy:
-        spec = spec or self.config.policy
-        if spec not in self.policies:  # one instance per spec: adaptive learns across requests
-            self.policies[spec] = make_policy(spec, shared=self.shared)
-        return self.policies[spec]
+        # policies of one drafter and mode learn from each other's rounds; near the in-flight cap speculation shrinks
+        self.policies = PolicyRegistry(config.policy, max_in_flight=config.max_in_flight)
 
     async def _validate(self, request, context: grpc.aio.ServicerContext, prompt: list[int] | None = None
                         ) -> tuple[list[int], LoopOptions, Policy]:
@@ -107,16 +100,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                                      "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty")
             if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
                 raise RequestInvalid("options.max_tree_nodes must be in 0..128")
+            drafter = opts.drafter or self.config.drafter
             try:
-                policy = self.policy(opts.policy)
+                policy = self.policies.get(opts.policy, drafter, MODES[opts.mode])
             except ValueError as e:
                 raise RequestInvalid(f"options.policy: {e}") from None
             if prompt is None:
                 prompt = self.catalog.prompt(list(request.history), self.config.max_history)
             loop_opts = LoopOptions(n_items=n, exclude_history=not opts.include_history, mode=MODES[opts.mode],
                                     temperature=opts.temperature or 1.0, seed=opts.seed,
-                                    max_nodes=opts.max_tree_nodes, drafter=opts.drafter or self.config.drafter)
+                                    max_nodes=opts.max_tree_nodes, drafter=drafter)
             self.catalog.constraint(n, loop_opts.exclude_history).start(prompt)
+            self.catalog.check_fits(prompt, n)
         except ValueError as e:  # RequestInvalid and the grammar's ConstraintError
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.loop.in_flight >= self.config.max_in_flight:

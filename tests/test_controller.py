@@ -22,6 +22,7 @@ from orchestrator.controller import (
     FixedPolicy,
     HeuristicPolicy,
     LinearCost,
+    PolicyRegistry,
     RoundStats,
     SharedStats,
     default_arms,
@@ -244,3 +245,34 @@ def test_adaptive_counts_the_forced_tokens_a_plain_round_commits():
     assert forced.plain_committed[0] == free.plain_committed[0] == pytest.approx(1.0)
     committed, _ = forced.predict(3, 1)
     assert committed[forced.arm_index(NO_SPECULATION)] == pytest.approx(3.0)
+
+
+def test_a_weak_drafters_rounds_do_not_talk_the_adaptive_policy_of_a_good_drafter_out_of_speculating():
+    # One orchestrator serves requests with different drafters: a retrieval drafter whose drafts are mostly
+    # rejected must not teach the model drafter's adaptive policy that drafting does not pay.
+    # A model drafter: good drafts, each level a model step. A retrieval drafter: poorer drafts, next to free.
+    model_world = World("model", (0.55, 0.8, 0.85, 0.95), forced_last_code=0.5, draft_step_s=2e-3)
+    retrieval_world = World("retrieval", (0.2, 0.4, 0.5, 0.7), forced_last_code=0.5, sibling_gain=0.2,
+                            draft_hop_s=0.1e-3, draft_step_s=0.02e-3)
+    policies = PolicyRegistry()
+    retrieval, adaptive = policies.get("fixed:8:32", "retrieval", "greedy"), policies.get("adaptive", "model", "greedy")
+    alone = make_policy("adaptive")
+    res, res_alone = Result(), Result()
+    for i in range(80):  # requests of both drafters take turns, as in a mixed workload
+        run(retrieval_world, retrieval, 1, seed=100 + i)
+        run(model_world, adaptive, 1, seed=200 + i, result=res if i >= 40 else None)
+        run(model_world, alone, 1, seed=200 + i, result=res_alone if i >= 40 else None)
+    assert res.rate >= 0.97 * res_alone.rate, (res.rate, res_alone.rate)
+    # ... while policies of one drafter and mode do learn together.
+    assert policies.get("off", "model", "greedy").shared is adaptive.shared  # type: ignore[attr-defined]
+    assert policies.stats("model", "stochastic") is not adaptive.shared  # type: ignore[attr-defined]
+
+
+def test_the_policy_registry_forgets_the_least_recently_used_drafter_past_its_cap():
+    policies = PolicyRegistry(max_contexts=2)
+    kept = policies.get("adaptive", "model", "greedy")
+    policies.get("adaptive", "model:drafter-a", "greedy")
+    policies.get("adaptive", "model", "greedy")  # used again: now the most recent
+    policies.get("adaptive", "model:drafter-b", "greedy")
+    assert policies.get("adaptive", "model", "greedy") is kept
+    assert len(policies._stats) == 2

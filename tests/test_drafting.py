@@ -16,7 +16,7 @@ from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, m
 from specrec.models.llama import Transformer
 from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint, ListState
-from specrec.semantic_ids.vocab import EOS
+from specrec.semantic_ids.vocab import EOS, SEP
 from specrec.training.drafter import (
     DIVERGENCES,
     DistillLoss,
@@ -240,6 +240,32 @@ def test_bad_commits_and_budgets_are_refused(drafters, prompts, tiny_artifacts):
         drafters["model"].open([1, 2, 3], constraint)  # no REC
     with pytest.raises(DraftError):
         drafters["model"].open(prompts[0][:-1] + [999, 4], constraint)
+
+
+@pytest.mark.parametrize("name", ["model", "hybrid", "retrieval"])
+def test_a_round_without_a_tree_commits_the_forced_chain_then_the_bonus(drafters, prompts, tiny_artifacts, name):
+    """The orchestrator's plain (depth-0) rounds: the target checks the tokens the grammar forces and adds its own
+    after them, so the drafter is told forced tokens + bonus after an empty tree."""
+    constraint = tiny_artifacts.constraint()
+    state, item = constraint.start(prompts[0]), []
+    while len(item) < tiny_artifacts.sids.n_levels:  # one whole item: SEP is forced next
+        item.append(int(constraint.allowed(state)[0]))
+        state = constraint.advance(state, item[-1])
+    assert constraint.forced(state) == SEP
+    after_sep = constraint.advance(state, SEP)
+    first_codes = [int(t) for t in constraint.allowed(after_sep)]
+    session = drafters[name].open(prompts[0] + item, constraint)
+    assert len(session.draft(Budget(0, 0))) == 0
+    session.commit([SEP, first_codes[0]])
+    budget = Budget(4, 8, 2)
+    assert_same_tree(session.draft(budget), drafters[name].open(session.context, constraint).draft(budget))
+    # Only forced tokens may stand between the tree's path and the bonus.
+    session = drafters[name].open(prompts[0] + item + [SEP], constraint)
+    session.draft(Budget(0, 0))
+    second = int(constraint.allowed(constraint.advance(after_sep, first_codes[0]))[0])
+    assert len(first_codes) > 1, "the first code level is not forced"
+    with pytest.raises(DraftError, match="forces"):
+        session.commit([first_codes[0], second])
 
 
 def test_commit_without_bonus_when_eos_is_accepted(drafters, tiny_artifacts, prompts):

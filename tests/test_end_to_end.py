@@ -12,6 +12,7 @@ import pytest
 
 from specrec.decoding.plain import decode
 from specrec.stack import LocalStack, StackConfig
+from specrec.training.examples import encode_prompt
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -117,6 +118,31 @@ def test_a_drafter_the_service_lacks_costs_only_that_request_its_speculation(ful
                                    options=pb.DecodingOptions(policy="fixed:3:16"))
         stats = stub.Recommend(good, timeout=60).stats
     assert stats.fallback_rounds == 0 and stats.tau > 2.5  # the next request still drafts (plain: tau ~1.7)
+
+
+def test_a_list_that_fills_the_targets_positions_equals_plain_greedy(full_stack, tiny_artifacts, tiny_target):
+    # 50 history items and 50 items to recommend: 503 of the target's 512 positions. Deep trees near the end
+    # would run past the last position; the loop shrinks them instead of failing the request mid-stream.
+    user = next(u for u, seq in enumerate(tiny_artifacts.split.train) if len(seq) >= 50)
+    history = tiny_artifacts.split.train[user][-50:]
+    prompt = encode_prompt(tiny_artifacts.sids, history)
+    reference = decode(tiny_target, tiny_artifacts.constraint(50), [prompt])[0].items
+    with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
+        req = pb.RecommendRequest(history=[tiny_artifacts.data.item_ids[i] for i in history], num_items=50,
+                                  options=pb.DecodingOptions(policy="fixed:8:32"))
+        resp = pb_grpc.RecommenderStub(ch).Recommend(req, timeout=120)
+    assert [i.item_id for i in resp.items] == [tiny_artifacts.data.item_ids[i] for i in reference]
+    assert resp.stats.fallback_rounds == 0
+
+
+def test_a_prompt_too_long_for_the_target_is_refused_before_any_token(full_stack, tiny_artifacts):
+    prompt = encode_prompt(tiny_artifacts.sids, list(tiny_artifacts.split.train[0][-10:]) * 12)  # 120 items
+    with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
+        chunks = pb_grpc.RecommenderStub(ch).Generate(pb.GenerateRequest(prompt=prompt, num_items=10), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(chunks))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "positions, over the target's 512" in err.value.details()
 
 
 def test_cancelled_and_expired_requests_leave_no_session_behind(full_stack, tiny_artifacts):

@@ -163,19 +163,57 @@ async def test_endpointslice_routing_spreads_requests_and_drops_a_departed_pod(
         await loop.backends.close()
 
 
-def moves(metrics_port: int) -> float:
+def moves(metrics_port: int, reason: str = "") -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("specrec_target_moves_total"))
+               if line.startswith("specrec_target_moves_total") and f'reason="{reason}' in line)
+
+
+def tritonserver_pid(proc: Process) -> int:
+    """The tritonserver under a launcher (its only child)."""
+    launcher = proc.proc.pid
+    return int(Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()[0])
+
+
+def orchestrator_args(services: Services, arts, port: str, metrics_port: int, *extra: str) -> list[str]:
+    (a, _), (b, _) = services.tritons
+    return [sys.executable, "-m", "orchestrator.server", "--port", port, "--artifacts", str(arts.directory),
+            "--target-addr", f"{a},{b}", "--draft-addr", services.draft_addr, "--policy", "fixed:3:16",
+            "--metrics-port", str(metrics_port), *extra]
+
+
+def test_requests_on_a_hung_triton_move_to_the_other_after_the_verify_timeout(services, tiny_artifacts, reference,
+                                                                               tmp_path) -> None:
+    # A hung pod (SIGSTOP: process alive, port open, no answers) fails no call; only the verify timeout sees it.
+    (_, _), (b, proc_b) = services.tritons
+    orch_addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+    args = orchestrator_args(services, tiny_artifacts, orch_addr.rsplit(":", 1)[1], metrics_port,
+                             "--verify-timeout-s", "2")
+    orchestrator = Process("orchestrator", args, service_env(tiny_artifacts.directory), tmp_path)
+    triton_b = tritonserver_pid(proc_b)
+    try:
+        wait_for(lambda: grpc_healthy(orch_addr), orchestrator, 60)
+        os.kill(triton_b, signal.SIGSTOP)
+        users = list(reference)[:12]
+        with grpc.insecure_channel(orch_addr) as ch, cf.ThreadPoolExecutor(4) as pool:
+            stub = pb_grpc.RecommenderStub(ch)
+
+            def one(u: int) -> list[str]:
+                return [i.item_id for i in stub.Recommend(request(tiny_artifacts, u, "fixed:3:16"), timeout=60).items]
+
+            got = dict(zip(users, pool.map(one, users), strict=True))
+        assert got == {u: reference[u] for u in users}
+        assert moves(metrics_port, "timeout") > 0
+    finally:
+        os.kill(triton_b, signal.SIGCONT)
+        orchestrator.stop()
 
 
 def test_static_routing_survives_a_triton_killed_mid_run(services, tiny_artifacts, reference, tmp_path) -> None:
     (a, proc_a), (b, _) = services.tritons
     orch_addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
     # Speculation on: the sequences that move carry draft trees, rebuilt on the other Triton.
-    args = [sys.executable, "-m", "orchestrator.server", "--port", orch_addr.rsplit(":", 1)[1], "--artifacts",
-            str(tiny_artifacts.directory), "--target-addr", f"{a},{b}", "--draft-addr", services.draft_addr,
-            "--policy", "fixed:3:16", "--metrics-port", str(metrics_port)]
+    args = orchestrator_args(services, tiny_artifacts, orch_addr.rsplit(":", 1)[1], metrics_port)
     orchestrator = Process("orchestrator", args, service_env(tiny_artifacts.directory), tmp_path)
     try:
         wait_for(lambda: grpc_healthy(orch_addr), orchestrator, 60)

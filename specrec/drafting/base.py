@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
+from specrec.tree_shape import MAX_TREE_DEPTH as MAX_DEPTH
+from specrec.tree_shape import MAX_TREE_NODES as MAX_NODES
 
-MAX_DEPTH = 16  # levels below the root (proto DraftBudget.depth)
-MAX_NODES = 128  # nodes per tree (proto DraftBudget.max_nodes)
 MAX_TOP_K = 16
 DEFAULT_TOP_K = 8
 
@@ -220,8 +220,8 @@ class DraftSession(ABC):
         return tree
 
     def commit(self, tokens: Sequence[int]) -> None:
-        """Follow the target: `tokens` = a root-down path of the last tree, then one bonus token
-        (a path that ends the list with EOS needs no bonus: its EOS plays that part)."""
+        """Follow the target: `tokens` = a root-down path of the last tree, then any tokens the grammar forces
+        after it, then one bonus token (a path that ends the list with EOS needs no bonus: its EOS plays that part)."""
         tokens = [int(t) for t in tokens]
         state = self.validate_commit(tokens)
         ahead, self._ahead = self._ahead, None
@@ -279,11 +279,14 @@ class DraftSession(ABC):
         check_tokens(tokens, self.vocab_size, "committed")
         tree = self.last_tree or DraftTree()
         path = tree.match(tokens[:-1])
-        if len(path) < len(tokens) - 1:
-            raise DraftError(f"committed tokens {tokens} are not a path of the last tree ({len(tree)} nodes) "
-                             f"followed by one bonus token: only the first {len(path)} follow the tree")
         state = self.state
         for i, tok in enumerate(tokens):
+            # Past the tree's path only grammar-forced tokens may come before the bonus: a round the target
+            # ran without a tree (depth 0, or a late tree) still commits the chain the grammar forces.
+            if len(path) <= i < len(tokens) - 1 and self.constraint.forced(state) != tok:
+                raise DraftError(f"committed tokens {tokens} are not a path of the last tree ({len(tree)} nodes), "
+                                 f"then tokens the list grammar forces, then one bonus token: token {i} ({tok}) "
+                                 "is none of these")
             nxt = self.constraint.advance(state, tok)
             if nxt is None:
                 raise DraftError(f"committed token {i} ({tok}) is not allowed by the list grammar here")

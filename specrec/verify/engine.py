@@ -23,9 +23,9 @@ from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
 from specrec.semantic_ids.trie import ItemTrie
+from specrec.tree_shape import tree_problem
 from specrec.verify.rules import MODES, NO_BONUS, AcceptParams, accept
 
-MAX_TREE_NODES = 128
 MAX_SEED = 2**64 - 1  # torch.Generator takes an unsigned 64-bit seed
 
 
@@ -143,20 +143,11 @@ class TargetVerifier:
                               f"0..{self.vocab_size - 1}")
 
     def _check_tree(self, req: VerifyRequest) -> None:
-        n = len(req.tree_tokens)
-        if n != len(req.tree_parents):
-            raise VerifyError("INVALID_ARGUMENT", f"TREE_TOKENS has {n} entries but TREE_PARENTS has "
-                              f"{len(req.tree_parents)}; they must match")
-        if n > MAX_TREE_NODES:
-            raise VerifyError("INVALID_ARGUMENT", f"tree of {n} nodes exceeds the limit of {MAX_TREE_NODES}")
-        for i, p in enumerate(req.tree_parents):
-            if not -1 <= p < i:
-                raise VerifyError("INVALID_ARGUMENT", f"TREE_PARENTS[{i}] = {p}: a parent must be -1 (the root) "
-                                  f"or an earlier node index 0..{i - 1}")
-        self._check_tokens("TREE_TOKENS", req.tree_tokens)
+        if problem := tree_problem(req.tree_tokens, req.tree_parents, self.vocab_size):
+            raise VerifyError("INVALID_ARGUMENT", f"TREE_TOKENS / TREE_PARENTS: {problem}")
         _check_params(req.params)
         if req.draft_probs is not None:
-            self._check_probs(req.draft_probs, n)
+            self._check_probs(req.draft_probs, len(req.tree_tokens))
 
     def _check_probs(self, probs: torch.Tensor, n: int) -> None:
         if tuple(probs.shape) != (n + 1, self.vocab_size):
