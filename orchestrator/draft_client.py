@@ -11,7 +11,7 @@ import grpc
 
 from orchestrator.controller import Budget
 from specrec.security import TlsConfig, aio_channel
-from specrec.telemetry import client_interceptors
+from specrec.telemetry import end_client_span, start_client_span
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,27 @@ def _budget(b: Budget) -> draft_pb2.DraftBudget:
     return draft_pb2.DraftBudget(depth=b.depth, max_nodes=b.max_nodes)
 
 
+_SPECULATE = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].methods_by_name["Speculate"]
+SPECULATE_METHOD = f"/{_SPECULATE.containing_service.full_name}/{_SPECULATE.name}"
+
+
 class DraftSession:
-    """A Speculate stream. Any failure closes it: a late answer would desynchronise the stream."""
+    """A Speculate stream. Any failure closes it: a late answer would desynchronise the stream.
+
+    Traced by one CLIENT span of its own rather than a channel interceptor, which would cost every message;
+    it ends OK when the request closes the stream, with the failure's status otherwise.
+    """
 
     def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, timeout_s: float, metadata: tuple = ()):
+        self._span, metadata = start_client_span(SPECULATE_METHOD, metadata)
         self._call = stub.Speculate(metadata=metadata)
         self._timeout_s = timeout_s
         self.closed = False
+
+    async def _fail(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, *,
+                    refused_request: bool = False) -> DraftUnavailable:
+        await self.close(code, message)
+        return DraftUnavailable(message, refused_request=refused_request)
 
     async def _exchange(self, request: draft_pb2.SpeculateRequest, timeout_s: float) -> DraftedTree:
         if self.closed:
@@ -56,27 +70,24 @@ class DraftSession:
             await asyncio.wait_for(self._call.write(request), timeout_s)
             resp = await asyncio.wait_for(self._call.read(), timeout_s)
         except TimeoutError:
-            await self.close()
-            raise DraftUnavailable(f"no tree within {timeout_s * 1000:.0f} ms") from None
+            raise await self._fail(f"no tree within {timeout_s * 1000:.0f} ms", grpc.StatusCode.DEADLINE_EXCEEDED) \
+                from None
         except grpc.aio.AioRpcError as e:
-            await self.close()
             refused = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
-            raise DraftUnavailable(f"draft service: {e.code().name}: {e.details()}", refused_request=refused) from None
+            raise await self._fail(f"draft service: {e.code().name}: {e.details()}", e.code(),
+                                   refused_request=refused) from None
         except (asyncio.InvalidStateError, grpc.aio.UsageError, asyncio.CancelledError) as e:
             # The draft pod left and its channel was closed under the stream, or the drafter died between two
             # rounds (write() says so); a cancellation of this request itself propagates.
             task = asyncio.current_task()
             if isinstance(e, asyncio.CancelledError) and (task is None or task.cancelling()):
                 raise
-            await self.close()
-            raise DraftUnavailable(f"draft stream cut off: the channel closed ({type(e).__name__})") from None
+            raise await self._fail(f"draft stream cut off: the channel closed ({type(e).__name__})") from None
         if resp is grpc.aio.EOF:
-            await self.close()
-            raise DraftUnavailable("draft service closed the stream")
+            raise await self._fail("draft service closed the stream")
         tree = resp.tree
         if len(tree.tokens) != len(tree.parents):
-            await self.close()
-            raise DraftUnavailable("malformed tree: tokens and parents differ in length")
+            raise await self._fail("malformed tree: tokens and parents differ in length", grpc.StatusCode.INTERNAL)
         return DraftedTree(list(tree.tokens), list(tree.parents), resp.draft_ms, resp.draft_ahead_hit)
 
     async def open(self, context: list[int], n_items: int, exclude_history: bool, budget: Budget,
@@ -91,10 +102,12 @@ class DraftSession:
                                                                            budget=_budget(budget)))
         return await self._exchange(req, self._timeout_s)
 
-    async def close(self) -> None:
+    async def close(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str | None = None) -> None:
+        """End the stream; `code`: why, for its trace span (OK: the request is done with it)."""
         if not self.closed:
             self.closed = True
             self._call.cancel()
+            end_client_span(self._span, code, details)
 
 
 class DraftClient:
@@ -103,8 +116,8 @@ class DraftClient:
     def __init__(self, addr: str, timeout_s: float, tls: TlsConfig | None = None, tls_name: str = ""):
         self.addr = addr
         self.timeout_s = timeout_s
-        self._channel = aio_channel(addr, tls or TlsConfig(), tls_name, interceptors=client_interceptors()) \
-            if addr else None
+        # No tracing interceptors: DraftSession traces its stream itself (see there).
+        self._channel = aio_channel(addr, tls or TlsConfig(), tls_name) if addr else None
         self._stub = draft_pb2_grpc.DraftServiceStub(self._channel) if self._channel else None
         self._down_until = 0.0
         self._backoff_s = 0.5

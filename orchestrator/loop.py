@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import grpc
 from opentelemetry import trace
 
 from orchestrator.backends import Backends
@@ -184,7 +185,8 @@ class _Request:
 
     async def _drop_drafter(self, reason: str | None) -> None:
         if self.session is not None:
-            await self.session.close()
+            # a session already failed keeps its own status; one dropped here failed the loop's checks
+            await self.session.close(grpc.StatusCode.OK if reason is None else grpc.StatusCode.INTERNAL, reason)
             self.session = None
             self.loop.draft_sessions_open -= 1
         if reason is not None and self.drafts is not None:

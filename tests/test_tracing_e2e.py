@@ -71,6 +71,10 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     assert triton_roots, "Triton's spans join the trace under a verify span"
     drafter = [s for s in spans if s["service_name"] == "specrec-draft" and s["name"].endswith("Speculate")]
     assert drafter and by_id.get(drafter[0]["parent_span_id"], {}).get("service_name") == "specrec-orchestrator"
+    # The drafter stream's CLIENT span: the request closing its stream is no error.
+    stream = by_id[drafter[0]["parent_span_id"]]
+    assert (stream["name"], stream["kind"]) == ("specrec.v1.DraftService/Speculate", "client")
+    assert stream["status"] != "error", stream
 
 
 def test_metrics_move_with_the_response_stats(traced, tiny_artifacts):

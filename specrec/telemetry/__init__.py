@@ -7,7 +7,9 @@ from specrec.telemetry.grpc_aio import (
     TracingUnaryStreamClientInterceptor,
     TracingUnaryUnaryClientInterceptor,
     client_interceptors,
+    end_client_span,
     server_interceptors,
+    start_client_span,
 )
 from specrec.telemetry.metrics import DrafterMetrics, OrchestratorMetrics, start_metrics_server
 from specrec.telemetry.tracing import (
@@ -32,11 +34,13 @@ __all__ = [
     "build_tracer_provider",
     "client_interceptors",
     "current_trace_id",
+    "end_client_span",
     "extract_context",
     "inject_metadata",
     "server_interceptors",
     "setup_tracing",
     "shutdown_tracing",
+    "start_client_span",
     "start_metrics_server",
     "tracing_configured",
     "tracing_enabled",
