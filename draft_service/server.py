@@ -235,8 +235,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 stream.ahead = None
             else:
                 prepared = False
-            tree = await self._run(stream, _advance, stream.session, list(req.advance.committed), budget,
-                                   stream.want_probs)
+            tree = await self._run(stream, _advance, stream.session, list(req.advance.committed),
+                                   list(req.advance.then_plain), budget, stream.want_probs)
             if prepared:
                 hit = stream.session.ahead_hit
                 self.metrics.draft_ahead(hit)
@@ -283,8 +283,9 @@ def _prepare_ahead(session: DraftSession) -> bool:
         return False
 
 
-def _advance(session: DraftSession, committed: list[int], budget: Budget, want_probs: bool) -> Any:
-    session.commit(committed)
+def _advance(session: DraftSession, committed: list[int], then_plain: list[int], budget: Budget,
+             want_probs: bool) -> Any:
+    session.commit(committed, then_plain)
     return session.draft(budget, want_probs)
 
 

@@ -97,9 +97,9 @@ class DraftSession:
             drafter=drafter))
         return await self._exchange(req, timeout_s)
 
-    async def advance(self, committed: list[int], budget: Budget) -> DraftedTree:
-        req = draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession(committed=committed,
-                                                                           budget=_budget(budget)))
+    async def advance(self, committed: list[int], budget: Budget, then_plain: list[int] = ()) -> DraftedTree:
+        req = draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession(committed=committed, budget=_budget(budget),
+                                                                           then_plain=then_plain))
         return await self._exchange(req, self._timeout_s)
 
     async def close(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str | None = None) -> None:

@@ -3,7 +3,9 @@
 The draft stream and the Triton sequence open concurrently. A round asks the policy for a budget,
 gets a tree from the drafter (or, at depth 0 or without a drafter, just the tokens the grammar
 forces), has the target verify it, commits the accepted path plus the bonus token and hands the
-commit to the drafter with the next budget. Both sessions are closed on every exit path.
+commit to the drafter with the next budget. Rounds without a tree do not call the drafter at all: it
+is told their tokens with the next tree it is asked for (under load, when the policy stops speculating,
+the drafter then costs nothing). Both sessions are closed on every exit path.
 
 Every round of a request goes to one Triton pod, the one holding its sequence; if that pod leaves or
 fails UNAVAILABLE, the request moves to the next pod of its rendezvous ranking (orchestrator.backends)
@@ -124,7 +126,9 @@ class _Request:
         self.pod: str | None = None  # the Triton pod holding the sequence
         self.drafts: DraftClient | None = None  # the draft pod's client, for this request
         self.session: DraftSession | None = None
-        self.unsent: list[int] = []  # committed tokens the drafter has not been told yet
+        # Committed tokens the drafter has not been told yet, one list per round: the first followed its last
+        # tree, the others came from rounds run without one (told in the same message, when it next drafts).
+        self.unsent: list[list[int]] = []
         self.stats = LoopStats(policy=policy.name)
         self.req_state = policy.new_request(self.next_slot)
         self.started = False
@@ -210,7 +214,8 @@ class _Request:
             return None, 0.0
         t0 = time.perf_counter()
         try:
-            tree = await self.session.advance(self.unsent, budget)
+            first, *plain = self.unsent or [[]]
+            tree = await self.session.advance(first, budget, [t for r in plain for t in r])
         except DraftUnavailable as e:
             await self._drop_drafter(str(e))
             return None, time.perf_counter() - t0
@@ -233,26 +238,20 @@ class _Request:
     async def _traced_round(self) -> RoundStats:
         budget = self._budget()
         slot = self.next_slot
-        tree, draft_s, sync = None, 0.0, None
+        tree, draft_s = None, 0.0
         if budget.depth:
             with tracer.start_as_current_span("draft", attributes={"specrec.depth": budget.depth}):
                 tree, draft_s = await self._draft(budget)
             if tree is None:
                 self.stats.fallback_rounds += 1
                 self.loop.metrics.fallback("drafter")
-        elif self.session is not None:  # keep the drafter in step; it catches up while the target verifies
-            sync = asyncio.ensure_future(self._draft(NO_DRAFT))
         if tree is not None and tree.tokens:
             tokens, parents = tree.tokens, tree.parents
         else:
             tokens, parents = forced_chain(self.constraint, self.state)
         t0 = time.perf_counter()
-        try:
-            with tracer.start_as_current_span("verify", attributes={"specrec.nodes": len(tokens)}):
-                outcome = await self._verify(tokens, parents)
-        finally:
-            if sync is not None:
-                await sync
+        with tracer.start_as_current_span("verify", attributes={"specrec.nodes": len(tokens)}):
+            outcome = await self._verify(tokens, parents)
         verify_s = time.perf_counter() - t0
         depth = tree_depth(parents)
         accepted = len(outcome.accepted_nodes)
@@ -315,7 +314,7 @@ class _Request:
             self.state = nxt
         self.loop.metrics.set_target_live_sequences(outcome.live_sequences)
         self.committed += outcome.accepted_tokens
-        self.unsent += outcome.accepted_tokens
+        self.unsent.append(outcome.accepted_tokens)
         self.stats.rounds += 1
         self.stats.accepted += len(outcome.accepted_nodes)
         self.stats.committed += len(outcome.accepted_tokens)

@@ -65,8 +65,10 @@ def open_req(context: list[int], budget: draft_pb2.DraftBudget = BUDGET, **kw: o
                                                                   exclude_history=True, budget=budget, **kw))
 
 
-def advance_req(committed: list[int], budget: draft_pb2.DraftBudget = BUDGET) -> draft_pb2.SpeculateRequest:
-    return draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession(committed=committed, budget=budget))
+def advance_req(committed: list[int], budget: draft_pb2.DraftBudget = BUDGET,
+                then_plain: list[int] = ()) -> draft_pb2.SpeculateRequest:
+    return draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession(committed=committed, budget=budget,
+                                                                       then_plain=then_plain))
 
 
 async def ask(call: grpc.aio.StreamStreamCall, req: draft_pb2.SpeculateRequest) -> draft_pb2.SpeculateResponse:
@@ -121,6 +123,31 @@ async def test_open_draft_advance_and_rollback(svc, artifacts):
     assert await live(svc.stub) >= 1
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
+    await wait_live(svc.stub, 0)
+
+
+async def test_rounds_without_a_tree_are_told_with_the_next_advance(svc, artifacts):
+    """The orchestrator's plain rounds skip the drafter; their tokens come with the next Advance (then_plain).
+    The tree after them equals a fresh stream's for the whole committed prefix."""
+    constraint = artifacts.constraint()
+    context = prompts(artifacts, 3)[2]
+    call = svc.stub.Speculate()
+    tree = DraftTree.from_proto((await ask(call, open_req(context))).tree)
+    commit = commit_for(tree, constraint, context, len(tree) - 1)
+    plain: list[int] = []
+    state = constraint.start(context + commit)
+    for _ in range(7):  # plain steps: the grammar's first choice each time
+        plain.append(int(constraint.allowed(state)[0]))
+        state = constraint.advance(state, plain[-1])
+    tree = DraftTree.from_proto((await ask(call, advance_req(commit, then_plain=plain))).tree)
+    fresh_call = svc.stub.Speculate()
+    fresh = DraftTree.from_proto((await ask(fresh_call, open_req(context + commit + plain))).tree)
+    await fresh_call.done_writing()
+    assert tree.tokens == fresh.tokens and tree.parents == fresh.parents
+    assert np.allclose(tree.logprobs, fresh.logprobs, atol=1e-4)
+    await call.done_writing()
+    # Tokens the grammar forbids are refused, as in `committed`.
+    await _expect_invalid(svc.stub, [open_req(context), advance_req(commit, then_plain=[1])], "then_plain")
     await wait_live(svc.stub, 0)
 
 

@@ -268,6 +268,24 @@ def test_a_round_without_a_tree_commits_the_forced_chain_then_the_bonus(drafters
         session.commit([first_codes[0], second])
 
 
+@pytest.mark.parametrize("name", ["model", "hybrid", "retrieval"])
+def test_plain_rounds_told_after_a_commit_equal_a_fresh_session(drafters, prompts, tiny_artifacts, name):
+    constraint = tiny_artifacts.constraint()
+    rng = np.random.default_rng(2)
+    budget = Budget(6, 24, 4)
+    session = drafters[name].open(prompts[1], constraint)
+    tree = session.draft(budget)
+    assert session.prepare_ahead()  # a guess that plain rounds after the commit make stale
+    commit = random_commit(tree, constraint, session.state, rng)
+    state, plain = state_after(constraint, session.state, commit), []
+    for _ in range(6):
+        plain.append(int(rng.choice(constraint.allowed(state))))
+        state = constraint.advance(state, plain[-1])
+    session.commit(commit, plain)
+    assert_same_tree(session.draft(budget), drafters[name].open(session.context, constraint).draft(budget))
+    assert not session.ahead_hit
+
+
 def test_commit_without_bonus_when_eos_is_accepted(drafters, tiny_artifacts, prompts):
     """With one item to go and its RQ codes written, the rest is forced up to EOS: the tree holds it all
     and the commit has no bonus token."""

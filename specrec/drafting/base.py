@@ -219,20 +219,25 @@ class DraftSession(ABC):
         self.last_tree = tree
         return tree
 
-    def commit(self, tokens: Sequence[int]) -> None:
+    def commit(self, tokens: Sequence[int], then_plain: Sequence[int] = ()) -> None:
         """Follow the target: `tokens` = a root-down path of the last tree, then any tokens the grammar forces
-        after it, then one bonus token (a path that ends the list with EOS needs no bonus: its EOS plays that part)."""
+        after it, then one bonus token (a path that ends the list with EOS needs no bonus: its EOS plays that part).
+        `then_plain`: tokens committed after those by rounds run without a tree, checked against the grammar only."""
         tokens = [int(t) for t in tokens]
+        later = [int(t) for t in then_plain]
         state = self.validate_commit(tokens)
+        if later:
+            check_tokens(later, self.vocab_size, "then_plain")
+            state = self._follow_grammar(state, later)
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.assumed == tokens and ahead.work is not None:
+        if ahead is not None and not later and ahead.assumed == tokens and ahead.work is not None:
             tree = self._adopt_ahead(ahead.work)
             self._ready = (ahead.budget, ahead.want_probs, tree)
         else:
             if ahead is not None and ahead.work is not None:
                 self._drop_ahead(ahead.work)
-            self._advance(tokens)
-        self.context += tokens
+            self._advance(tokens + later)
+        self.context += tokens + later
         self.state = state
         self.last_tree = None
 
@@ -290,6 +295,16 @@ class DraftSession(ABC):
             nxt = self.constraint.advance(state, tok)
             if nxt is None:
                 raise DraftError(f"committed token {i} ({tok}) is not allowed by the list grammar here")
+            state = nxt
+        return state
+
+    def _follow_grammar(self, state: ListState, tokens: list[int]) -> ListState:
+        for i, tok in enumerate(tokens):
+            if state.finished:
+                raise DraftError(f"then_plain token {i} ({tok}) comes after the list's EOS")
+            nxt = self.constraint.advance(state, tok)
+            if nxt is None:
+                raise DraftError(f"then_plain token {i} ({tok}) is not allowed by the list grammar here")
             state = nxt
         return state
 

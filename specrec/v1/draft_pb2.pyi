@@ -36,12 +36,14 @@ class OpenSession(_message.Message):
     def __init__(self, context: _Optional[_Iterable[int]] = ..., n_items: _Optional[int] = ..., exclude_history: _Optional[bool] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., drafter: _Optional[str] = ..., want_probs: _Optional[bool] = ..., user_group: _Optional[str] = ...) -> None: ...
 
 class AdvanceSession(_message.Message):
-    __slots__ = ("committed", "budget")
+    __slots__ = ("committed", "budget", "then_plain")
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    THEN_PLAIN_FIELD_NUMBER: _ClassVar[int]
     committed: _containers.RepeatedScalarFieldContainer[int]
     budget: DraftBudget
-    def __init__(self, committed: _Optional[_Iterable[int]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ...) -> None: ...
+    then_plain: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, committed: _Optional[_Iterable[int]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., then_plain: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SpeculateRequest(_message.Message):
     __slots__ = ("open", "advance")
