@@ -3,9 +3,10 @@
 The draft stream and the Triton sequence open concurrently. A round asks the policy for a budget,
 gets a tree from the drafter (or, at depth 0 or without a drafter, just the tokens the grammar
 forces), has the target verify it, commits the accepted path plus the bonus token and hands the
-commit to the drafter with the next budget. Rounds without a tree do not call the drafter at all: it
-is told their tokens with the next tree it is asked for (under load, when the policy stops speculating,
-the drafter then costs nothing). Both sessions are closed on every exit path.
+commit to the drafter with the next budget. Rounds without a tree do not call the drafter at all: the
+draft stream opens with the first tree wanted, and is told the tokens of tree-less rounds with the next
+tree it is asked for (under load, when the policy stops speculating, the drafter then costs nothing).
+Both sessions are closed on every exit path.
 
 Every round of a request goes to one Triton pod, the one holding its sequence; if that pod leaves or
 fails UNAVAILABLE, the request moves to the next pod of its rendezvous ranking (orchestrator.backends)
@@ -36,6 +37,7 @@ from specrec.tree_shape import tree_problem
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("specrec.orchestrator")
 NO_DRAFT = Budget(0, 0)
+OPEN_TIMEOUT_FACTOR = 20  # an Open also prefills the drafter with the whole context: more time than a round
 
 
 @dataclass
@@ -151,22 +153,12 @@ class _Request:
 
     # -- sessions --------------------------------------------------------------------------------
     async def _open(self) -> VerifyOutcome:
-        """START on the target and Open on the drafter, concurrently."""
+        """START on the target. The draft stream opens with the first tree the policy asks for: a request that
+        never speculates (e.g. under load) costs the drafter nothing."""
         tokens, parents = forced_chain(self.constraint, self.state)
-        verify = asyncio.ensure_future(self._verify(tokens, parents, start=True))
-        drafts = self.loop.backends.draft(self.key) if self.policy.name != "off" else None
-        if drafts is not None:
-            self.drafts = drafts
-            self.session = drafts.session(self.metadata)
-            self.loop.draft_sessions_open += 1
-            try:
-                await self.session.open(self.committed, self.opts.n_items, self.opts.exclude_history, NO_DRAFT,
-                                        self.opts.drafter, drafts.timeout_s * 20)
-            except DraftUnavailable as e:
-                # A drafter name the service does not have is this request's fault, not the pod's.
-                await self._drop_drafter(None if e.refused_request else str(e))
+        self.drafts = self.loop.backends.draft(self.key) if self.policy.name != "off" else None
         self.stats.drafted += len(tokens)
-        return await verify
+        return await self._verify(tokens, parents, start=True)
 
     async def _close(self) -> None:
         if self.session is not None:
@@ -188,6 +180,7 @@ class _Request:
             log.debug("ending sequence %d on %s failed: %s", self.seq_id, pod, e)
 
     async def _drop_drafter(self, reason: str | None) -> None:
+        """No more drafting for this request; `reason`: the draft pod failed (it backs off), None: it did not."""
         if self.session is not None:
             # a session already failed keeps its own status; one dropped here failed the loop's checks
             await self.session.close(grpc.StatusCode.OK if reason is None else grpc.StatusCode.INTERNAL, reason)
@@ -195,11 +188,12 @@ class _Request:
             self.loop.draft_sessions_open -= 1
         if reason is not None and self.drafts is not None:
             self.drafts.failed(reason)  # this draft pod's backoff only: other pods keep drafting
+        self.drafts = None
 
     # -- rounds ----------------------------------------------------------------------------------
     def _budget(self) -> Budget:
         budget = self.policy.choose(self.req_state, self.next_slot, self.loop.in_flight)
-        if self.session is None or budget.depth == 0:
+        if self.drafts is None or budget.depth == 0:
             return NO_DRAFT
         # no tree past the target's last position: it would refuse the round, and the request with it
         cap = min(self.opts.max_nodes or budget.max_nodes, self.loop.catalog.max_len - len(self.committed) - 1)
@@ -210,14 +204,22 @@ class _Request:
         return budget
 
     async def _draft(self, budget: Budget) -> tuple[DraftedTree | None, float]:
-        if self.session is None:
+        if self.drafts is None:
             return None, 0.0
         t0 = time.perf_counter()
+        opening = self.session is None
         try:
-            first, *plain = self.unsent or [[]]
-            tree = await self.session.advance(first, budget, [t for r in plain for t in r])
+            if self.session is None:
+                self.session = self.drafts.session(self.metadata)
+                self.loop.draft_sessions_open += 1
+                tree = await self.session.open(self.committed, self.opts.n_items, self.opts.exclude_history, budget,
+                                               self.opts.drafter, self.drafts.timeout_s * OPEN_TIMEOUT_FACTOR)
+            else:
+                first, *plain = self.unsent or [[]]
+                tree = await self.session.advance(first, budget, [t for r in plain for t in r])
         except DraftUnavailable as e:
-            await self._drop_drafter(str(e))
+            # A drafter name the service does not have is this request's fault, not the pod's.
+            await self._drop_drafter(None if opening and e.refused_request else str(e))
             return None, time.perf_counter() - t0
         problem = tree_problem(tree.tokens, tree.parents, self.loop.catalog.sids.vocab.size)
         if problem:  # a broken drafter costs speed, never the request: the target would refuse the tree
