@@ -10,9 +10,14 @@ import concurrent.futures as cf
 import grpc
 import pytest
 
+from orchestrator.config import OrchestratorConfig
+from orchestrator.controller import NO_SPECULATION, Budget, RequestState, RoundStats
+from orchestrator.loop import LoopOptions
+from orchestrator.server import build_server
 from specrec.decoding.plain import decode
 from specrec.stack import LocalStack, StackConfig
 from specrec.training.examples import encode_prompt
+from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -143,6 +148,53 @@ def test_a_prompt_too_long_for_the_target_is_refused_before_any_token(full_stack
             next(iter(chunks))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "positions, over the target's 512" in err.value.details()
+
+
+class PlainThenTrees:
+    """Plain rounds first (`plain` of them; None: always), then fixed 3:16 trees: what adaptive does when it
+    stops speculating under load and starts again."""
+
+    def __init__(self, plain: int | None):
+        self.plain, self.name = plain, f"plain-then-trees-{plain}"
+
+    def new_request(self, next_slot: int = 0) -> RequestState:
+        return RequestState(next_slot=next_slot)
+
+    def choose(self, req: RequestState, next_slot: int, in_flight: int) -> Budget:
+        return NO_SPECULATION if self.plain is None or req.rounds < self.plain else Budget(3, 16)
+
+    def observe(self, req: RequestState, stats: RoundStats) -> None:
+        req.rounds += 1
+
+
+@pytest.mark.parametrize("plain", [None, 5])
+async def test_rounds_without_a_tree_leave_the_drafter_alone_until_a_tree_is_wanted(full_stack, tiny_artifacts,
+                                                                                     tiny_target, plain):
+    config = OrchestratorConfig(artifacts=str(tiny_artifacts.directory), port=0, metrics_port=0,
+                                target_addr=full_stack.target_addr, draft_addr=full_stack.draft_addr)
+    server, _, loop = await build_server(config)  # its loop only, driven in process with the policy above
+    try:
+        async with grpc.aio.insecure_channel(full_stack.draft_addr) as ch:
+            drafter = draft_pb2_grpc.DraftServiceStub(ch)
+            before = await drafter.Stats(draft_pb2.StatsRequest())
+            prompt, tokens = tiny_artifacts.prompt(7), []
+
+            async def emit(committed: list[int]) -> None:
+                tokens.extend(committed)
+
+            stats = await loop.run(prompt, LoopOptions(n_items=10), PlainThenTrees(plain), emit)
+            after = await drafter.Stats(draft_pb2.StatsRequest())
+        assert tokens == decode(tiny_target, tiny_artifacts.constraint(), [prompt])[0].tokens
+        assert stats.fallback_rounds == 0
+        if plain is None:  # never speculated: the drafter never heard of the request
+            assert (after.sessions_opened, after.trees_drafted) == (before.sessions_opened, before.trees_drafted)
+        else:  # one stream, opened with the first tree; the plain rounds' tokens arrived with it
+            assert after.sessions_opened == before.sessions_opened + 1
+            assert after.trees_drafted - before.trees_drafted == stats.rounds - 1 - plain
+            assert stats.accepted > 0
+    finally:
+        await server.stop(0)
+        await loop.backends.close()
 
 
 def test_cancelled_and_expired_requests_leave_no_session_behind(full_stack, tiny_artifacts):
