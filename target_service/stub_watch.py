@@ -21,33 +21,82 @@ PROC = Path("/proc")
 
 
 def stub_pids(shm_prefix: str, server_pid: int | None = None) -> set[int]:
-    """Live (not zombie) stub processes of one Triton: its children named like a stub, or any process whose
-    command line carries its Python-backend shm prefix (Triton passes each stub its shm region name).
-
-    Both, because each alone missed a live stub in some runs here; the command line also finds orphans.
+    """Live (not zombie) stub processes of one Triton: its descendants named like a stub, or any process whose
+    command line carries its Python-backend shm prefix (Triton passes each stub its shm region name; this also
+    finds orphans).
     """
-    pids: set[int] = set()
+    procs: dict[int, tuple[int, bytes]] = {}  # pid -> (ppid, comm + cmdline)
     try:
         names = os.listdir(PROC)
     except OSError as e:
         log.warning("cannot list %s: %s", PROC, e)
-        return pids
-    wanted = (STUB.encode(), shm_prefix.encode())
-    for name in names:  # not Path.glob: one unreadable entry there ends the whole listing silently
-        if not name.isdigit():
-            continue
-        try:
-            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split at the last ')'
-            head, tail = (PROC / name / "stat").read_bytes().rsplit(b")", 1)
-            state, ppid = tail.split()[:2]
-            if state == b"Z":
-                continue
-            child = server_pid is not None and int(ppid) == server_pid and STUB[:15].encode() in head
-            if child or all(w in (PROC / name / "cmdline").read_bytes() for w in wanted):
-                pids.add(int(name))
-        except (OSError, ValueError, IndexError):
-            continue  # the process exited while we looked
+        return set()
+    listed = [n for n in names if n.isdigit()]  # not Path.glob: one unreadable entry ends the whole listing
+    for pid in map(int, listed):
+        if (entry := _read(pid)) is not None:
+            procs[pid] = entry
+    stub, prefix = STUB.encode(), shm_prefix.encode()
+    pids = {pid for pid, (_, text) in procs.items() if stub in text and prefix in text}
+    if server_pid is not None:
+        for pid, (_, text) in procs.items():
+            if STUB[:15].encode() in text and _descends_from(pid, server_pid, procs):
+                pids.add(pid)
     return pids
+
+
+def _read(pid: int) -> tuple[int, bytes] | None:
+    """(ppid, comm + command line) of a live process, None if it is a zombie or gone."""
+    try:
+        # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split at the last ')'
+        head, tail = (PROC / str(pid) / "stat").read_bytes().rsplit(b")", 1)
+        state, ppid = tail.split()[:2]
+        if state == b"Z":
+            return None
+        return int(ppid), head + b" " + (PROC / str(pid) / "cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None  # the process exited while we looked
+
+
+def dead_stub_pids(server_pid: int) -> set[int]:
+    """Stub children of the server that died and were never reaped (Triton does not reap a killed stub).
+
+    A stub may die before the watch's first look (it starts once the launcher sees Triton ready, which can
+    be seconds after clients do): the count of live stubs then never drops, but the zombie stays.
+    """
+    dead = set()
+    for pid in _children(server_pid):
+        try:
+            head, tail = (PROC / str(pid) / "stat").read_bytes().rsplit(b")", 1)
+        except (OSError, ValueError):
+            continue
+        if tail.split()[:1] == [b"Z"] and STUB[:15].encode() in head:
+            dead.add(pid)
+    return dead
+
+
+def _children(pid: int) -> list[int]:
+    """Children of every thread of `pid` (a child is listed under the thread that forked it)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(PROC / str(pid) / "task"):
+            try:
+                out += [int(c) for c in (PROC / str(pid) / "task" / task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        pass
+    return out
+
+
+def _descends_from(pid: int, ancestor: int, procs: dict[int, tuple[int, bytes]]) -> bool:
+    for _ in range(64):  # a parent chain is short; the bound guards against a pid reused mid-scan
+        parent = procs.get(pid, (0, b""))[0]
+        if parent == ancestor:
+            return True
+        if parent <= 1:
+            return False
+        pid = parent
+    return False
 
 
 class StubWatch(threading.Thread):
@@ -64,8 +113,9 @@ class StubWatch(threading.Thread):
 
     def run(self) -> None:
         seen = len(stub_pids(self.shm_prefix, self.server_pid))
-        log.info("watching %d Python backend stub process(es) (shm prefix %s)", seen, self.shm_prefix)
-        polls = 0
+        log.info("watching %d Python backend stub process(es) (shm prefix %s; server pid %s, its children %s)", seen,
+                 self.shm_prefix, self.server_pid, _children(self.server_pid) if self.server_pid else "-")
+        polls, dead_before = 0, set()
         while not self._halt.wait(self.interval_s):
             t0 = time.monotonic()
             alive = len(stub_pids(self.shm_prefix, self.server_pid))
@@ -78,6 +128,12 @@ class StubWatch(threading.Thread):
                 self.on_loss(f"{seen - alive} of {seen} Python backend stub processes died")
                 return
             seen = max(seen, alive)
+            # Unreaped on two looks in a row: not a stub on its way out of an orderly unload.
+            dead = dead_stub_pids(self.server_pid) if self.server_pid else set()
+            if dead & dead_before:
+                self.on_loss(f"Python backend stub process(es) {sorted(dead)} died (never reaped by Triton)")
+                return
+            dead_before = dead
 
     def stop(self) -> None:
         self._halt.set()
