@@ -1,11 +1,11 @@
 """The speculation loop of one request: draft -> verify -> commit -> emit, until the list ends.
 
-The draft stream and the Triton sequence open concurrently. A round asks the policy for a budget,
-gets a tree from the drafter (or, at depth 0 or without a drafter, just the tokens the grammar
-forces), has the target verify it, commits the accepted path plus the bonus token and hands the
-commit to the drafter with the next budget. Rounds without a tree do not call the drafter at all: the
-draft stream opens with the first tree wanted, and is told the tokens of tree-less rounds with the next
-tree it is asked for (under load, when the policy stops speculating, the drafter then costs nothing).
+A round asks the policy for a budget, gets a tree from the drafter (or, at depth 0 or without a drafter,
+just the tokens the grammar forces), has the target verify it, commits the accepted path plus the bonus
+token and hands the commit to the drafter with the next budget. Rounds without a tree do not call the
+drafter at all: the draft stream opens with the first tree wanted (the Triton sequence with the first
+round), and is told the tokens of tree-less rounds with the next tree it is asked for (under load, when
+the policy stops speculating, the drafter then costs nothing).
 Both sessions are closed on every exit path.
 
 Every round of a request goes to one Triton pod, the one holding its sequence; if that pod leaves or
