@@ -21,40 +21,25 @@ PROC = Path("/proc")
 
 
 def stub_pids(shm_prefix: str, server_pid: int | None = None) -> set[int]:
-    """Live (not zombie) stub processes of one Triton: its descendants named like a stub, or any process whose
+    """Live (not zombie) stub processes of one Triton: its children named like a stub, or any process whose
     command line carries its Python-backend shm prefix (Triton passes each stub its shm region name; this also
     finds orphans).
     """
-    procs: dict[int, tuple[int, bytes]] = {}  # pid -> (ppid, comm + cmdline)
     try:
-        names = os.listdir(PROC)
+        names = os.listdir(PROC)  # not Path.glob: one unreadable entry there ends the whole listing silently
     except OSError as e:
         log.warning("cannot list %s: %s", PROC, e)
         return set()
-    listed = [n for n in names if n.isdigit()]  # not Path.glob: one unreadable entry ends the whole listing
-    for pid in map(int, listed):
-        if (entry := _read(pid)) is not None:
-            procs[pid] = entry
-    stub, prefix = STUB.encode(), shm_prefix.encode()
-    pids = {pid for pid, (_, text) in procs.items() if stub in text and prefix in text}
-    if server_pid is not None:
-        for pid, (_, text) in procs.items():
-            if STUB[:15].encode() in text and _descends_from(pid, server_pid, procs):
-                pids.add(pid)
+    stub, prefix, comm = STUB.encode(), shm_prefix.encode(), STUB[:15].encode()
+    pids = set()
+    for pid in (int(n) for n in names if n.isdigit()):
+        entry = _process(pid)
+        if entry is None or entry[0] == b"Z":
+            continue
+        _, ppid, text = entry
+        if (stub in text and prefix in text) or (ppid == server_pid and comm in text):
+            pids.add(pid)
     return pids
-
-
-def _read(pid: int) -> tuple[int, bytes] | None:
-    """(ppid, comm + command line) of a live process, None if it is a zombie or gone."""
-    try:
-        # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split at the last ')'
-        head, tail = (PROC / str(pid) / "stat").read_bytes().rsplit(b")", 1)
-        state, ppid = tail.split()[:2]
-        if state == b"Z":
-            return None
-        return int(ppid), head + b" " + (PROC / str(pid) / "cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
-        return None  # the process exited while we looked
 
 
 def dead_stub_pids(server_pid: int) -> set[int]:
@@ -63,15 +48,19 @@ def dead_stub_pids(server_pid: int) -> set[int]:
     A stub may die before the watch's first look (it starts once the launcher sees Triton ready, which can
     be seconds after clients do): the count of live stubs then never drops, but the zombie stays.
     """
-    dead = set()
-    for pid in _children(server_pid):
-        try:
-            head, tail = (PROC / str(pid) / "stat").read_bytes().rsplit(b")", 1)
-        except (OSError, ValueError):
-            continue
-        if tail.split()[:1] == [b"Z"] and STUB[:15].encode() in head:
-            dead.add(pid)
-    return dead
+    return {pid for pid in _children(server_pid)
+            if (entry := _process(pid)) is not None and entry[0] == b"Z" and STUB[:15].encode() in entry[2]}
+
+
+def _process(pid: int) -> tuple[bytes, int, bytes] | None:
+    """(state, ppid, comm + command line) of a process, None if it is gone."""
+    try:
+        # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split at the last ')'
+        head, tail = (PROC / str(pid) / "stat").read_bytes().rsplit(b")", 1)
+        state, ppid = tail.split()[:2]
+        return state, int(ppid), head + b" " + (PROC / str(pid) / "cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None  # the process exited while we looked
 
 
 def _children(pid: int) -> list[int]:
@@ -86,17 +75,6 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pass
     return out
-
-
-def _descends_from(pid: int, ancestor: int, procs: dict[int, tuple[int, bytes]]) -> bool:
-    for _ in range(64):  # a parent chain is short; the bound guards against a pid reused mid-scan
-        parent = procs.get(pid, (0, b""))[0]
-        if parent == ancestor:
-            return True
-        if parent <= 1:
-            return False
-        pid = parent
-    return False
 
 
 class StubWatch(threading.Thread):

@@ -292,21 +292,19 @@ class DraftSession(ABC):
                 raise DraftError(f"committed tokens {tokens} are not a path of the last tree ({len(tree)} nodes), "
                                  f"then tokens the list grammar forces, then one bonus token: token {i} ({tok}) "
                                  "is none of these")
-            nxt = self.constraint.advance(state, tok)
-            if nxt is None:
-                raise DraftError(f"committed token {i} ({tok}) is not allowed by the list grammar here")
-            state = nxt
+            state = self._grammar_step(state, tok, f"committed token {i}")
         return state
 
     def _follow_grammar(self, state: ListState, tokens: list[int]) -> ListState:
         for i, tok in enumerate(tokens):
-            if state.finished:
-                raise DraftError(f"then_plain token {i} ({tok}) comes after the list's EOS")
-            nxt = self.constraint.advance(state, tok)
-            if nxt is None:
-                raise DraftError(f"then_plain token {i} ({tok}) is not allowed by the list grammar here")
-            state = nxt
+            state = self._grammar_step(state, tok, f"then_plain token {i}")
         return state
+
+    def _grammar_step(self, state: ListState, tok: int, what: str) -> ListState:
+        nxt = self.constraint.advance(state, tok)
+        if nxt is None:
+            raise DraftError(f"{what} ({tok}) is not allowed by the list grammar here (or after the list's EOS)")
+        return nxt
 
     def close(self) -> None:
         if self._ahead is not None and self._ahead.work is not None:
