@@ -187,6 +187,26 @@ def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, rou
                     registry=metrics.registry)
 
 
+async def follow_target_readiness(health_servicer: health.aio.HealthServicer, router: Router) -> None:
+    """Service SERVICE is SERVING while at least one Triton pod is known, NOT_SERVING otherwise.
+
+    The readiness probe asks for SERVICE, the liveness probe for "" (always SERVING while the process runs):
+    with no Triton pod (EndpointSlices not seen yet, or every pod gone) the orchestrator takes itself out of
+    its Service instead of answering every request UNAVAILABLE, and is not restarted for a peer's fault.
+    """
+    status = health_pb2.HealthCheckResponse
+
+    async def publish() -> None:  # reads the router when it runs, so out-of-order tasks still end right
+        await health_servicer.set(SERVICE, status.SERVING if router.endpoints(TARGET) else status.NOT_SERVING)
+
+    def on_change(service: str, endpoints: frozenset[str]) -> None:
+        if service == TARGET:
+            asyncio.ensure_future(publish())
+
+    router.subscribe(on_change)
+    await publish()
+
+
 async def build_server(config: OrchestratorConfig, router: Router | None = None,
                        health_servicer: health.aio.HealthServicer | None = None
                        ) -> tuple[grpc.aio.Server, int, SpeculationLoop]:
@@ -207,8 +227,8 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await follow_target_readiness(health_servicer, backends.router)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     return server, port, loop

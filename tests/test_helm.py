@@ -265,7 +265,9 @@ def test_probes_hit_triton_health_endpoints_and_grpc_health(rendered: dict[str, 
         # kubelet's gRPC probe cannot speak TLS: with TLS on it checks the plaintext health-only port
         port = r.values["tls"]["probePort"] if r.values["tls"]["enabled"] else port
         container = r.container(component)
-        assert container["readinessProbe"]["grpc"] == {"port": port}
+        # the orchestrator is ready only with a Triton pod to send to (its Recommender health service)
+        ready = {"port": port, "service": "specrec.v1.Recommender"} if component == "orchestrator" else {"port": port}
+        assert container["readinessProbe"]["grpc"] == ready
         assert container["livenessProbe"]["grpc"] == {"port": port}
 
 
