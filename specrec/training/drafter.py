@@ -67,7 +67,7 @@ DRAFTER_PROFILES = {
                            windows=800),
     "small": DrafterProfile("small", dim=64, layers=2, heads=4, intermediate=192, steps=1200, batch_size=32,
                             lr=2e-3, windows=4000),
-    "bench": DrafterProfile("bench", dim=256, layers=2, heads=4, intermediate=768, steps=2000, batch_size=32,
+    "bench": DrafterProfile("bench", dim=256, layers=2, heads=4, intermediate=768, steps=1000, batch_size=32,
                             lr=1e-3, windows=6000),
 }
 
