@@ -32,7 +32,7 @@ run: install
 	$(PY) -m specrec.cli demo
 
 # The benchmark suite (bench/run.py): stack vs plain, HF assisted generation, perf_analyzer, plots, one report in
-# bench/results/bench-<date>.md. Full = small profile (trained on first use, as `make run`); quick = tiny, < 5 min.
+# bench/results/bench-<date>.md. Full = bench profile (27M target: ~80 min to train on first use, then ~30 min); quick = tiny, < 5 min.
 bench: install
 	PY=$(PY) bench/fetch_perf_analyzer.sh >/dev/null
 	@t0=$$(date +%s); $(PY) bench/run.py; rc=$$?; echo "make bench took $$(( $$(date +%s) - t0 )) s"; exit $$rc

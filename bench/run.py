@@ -10,7 +10,7 @@ Phases, in this order, on the same users (the last 20 training items of each as 
 then plots (`bench/plots.py`), `results/bench-<date>[-quick].json` and `.md`.
 
     python bench/run.py --quick            # tiny profile, < 5 minutes
-    python bench/run.py                    # small profile (the `make run` default), the full sweep
+    python bench/run.py                    # bench profile (27M target; ~80 min to train on first use), the full sweep
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ FULL_CONFIGS = ("adaptive/model,adaptive/retrieval,adaptive/hybrid,heuristic/mod
                 "fixed:1:1/model,fixed:2:8/model,fixed:4:16/model,fixed:8:32/model,fixed:4:16/retrieval")
 QUICK_CONFIGS = "adaptive/model,adaptive/retrieval,heuristic/model,fixed:4:16/model"
 PRESETS = {
-    "full": {"profile": "small", "configs": FULL_CONFIGS, "concurrency": "1,4,16,64", "users": 24, "repeats": 3,
+    "full": {"profile": "bench", "configs": FULL_CONFIGS, "concurrency": "1,4,16,64", "users": 24, "repeats": 3,
              "warmup": 2, "hf_users": 12, "slot_users": 12, "perf_conc": "1,4,16,64", "perf_interval_ms": 2000},
     "quick": {"profile": "tiny", "configs": QUICK_CONFIGS, "concurrency": "1,16", "users": 8, "repeats": 3,
               "warmup": 1, "hf_users": 4, "slot_users": 4, "perf_conc": "1,4", "perf_interval_ms": 1000},
@@ -198,6 +198,10 @@ def where_time_goes(stack: dict, hf: dict | None, perf: dict | None) -> list[str
     return out
 
 
+PROFILE_ROLES = {"tiny": "; the test profile, for smoke runs only", "small": "; the `make run` default",
+                 "bench": "; the benchmark profile"}
+
+
 def report(res: dict) -> str:
     st, hf, sl, perf = res["stack"], res.get("hf"), res.get("slot_tau"), res.get("perf")
     m = st["machine"]
@@ -206,12 +210,12 @@ def report(res: dict) -> str:
            f"- CPU: {m['cpu_model']}; `nproc` = {m['nproc_cmd']}; {m['platform']}, Python {m['python']}",
            "- load average (1/5/15 min) per phase: " + "; ".join(
                f"{k} {', '.join(f'{x:.2f}' for x in v)}" for k, v in res["load"].items()),
-           "- **shared machine**: 2 cores shared with other helpers' jobs (tests, training) during this run; absolute "
-           "milliseconds are inflated and noisy, the pairwise ratios within one phase are the fair comparison",
+           "- the services, the load generator and the HF phase share these 2 cores (load average above; other jobs, "
+           "if any, are named under Caveats): absolute milliseconds are noisy, the pairwise ratios within one phase "
+           "are the fair comparison",
            f"- command: `{res['command']}`; code `{st['git_start']}` at start, `{res['git_end']}` at the end",
            f"- profile **{res['profile']}** (target {st['target_params']} parameters"
-           + ("; the `make run` default. The bench profile (~25M) is not trained" if res["profile"] == "small" else
-              "; the test profile, for smoke runs only") + ")",
+           + PROFILE_ROLES.get(res["profile"], "") + ")",
            f"- stack phase: {st['args']['users']} users, {st['args']['repeats']} repeats interleaved, warm-up "
            f"{st['args']['warmup']} per configuration excluded, concurrency {st['args']['concurrency']} (a batch holds "
            f"max(users, concurrency) requests), {len(st['summary']['rows'])} rows",
@@ -304,7 +308,7 @@ def rerender(path: Path, redo: set[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny profile, a smoke run under 5 minutes")
-    p.add_argument("--profile", default=None, help="override the preset's profile (full: small, quick: tiny)")
+    p.add_argument("--profile", default=None, help="override the preset's profile (full: bench, quick: tiny)")
     p.add_argument("--skip", default="", help="phases to skip: any of hf,slots,perf")
     p.add_argument("--out", type=Path, default=speedup.RESULTS)
     p.add_argument("--note", action="append", default=[], help="a caveat for the report (repeatable)")
