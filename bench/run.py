@@ -42,13 +42,15 @@ PRESETS = {
 
 
 def ensure_models(profile: str, dataset: str = "ml-100k") -> None:
-    """Train what is missing, as `make run` does (the target, then the default drafter); cached afterwards."""
+    """Train what is missing, as `make run` does (the target, then the default drafter); cached afterwards.
+
+    Progress bars on: the bench profile's first training takes over an hour on 2 CPU cores."""
     from specrec.training.drafter import train_drafter, trained
 
-    arts = prepare(dataset, profile, train=True, progress=False)
+    arts = prepare(dataset, profile, train=True, progress=True)
     if not trained(arts):
         print(f"[bench] training the {profile} drafter (once; cached in {arts.directory})", flush=True)
-        train_drafter(arts, progress=False)
+        train_drafter(arts, progress=True)
 
 
 def phase(name: str, t0: float) -> None:
