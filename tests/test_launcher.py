@@ -30,6 +30,7 @@ from target_service import launch
 from target_service.launch import MODEL_NAME, TritonLaunchError, TritonServer
 
 ECHO_MODEL = Path(__file__).parent / "fixtures" / "echo_repository" / MODEL_NAME / "1" / "model.py"
+ECHO_SLOW_TOKEN = 999_999  # the echo model's SLOW_TOKEN (it is loaded by Triton, not importable here)
 REAL_CONFIG = launch.DEFAULT_REPOSITORY / MODEL_NAME / "config.pbtxt"
 
 
@@ -187,8 +188,8 @@ async def test_model_errors_and_deadlines_map_to_status_codes(server: TritonServ
             await client.verify(1001, [1], [-1], start=True)  # rejected by model.py
         with pytest.raises(TargetInvalidArgument, match="2 parents"):
             await client.verify(1001, [1], [-1, 0])  # rejected before sending
-        with pytest.raises(TargetError) as raised:
-            await client.verify(1002, [], [], context=[1], start=True, timeout_s=1e-6)
+        with pytest.raises(TargetError) as raised:  # the echo model answers a SLOW_TOKEN context after 0.5 s
+            await client.verify(1002, [], [], context=[ECHO_SLOW_TOKEN], start=True, timeout_s=0.05)
         assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         await client.end(1001)  # the failed START still opened Triton's sequence slot
         await client.end(1002)
