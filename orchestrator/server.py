@@ -195,13 +195,20 @@ async def follow_target_readiness(health_servicer: health.aio.HealthServicer, ro
     its Service instead of answering every request UNAVAILABLE, and is not restarted for a peer's fault.
     """
     status = health_pb2.HealthCheckResponse
+    loop = asyncio.get_running_loop()
+    publishing: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def publish() -> None:  # reads the router when it runs, so out-of-order tasks still end right
         await health_servicer.set(SERVICE, status.SERVING if router.endpoints(TARGET) else status.NOT_SERVING)
 
+    def spawn() -> None:
+        task = loop.create_task(publish())
+        publishing.add(task)
+        task.add_done_callback(publishing.discard)
+
     def on_change(service: str, endpoints: frozenset[str]) -> None:
-        if service == TARGET:
-            asyncio.ensure_future(publish())
+        if service == TARGET:  # a Router without a loop calls this on its watcher thread
+            loop.call_soon_threadsafe(spawn)
 
     router.subscribe(on_change)
     await publish()

@@ -169,20 +169,22 @@ async def test_orchestrator_is_ready_only_while_a_triton_pod_is_known(tiny_artif
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)
 
-            async def poll(service: str, want: int) -> None:
+            async def status(service: str) -> int:
+                return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+
+            async def becomes(want: int) -> None:
                 deadline = asyncio.get_running_loop().time() + 5
-                while (got := (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status) \
-                        != want:
-                    assert asyncio.get_running_loop().time() < deadline, f"health of {service!r} stayed {got}"
+                while (got := await status(SERVICE)) != want:
+                    assert asyncio.get_running_loop().time() < deadline, f"readiness stayed {got}"
                     await asyncio.sleep(0.01)
 
-            await poll(SERVICE, not_serving)
-            await poll("", serving)
+            assert await status(SERVICE) == not_serving
+            assert await status("") == serving
             router.set_static(TARGET, [target_addr(TRITONS[0])])
-            await poll(SERVICE, serving)
+            await becomes(serving)
             router.set_static(TARGET, [])  # every Triton pod left
-            await poll(SERVICE, not_serving)
-            await poll("", serving)
+            await becomes(not_serving)
+            assert await status("") == serving
     finally:
         await server.stop(0)
         await loop.backends.close()
