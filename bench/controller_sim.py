@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from orchestrator.controller import (
+from specrec.speculation.policy import (
     N_SLOTS,
     SEP_SLOT,
     Budget,

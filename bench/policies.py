@@ -28,10 +28,10 @@ import numpy as np
 from bench.speedup import RESULTS, git_rev, histories, machine
 from orchestrator.catalog import Catalog
 from orchestrator.config import OrchestratorConfig
-from orchestrator.controller import Policy, RequestState, RoundStats, SharedStats, make_policy
 from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.server import build_backends
 from specrec.pipeline import prepare
+from specrec.speculation.policy import Policy, RequestState, RoundStats, SharedStats, make_policy
 from specrec.stack import LocalStack, StackConfig
 from specrec.telemetry import OrchestratorMetrics
 

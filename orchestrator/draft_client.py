@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from orchestrator.controller import Budget
 from specrec.security import TlsConfig, aio_channel
+from specrec.speculation.policy import Budget
 from specrec.telemetry import end_client_span, start_client_span
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 

@@ -27,9 +27,9 @@ from opentelemetry import trace
 
 from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
-from orchestrator.controller import Budget, Policy, RoundStats
 from orchestrator.draft_client import DraftClient, DraftedTree, DraftSession, DraftUnavailable
 from specrec.semantic_ids.constraint import ListConstraint, ListState
+from specrec.speculation.policy import Budget, Policy, RoundStats
 from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
 from specrec.telemetry import OrchestratorMetrics, inject_metadata
 from specrec.tree_shape import tree_problem

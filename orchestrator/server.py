@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.backends import Backends, router_from_config
 from orchestrator.catalog import Catalog, RequestInvalid
 from orchestrator.config import OrchestratorConfig
-from orchestrator.controller import Policy, PolicyRegistry
 from orchestrator.draft_client import DraftClient
 from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
 from orchestrator.routing import DRAFT, TARGET, Router
@@ -25,6 +24,7 @@ from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.vocab import SEP
+from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
     OrchestratorMetrics,

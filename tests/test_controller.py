@@ -11,7 +11,7 @@ import random
 import pytest
 
 from bench.controller_sim import Result, World, fixed_specs, play_round, run
-from orchestrator.controller import (
+from specrec.speculation.policy import (
     DRAFT_PRIOR,
     DRAFT_SCALE,
     MAX_DEPTH,

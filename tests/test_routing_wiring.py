@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from draft_service.server import DraftConfig, build_server
 from orchestrator.backends import Backends, router_from_config
 from orchestrator.config import OrchestratorConfig
-from orchestrator.controller import Budget
 from orchestrator.draft_client import DraftClient, DraftUnavailable
 from orchestrator.routing import DRAFT, TARGET, Router, rendezvous_rank
 from orchestrator.server import SERVICE
 from orchestrator.server import build_server as build_orchestrator
+from specrec.speculation.policy import Budget
 from specrec.target_client import TargetClient, TargetUnavailable
 from tests.test_routing import NS, api, async_wait_until, endpoint_slice  # noqa: F401 - `api` is a fixture
 

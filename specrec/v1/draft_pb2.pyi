@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DraftBudget(_message.Message):
-    __slots__ = ("depth", "max_nodes", "top_k")
+    __slots__ = ("depth", "max_nodes", "top_k", "min_path_prob")
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_PATH_PROB_FIELD_NUMBER: _ClassVar[int]
     depth: int
     max_nodes: int
     top_k: int
-    def __init__(self, depth: _Optional[int] = ..., max_nodes: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
+    min_path_prob: float
+    def __init__(self, depth: _Optional[int] = ..., max_nodes: _Optional[int] = ..., top_k: _Optional[int] = ..., min_path_prob: _Optional[float] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("context", "n_items", "exclude_history", "budget", "drafter", "want_probs", "user_group")

@@ -1,4 +1,4 @@
-"""Speculation controller: policies that pick each round's draft depth and tree size (fixed, heuristic, adaptive)."""
+"""Speculation policies that pick each round's draft depth and tree size (fixed, heuristic, adaptive)."""
 
 from __future__ import annotations
 
