@@ -1,1 +1,1 @@
-"""The speculation engine: the per-request draft -> verify loop and the policies that size each round, transport-free."""
+"""The speculation engine: the per-request draft -> verify loop and the policies that size each round."""
