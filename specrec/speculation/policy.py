@@ -27,6 +27,8 @@ class Budget:
 
     depth: int
     max_nodes: int  # 0 when depth == 0
+    top_k: int = 0  # frontier nodes expanded per level and children per node; 1 = a chain, 0 = the drafter's default
+    min_path_prob: float = 0.0  # confidence stop: the drafter drops candidates whose path probability is below this
 
     def __post_init__(self) -> None:
         if not 0 <= self.depth <= MAX_DEPTH:
@@ -53,6 +55,10 @@ class RoundStats:
     verify_s: float  # verification incl. transport
     n_nodes: int  # nodes actually in the tree
     in_flight: int  # requests in flight when the round started, this one included
+    path_logq: Sequence[float] = ()  # per tree node: the drafter's cumulative log q of its path (empty: no tree)
+    node_accepted: Sequence[bool] = ()  # per tree node: the target's committed path goes through it
+    ready: bool = False  # the drafter had this tree ready when asked (drafted while the target verified)
+    lost_s: float = 0.0  # time lost on a drafter that failed this round (a fallback round: budget NO_SPECULATION)
 
     @property
     def committed(self) -> int:
