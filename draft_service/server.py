@@ -4,8 +4,9 @@ A stream's first message opens a session (context, grammar, budget, drafter); ev
 says what the target committed (accepted path + bonus token) and the next budget; each is answered
 with one TokenTree. Drafting runs in a thread pool so the event loop keeps serving other streams.
 After answering, the server drafts ahead: it guesses the commit (the tree's most probable path plus
-its likeliest bonus token) and drafts the next tree while the target verifies; a right guess makes the
-next answer immediate (draft_ahead_hit).
+its likeliest bonus token, then the next likeliest leaves, until the commit arrives) and drafts the next
+tree for each while the target verifies; a right guess makes the next answer immediate
+(draft_ahead_hit), also when the next budget is stricter than the one drafted ahead.
 
 Errors end the stream with a status: INVALID_ARGUMENT for input the session cannot act on (with the
 reason), RESOURCE_EXHAUSTED past the session cap, DEADLINE_EXCEEDED after the idle timeout.
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +84,7 @@ class DraftConfig:
     workers: int = 2  # drafting threads
     torch_threads: int = 1  # per drafting thread
     draft_ahead: bool = True
+    ahead_guesses: int = 2  # commits drafted ahead for per tree: the best path, then the next likeliest leaves
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth: CA-signed client certs only
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
@@ -109,9 +112,14 @@ class DraftConfig:
         p.add_argument("--no-draft-ahead", action="store_true",
                        default=_env("SPECREC_DRAFT_AHEAD", "1") in ("0", "false", "no"),
                        help="do not draft the next tree while the target verifies (env SPECREC_DRAFT_AHEAD=0)")
+        p.add_argument("--ahead-guesses", type=int, default=int(_env("SPECREC_DRAFT_AHEAD_GUESSES", "2")),
+                       help="likely commits (tree paths + bonus) to draft the next tree for while the target verifies, "
+                            "best first, until the commit arrives (env SPECREC_DRAFT_AHEAD_GUESSES)")
         add_tls_args(p)
         add_probe_port_arg(p)
         a = p.parse_args(argv)
+        if a.ahead_guesses < 1:
+            p.error(f"--ahead-guesses must be >= 1, got {a.ahead_guesses}")
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/ and drafter/")
         try:
@@ -120,7 +128,8 @@ class DraftConfig:
             p.error(str(err))
         return cls(artifacts=a.artifacts, port=a.port, host=a.host, drafter=a.drafter, max_sessions=a.max_sessions,
                    idle_timeout_s=a.idle_timeout_s, grace_s=a.grace_s, device=a.device, workers=a.workers,
-                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead, metrics_port=a.metrics_port,
+                   torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead,
+                   ahead_guesses=a.ahead_guesses, metrics_port=a.metrics_port,
                    tls=tls, probe_port=a.probe_port)
 
 
@@ -145,7 +154,7 @@ class Drafters:
 
 
 def to_budget(msg: draft_pb2.DraftBudget) -> Budget:
-    return Budget(msg.depth, msg.max_nodes, msg.top_k).validated()
+    return Budget(msg.depth, msg.max_nodes, msg.top_k, msg.min_path_prob).validated()
 
 
 class _Stream:
@@ -157,6 +166,7 @@ class _Stream:
         self.want_probs = False
         self.work: asyncio.Future | None = None  # commit/draft running in the pool
         self.ahead: asyncio.Future | None = None  # draft-ahead running in the pool
+        self.commit_arrived = threading.Event()  # tells draft-ahead to stop after its current guess
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
@@ -204,8 +214,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     log.exception("drafting failed")
                     await context.abort(grpc.StatusCode.INTERNAL, f"drafting failed: {type(err).__name__}: {err}")
                 if self.config.draft_ahead and stream.session is not None and not stream.session.finished:
-                    stream.ahead = asyncio.get_running_loop().run_in_executor(self.pool, _prepare_ahead,
-                                                                              stream.session)
+                    stream.commit_arrived.clear()
+                    stream.ahead = asyncio.get_running_loop().run_in_executor(
+                        self.pool, _prepare_ahead, stream.session, self.config.ahead_guesses, stream.commit_arrived)
         finally:
             self._retire(stream)
 
@@ -231,6 +242,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 raise DraftError("Advance before Open: the first message of a stream must be an OpenSession")
             budget = to_budget(req.advance.budget)
             if stream.ahead is not None:
+                stream.commit_arrived.set()
                 prepared = await stream.ahead  # never cancelled mid-way: it owns the session's cache meanwhile
                 stream.ahead = None
             else:
@@ -275,9 +287,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return self.table.stats()
 
 
-def _prepare_ahead(session: DraftSession) -> bool:
+def _prepare_ahead(session: DraftSession, guesses: int, commit_arrived: threading.Event) -> bool:
     try:
-        return session.prepare_ahead()
+        return session.prepare_ahead(guesses, commit_arrived.is_set)
     except Exception:  # a failed guess only costs the hit; the session's live state is untouched
         log.exception("draft-ahead failed")
         return False

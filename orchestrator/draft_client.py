@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from specrec.security import TlsConfig, aio_channel
 from specrec.speculation.policy import Budget
 from specrec.telemetry import end_client_span, start_client_span
+from specrec.tree_shape import path_scores
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,15 @@ class DraftedTree:
     parents: list[int]
     draft_ms: float
     ahead_hit: bool
+    logprobs: list[float] = field(default_factory=list)  # drafter log q of each node at its parent
+
+    def path_logq(self) -> list[float]:
+        """Cumulative log q of each node's path (what the policy calibrates), empty if the drafter sent none."""
+        return path_scores(self.parents, self.logprobs) if len(self.logprobs) == len(self.tokens) else []
 
 
 def _budget(b: Budget) -> draft_pb2.DraftBudget:
-    return draft_pb2.DraftBudget(depth=b.depth, max_nodes=b.max_nodes)
+    return draft_pb2.DraftBudget(depth=b.depth, max_nodes=b.max_nodes, top_k=b.top_k, min_path_prob=b.min_path_prob)
 
 
 _SPECULATE = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].methods_by_name["Speculate"]
@@ -88,7 +94,8 @@ class DraftSession:
         tree = resp.tree
         if len(tree.tokens) != len(tree.parents):
             raise await self._fail("malformed tree: tokens and parents differ in length", grpc.StatusCode.INTERNAL)
-        return DraftedTree(list(tree.tokens), list(tree.parents), resp.draft_ms, resp.draft_ahead_hit)
+        return DraftedTree(list(tree.tokens), list(tree.parents), resp.draft_ms, resp.draft_ahead_hit,
+                           list(tree.draft_logprobs))
 
     async def open(self, context: list[int], n_items: int, exclude_history: bool, budget: Budget,
                    drafter: str, timeout_s: float) -> DraftedTree:

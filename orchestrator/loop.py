@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from opentelemetry import trace
@@ -61,6 +61,8 @@ class LoopStats:
     verify_s: float = 0.0
     total_s: float = 0.0
     fallback_rounds: int = 0
+    tree_rounds: int = 0  # rounds that verified a drafted tree
+    ready_trees: int = 0  # of those, trees the drafter had ready when asked (drafted ahead)
     policy: str = ""
 
     @property
@@ -142,8 +144,7 @@ class _Request:
     async def run(self) -> LoopStats:
         t0 = time.perf_counter()
         try:
-            outcome = await self._open()
-            await self._commit(outcome)
+            await self._open()
             while not self.state.finished:
                 await self._round()
         finally:
@@ -152,13 +153,13 @@ class _Request:
         return self.stats
 
     # -- sessions --------------------------------------------------------------------------------
-    async def _open(self) -> VerifyOutcome:
-        """START on the target. The draft stream opens with the first tree the policy asks for: a request that
-        never speculates (e.g. under load) costs the drafter nothing."""
-        tokens, parents = forced_chain(self.constraint, self.state)
+    async def _open(self) -> None:
+        """START on the target, carrying the first tree: the prefill and the first verification are one forward.
+        The draft stream opens with the first tree the policy asks for: a request that never speculates (e.g.
+        under load) costs the drafter nothing. The round teaches the policy acceptance, not costs (its time is
+        mostly the two prefills)."""
         self.drafts = self.loop.backends.draft(self.key) if self.policy.name != "off" else None
-        self.stats.drafted += len(tokens)
-        return await self._verify(tokens, parents, start=True)
+        await self._speculate(start=True)
 
     async def _close(self) -> None:
         if self.session is not None:
@@ -166,8 +167,8 @@ class _Request:
         if self.started:
             self.started = False
             self.loop.sequences_open -= 1
-            if self.pod is not None:
-                await self._end_on(self.pod)
+            if self.pod is not None:  # off the critical path: the answer does not wait for END
+                self.loop.in_background(self._end_on(self.pod))
 
     async def _end_on(self, pod: str, timeout_s: float | None = None) -> None:
         """END the sequence on `pod` if its client is still open; the sequence also expires on its own."""
@@ -200,7 +201,7 @@ class _Request:
         if cap <= 0:
             return NO_DRAFT
         if budget.max_nodes > cap:
-            budget = Budget(min(budget.depth, cap), cap)
+            budget = replace(budget, depth=min(budget.depth, cap), max_nodes=cap)
         return budget
 
     async def _draft(self, budget: Budget) -> tuple[DraftedTree | None, float]:
@@ -238,34 +239,51 @@ class _Request:
                                  "specrec.accepted": stats.accepted})
 
     async def _traced_round(self) -> RoundStats:
+        return await self._speculate(start=False)
+
+    async def _speculate(self, start: bool) -> RoundStats:
+        """One round: a tree within the policy's budget (or the grammar's forced chain), verified and committed."""
         budget = self._budget()
         slot = self.next_slot
         tree, draft_s = None, 0.0
         if budget.depth:
             with tracer.start_as_current_span("draft", attributes={"specrec.depth": budget.depth}):
                 tree, draft_s = await self._draft(budget)
-            if tree is None:
-                self.stats.fallback_rounds += 1
-                self.loop.metrics.fallback("drafter")
+        lost_s = 0.0
+        if budget.depth and tree is None:  # the drafter failed: a plain round, its time charged apart
+            self.stats.fallback_rounds += 1
+            self.loop.metrics.fallback("drafter")
+            budget, lost_s, draft_s = NO_DRAFT, draft_s, 0.0
         if tree is not None and tree.tokens:
             tokens, parents = tree.tokens, tree.parents
         else:
             tokens, parents = forced_chain(self.constraint, self.state)
         t0 = time.perf_counter()
         with tracer.start_as_current_span("verify", attributes={"specrec.nodes": len(tokens)}):
-            outcome = await self._verify(tokens, parents)
+            outcome = await self._verify(tokens, parents, start=start)
         verify_s = time.perf_counter() - t0
         depth = tree_depth(parents)
         accepted = len(outcome.accepted_nodes)
+        on_path = set(outcome.accepted_nodes)
         stats = RoundStats(budget=budget, accepted=accepted,
                            accepted_per_depth=[d < accepted for d in range(depth)],
-                           slots=[(slot + d) % 5 for d in range(depth)], draft_s=draft_s, verify_s=verify_s,
-                           n_nodes=len(tokens), in_flight=self.loop.in_flight)
+                           slots=[(slot + d) % 5 for d in range(depth)],
+                           # a START round's time is mostly the prefills: it teaches acceptance, not costs
+                           draft_s=0.0 if start else draft_s, verify_s=0.0 if start else verify_s,
+                           n_nodes=len(tokens), in_flight=self.loop.in_flight,
+                           path_logq=tree.path_logq() if tree is not None else [],
+                           node_accepted=[i in on_path for i in range(len(tokens))] if tree is not None else [],
+                           ready=tree is not None and tree.ahead_hit, lost_s=lost_s)
         self.policy.observe(self.req_state, stats)
         self.stats.drafted += len(tokens)
         self.stats.draft_s += draft_s
         self.stats.verify_s += verify_s
-        self.loop.metrics.observe_round(depth, len(tokens), accepted, stats.accepted_per_depth, draft_s + verify_s)
+        if tree is not None and tree.tokens:
+            self.stats.tree_rounds += 1
+            self.stats.ready_trees += tree.ahead_hit
+        if not start:
+            self.loop.metrics.observe_round(depth, len(tokens), accepted, stats.accepted_per_depth,
+                                            draft_s + verify_s)
         await self._commit(outcome)
         return stats
 

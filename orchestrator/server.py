@@ -48,7 +48,8 @@ def stats_message(s: LoopStats) -> pb.Stats:
     return pb.Stats(rounds=s.rounds, drafted_tokens=s.drafted, accepted_tokens=s.accepted, tau=s.tau,
                     draft_ms=s.draft_s * 1e3, verify_ms=s.verify_s * 1e3,
                     network_ms=max(0.0, s.total_s - s.draft_s - s.verify_s) * 1e3, total_ms=s.total_s * 1e3,
-                    fallback_rounds=s.fallback_rounds, policy=s.policy)
+                    fallback_rounds=s.fallback_rounds, policy=s.policy,
+                    tree_rounds=s.tree_rounds, ready_trees=s.ready_trees)
 
 
 class ItemEmitter:

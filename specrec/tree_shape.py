@@ -28,3 +28,19 @@ def tree_problem(tokens: Sequence[int], parents: Sequence[int], vocab_size: int)
     if bad_token is not None:
         return f"tree token {bad_token} is outside the vocabulary 0..{vocab_size - 1}"
     return None
+
+
+def node_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of every node, 0 = a child of the root."""
+    out: list[int] = []
+    for p in parents:
+        out.append(0 if p < 0 else out[p] + 1)
+    return out
+
+
+def path_scores(parents: Sequence[int], logprobs: Sequence[float]) -> list[float]:
+    """Cumulative log q of every node's path from the root."""
+    out: list[float] = []
+    for p, lp in zip(parents, logprobs, strict=True):
+        out.append(lp + (out[p] if p >= 0 else 0.0))
+    return out

@@ -216,6 +216,45 @@ def test_draft_ahead_hit_and_miss(drafters, prompts, tiny_artifacts, name):
     assert_same_tree(tree, drafters[name].open(session.context, constraint).draft(other_budget))
 
 
+def _threshold_inside(tree: DraftTree) -> float:
+    """A min_path_prob that cuts the tree roughly in half, far from any node's score (no rounding flips)."""
+    scores = sorted(set(tree.scores()), reverse=True)
+    gaps = [(scores[i] - scores[i + 1], i) for i in range(len(scores) - 1)]
+    _, i = max(gaps, key=lambda g: (g[0] > 1e-3, -abs(g[1] - len(scores) // 2)))
+    return float(np.exp((scores[i] + scores[i + 1]) / 2))
+
+
+@pytest.mark.parametrize("name", ["model", "hybrid"])
+def test_confidence_stop_keeps_only_confident_paths(drafters, prompts, tiny_artifacts, name):
+    constraint = tiny_artifacts.constraint()
+    session = drafters[name].open(prompts[0], constraint)
+    full = session.draft(Budget(8, 32, 4))
+    floor = _threshold_inside(full)
+    cut = drafters[name].open(prompts[0], constraint).draft(Budget(8, 32, 4, floor))
+    assert 0 < len(cut) < len(full)
+    assert all(s >= np.log(floor) for s in cut.scores())
+    # the builder's confidence stop and cutting a looser tree agree: what a ready tree is served by
+    assert_same_tree(cut, full.restricted(Budget(8, 32, 4, floor).validated()))
+
+
+@pytest.mark.parametrize("name", ["model", "hybrid", "retrieval"])
+def test_stricter_budget_and_second_guess_served_from_ready_trees(drafters, prompts, tiny_artifacts, name):
+    constraint = tiny_artifacts.constraint()
+    budget = Budget(8, 24, 4)
+    session = drafters[name].open(prompts[1], constraint)
+    session.draft(budget)
+    assert session.prepare_ahead(guesses=3)
+    guesses = session.ahead_guesses
+    assert len(guesses) >= 2 and len({tuple(g) for g in guesses}) == len(guesses)
+    session.commit(guesses[1])  # the second likeliest outcome came true
+    stricter = Budget(6, 12, 4)
+    tree = session.draft(stricter)
+    assert session.ahead_hit
+    assert_same_tree(tree, drafters[name].open(session.context, constraint).draft(stricter))
+    # a stop requested mid-way drafts no more guesses
+    assert not session.prepare_ahead(guesses=3, stop=lambda: True)
+
+
 def test_bad_commits_and_budgets_are_refused(drafters, prompts, tiny_artifacts):
     constraint = tiny_artifacts.constraint()
     session = drafters["model"].open(prompts[0], constraint)

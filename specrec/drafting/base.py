@@ -11,6 +11,7 @@ Bad client input raises DraftError (the service maps it to INVALID_ARGUMENT).
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -23,9 +24,11 @@ import numpy as np
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
 from specrec.tree_shape import MAX_TREE_DEPTH as MAX_DEPTH
 from specrec.tree_shape import MAX_TREE_NODES as MAX_NODES
+from specrec.tree_shape import node_depths, path_scores
 
 MAX_TOP_K = 16
 DEFAULT_TOP_K = 8
+AHEAD_LOOSENING = 0.5  # a tree drafted ahead keeps nodes down to this fraction of the asked min_path_prob
 
 
 class DraftError(ValueError):
@@ -37,6 +40,7 @@ class Budget:
     depth: int  # levels below the root, 0..MAX_DEPTH
     max_nodes: int  # nodes kept, 0..MAX_NODES
     top_k: int = 0  # frontier nodes expanded per level and children per node; 0 = DEFAULT_TOP_K
+    min_path_prob: float = 0.0  # confidence stop: candidates whose path probability q is below this are dropped
 
     def validated(self) -> Budget:
         """This budget with top_k resolved; DraftError if a field is out of range."""
@@ -46,7 +50,21 @@ class Budget:
             raise DraftError(f"budget max_nodes {self.max_nodes} is out of range 0..{MAX_NODES}")
         if not 0 <= self.top_k <= MAX_TOP_K:
             raise DraftError(f"budget top_k {self.top_k} is out of range 0..{MAX_TOP_K} (0 = default)")
-        return Budget(self.depth, self.max_nodes, self.top_k or DEFAULT_TOP_K)
+        if not 0.0 <= self.min_path_prob <= 1.0:
+            raise DraftError(f"budget min_path_prob {self.min_path_prob} is out of range 0..1 (0 = keep every node)")
+        return Budget(self.depth, self.max_nodes, self.top_k or DEFAULT_TOP_K, self.min_path_prob)
+
+    @property
+    def min_logprob(self) -> float:
+        """The confidence stop as a floor on a node's cumulative log q."""
+        return math.log(self.min_path_prob) if self.min_path_prob > 0 else -math.inf
+
+    def covers(self, other: Budget) -> bool:
+        """A tree built within self, cut by `DraftTree.restricted(other)`, is the tree `other` would build:
+        the same top_k, and other's depth, size and confidence limits only remove nodes (the builder ranks
+        candidates by path score, so the stricter tree's nodes are the looser one's best)."""
+        return (self.top_k == other.top_k and self.depth >= other.depth and self.max_nodes >= other.max_nodes
+                and self.min_path_prob <= other.min_path_prob)
 
     @property
     def empty(self) -> bool:
@@ -76,17 +94,11 @@ class DraftTree:
         return len(self.tokens)
 
     def depths(self) -> list[int]:
-        out: list[int] = []
-        for p in self.parents:
-            out.append(0 if p < 0 else out[p] + 1)
-        return out
+        return node_depths(self.parents)
 
     def scores(self) -> list[float]:
         """Cumulative log q of each node's path."""
-        out: list[float] = []
-        for p, lp in zip(self.parents, self.logprobs, strict=True):
-            out.append(lp + (out[p] if p >= 0 else 0.0))
-        return out
+        return path_scores(self.parents, self.logprobs)
 
     def children(self) -> dict[int, dict[int, int]]:
         """node (-1 = root) -> {token: child node}."""
@@ -132,6 +144,24 @@ class DraftTree:
             expanded, probs = [], None
         return DraftTree(self.tokens[:n], self.parents[:n], self.logprobs[:n], expanded, probs, self.vocab_size)
 
+    def restricted(self, budget: Budget) -> DraftTree:
+        """The nodes within budget's depth, confidence stop and size, in priority order (see Budget.covers)."""
+        depths, scores, floor = self.depths(), self.scores(), budget.min_logprob
+        index: dict[int, int] = {-1: -1}
+        for i, p in enumerate(self.parents):
+            if len(index) > budget.max_nodes:
+                break
+            if depths[i] < budget.depth and scores[i] >= floor and p in index:
+                index[i] = len(index) - 1
+        keep = [i for i in index if i >= 0]
+        out = DraftTree([self.tokens[i] for i in keep], [index[self.parents[i]] for i in keep],
+                        [self.logprobs[i] for i in keep], vocab_size=self.vocab_size)
+        if self.probs is not None:
+            has_kids = set(out.parents)
+            rows = [j for j, e in enumerate(self.expanded) if e in index and index[e] in has_kids]
+            out.expanded, out.probs = [index[self.expanded[j]] for j in rows], self.probs[rows]
+        return out
+
     def to_proto(self) -> Any:
         from specrec.v1 import tree_pb2
 
@@ -169,7 +199,7 @@ class DraftSession(ABC):
         self.context = context
         self.last_tree: DraftTree | None = None
         self.ahead_hit = False  # the last tree was drafted ahead
-        self._ahead: _Ahead | None = None
+        self._ahead: list[_Ahead] = []  # guesses drafted ahead since the last commit, likeliest first
         self._ready: tuple[Budget, bool, DraftTree] | None = None
         self._last_request: tuple[Budget, bool] | None = None
 
@@ -203,19 +233,27 @@ class DraftSession(ABC):
 
     @property
     def ahead_guess(self) -> list[int] | None:
-        """The commit that draft-ahead bet on (path + bonus), if it drafted ahead."""
-        return None if self._ahead is None else list(self._ahead.assumed)
+        """The commit that draft-ahead bet on first (path + bonus), if it drafted ahead."""
+        return list(self._ahead[0].assumed) if self._ahead else None
+
+    @property
+    def ahead_guesses(self) -> list[list[int]]:
+        return [list(a.assumed) for a in self._ahead]
 
     def draft(self, budget: Budget, want_probs: bool = False) -> DraftTree:
         budget = budget.validated()
         self._last_request = (budget, want_probs)
         ready, self._ready = self._ready, None
-        if ready is not None and ready[:2] == (budget, want_probs):
-            self.ahead_hit, self.last_tree = True, ready[2]
-            return ready[2]
+        if ready is not None and ready[1] == want_probs and ready[0].covers(budget):
+            # a tree drafted ahead with a looser budget serves a stricter one: cut, not redrafted
+            tree = ready[2] if ready[0] == budget else ready[2].restricted(budget)
+            self.ahead_hit, self.last_tree = True, tree
+            return tree
         self.ahead_hit = False
         tree = DraftTree(vocab_size=self.vocab_size) if budget.empty or self.finished \
             else self._draft(budget, want_probs)
+        if budget.min_path_prob > 0:  # drafters that do not stop early themselves (retrieval, merged trees)
+            tree = tree.restricted(budget)
         self.last_tree = tree
         return tree
 
@@ -229,35 +267,39 @@ class DraftSession(ABC):
         if later:
             check_tokens(later, self.vocab_size, "then_plain")
             state = self._follow_grammar(state, later)
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and not later and ahead.assumed == tokens and ahead.work is not None:
-            tree = self._adopt_ahead(ahead.work)
-            self._ready = (ahead.budget, ahead.want_probs, tree)
+        guesses, self._ahead = self._ahead, []
+        hit = next((a for a in guesses if not later and a.assumed == tokens), None)
+        for a in guesses:
+            if a is not hit:
+                self._drop_ahead(a.work)
+        if hit is not None:
+            self._ready = (hit.budget, hit.want_probs, self._adopt_ahead(hit.work))
         else:
-            if ahead is not None and ahead.work is not None:
-                self._drop_ahead(ahead.work)
             self._advance(tokens + later)
         self.context += tokens + later
         self.state = state
         self.last_tree = None
 
-    def prepare_ahead(self) -> bool:
-        """Draft the next tree now, assuming the last tree's most probable path and its most likely
-        bonus token will be committed (same budget as the last request). Returns whether it did."""
+    def prepare_ahead(self, guesses: int = 1, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Draft the next tree now for the likeliest commits: the last tree's most probable path, then its
+        next best leaves, each with its most likely bonus token, until `guesses` are drafted or `stop()`
+        (the commit has arrived). Trees are drafted with a looser confidence stop than the last request's,
+        so a slightly stricter next budget is still served (`Budget.covers`). Returns whether it drafted any."""
         tree, request = self.last_tree, self._last_request
-        if tree is None or request is None or self._ahead is not None or not len(tree):
-            return False
-        path = [tree.tokens[i] for i in tree.best_path()]
-        state = self.state_after(path)
-        if state.finished:
+        if tree is None or request is None or self._ahead or not len(tree):
             return False
         budget, want_probs = request
-        result = self._draft_ahead(path, state, budget, want_probs)
-        if result is None:
-            return False
-        assumed, work = result
-        self._ahead = _Ahead(assumed, budget, want_probs, work)
-        return True
+        looser = Budget(budget.depth, budget.max_nodes, budget.top_k, budget.min_path_prob * AHEAD_LOOSENING)
+        for path in _likeliest_paths(tree, guesses):
+            if stop():
+                break
+            state = self.state_after(path)
+            if state.finished:
+                continue
+            result = self._draft_ahead(path, state, looser, want_probs)
+            if result is not None and all(a.assumed != result[0] for a in self._ahead):
+                self._ahead.append(_Ahead(result[0], looser, want_probs, result[1]))
+        return bool(self._ahead)
 
     def state_after(self, tokens: list[int]) -> ListState:
         """Grammar state after the committed prefix plus `tokens` (which must be allowed)."""
@@ -307,9 +349,18 @@ class DraftSession(ABC):
         return nxt
 
     def close(self) -> None:
-        if self._ahead is not None and self._ahead.work is not None:
-            self._drop_ahead(self._ahead.work)
-        self._ahead = self._ready = None
+        for a in self._ahead:
+            self._drop_ahead(a.work)
+        self._ahead, self._ready = [], None
+
+
+def _likeliest_paths(tree: DraftTree, n: int) -> list[list[int]]:
+    """Token paths of the tree's best path, then of its other leaves by path score (best first), n at most."""
+    best = tree.best_path()
+    leaves = set(range(len(tree))) - set(tree.parents)
+    scores = tree.scores()
+    others = sorted(leaves - set(best[-1:]), key=lambda i: (-scores[i], i))
+    return [tree.path_tokens(i) for i in [*best[-1:], *others][:n]]
 
 
 @dataclass

@@ -263,6 +263,7 @@ class ModelSession(DraftSession):
         self.fed: dict[tuple[int, ...], int] = {}
         self.outputs: dict[tuple[int, ...], torch.Tensor] = {}
         self.scratch_top = 0
+        self.ahead_top = 0  # end of the scratch slots that guesses drafted ahead use (after the live tree's)
         self.root_logprobs = self._feed_chain(self.context)
 
     @property
@@ -288,7 +289,7 @@ class ModelSession(DraftSession):
         logits = self.step(step.tokens, torch.zeros_like(step.tokens), step.positions, step.rows, step.slots,
                            step.mask)
         self.cache.lengths[0] += len(tokens)
-        self.scratch_top = self.length
+        self.scratch_top, self.ahead_top = self.length, 0
         return torch.log_softmax(logits[0, -1], dim=-1)
 
     def _draft(self, budget: Budget, want_probs: bool) -> DraftTree:
@@ -298,6 +299,7 @@ class ModelSession(DraftSession):
         built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
                             self.model.config.max_steps)[0]
         self.fed, self.outputs, self.scratch_top = built.fed, built.outputs, scratch.next[0]
+        self.ahead_top = 0
         return built.tree
 
     def _advance(self, tokens: list[int]) -> None:
@@ -319,9 +321,9 @@ class ModelSession(DraftSession):
     @torch.inference_mode()
     def _draft_ahead(self, path: list[int], state: ListState, budget: Budget,
                      want_probs: bool) -> tuple[list[int], AheadWork] | None:
-        need = self.scratch_top + len(path) + 2 + scratch_bound(budget, self.per_item) + 1
-        self._ensure(need)
-        scratch = Scratch({0: self.scratch_top}, self.cache.max_len)
+        start = max(self.scratch_top, self.ahead_top)  # each guess gets its own slots
+        self._ensure(start + len(path) + 2 + scratch_bound(budget, self.per_item) + 1)
+        scratch = Scratch({0: start}, self.cache.max_len)
         slots = self._fed_prefix(path)
         base = self.length
         out = self.outputs.get(tuple(path)) if len(slots) == len(path) else None
@@ -347,6 +349,7 @@ class ModelSession(DraftSession):
         root = TreeRoot(0, base, base + len(assumed), after, root_logq, extra_slots=list(slots))
         built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
                             self.model.config.max_steps)[0]
+        self.ahead_top = scratch.next[0]
         return assumed, AheadWork(slots, root_logq, built, scratch.next[0])
 
     def _feed_at(self, tokens: list[int], slots: list[int], context_slots: list[int], position: int,
@@ -370,7 +373,7 @@ class ModelSession(DraftSession):
         self.cache.keep_path(0, work.slots)
         self.root_logprobs = work.root_logprobs
         self.fed, self.outputs = work.built.fed, work.built.outputs
-        self.scratch_top = work.scratch_next
+        self.scratch_top, self.ahead_top = work.scratch_next, 0
         return work.built.tree
 
     def _drop_ahead(self, work: AheadWork) -> None:

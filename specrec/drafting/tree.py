@@ -9,6 +9,9 @@ Forced tokens (the grammar allows exactly one) are inserted without a model call
 keep their parent's score. They still pass through the next forward with the node below them, since
 their children need the drafter's output there.
 
+Confidence stop: a candidate whose cumulative log q falls below log(budget.min_path_prob) is dropped
+(and so never expanded): the tree goes deep where the drafter is sure and stays shallow elsewhere.
+
 Selection: the best max_nodes candidates by cumulative log q. Scores never rise along a path, and ties
 go to the shallower node, so the kept set is connected and comes out parents first; the output order
 is the priority order, so `DraftTree.prefix(n)` is the best n-node tree. A kept node whose only legal
@@ -173,6 +176,7 @@ def build_trees(step: StepFn | None, constraint: ListConstraint, roots: list[Tre
     if budget.empty:
         return [BuiltTree(DraftTree(vocab_size=constraint.trie.vocab.size), {}, {}) for _ in trees]
     frontiers: list[list[Node]] = [[t.root] for t in trees]
+    floor = budget.min_logprob
     for _ in range(budget.depth):
         # 1. follow forced tokens down from each frontier node to the node whose children we need
         to_expand: list[tuple[CandidateTree, Node]] = []
@@ -197,7 +201,7 @@ def build_trees(step: StepFn | None, constraint: ListConstraint, roots: list[Tre
             node.expanded = True
             kids = new_children.setdefault(id(tree), [])
             for v, tok in zip(row_vals, row_toks, strict=True):
-                if v > -math.inf:
+                if v > -math.inf and node.score + v >= floor:  # the confidence stop: below it, never kept
                     kids.append(tree.add(node, tok, v))
         frontiers = []
         for tree in trees:
