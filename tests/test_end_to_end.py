@@ -190,7 +190,8 @@ async def test_rounds_without_a_tree_leave_the_drafter_alone_until_a_tree_is_wan
             assert (after.sessions_opened, after.trees_drafted) == (before.sessions_opened, before.trees_drafted)
         else:  # one stream, opened with the first tree; the plain rounds' tokens arrived with it
             assert after.sessions_opened == before.sessions_opened + 1
-            assert after.trees_drafted - before.trees_drafted == stats.rounds - 1 - plain
+            # the START round is the policy's first round (it may carry a tree): `plain` rounds, then trees
+            assert after.trees_drafted - before.trees_drafted == stats.rounds - plain == stats.tree_rounds
             assert stats.accepted > 0
     finally:
         await server.stop(0)
