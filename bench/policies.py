@@ -31,7 +31,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.server import build_backends
 from specrec.pipeline import prepare
-from specrec.speculation.policy import Policy, RequestState, RoundStats, SharedStats, make_policy
+from specrec.speculation.policy import Budget, Policy, RequestState, RoundStats, SharedStats, make_policy
 from specrec.stack import LocalStack, StackConfig
 from specrec.telemetry import OrchestratorMetrics
 
@@ -110,7 +110,10 @@ async def measure(stack: LocalStack, args, users) -> dict[str, list[dict]]:
 
 
 def arm_counts(rounds: list[RoundStats]) -> list[tuple[str, int]]:
-    counts = Counter(f"{r.budget.depth}:{r.budget.max_nodes}" for r in rounds)
+    def shape(b: Budget) -> str:
+        return f"{b.depth}:{b.max_nodes}" + (f":{b.min_path_prob:.2g}" if b.min_path_prob else "")
+
+    counts = Counter(shape(r.budget) for r in rounds)
     return counts.most_common(6)
 
 
@@ -166,7 +169,7 @@ def report(res: dict) -> str:
               f"(ratio {c['adaptive_over_best_fixed']:.3f}; median of per-request ratios "
               f"{c['adaptive_over_best_fixed_pairwise_median']:.3f}), plain {c['off_mean_ms']:.1f} ms: "
               f"**{'met' if c['met'] else 'MISSED'}**.", "",
-              "Adaptive's most chosen budgets (depth:nodes, rounds): "
+              "Adaptive's most chosen budgets (depth:nodes[:min path prob], rounds): "
               + ", ".join(f"{a} x{n}" for a, n in res["arms"]["adaptive"]), ""]
     return "\n".join(lines)
 

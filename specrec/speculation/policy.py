@@ -1,11 +1,31 @@
-"""Speculation policies that pick each round's draft depth and tree size (fixed, heuristic, adaptive)."""
+"""Speculation policies that pick each round's draft budget (fixed, chain, heuristic, adaptive).
+
+The adaptive policy sizes each round from calibrated drafter confidence (EAGLE-2 / SpecDec++ style):
+
+- Calibration: f(q) = P(a tree node is on the target's committed path | the drafter's path probability q),
+  learnt online from every tree round's per-node `path_logq` / `node_accepted`, binned by log q, Beta-prior
+  counts, made monotone non-decreasing in q.
+- Cost: linear fits of draft and verify seconds with load terms (a load-only term, so queueing under load
+  never lands in the intercept); fallback rounds (the drafter failed) teach neither fit, their lost time is
+  kept apart, per load.
+- Rule: a node of calibrated acceptance p costs c_node seconds (marginal verify seconds per token + marginal
+  draft seconds per node at this load); it pays iff p / c_node > R, R the round's goodput (committed tokens /
+  round seconds). R and the threshold are found together by Dinkelbach's iteration over the log-q bins; the
+  budget is depth MAX_DEPTH, a node cap, min_path_prob = the threshold. Depth 0 when plain decoding's predicted
+  rate is higher.
+- Recovery: everything learnt decays with elapsed time (half-life in seconds, injectable clock), not per update,
+  and a policy that has not speculated for `probe_s` seconds tries its best speculative budget once: state
+  learnt under load can never lock a quiet period into plain decoding.
+"""
 
 from __future__ import annotations
 
 import math
+import random
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +58,8 @@ class Budget:
         if self.depth > 0 and not self.depth <= self.max_nodes <= MAX_NODES:
             raise ValueError(f"max_nodes must be in {self.depth}..{MAX_NODES} for depth {self.depth}, "
                              f"got {self.max_nodes}")
+        if not 0.0 <= self.min_path_prob <= 1.0:
+            raise ValueError(f"min_path_prob must be in 0..1, got {self.min_path_prob}")
 
 
 NO_SPECULATION = Budget(0, 0)
@@ -76,7 +98,6 @@ class RequestState:
     next_slot: int = 0  # slot of the first token the latest round drafts
     rounds: int = 0
     depth: int = 0  # heuristic: draft length of the next round
-    arm: int | None = None  # adaptive: index of the arm picked by choose(), until observe()
 
 
 class Policy(Protocol):
@@ -90,111 +111,128 @@ class Policy(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------
-# Arms and learnt models (shared by all requests of a process)
+# Learnt models (shared by all requests of a process); every one forgets by elapsed time
 # ----------------------------------------------------------------------------------------------
 
-DEFAULT_DEPTHS = (1, 2, 3, 4, 6, 8)
-DEFAULT_TREE_NODES = (8, 16, 32)
+# Log q bins: N_BINS equal bins over [LOGQ_MIN, 0) plus a last "sure" bin for paths of q ~ 1 (grammar-forced
+# tokens count q = 1), which verification accepts whenever their parent is.
+N_BINS = 12
+LOGQ_MIN = -8.0
+SURE_LOGQ = -1e-3
+LOWER_EDGES = np.append(np.linspace(LOGQ_MIN, 0.0, N_BINS + 1)[:-1], SURE_LOGQ)  # [N_BINS + 1]
+THRESHOLDS = np.exp(LOWER_EDGES)  # the min_path_prob values the adaptive policy asks for
+THRESHOLDS[0] = 0.0  # the lowest bin holds everything below it too: no stop at all
+BIN_Q = np.append(np.exp(LOWER_EDGES[:-1] + 0.5 * (-LOGQ_MIN / N_BINS)), 0.99)  # bin centres, the prior for f
 
 
-def default_arms(depths: Sequence[int] = DEFAULT_DEPTHS,
-                 nodes: Sequence[int] = DEFAULT_TREE_NODES) -> tuple[Budget, ...]:
-    """Depth 0, then for each depth a chain and every tree size that can hold it."""
-    arms = [NO_SPECULATION]
-    for d in depths:
-        for n in (d, *nodes):
-            if n >= d and Budget(d, n) not in arms:
-                arms.append(Budget(d, n))
-    return tuple(arms)
+def logq_bin(logq: Any) -> Any:
+    """Bin index of log q values (clamped below LOGQ_MIN)."""
+    x = np.asarray(logq, dtype=float)
+    b = np.clip(np.floor((x - LOGQ_MIN) / (-LOGQ_MIN / N_BINS)), 0, N_BINS - 1).astype(int)
+    return np.where(x >= SURE_LOGQ, N_BINS, b)
 
 
-N_WIDTHS = 5  # width classes: ~1, 2, 4, 8, 16+ candidates per level
+def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted pool-adjacent-violators: the closest non-decreasing sequence to y."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for yi, wi in zip(y.tolist(), w.tolist(), strict=True):
+        blocks.append([yi, wi, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, n2 = blocks.pop()
+            m1, w1, n1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(int(n), m) for m, _, n in blocks])
 
 
-def width_class(depth: int, nodes: int) -> int:
-    """Bucket of candidates per level (nodes / depth) on a log2 scale; 0 = chain."""
-    return min(N_WIDTHS - 1, max(0, round(math.log2(nodes / depth))))
+class Calibration:
+    """f(q) = P(node accepted | path prob q): Beta-prior counts per log-q bin, monotone in q.
 
-
-def _count(hits: np.ndarray, trials: np.ndarray, cell: tuple[int, int, int], ok: bool, cap: float) -> None:
-    trials[cell] += 1.0
-    hits[cell] += ok
-    if trials[cell] > cap:  # a sliding window of ~cap observations, so estimates follow drift
-        hits[cell] *= cap / trials[cell]
-        trials[cell] = cap
-
-
-class AcceptanceModel:
-    """Conditional acceptance a = P(depth d accepted | depth d-1 accepted), keyed by the slot s at depth d.
-
-    Beta-style counts with hierarchical shrinkage (each level lends `strength` pseudo-counts to the next):
-    slot prior (SEP near 1: the grammar forces it) -> slot, pooled -> (width class w, s) -> (w, d, s) ->
-    (arm, d, s). Given the arm, d and s fix the whole slot sequence, so by the chain rule
-    P(reach k) = prod_{j<=k} a[arm, j, s_j] is exact for an arm with enough data, whatever the tree shape;
-    arms with little data borrow from trees of the same width.
+    Pooled over slots and depths: q already carries what the drafter knows about the slot and the depth, and
+    pooling keeps every bin's estimate backed by data. The prior is the drafter taken at its word (f = q).
     """
 
-    def __init__(self, arm_widths: Sequence[int], max_depth: int = MAX_DEPTH, strength: float = 2.0,
-                 cap: float = 400.0):
-        self.arm_widths = np.asarray(arm_widths, dtype=int)
-        self.hits = np.zeros((N_WIDTHS, max_depth, N_SLOTS))  # every observed round, by width class
-        self.trials = np.zeros_like(self.hits)
-        self.arm_hits = np.zeros((len(arm_widths), max_depth, N_SLOTS))  # rounds that ran an arm
-        self.arm_trials = np.zeros_like(self.arm_hits)
-        self.prior = np.full(N_SLOTS, 0.5)
-        self.prior[SEP_SLOT] = 0.99
+    def __init__(self, strength: float = 4.0):
+        self.hits = np.zeros(N_BINS + 1)
+        self.trials = np.zeros(N_BINS + 1)
         self.strength = strength
-        self.cap = cap
-        self._table: np.ndarray | None = None
-        self._by_slot: np.ndarray | None = None
+        self._f: np.ndarray | None = None
 
-    def record(self, width: int, arm: int | None, accepted_per_depth: Sequence[bool], slots: Sequence[int]) -> None:
-        for d, (ok, s) in enumerate(zip(accepted_per_depth, slots, strict=False)):
-            if d >= self.trials.shape[1]:
-                break
-            _count(self.hits, self.trials, (width, d, s), bool(ok), self.cap)
-            if arm is not None:
-                _count(self.arm_hits, self.arm_trials, (arm, d, s), bool(ok), self.cap)
-            if not ok:
-                break  # deeper positions were never put to the test
-        self._table = None
+    def record(self, path_logq: Sequence[float], node_accepted: Sequence[bool]) -> None:
+        bins = logq_bin(path_logq)
+        np.add.at(self.trials, bins, 1.0)
+        np.add.at(self.hits, bins, np.asarray(node_accepted, dtype=float))
+        self._f = None
+
+    def scale(self, factor: float) -> None:
+        self.hits *= factor
+        self.trials *= factor
+        self._f = None
 
     def table(self) -> np.ndarray:
-        """a[arm, d, s], shape [arms, max_depth, N_SLOTS]."""
-        if self._table is None:
+        """f per bin, shape [N_BINS + 1], non-decreasing."""
+        if self._f is None:
             k = self.strength
-            slot = (self.hits.sum((0, 1)) + k * self.prior) / (self.trials.sum((0, 1)) + k)  # [S]
-            by_slot = (self.hits.sum(1) + k * slot) / (self.trials.sum(1) + k)  # [W, S]
-            # More candidates per level never lower acceptance: keep the width-level estimates monotone in w.
-            self._by_slot = np.maximum.accumulate(by_slot, axis=0)
-            by_width = np.maximum.accumulate((self.hits + k * self._by_slot[:, None, :]) / (self.trials + k), axis=0)
-            self._table = (self.arm_hits + k * by_width[self.arm_widths]) / (self.arm_trials + k)
-        return self._table
+            raw = (self.hits + k * BIN_Q) / (self.trials + k)
+            self._f = _isotonic(raw, self.trials + k)
+        return self._f
 
-    def per_slot(self, width: int = 0) -> np.ndarray:
-        """Acceptance per slot pooled over depths for one width class (0 = chains), shape [N_SLOTS]."""
-        self.table()
-        assert self._by_slot is not None
-        return self._by_slot[width].copy()
+    def __call__(self, q: float) -> float:
+        return float(self.table()[int(logq_bin(math.log(max(q, 1e-300))))])
+
+
+class NodeDensity:
+    """Expected tree nodes per round in each log-q bin, per next slot, from the adaptive policy's own trees.
+
+    A bin counts only rounds in which it was open: above the round's min_path_prob, and above the lowest kept
+    node when the node cap cut the tree (the bins below were censored, not empty).
+    """
+
+    def __init__(self, prior_nodes: float = 2.0, prior_rounds: float = 1.0):
+        self.nodes = np.full((N_SLOTS, N_BINS + 1), prior_nodes * prior_rounds)
+        self.nodes[:, N_BINS] = 0.5 * prior_rounds  # few forced-from-the-root nodes until seen
+        self.rounds = np.full((N_SLOTS, N_BINS + 1), prior_rounds)
+        self._prior = (self.nodes.copy(), self.rounds.copy())
+
+    def record(self, slot: int, budget: Budget, path_logq: Sequence[float]) -> None:
+        floor = math.log(budget.min_path_prob) if budget.min_path_prob > 0 else -math.inf
+        open_bins = LOWER_EDGES >= floor - 1e-9
+        if path_logq and len(path_logq) >= budget.max_nodes:
+            open_bins &= LOWER_EDGES > min(path_logq)
+        counts = np.bincount(logq_bin(path_logq), minlength=N_BINS + 1) if path_logq else np.zeros(N_BINS + 1)
+        self.nodes[slot] += np.where(open_bins, counts, 0.0)
+        self.rounds[slot] += open_bins
+
+    def scale(self, factor: float) -> None:
+        # Decay toward the prior, not toward zero: an unobserved bin must not look empty (nor full).
+        prior_nodes, prior_rounds = self._prior
+        self.nodes = prior_nodes + factor * (self.nodes - prior_nodes)
+        self.rounds = prior_rounds + factor * (self.rounds - prior_rounds)
+
+    def per_round(self, slot: int) -> np.ndarray:
+        return self.nodes[slot] / self.rounds[slot]
 
 
 class LinearCost:
-    """Seconds ~ features @ theta: least squares with exponential forgetting and a ridge pull toward a prior."""
+    """Seconds ~ features @ theta: least squares with forgetting and a ridge pull toward a prior."""
 
-    def __init__(self, prior: Sequence[float], scale: Sequence[float], forget: float = 0.995):
+    def __init__(self, prior: Sequence[float], scale: Sequence[float]):
         self.prior = np.asarray(prior, dtype=float)
         # One pseudo-observation per coefficient at a typical feature magnitude.
         self._ridge = np.diag(np.square(np.asarray(scale, dtype=float)))
         self._xtx = np.zeros((len(prior), len(prior)))
         self._xty = np.zeros(len(prior))
-        self.forget = forget
         self._theta: list[float] | None = self.prior.tolist()
 
     def update(self, features: Sequence[float], seconds: float) -> None:
         x = np.asarray(features, dtype=float)
-        self._xtx = self.forget * self._xtx + np.outer(x, x)
-        self._xty = self.forget * self._xty + x * seconds
+        self._xtx += np.outer(x, x)
+        self._xty += x * seconds
         self._theta = None  # solved when next needed: policies that never predict never pay for it
+
+    def scale(self, factor: float) -> None:
+        self._xtx *= factor
+        self._xty *= factor
+        self._theta = None
 
     @property
     def theta(self) -> list[float]:
@@ -206,8 +244,8 @@ class LinearCost:
 def _nonnegative_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """argmin of the quadratic (a, b) with every coefficient >= 0, by clamping the most negative and re-solving.
 
-    Every cost feature adds time, so a negative coefficient is an artefact of correlated features (arms that
-    grow depth and nodes together): unclamped, it made bigger trees look cheaper to draft than smaller ones.
+    Every cost feature adds time, so a negative coefficient is an artefact of correlated features: unclamped,
+    it made bigger trees look cheaper to draft than smaller ones.
     """
     free = np.ones(len(b), dtype=bool)
     theta = np.zeros(len(b))
@@ -228,181 +266,174 @@ def _verify_features(tokens: Any, load: float) -> tuple[Any, ...]:
     return (1.0, tokens, load, load * tokens)
 
 
-# Drafting `steps` unforced levels into a tree of `nodes` nodes: draft_s ~ d0 + d1*steps + d2*nodes + d3*load*steps.
-def _draft_features(steps: Any, nodes: Any, load: float) -> tuple[Any, ...]:
-    return (1.0, steps, nodes, load * steps)
+# Drafting a tree of `nodes` nodes: draft_s ~ d0 + d1*nodes + load*(d2 + d3*nodes). The load-only term takes
+# the queueing a busy draft service adds to every call, which would otherwise inflate the intercept and so the
+# cost of speculating once the load is gone.
+def _draft_features(nodes: Any, load: float) -> tuple[Any, ...]:
+    return (1.0, nodes, load, load * nodes)
 
 
 def _dot(theta: Sequence[float], features: tuple[Any, ...]) -> Any:
-    """theta @ features where features may be per-arm arrays (broadcast)."""
+    """theta @ features where features may be arrays (broadcast)."""
     return sum(th * f for th, f in zip(theta, features, strict=True))
 
 
-# Priors from LOCAL_STACK.md (2-core CPU, target h512 L8): a 1-token step ~8.7 ms, ~0.6 ms per extra verified
-# token up to 32 nodes; a draft step + stream hop ~1.2 ms. Only a starting point: a few rounds of data outweigh it.
-VERIFY_PRIOR = (8.0e-3, 0.7e-3, 0.0, 0.0)
+# Priors from the bench profile (27M target on a 2-core CPU behind Triton): verifying t tokens ~17.5 ms +
+# 0.56 ms per token at load 0; a drafter step ~1 ms, i.e. ~0.25 ms per node of a tree ~4 nodes wide.
+# Only a starting point: a few rounds of data outweigh it.
+VERIFY_PRIOR = (17.5e-3, 0.56e-3, 0.0, 0.0)
 VERIFY_SCALE = (1.0, 8.0, 4.0, 32.0)
-DRAFT_PRIOR = (0.3e-3, 0.9e-3, 0.02e-3, 0.0)
-DRAFT_SCALE = (1.0, 3.0, 16.0, 12.0)
+DRAFT_PRIOR = (0.5e-3, 0.25e-3, 0.0, 0.0)
+DRAFT_SCALE = (1.0, 16.0, 4.0, 64.0)
+N_LOAD_BUCKETS = 8
 
 
-class ArmStats:
-    """Discounted per-(next slot, arm) counts, and what each arm's rounds cost against the cost model.
+def load_bucket(in_flight: int) -> int:
+    """log2 buckets of the requests in flight: 1, 2-3, 4-7, ..., 128+."""
+    return min(N_LOAD_BUCKETS - 1, max(in_flight, 1).bit_length() - 1)
 
-    Counts are kept per next slot, not only per arm: an arm explored only where it starts mid-item says
-    nothing about the slots it never drafts (e.g. an item's first code, which the bonus token may always
-    cover), so each slot keeps its own exploration. Discounting forgets old rounds, so an arm left unplayed
-    regains its bonus and its estimates are refreshed.
+
+class Failures:
+    """Per load bucket: how often asking for a tree fell back to a plain round, and the seconds it lost.
+
+    Kept apart from the cost fits (a 200 ms timeout is not what drafting costs) but charged to speculation at
+    the load where it happens: draft timeouts come with load and must not outlive it.
     """
 
-    def __init__(self, n_arms: int, discount: float, shrink: float = 2.0):
-        self.counts = np.zeros((N_SLOTS, n_arms))
-        # Rounds chosen but not yet observed count as played ("virtual visits"), so requests choosing at
-        # the same time spread over untried arms instead of all exploring the same one. Discounted like the
-        # counts, so a request that never reports back is forgotten.
-        self.pending = np.zeros((N_SLOTS, n_arms))
-        self.discount = discount
-        self.shrink = shrink
-        # Per arm: rounds, observed seconds, and the summed features of those rounds, so the time correction
-        # compares them with the *current* cost model (a ratio frozen at record time would keep the model's
-        # lag, e.g. from before it learnt a load change, and an arm that then looks slow is never replayed).
-        self.time_counts = np.zeros(n_arms)
-        self.seconds = np.zeros(n_arms)
-        self.draft_features = np.zeros((n_arms, len(DRAFT_PRIOR)))
-        self.verify_features = np.zeros((n_arms, len(VERIFY_PRIOR)))
+    def __init__(self, prior_attempts: float = 2.0):
+        self.attempts = np.zeros(N_LOAD_BUCKETS)
+        self.lost = np.zeros(N_LOAD_BUCKETS)
+        self.prior_attempts = prior_attempts
 
-    def add(self, arm: int, next_slot: int | None, seconds: float | None = None,
-            draft_features: Sequence[float] = (), verify_features: Sequence[float] = ()) -> None:
-        for a in (self.counts, self.pending, self.time_counts, self.seconds, self.draft_features,
-                  self.verify_features):
-            a *= self.discount
-        if next_slot is not None:
-            self.counts[next_slot, arm] += 1.0
-        if seconds is not None:
-            self.time_counts[arm] += 1.0
-            self.seconds[arm] += seconds
-            if draft_features:
-                self.draft_features[arm] += draft_features
-            self.verify_features[arm] += verify_features
+    def record(self, in_flight: int, lost_s: float) -> None:
+        b = load_bucket(in_flight)
+        self.attempts[b] += 1.0
+        self.lost[b] += lost_s
 
-    def time_correction(self, draft_theta: Sequence[float], verify_theta: Sequence[float]) -> np.ndarray:
-        """Observed / predicted seconds over each arm's rounds, shrunk toward 1 while they are few."""
-        predicted = self.draft_features @ np.asarray(draft_theta) + self.verify_features @ np.asarray(verify_theta)
-        ratio = np.divide(self.seconds, predicted, out=np.ones_like(predicted), where=predicted > 0)
-        return (self.time_counts * ratio + self.shrink) / (self.time_counts + self.shrink)
+    def scale(self, factor: float) -> None:
+        self.attempts *= factor
+        self.lost *= factor
 
-    def tried(self) -> np.ndarray:
-        return (self.counts + self.pending).sum(axis=0) > 0
-
-    def start(self, next_slot: int, arm: int) -> None:
-        self.pending[next_slot, arm] += 1.0
-
-    def finish(self, next_slot: int, arm: int) -> None:
-        self.pending[next_slot, arm] = max(0.0, self.pending[next_slot, arm] - 1.0)
-
-    def bonus(self, next_slot: int, c: float, cost: np.ndarray) -> np.ndarray:
-        """UCB bonus c * sqrt(ln(1 + N_slot) / n_slot,arm * cost); arms never tried anywhere = inf.
-
-        Per-arm counts (BanditSpec's bonus used the total count, equal for every arm). `cost` = the best
-        arm's round time / this arm's, at most 1: an exploratory round wastes time in proportion to its
-        length, so this scaling makes exploring a slow arm cost about as much as exploring a fast one.
-        """
-        n = self.counts[next_slot] + self.pending[next_slot]
-        bonus = c * np.sqrt(math.log1p(n.sum()) / (n + 0.5) * cost)  # +0.5: finite for a slot not yet seen
-        return np.where(self.tried(), bonus, np.inf)
+    def lost_per_attempt(self, in_flight: int) -> float:
+        b = load_bucket(in_flight)
+        return float(self.lost[b] / (self.attempts[b] + self.prior_attempts))
 
 
 class SharedStats:
-    """What all requests learn together: acceptance, drafting and verification cost, per-arm bandit stats.
+    """What all requests learn together: calibration, tree shapes, drafting and verification cost, failures.
 
-    One per process (or per target model); every policy built on it records into it. Methods take a lock,
-    so concurrent requests on one event loop (or a few threads) are safe.
+    One per (drafter, verification mode); every policy built on it records into it. Methods take a lock, so
+    concurrent requests on one event loop (or a few threads) are safe. Everything learnt decays by elapsed time
+    on `clock` with half-life `half_life_s`, so the estimates follow the present whatever the round rate.
     """
 
-    def __init__(self, arms: Sequence[Budget] | None = None, *, discount: float = 0.999,
-                 max_in_flight: int | None = None, overload_fraction: float = 0.5):
-        self.arms = tuple(arms) if arms is not None else default_arms()
+    def __init__(self, *, max_in_flight: int | None = None, overload_fraction: float = 0.5,
+                 half_life_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
         self.max_in_flight = max_in_flight
         self.overload_fraction = overload_fraction
-        if len(set(self.arms)) != len(self.arms) or not self.arms:
-            raise ValueError("arms must be non-empty and distinct")
+        self.half_life_s = half_life_s
+        self.clock = clock
         self.lock = threading.RLock()
-        self._index = {a: i for i, a in enumerate(self.arms)}
-        self.depths = np.array([a.depth for a in self.arms])
-        self.nodes = np.array([a.max_nodes for a in self.arms])
-        self._levels = np.arange(max(1, self.depths.max()))
-        self._drafted = self._levels[None, :] < self.depths[:, None]  # [arms, levels]
-        self.acceptance = AcceptanceModel([width_class(a.depth, a.max_nodes) if a.depth else 0 for a in self.arms])
+        self.calibration = Calibration()
+        self.density = NodeDensity()
         self.draft_cost = LinearCost(DRAFT_PRIOR, DRAFT_SCALE)
         self.verify_cost = LinearCost(VERIFY_PRIOR, VERIFY_SCALE)
-        self.bandit = ArmStats(len(self.arms), discount)
+        self.failures = Failures()
         # Tokens a depth-0 round commits, per next slot: 1 plus the chain the grammar forces from there (on
-        # ML-100k the collision code and SEP: 3 tokens from slot 3). Taken as 1, plain rounds looked up to 3x
+        # ML-100k the collision code and SEP: 3 tokens from slot 3). Taken as 1, plain rounds look up to 3x
         # worse than they are exactly where they are best.
-        self.plain_committed = np.ones(N_SLOTS)
+        self._plain_tokens = np.zeros(N_SLOTS)
         self._plain_rounds = np.zeros(N_SLOTS)
         self.rounds = 0
+        self._aged_at = clock()
+        self.last_speculated = self._aged_at  # clock time of the latest round that asked for a tree
+
+    @property
+    def plain_committed(self) -> np.ndarray:
+        """Mean tokens a plain round commits, per next slot (1 where none was seen)."""
+        seen = self._plain_rounds > 0
+        return np.where(seen, self._plain_tokens / np.where(seen, self._plain_rounds, 1.0), 1.0)
+
+    def _age(self) -> None:
+        now = self.clock()
+        elapsed = now - self._aged_at
+        if elapsed <= 0:
+            return
+        self._aged_at = now
+        factor = 0.5 ** (elapsed / self.half_life_s)
+        for model in (self.calibration, self.density, self.draft_cost, self.verify_cost, self.failures):
+            model.scale(factor)
+        self._plain_tokens *= factor
+        self._plain_rounds *= factor
 
     def record(self, stats: RoundStats, next_slot: int | None = None) -> None:
-        """Learn acceptance, costs and arm statistics from one finished round, whatever policy chose it.
+        """Learn from one finished round, whatever policy chose it.
 
         next_slot: the slot the round started at, if known (a depth-0 round's stats do not say).
         """
         budget, load = stats.budget, max(stats.in_flight, 1) - 1
-        arm = self.arm_index(budget)
-        steps = sum(s != SEP_SLOT for s in stats.slots)
+        fallback = budget.depth == 0 and stats.lost_s > 0
+        slot = next_slot if next_slot is not None else (stats.slots[0] if stats.slots else None)
         with self.lock:
+            self._age()
             self.rounds += 1
-            # A speculative budget that drafted nothing (the list ended) says nothing about its arm.
-            if arm is not None and (budget.depth == 0 or stats.accepted_per_depth):
-                slot = next_slot if next_slot is not None else _first(stats.slots)
-                if stats.round_s > 0:
-                    # Features at the arm's own size, as predict() sees it, not the tree actually built.
-                    # A plain round verifies its forced chain: as many tokens as it commits.
-                    draft = _draft_features(steps, budget.max_nodes, load) if budget.depth else ()
-                    verify = _verify_features((budget.max_nodes if budget.depth else stats.n_nodes) + 1, load)
-                    self.bandit.add(arm, slot, stats.round_s, draft, verify)
-                else:
-                    self.bandit.add(arm, slot)
+            if budget.depth > 0 or fallback:
+                self.failures.record(stats.in_flight, stats.lost_s)
+                self.last_speculated = self._aged_at
+            # A fallback's lost time is in lost_s, never in verify_s: its verification is a plain round's.
             if stats.verify_s > 0:
                 self.verify_cost.update(_verify_features(stats.n_nodes + 1, load), stats.verify_s)
-            if budget.depth == 0 and next_slot is not None:
-                self._plain_rounds[next_slot] = min(self._plain_rounds[next_slot] + 1, self.acceptance.cap)
-                self.plain_committed[next_slot] += (
-                    (stats.committed - self.plain_committed[next_slot]) / self._plain_rounds[next_slot])
-            if budget.depth == 0 or not stats.accepted_per_depth:
-                return
-            width = width_class(budget.depth, budget.max_nodes)
-            self.acceptance.record(width, arm, stats.accepted_per_depth, stats.slots)
-            if stats.draft_s > 0:
-                self.draft_cost.update(_draft_features(steps, stats.n_nodes, load), stats.draft_s)
+            if budget.depth > 0 and stats.draft_s > 0:
+                self.draft_cost.update(_draft_features(stats.n_nodes, load), stats.draft_s)
+            if budget.depth == 0 and slot is not None:
+                self._plain_tokens[slot] += stats.committed
+                self._plain_rounds[slot] += 1.0
+            if budget.depth > 0 and len(stats.path_logq) == len(stats.node_accepted):
+                if stats.path_logq:
+                    self.calibration.record(stats.path_logq, stats.node_accepted)
+                # Only the adaptive policy's own shape (full depth, default width) tells what its trees hold.
+                if slot is not None and budget.depth == MAX_DEPTH and budget.top_k == 0:
+                    self.density.record(slot, budget, stats.path_logq)
 
-    def _seconds(self, steps: np.ndarray, next_slot: int, load: int) -> np.ndarray:
-        """Predicted round seconds (draft + verify) of every arm, shape [arms]."""
-        draft = np.maximum(_dot(self.draft_cost.theta, _draft_features(steps, self.nodes, load)), 0.0)
-        tokens = np.where(self.depths == 0, self.plain_committed[next_slot], self.nodes + 1)
-        verify = np.maximum(_dot(self.verify_cost.theta, _verify_features(tokens, load)), MIN_SECONDS)
-        return np.where(self.depths > 0, draft, 0.0) + verify
+    # -- predictions -------------------------------------------------------------------------------
 
-    def predict(self, next_slot: int, in_flight: int) -> tuple[np.ndarray, np.ndarray]:
-        """Expected committed tokens and round seconds of every arm, each shape [arms]."""
-        with self.lock:
-            slots = (next_slot + self._levels) % N_SLOTS  # slot at each depth
-            a = self.acceptance.table()[np.arange(len(self.arms))[:, None], self._levels[None, :], slots[None, :]]
-            a = np.where(self._drafted, a, 0.0)
-            # E[committed] = 1 + sum_k prod_{j<=k} a_j: depth k is committed iff depths 1..k all pass; +1 bonus.
-            committed = 1.0 + np.cumprod(a, axis=1).sum(axis=1)
-            committed = np.where(self.depths == 0, self.plain_committed[next_slot], committed)
-            steps = (self._drafted & (slots != SEP_SLOT)[None, :]).sum(axis=1)  # forced SEP needs no draft step
-            seconds = self._seconds(steps, next_slot, max(in_flight, 1) - 1)
-            return committed, seconds * self.bandit.time_correction(self.draft_cost.theta, self.verify_cost.theta)
+    def node_seconds(self, in_flight: int) -> float:
+        """Marginal seconds of one more tree node at this load: verifying it plus drafting it."""
+        load = max(in_flight, 1) - 1
+        v, d = self.verify_cost.theta, self.draft_cost.theta
+        return v[1] + load * v[3] + d[1] + load * d[3]
+
+    def plain_rate(self, next_slot: int, in_flight: int) -> float:
+        """Predicted tokens per second of a plain round."""
+        load = max(in_flight, 1) - 1
+        tokens = float(self.plain_committed[next_slot])
+        seconds = max(_dot(self.verify_cost.theta, _verify_features(tokens, load)), MIN_SECONDS)
+        return tokens / seconds
+
+    def tree_outcomes(self, next_slot: int, in_flight: int, max_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Expected committed tokens and round seconds of a full-depth tree at each threshold in THRESHOLDS.
+
+        A threshold at bin b keeps the nodes of bins b and above, the likeliest first up to max_nodes (the
+        drafter keeps the best max_nodes by path score).
+        """
+        load = max(in_flight, 1) - 1
+        per_bin = self.density.per_round(next_slot)[::-1]  # likeliest bin first
+        f = self.calibration.table()[::-1]
+        kept = np.minimum(np.cumsum(per_bin), max_nodes)
+        taken = np.diff(kept, prepend=0.0)  # nodes of each bin that fit under the cap
+        committed = 1.0 + np.cumsum(taken * f)
+        draft = _dot(self.draft_cost.theta, _draft_features(kept, load))
+        verify = _dot(self.verify_cost.theta, _verify_features(kept + 1, load))
+        seconds = np.maximum(draft + verify, MIN_SECONDS) + self.failures.lost_per_attempt(in_flight)
+        return committed[::-1], seconds[::-1]
 
     def node_cap(self, in_flight: int) -> int:
         """Most tree nodes a round may draft at this load: MAX_NODES up to overload_fraction of the in-flight cap,
         then shrinking linearly to 0 (no speculation) at the cap.
 
         Near the cap the target's batches are full of other requests' work: speculation is turned down before
-        the server starts refusing requests, whatever the cost model has learnt so far.
+        the server starts refusing requests, whatever the cost model has learnt so far. It depends on the load
+        now only, so it never outlives a busy period.
         """
         if not self.max_in_flight:
             return MAX_NODES
@@ -411,12 +442,39 @@ class SharedStats:
             return MAX_NODES
         return int(MAX_NODES * max(0.0, self.max_in_flight - in_flight) / max(1.0, self.max_in_flight - soft))
 
-    def arm_index(self, budget: Budget) -> int | None:
-        return self._index.get(budget)
+
+@dataclass(frozen=True)
+class Plan:
+    """The adaptive policy's reasoning for one round (what choose() acted on)."""
+
+    threshold: float  # min_path_prob of the best tree
+    max_nodes: int
+    tree_rate: float  # its predicted tokens per second
+    plain_rate: float
+    goodput: float  # R of the marginal rule: the rate the chosen round is expected to reach
 
 
-def _first(slots: Sequence[int]) -> int | None:
-    return slots[0] if slots else None
+def plan_round(shared: SharedStats, next_slot: int, in_flight: int, max_nodes: int, shift: int = 0) -> Plan:
+    """The best full-depth tree and the plain rate, by Dinkelbach's iteration for max committed / seconds.
+
+    Each step keeps the threshold maximising committed - R * seconds given the goodput R of the previous step.
+    Without the node cap this is the marginal rule, keep a node iff f(q) / c_node > R, so the threshold is the
+    smallest q with f(q) >= R * c_node; R starts at plain decoding's rate and rises to the best tree's.
+    """
+    plain = shared.plain_rate(next_slot, in_flight)
+    committed, seconds = shared.tree_outcomes(next_slot, in_flight, max_nodes)
+    rate, best = plain, int(np.argmax(committed / seconds))
+    for _ in range(8):
+        k = int(np.argmax(committed - rate * seconds))
+        new_rate = float(committed[k] / seconds[k])
+        if new_rate <= rate + 1e-12:
+            break
+        rate, best = new_rate, k
+    # An exploratory neighbour threshold: trees of one size only would leave the cost fits no variation to
+    # tell a per-node cost from a fixed one, and the bins just below the threshold without data.
+    best = min(max(best + shift, 0), N_BINS)
+    tree_rate = float(committed[best] / seconds[best])
+    return Plan(float(THRESHOLDS[best]), max_nodes, tree_rate, plain, max(tree_rate, plain))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,9 +485,10 @@ def _first(slots: Sequence[int]) -> int | None:
 class FixedPolicy:
     """The same budget every round; Budget(0, 0) is "off" (plain decoding on the target)."""
 
-    def __init__(self, depth: int, nodes: int, *, shared: SharedStats | None = None):
-        self.budget = Budget(depth, nodes)
-        self.name = "off" if depth == 0 else f"fixed:{depth}:{nodes}"
+    def __init__(self, depth: int, nodes: int, *, top_k: int = 0, min_path_prob: float = 0.0,
+                 name: str | None = None, shared: SharedStats | None = None):
+        self.budget = Budget(depth, nodes, top_k, min_path_prob)
+        self.name = name or ("off" if depth == 0 else f"fixed:{depth}:{nodes}")
         self.shared = shared
 
     def new_request(self, next_slot: int = 0) -> RequestState:
@@ -464,7 +523,7 @@ class HeuristicPolicy:
 
     def choose(self, req: RequestState, next_slot: int, in_flight: int) -> Budget:
         req.next_slot = next_slot
-        return Budget(req.depth, req.depth)
+        return Budget(req.depth, req.depth, top_k=1)  # a chain, as HF drafts
 
     def observe(self, req: RequestState, stats: RoundStats) -> None:
         req.rounds += 1
@@ -478,83 +537,98 @@ class HeuristicPolicy:
 
 
 class AdaptivePolicy:
-    """UCB over (depth, nodes) arms whose means come from a model of this round's context.
+    """Per round: a full-depth tree cut by calibrated confidence, or plain decoding if that is faster.
 
-    score(arm) = min(rate / best_rate + c * sqrt(ln(1 + N_slot) / n_slot,arm * best_s / arm_s),
-                     (depth + 1) / arm_s / best_rate)
-    rate = E[committed] / E[round seconds] for the next slot and current load: E[committed] from the
-    per-arm, per-depth, per-slot acceptance estimates (AcceptanceModel), seconds from the load-aware linear
-    cost fits times the arm's own observed/predicted time ratio. Dividing by the best arm's rate keeps the
-    means in [0, 1] whatever the hardware or load, so the bonus is on the same scale; counts are per next
-    slot and arm, discounted, so an arm nobody plays drifts back into exploration. The second term caps
-    optimism at what the arm could do if every draft token were accepted. Depth 0 is an arm like any other.
-    Arms never tried go first (once each per SharedStats).
+    Budget(MAX_DEPTH, cap, min_path_prob=threshold) with the threshold from plan_round (the marginal rule over
+    the calibrated acceptance and the load-aware costs), cap = max_nodes within the in-flight node cap; depth 0
+    when plain decoding's predicted rate is at least the tree's. When no round of this SharedStats has asked
+    for a tree for probe_s seconds, the best tree is tried anyway: a cost model wrong against speculation would
+    otherwise never see the data that corrects it.
     """
 
     name = "adaptive"
 
-    def __init__(self, shared: SharedStats | None = None, *, exploration: float = 0.1):
+    def __init__(self, shared: SharedStats | None = None, *, max_nodes: int = 64, probe_s: float = 1.0,
+                 explore: float = 0.1, seed: int = 0):
+        if not 1 <= max_nodes <= MAX_NODES:
+            raise ValueError(f"max_nodes must be in 1..{MAX_NODES}, got {max_nodes}")
         self.shared = shared if shared is not None else SharedStats()
-        self.exploration = exploration
+        self.max_nodes = max_nodes
+        self.probe_s = probe_s
+        self.explore = explore
+        self._rng = random.Random(seed)
+        self.last_plan: Plan | None = None
 
     def new_request(self, next_slot: int = 0) -> RequestState:
         return RequestState(next_slot=next_slot)
 
     def choose(self, req: RequestState, next_slot: int, in_flight: int) -> Budget:
-        shared = self.shared
-        with shared.lock:
-            committed, seconds = shared.predict(next_slot, in_flight)
-            rate = committed / seconds
-            best = int(np.argmax(rate))
-            cost = np.minimum(1.0, seconds[best] / seconds)
-            score = rate / rate[best] + shared.bandit.bonus(next_slot, self.exploration, cost)
-            # No optimism beyond the possible: an arm cannot commit more than depth + 1 tokens a round (a plain
-            # round: its forced chain + 1, which it commits for sure).
-            most = np.where(shared.depths == 0, committed, shared.depths + 1)
-            ceiling = most / seconds / rate[best]
-            score = np.where(shared.bandit.tried(), np.minimum(score, ceiling), score)
-            score = np.where(shared.nodes <= shared.node_cap(in_flight), score, -np.inf)  # depth 0 always fits
-            req.arm = int(np.argmax(score))
-            shared.bandit.start(next_slot, req.arm)
         req.next_slot = next_slot
-        return shared.arms[req.arm]
+        shared = self.shared
+        cap = min(self.max_nodes, shared.node_cap(in_flight))
+        if cap < 1:
+            return NO_SPECULATION
+        with shared.lock:
+            shift = self._rng.choice((-1, 1)) if self._rng.random() < self.explore else 0
+            plan = self.last_plan = plan_round(shared, next_slot, in_flight, cap, shift)
+            now = shared.clock()
+            probe = now - shared.last_speculated >= self.probe_s
+            if plan.tree_rate <= plan.plain_rate and not probe:
+                return NO_SPECULATION
+            shared.last_speculated = now  # one probe per probe_s, not one per request choosing meanwhile
+        return Budget(min(MAX_DEPTH, cap), cap, min_path_prob=plan.threshold)
 
     def observe(self, req: RequestState, stats: RoundStats) -> None:
         req.rounds += 1
-        with self.shared.lock:
-            if req.arm is not None:
-                self.shared.bandit.finish(req.next_slot, req.arm)
-            self.shared.record(stats, req.next_slot)
-        req.arm = None
+        self.shared.record(stats, req.next_slot)
 
 
 # ----------------------------------------------------------------------------------------------
 # Construction from a client's spec string
 # ----------------------------------------------------------------------------------------------
 
-SPEC_HELP = "'adaptive' (default), 'heuristic[:START]', 'off' or 'fixed:DEPTH:NODES' (e.g. 'fixed:3:16')"
+SPEC_HELP = ("'adaptive' (default), 'heuristic[:START]', 'off', 'chain:DEPTH', 'fixed:DEPTH:NODES' "
+             "or 'fixed:DEPTH:NODES:MINPROB' (e.g. 'fixed:3:16', 'fixed:16:64:0.05')")
 
 
-def make_policy(spec: str = "adaptive", **kw: object) -> Policy:
+def _parse_args(spec: str, args: list[str]) -> tuple[list[int], float | None]:
+    """Integer arguments, and a trailing probability for fixed:D:N:P."""
+    prob = None
+    if len(args) == 3:
+        try:
+            prob = float(args[2])
+        except ValueError:
+            raise ValueError(f"bad speculation policy {spec!r}: MINPROB must be a number; use {SPEC_HELP}") from None
+        args = args[:2]
+    try:
+        return [int(a) for a in args], prob
+    except ValueError:
+        raise ValueError(f"bad speculation policy {spec!r}: arguments must be integers; use {SPEC_HELP}") from None
+
+
+def make_policy(spec: str = "adaptive", **kw: Any) -> Policy:
     """A policy from its spec; kw go to the constructor, e.g. shared=SharedStats() (every spec takes it).
 
-    Pass one process-wide SharedStats to every policy so requests learn together (a fixed or heuristic
+    Pass one SharedStats to every policy of a drafter so requests learn together (a fixed or heuristic
     request's rounds teach the adaptive ones too); without it an adaptive policy learns on its own.
     """
     name, *args = spec.strip().lower().split(":") if spec.strip() else ["adaptive"]
+    ints, prob = _parse_args(spec, args)
     try:
-        ints = [int(a) for a in args]
-    except ValueError:
-        raise ValueError(f"bad speculation policy {spec!r}: arguments must be integers; use {SPEC_HELP}") from None
-    try:
-        if name == "adaptive" and not ints:
-            return AdaptivePolicy(**kw)  # type: ignore[arg-type]
-        if name == "off" and not ints:
-            return FixedPolicy(0, 0, **kw)  # type: ignore[arg-type]
-        if name == "heuristic" and len(ints) <= 1:
-            return HeuristicPolicy(*ints, **kw)  # type: ignore[arg-type]
+        if name == "adaptive" and not args:
+            return AdaptivePolicy(**kw)
+        if name == "off" and not args:
+            return FixedPolicy(0, 0, **kw)
+        if name == "heuristic" and len(ints) <= 1 and prob is None:
+            return HeuristicPolicy(*ints, **kw)
+        if name == "chain" and len(ints) == 1 and prob is None:
+            if not 1 <= ints[0] <= MAX_DEPTH:
+                raise ValueError(f"chain depth must be in 1..{MAX_DEPTH}, got {ints[0]}")
+            return FixedPolicy(ints[0], ints[0], top_k=1, name=f"chain:{ints[0]}", **kw)
         if name == "fixed" and len(ints) == 2:
-            return FixedPolicy(*ints, **kw)  # type: ignore[arg-type]
+            if prob is None:
+                return FixedPolicy(*ints, **kw)
+            return FixedPolicy(*ints, min_path_prob=prob, name=f"fixed:{ints[0]}:{ints[1]}:{prob:g}", **kw)
     except ValueError as e:
         raise ValueError(f"bad speculation policy {spec!r}: {e}") from None
     raise ValueError(f"unknown speculation policy {spec!r}; use {SPEC_HELP}")
@@ -569,17 +643,19 @@ class PolicyRegistry:
     names (variants) come from clients.
     """
 
-    def __init__(self, default_spec: str = "adaptive", *, max_in_flight: int | None = None, max_contexts: int = 32):
+    def __init__(self, default_spec: str = "adaptive", *, max_in_flight: int | None = None, max_contexts: int = 32,
+                 clock: Callable[[], float] = time.monotonic):
         self.default_spec = default_spec
         self.max_in_flight = max_in_flight
         self.max_contexts = max_contexts
+        self.clock = clock
         self._stats: OrderedDict[tuple[str, str], SharedStats] = OrderedDict()
         self._policies: dict[tuple[str, str, str], Policy] = {}
 
     def stats(self, drafter: str, mode: str) -> SharedStats:
         key = (drafter, mode)
         if key not in self._stats:
-            self._stats[key] = SharedStats(max_in_flight=self.max_in_flight)
+            self._stats[key] = SharedStats(max_in_flight=self.max_in_flight, clock=self.clock)
             if len(self._stats) > self.max_contexts:
                 old, _ = self._stats.popitem(last=False)
                 self._policies = {k: p for k, p in self._policies.items() if k[1:] != old}
