@@ -391,8 +391,10 @@ class SharedStats:
             if budget.depth > 0 and len(stats.path_logq) == len(stats.node_accepted):
                 if stats.path_logq:
                     self.calibration.record(stats.path_logq, stats.node_accepted)
-                # Only the adaptive policy's own shape (full depth, default width) tells what its trees hold.
-                if slot is not None and budget.depth == MAX_DEPTH and budget.top_k == 0:
+                # Only the adaptive policy's own shape (full depth, default width) tells what its trees hold;
+                # a tree sent without log q (n_nodes > 0, path_logq empty) tells nothing, unlike an empty one.
+                known = bool(stats.path_logq) or stats.n_nodes == 0
+                if known and slot is not None and budget.depth == MAX_DEPTH and budget.top_k == 0:
                     self.density.record(slot, budget, stats.path_logq)
 
     # -- predictions -------------------------------------------------------------------------------
