@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
 from specrec.security import TlsConfig, aio_channel
+from specrec.speculation.engine import Proposal
 from specrec.speculation.policy import Budget
 from specrec.telemetry import end_client_span, start_client_span
-from specrec.tree_shape import path_scores
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -28,19 +27,6 @@ class DraftUnavailable(Exception):
     def __init__(self, message: str, *, refused_request: bool = False) -> None:
         super().__init__(message)
         self.refused_request = refused_request
-
-
-@dataclass
-class DraftedTree:
-    tokens: list[int]
-    parents: list[int]
-    draft_ms: float
-    ahead_hit: bool
-    logprobs: list[float] = field(default_factory=list)  # drafter log q of each node at its parent
-
-    def path_logq(self) -> list[float]:
-        """Cumulative log q of each node's path (what the policy calibrates), empty if the drafter sent none."""
-        return path_scores(self.parents, self.logprobs) if len(self.logprobs) == len(self.tokens) else []
 
 
 def _budget(b: Budget) -> draft_pb2.DraftBudget:
@@ -69,7 +55,7 @@ class DraftSession:
         await self.close(code, message)
         return DraftUnavailable(message, refused_request=refused_request)
 
-    async def _exchange(self, request: draft_pb2.SpeculateRequest, timeout_s: float) -> DraftedTree:
+    async def _exchange(self, request: draft_pb2.SpeculateRequest, timeout_s: float) -> Proposal:
         if self.closed:
             raise DraftUnavailable("draft stream already closed")
         try:
@@ -94,17 +80,16 @@ class DraftSession:
         tree = resp.tree
         if len(tree.tokens) != len(tree.parents):
             raise await self._fail("malformed tree: tokens and parents differ in length", grpc.StatusCode.INTERNAL)
-        return DraftedTree(list(tree.tokens), list(tree.parents), resp.draft_ms, resp.draft_ahead_hit,
-                           list(tree.draft_logprobs))
+        return Proposal(list(tree.tokens), list(tree.parents), list(tree.draft_logprobs), resp.draft_ahead_hit)
 
     async def open(self, context: list[int], n_items: int, exclude_history: bool, budget: Budget,
-                   drafter: str, timeout_s: float) -> DraftedTree:
+                   drafter: str, timeout_s: float) -> Proposal:
         req = draft_pb2.SpeculateRequest(open=draft_pb2.OpenSession(
             context=context, n_items=n_items, exclude_history=exclude_history, budget=_budget(budget),
             drafter=drafter))
         return await self._exchange(req, timeout_s)
 
-    async def advance(self, committed: list[int], budget: Budget, then_plain: list[int] = ()) -> DraftedTree:
+    async def advance(self, committed: list[int], budget: Budget, then_plain: list[int] = ()) -> Proposal:
         req = draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession(committed=committed, budget=_budget(budget),
                                                                            then_plain=then_plain))
         return await self._exchange(req, self._timeout_s)

@@ -17,13 +17,14 @@ from orchestrator.backends import Backends, router_from_config
 from orchestrator.catalog import Catalog, RequestInvalid
 from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_client import DraftClient
-from orchestrator.loop import LoopOptions, LoopStats, SpeculationLoop
+from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.routing import DRAFT, TARGET, Router
 from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.vocab import SEP
+from specrec.speculation.engine import RequestStats
 from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
@@ -44,7 +45,7 @@ MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPL
 MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
 
 
-def stats_message(s: LoopStats) -> pb.Stats:
+def stats_message(s: RequestStats) -> pb.Stats:
     return pb.Stats(rounds=s.rounds, drafted_tokens=s.drafted, accepted_tokens=s.accepted, tau=s.tau,
                     draft_ms=s.draft_s * 1e3, verify_ms=s.verify_s * 1e3,
                     network_ms=max(0.0, s.total_s - s.draft_s - s.verify_s) * 1e3, total_ms=s.total_s * 1e3,
@@ -121,7 +122,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                                 f"{self.loop.in_flight} requests in flight, the cap; retry after ~100 ms")
         return prompt, loop_opts, policy
 
-    async def _generate(self, prompt, opts, policy, context, emit) -> LoopStats:
+    async def _generate(self, prompt, opts, policy, context, emit) -> RequestStats:
         try:
             return await self.loop.run(prompt, opts, policy, emit)
         except TargetInvalidArgument as e:
