@@ -40,6 +40,7 @@ class StackConfig:
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     threads: int = 1  # torch threads per service: three processes share the machine's cores
+    target_threads: int = 0  # the target's own, 0 = `threads` (env SPECREC_STACK_TARGET_THREADS)
     # One identity for all three services (they get it as SPECREC_TLS_*); it is also the client
     # certificate of their calls and of the stack's health checks. None = plaintext.
     tls: TlsConfig | None = None
@@ -133,7 +134,10 @@ class LocalStack:
         port = self.target_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "target_service.launch", "--artifacts", str(self.config.artifacts),
                 "--grpc-port", port, "--http-port", str(free_port()), "--metrics-port", str(free_port())]
-        self.procs["target"] = Process("target", args, self._env(), self.log_dir)
+        threads = str(self.config.target_threads or int(os.environ.get("SPECREC_STACK_TARGET_THREADS", "0"))
+                      or self.config.threads)
+        env = {**self._env(), "SPECREC_TORCH_THREADS": threads, "OMP_NUM_THREADS": threads}
+        self.procs["target"] = Process("target", args, env, self.log_dir)
         self._wait("target", lambda: triton_ready(self.target_addr, self.tls), 180)
 
     def start_drafter(self) -> None:
