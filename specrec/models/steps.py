@@ -8,6 +8,7 @@ import torch
 
 from specrec.models.llama import KVCache
 from specrec.semantic_ids.vocab import PAD
+from specrec.tree_shape import node_depths
 
 
 @dataclass
@@ -31,13 +32,6 @@ class StepInputs:
     slots: torch.Tensor  # [B, T] cache slot each new token is written to
     mask: torch.Tensor  # [B, T, S] bool: which cache slots each new token attends to
     depths: list[list[int]]  # per block, 0-based depth of each node below the root
-
-
-def node_depths(parents: list[int]) -> list[int]:
-    depths: list[int] = []
-    for p in parents:
-        depths.append(0 if p < 0 else depths[p] + 1)
-    return depths
 
 
 def build_step(cache: KVCache, blocks: list[Block], device: torch.device | str = "cpu") -> StepInputs:
