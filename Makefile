@@ -29,7 +29,7 @@ lint: install
 	.venv/bin/mypy specrec
 
 run: install
-	$(PY) -m specrec.cli demo
+	$(PY) -m harness.demo
 
 # The benchmark suite (bench/run.py): stack vs plain, HF assisted generation, perf_analyzer, plots, one report in
 # bench/results/bench-<date>.md. Full = bench profile (27M target: ~80 min to train on first use, then ~30 min); quick = tiny, < 5 min.

@@ -1,6 +1,6 @@
 """Speculation policies side by side: adaptive vs every fixed depth vs heuristic vs plain decoding (issue 5).
 
-The real Triton and draft service run as processes on loopback (specrec.stack); each policy drives the
+The real Triton and draft service run as processes on loopback (harness.stack); each policy drives the
 orchestrator's own SpeculationLoop in this process, with its own learnt state, so the adaptive policy learns
 only from its own rounds (in the orchestrator every policy would teach it). Policies take turns every
 `concurrency` users (the order rotates) and every request's list is checked against plain decoding's.
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.speedup import RESULTS, git_rev, histories, machine
+from harness.stack import LocalStack, StackConfig
 from orchestrator.catalog import Catalog
 from orchestrator.config import OrchestratorConfig
 from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.server import build_backends
 from specrec.pipeline import prepare
 from specrec.speculation.policy import Budget, Policy, RequestState, RoundStats, SharedStats, make_policy
-from specrec.stack import LocalStack, StackConfig
 from specrec.telemetry import OrchestratorMetrics
 
 POLICIES = "off,adaptive,heuristic,fixed:1:1,fixed:2:8,fixed:3:16,fixed:4:16,fixed:6:32,fixed:8:32"

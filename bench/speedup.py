@@ -36,8 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness.stack import LocalStack, StackConfig  # noqa: E402
 from specrec.pipeline import prepare  # noqa: E402
-from specrec.stack import LocalStack, StackConfig  # noqa: E402
 from specrec.v1 import recommend_pb2, recommend_pb2_grpc  # noqa: E402
 
 BASELINE = "off"

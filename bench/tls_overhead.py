@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from specrec.devcerts import make_ca, make_identity  # noqa: E402
+from harness.devcerts import make_ca, make_identity  # noqa: E402
+from harness.stack import LocalStack, StackConfig  # noqa: E402
 from specrec.pipeline import prepare  # noqa: E402
 from specrec.security import TlsConfig, auth_metadata, channel  # noqa: E402
-from specrec.stack import LocalStack, StackConfig  # noqa: E402
 from specrec.v1 import recommend_pb2 as pb  # noqa: E402
 from specrec.v1 import recommend_pb2_grpc as pb_grpc  # noqa: E402
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import grpc
 
 from bench.speedup import RESULTS, git_rev, histories, machine
+from harness.otlp_receiver import OtlpReceiver
+from harness.stack import LocalStack, StackConfig
 from specrec.pipeline import prepare
-from specrec.stack import LocalStack, StackConfig
-from specrec.telemetry.receiver import OtlpReceiver
 from specrec.v1 import recommend_pb2, recommend_pb2_grpc
 
 GOAL = 0.03  # issue 6: tracing at 100% costs under 3% of end-to-end latency

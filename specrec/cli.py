@@ -1,4 +1,5 @@
-"""The `specrec` command: data, training, evaluation, and the newcomer's demo."""
+"""The `specrec` command: data, training, evaluation, plain decoding and one-user requests to a running
+orchestrator. The demo that starts the whole stack (`make run`) is `specrec-demo` (harness.demo)."""
 
 from __future__ import annotations
 
@@ -127,41 +128,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """make run: train what is missing, start the three services, show requests, stay up until Ctrl-C."""
-    import signal
-    import threading
-
-    from specrec.pipeline import prepare
-    from specrec.stack import LocalStack, StackConfig
-    from specrec.training.drafter import train_drafter, trained
-
-    arts = prepare(args.dataset, args.profile, seed=args.seed)
-    if not trained(arts):
-        log.info("training the drafter (once; cached in %s)", arts.directory)
-        train_drafter(arts)
-    config = StackConfig(artifacts=arts.directory, drafter=args.drafter, policy=args.policy,
-                         target_grpc=args.target_port, draft_port=args.draft_port,
-                         orchestrator_port=args.port, threads=args.threads)
-    log.info("starting Triton, the draft service and the orchestrator (logs in %s)", LocalStack(config).log_dir)
-    with LocalStack(config) as stack:
-        print(f"\nspecrec is up: orchestrator {stack.orchestrator_addr}, drafter {stack.draft_addr}, "
-              f"Triton {stack.target_addr}\n")
-        for user in args.users.split(","):
-            recommend_for_user(arts, stack.orchestrator_addr, user.strip(), args.n)
-            print()
-        if args.no_wait:
-            return 0
-        print(f"Try: specrec recommend --profile {arts.profile.name} --user 7 --addr {stack.orchestrator_addr}")
-        print("Ctrl-C stops all three services.")
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
-        print("stopping...")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,18 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_args(p, client_only=True)
     add_auth_args(p)
     p.set_defaults(func=cmd_recommend)
-    p = sub.add_parser("demo", help="train if needed, bring up the whole stack on loopback, show it working")
-    _common(p)
-    p.add_argument("--users", default="42,7,100", help="comma-separated users to recommend for")
-    p.add_argument("--n", type=int, default=10)
-    p.add_argument("--drafter", default="model", help="model | retrieval | hybrid")
-    p.add_argument("--policy", default="adaptive")
-    p.add_argument("--port", type=int, default=int(os.environ.get("SPECREC_ORCHESTRATOR_PORT", "50051")))
-    p.add_argument("--draft-port", type=int, default=int(os.environ.get("SPECREC_DRAFT_PORT", "50052")))
-    p.add_argument("--target-port", type=int, default=int(os.environ.get("SPECREC_TARGET_GRPC_PORT", "8001")))
-    p.add_argument("--threads", type=int, default=1, help="torch threads per service")
-    p.add_argument("--no-wait", action="store_true", help="stop after the sample requests")
-    p.set_defaults(func=cmd_demo)
     try:
         from specrec.drafting.commands import register
     except ImportError:

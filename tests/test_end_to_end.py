@@ -10,12 +10,12 @@ import concurrent.futures as cf
 import grpc
 import pytest
 
+from harness.stack import LocalStack, StackConfig
 from orchestrator.config import OrchestratorConfig
 from orchestrator.loop import LoopOptions
 from orchestrator.server import build_server
 from specrec.decoding.plain import decode
 from specrec.speculation.policy import NO_SPECULATION, Budget, RequestState, RoundStats
-from specrec.stack import LocalStack, StackConfig
 from specrec.training.examples import encode_prompt
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb

@@ -1,5 +1,5 @@
 """Fuzzing every RPC (issue #9 item 4) against the real stack on loopback: Triton, the draft service and
-the orchestrator as processes (specrec.stack.LocalStack), started once for the module.
+the orchestrator as processes (harness.stack.LocalStack), started once for the module.
 
 Every fuzzed call ends OK or with a documented status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED) and a message;
 never UNKNOWN or INTERNAL. The servers stay up, and witness sessions running beside the fuzz give exactly
@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from harness.stack import LocalStack, StackConfig, grpc_healthy, triton_ready
 from specrec.decoding.plain import decode
 from specrec.drafting.base import DraftTree
-from specrec.stack import LocalStack, StackConfig, grpc_healthy, triton_ready
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
+from harness.stack import LocalStack, StackConfig
 from specrec.decoding.plain import decode
 from specrec.drafting.random_tree import random_tree
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import EOS
-from specrec.stack import LocalStack, StackConfig
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
 from specrec.verify.rules import MODES
 

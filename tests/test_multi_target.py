@@ -22,11 +22,11 @@ import grpc
 import pytest
 import tritonclient.grpc as grpcclient
 
+from harness.stack import Process, free_port, grpc_healthy, triton_ready
 from orchestrator.config import OrchestratorConfig
 from orchestrator.routing import TARGET, Router
 from orchestrator.server import build_server
 from specrec.decoding.plain import decode
-from specrec.stack import Process, free_port, grpc_healthy, triton_ready
 from specrec.target_client import MODEL_NAME
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.util._once import Once
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.otlp_receiver import OtlpReceiver
 from specrec.telemetry import (
     DrafterMetrics,
     OrchestratorMetrics,
@@ -34,7 +35,6 @@ from specrec.telemetry import (
     start_metrics_server,
     tracing_enabled,
 )
-from specrec.telemetry.receiver import OtlpReceiver
 
 _OTEL_ENV = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",

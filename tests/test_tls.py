@@ -1,6 +1,6 @@
 """TLS on every hop: the real stack (Triton, drafter, orchestrator) with mTLS and a bearer token.
 
-Certificates are made here (specrec.devcerts, on `cryptography`): a CA, one identity for the services (serverAuth and
+Certificates are made here (harness.devcerts, on `cryptography`): a CA, one identity for the services (serverAuth and
 clientAuth, SAN 127.0.0.1 and localhost), and an impostor identity with the same names signed by
 another CA. Lists over mTLS must equal plain greedy decoding; every client without the right
 certificate or token must be refused.
@@ -17,12 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness.devcerts import make_ca, make_identity
+from harness.stack import LocalStack, StackConfig
 from orchestrator.config import OrchestratorConfig
 from specrec.cli import main as cli_main
 from specrec.decoding.plain import decode
-from specrec.devcerts import make_ca, make_identity
 from specrec.security import SecurityConfigError, TlsConfig, TokenSource, add_port, auth_metadata, channel
-from specrec.stack import LocalStack, StackConfig
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc

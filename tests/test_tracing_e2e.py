@@ -11,8 +11,8 @@ import urllib.request
 import grpc
 import pytest
 
-from specrec.stack import LocalStack, StackConfig, free_port
-from specrec.telemetry.receiver import OtlpReceiver
+from harness.otlp_receiver import OtlpReceiver
+from harness.stack import LocalStack, StackConfig, free_port
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 

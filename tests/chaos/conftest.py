@@ -19,9 +19,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from harness.loadgen import Tally, recommend_request
+from harness.stack import LocalStack, Process, StackConfig, free_port, triton_ready
 from specrec.decoding.plain import decode
-from specrec.loadgen import Tally, recommend_request
-from specrec.stack import LocalStack, Process, StackConfig, free_port, triton_ready
 from target_service.launch import DEFAULT_REPOSITORY, MODEL_NAME, STUB
 
 N_USERS = 24

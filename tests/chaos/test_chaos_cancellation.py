@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from specrec.loadgen import Tally, run_requests, run_requests_sync
-from specrec.stack import StackConfig
+from harness.loadgen import Tally, run_requests, run_requests_sync
+from harness.stack import StackConfig
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for, wait_for
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from specrec.loadgen import Outcome, Tally, run_requests_sync
-from specrec.stack import StackConfig
+from harness.loadgen import Outcome, Tally, run_requests_sync
+from harness.stack import StackConfig
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for
 
 pytestmark = pytest.mark.slow

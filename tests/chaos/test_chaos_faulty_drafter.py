@@ -14,9 +14,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from specrec.loadgen import Tally, run_requests_sync
+from harness.loadgen import Tally, run_requests_sync
+from harness.stack import StackConfig, free_port
 from specrec.semantic_ids.vocab import BOS
-from specrec.stack import StackConfig, free_port
 from specrec.v1 import draft_pb2, draft_pb2_grpc, tree_pb2
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for
 

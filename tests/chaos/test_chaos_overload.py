@@ -11,8 +11,8 @@ import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from specrec.loadgen import Tally, run_requests_sync
-from specrec.stack import StackConfig
+from harness.loadgen import Tally, run_requests_sync
+from harness.stack import StackConfig
 from specrec.target_client import TargetOverloaded, map_error
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, model_repository, record, requests_for
 
