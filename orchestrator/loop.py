@@ -65,6 +65,11 @@ class SpeculationLoop:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def settled(self) -> None:
+        """Wait for the work sent in the background (ENDs) to finish."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     async def run(self, prompt: list[int], opts: LoopOptions, policy: Policy,
                   emit: Callable[[list[int]], Awaitable[None]], metadata: tuple = ()) -> RequestStats:
         """Generate after `prompt`; `emit` gets each round's committed tokens. Raises TargetError."""

@@ -148,6 +148,7 @@ async def test_endpointslice_routing_spreads_requests_and_drops_a_departed_pod(
         before = {a: inferences(a), b: inferences(b)}
         got = await recommend_all(f"127.0.0.1:{port}", tiny_artifacts, users[:16])
         assert got == {u: reference[u] for u in users[:16]}
+        await loop.settled()  # the ENDs, sent off the critical path, have reached their Tritons
         spread = {a: inferences(a), b: inferences(b)}
         assert all(spread[t] > before[t] for t in (a, b)), f"requests did not reach both Tritons: {spread}"
 
