@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from specrec.cli import _common, recommend_for_user
+from specrec.cli import add_common_args, recommend_for_user, run_command
 
 log = logging.getLogger("specrec")
 
@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specrec-demo", description=__doc__)
-    _common(p)
+    add_common_args(p)
     p.add_argument("--users", default="42,7,100", help="comma-separated users to recommend for")
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--drafter", default="model", help="model | retrieval | hybrid")
@@ -64,10 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("SPECREC_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ DEFAULT_DATASET = os.environ.get("SPECREC_DATASET", "ml-100k")
 DEFAULT_PROFILE = os.environ.get("SPECREC_PROFILE", "small")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="ml-100k (default), synthetic:users=N,items=M,seed=S, or a GroupLens directory")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help="model size: tiny, small (default) or bench")
@@ -132,23 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch-data", help="download and check a dataset")
-    _common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_fetch_data)
     p = sub.add_parser("train-target", help="build semantic IDs and train the target (cached; resumable)")
-    _common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_train_target)
     p = sub.add_parser("eval", help="Recall@K / NDCG@K of the target and a popularity baseline")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--users", type=int, default=None, help="evaluate only the first N users")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plain", help="recommend for one user by plain decoding, in process")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--user", default="42", help="user id as the dataset knows it")
     p.add_argument("--n", type=int, default=10, help="items to recommend")
     p.set_defaults(func=cmd_plain)
     p = sub.add_parser("recommend", help="ask a running orchestrator for one user's list")
-    _common(p)
+    add_common_args(p)
     p.add_argument("--user", default="42", help="user id as the dataset knows it")
     p.add_argument("--n", type=int, default=10, help="items to recommend")
     p.add_argument("--policy", default="", help="adaptive | heuristic | off | fixed:DEPTH:NODES (default: server's)")
@@ -166,11 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse argv and run the chosen command's handler, logging as every specrec command does."""
     logging.basicConfig(level=os.environ.get("SPECREC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
