@@ -39,6 +39,11 @@ MAX_DEPTH = MAX_TREE_DEPTH
 MAX_NODES = MAX_TREE_NODES
 MIN_SECONDS = 1e-4  # floor on a predicted round time, so a bad early fit cannot promise infinite rates
 HF_START_DEPTH = 5  # transformers' num_assistant_tokens when "heuristic" was its default schedule (4.x)
+# The adaptive policy drafts chains: on the bench profile (2-core CPU) a chain of 16 ran 1.98x plain where a
+# 32-node tree of width 8 ran 1.46x with more tokens per round (9.56 vs 9.00): a wide tree costs the drafter a
+# forward over every frontier node per level and the target ~1.2 ms per extra token, more than its extra
+# acceptance pays back (bench/results/speedup-2026-12-05b.md).
+ADAPTIVE_TOP_K = 1
 
 
 @dataclass(frozen=True)
@@ -279,11 +284,11 @@ def _dot(theta: Sequence[float], features: tuple[Any, ...]) -> Any:
 
 
 # Priors from the bench profile (27M target on a 2-core CPU behind Triton): verifying t tokens ~17.5 ms +
-# 0.56 ms per token at load 0; a drafter step ~1 ms, i.e. ~0.25 ms per node of a tree ~4 nodes wide.
+# 0.56 ms per token at load 0; a drafter step ~1.2 ms, one per node of a chain (the adaptive shape).
 # Only a starting point: a few rounds of data outweigh it.
 VERIFY_PRIOR = (17.5e-3, 0.56e-3, 0.0, 0.0)
 VERIFY_SCALE = (1.0, 8.0, 4.0, 32.0)
-DRAFT_PRIOR = (0.5e-3, 0.25e-3, 0.0, 0.0)
+DRAFT_PRIOR = (0.5e-3, 1.2e-3, 0.0, 0.0)
 DRAFT_SCALE = (1.0, 16.0, 4.0, 64.0)
 N_LOAD_BUCKETS = 8
 
@@ -391,10 +396,10 @@ class SharedStats:
             if budget.depth > 0 and len(stats.path_logq) == len(stats.node_accepted):
                 if stats.path_logq:
                     self.calibration.record(stats.path_logq, stats.node_accepted)
-                # Only the adaptive policy's own shape (full depth, default width) tells what its trees hold;
+                # Only the adaptive policy's own shape (full depth, its width) tells what its trees hold;
                 # a tree sent without log q (n_nodes > 0, path_logq empty) tells nothing, unlike an empty one.
                 known = bool(stats.path_logq) or stats.n_nodes == 0
-                if known and slot is not None and budget.depth == MAX_DEPTH and budget.top_k == 0:
+                if known and slot is not None and budget.depth == MAX_DEPTH and budget.top_k == ADAPTIVE_TOP_K:
                     self.density.record(slot, budget, stats.path_logq)
 
     # -- predictions -------------------------------------------------------------------------------
@@ -539,18 +544,18 @@ class HeuristicPolicy:
 
 
 class AdaptivePolicy:
-    """Per round: a full-depth tree cut by calibrated confidence, or plain decoding if that is faster.
+    """Per round: a full-depth chain (ADAPTIVE_TOP_K) cut by calibrated confidence, or plain decoding if faster.
 
-    Budget(MAX_DEPTH, cap, min_path_prob=threshold) with the threshold from plan_round (the marginal rule over
-    the calibrated acceptance and the load-aware costs), cap = max_nodes within the in-flight node cap; depth 0
-    when plain decoding's predicted rate is at least the tree's. When no round of this SharedStats has asked
+    Budget(MAX_DEPTH, cap, top_k=ADAPTIVE_TOP_K, min_path_prob=threshold) with the threshold from plan_round (the
+    marginal rule over the calibrated acceptance and the load-aware costs), cap = max_nodes within the in-flight
+    node cap; depth 0 when plain decoding's predicted rate is at least the tree's. When no round of this SharedStats has asked
     for a tree for probe_s seconds, the best tree is tried anyway: a cost model wrong against speculation would
     otherwise never see the data that corrects it.
     """
 
     name = "adaptive"
 
-    def __init__(self, shared: SharedStats | None = None, *, max_nodes: int = 64, probe_s: float = 1.0,
+    def __init__(self, shared: SharedStats | None = None, *, max_nodes: int = MAX_DEPTH, probe_s: float = 1.0,
                  explore: float = 0.1, seed: int = 0):
         if not 1 <= max_nodes <= MAX_NODES:
             raise ValueError(f"max_nodes must be in 1..{MAX_NODES}, got {max_nodes}")
@@ -578,7 +583,7 @@ class AdaptivePolicy:
             if plan.tree_rate <= plan.plain_rate and not probe:
                 return NO_SPECULATION
             shared.last_speculated = now  # one probe per probe_s, not one per request choosing meanwhile
-        return Budget(min(MAX_DEPTH, cap), cap, min_path_prob=plan.threshold)
+        return Budget(min(MAX_DEPTH, cap), cap, top_k=ADAPTIVE_TOP_K, min_path_prob=plan.threshold)
 
     def observe(self, req: RequestState, stats: RoundStats) -> None:
         req.rounds += 1
