@@ -548,9 +548,9 @@ class AdaptivePolicy:
 
     Budget(MAX_DEPTH, cap, top_k=ADAPTIVE_TOP_K, min_path_prob=threshold) with the threshold from plan_round (the
     marginal rule over the calibrated acceptance and the load-aware costs), cap = max_nodes within the in-flight
-    node cap; depth 0 when plain decoding's predicted rate is at least the tree's. When no round of this SharedStats has asked
-    for a tree for probe_s seconds, the best tree is tried anyway: a cost model wrong against speculation would
-    otherwise never see the data that corrects it.
+    node cap; depth 0 when plain decoding's predicted rate is at least the chain's. When no round of this
+    SharedStats has asked for a tree for probe_s seconds, the best chain is tried anyway: a cost model wrong
+    against speculation would otherwise never see the data that corrects it.
     """
 
     name = "adaptive"
