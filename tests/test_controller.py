@@ -14,6 +14,7 @@ import pytest
 
 from bench.controller_sim import Result, SimClock, World, fixed_specs, play_round, run
 from specrec.speculation.policy import (
+    ADAPTIVE_TOP_K,
     DRAFT_PRIOR,
     DRAFT_SCALE,
     MAX_DEPTH,
@@ -259,6 +260,9 @@ def test_adaptive_turns_speculation_down_near_the_in_flight_cap():
 # --- adaptive: recovery, calibration, cost (synthetic rounds, fake clock) -----------------------
 
 
+ADAPTIVE_SHAPE = Budget(MAX_DEPTH, MAX_DEPTH, ADAPTIVE_TOP_K)  # what the adaptive policy asks for, with no stop
+
+
 def tree_round(budget: Budget, in_flight: int, logq: list[float], accepted: list[bool], draft_s: float,
                verify_s: float, slot: int = 0) -> RoundStats:
     """A tree round as the loop reports it: per-node path log q and acceptance, the accepted chain's depths."""
@@ -285,13 +289,24 @@ def learn(shared: SharedStats, clock: SimClock, rounds: int, loads=(1,), truth=l
     rng = random.Random(seed)
     for i in range(rounds):
         in_flight = loads[i % len(loads)]
-        logq, ok = drafter_tree(rng, truth=truth)
-        st = tree_round(Budget(MAX_DEPTH, 64), in_flight, logq, ok, 1e-3 + 0.25e-3 * len(logq),
+        logq, ok = drafter_tree(rng, n=rng.randint(4, MAX_DEPTH), truth=truth)  # chains end where the drafter does
+        st = tree_round(ADAPTIVE_SHAPE, in_flight, logq, ok, 1e-3 + 1.2e-3 * len(logq),
                         verify_s(len(logq) + 1, in_flight - 1, per_token_load))
         shared.record(st, 0)
         plain_s = verify_s(1, in_flight - 1, per_token_load)
         shared.record(RoundStats(NO_SPECULATION, 0, [], [], 0.0, plain_s, 0, in_flight), 0)
         clock.now += 0.05
+
+
+def test_the_adaptive_policys_own_rounds_teach_its_tree_density():
+    # The density is recorded only for the adaptive shape; if choose() and record() disagree on it, the policy
+    # plans from its prior forever.
+    shared = SharedStats()
+    budget = AdaptivePolicy(shared, probe_s=0.0, explore=0.0).choose(RequestState(), 0, 1)
+    assert budget.depth == MAX_DEPTH
+    before = shared.density.per_round(0).copy()
+    shared.record(tree_round(budget, 1, [-0.01 * d for d in range(MAX_DEPTH)], [True] * MAX_DEPTH, 5e-3, 30e-3), 0)
+    assert not np.allclose(shared.density.per_round(0), before)
 
 
 def test_busy_then_quiet_speculates_deep_again_within_seconds():

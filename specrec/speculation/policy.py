@@ -11,8 +11,8 @@ The adaptive policy sizes each round from calibrated drafter confidence (EAGLE-2
 - Rule: a node of calibrated acceptance p costs c_node seconds (marginal verify seconds per token + marginal
   draft seconds per node at this load); it pays iff p / c_node > R, R the round's goodput (committed tokens /
   round seconds). R and the threshold are found together by Dinkelbach's iteration over the log-q bins; the
-  budget is depth MAX_DEPTH, a node cap, min_path_prob = the threshold. Depth 0 when plain decoding's predicted
-  rate is higher.
+  budget is a chain (ADAPTIVE_TOP_K) of depth MAX_DEPTH, a node cap, min_path_prob = the threshold. Depth 0
+  when plain decoding's predicted rate is higher.
 - Recovery: everything learnt decays with elapsed time (half-life in seconds, injectable clock), not per update,
   and a policy that has not speculated for `probe_s` seconds tries its best speculative budget once: state
   learnt under load can never lock a quiet period into plain decoding.
@@ -39,10 +39,9 @@ MAX_DEPTH = MAX_TREE_DEPTH
 MAX_NODES = MAX_TREE_NODES
 MIN_SECONDS = 1e-4  # floor on a predicted round time, so a bad early fit cannot promise infinite rates
 HF_START_DEPTH = 5  # transformers' num_assistant_tokens when "heuristic" was its default schedule (4.x)
-# The adaptive policy drafts chains: on the bench profile (2-core CPU) a chain of 16 ran 1.98x plain where a
-# 32-node tree of width 8 ran 1.46x with more tokens per round (9.56 vs 9.00): a wide tree costs the drafter a
-# forward over every frontier node per level and the target ~1.2 ms per extra token, more than its extra
-# acceptance pays back (bench/results/speedup-2026-12-05b.md).
+# The adaptive policy drafts chains: on the bench profile (2-core CPU) a chain of 16 ran 1.95x plain on mean latency
+# where a 32-node tree of width 8 ran 1.46x with more tokens per round (9.56 vs 9.00); the tree left 30 ms of
+# drafting per round on the critical path, the chain 17 ms (bench/results/speedup-2026-12-05b.md).
 ADAPTIVE_TOP_K = 1
 
 
