@@ -3,10 +3,12 @@
 A stream's first message opens a session (context, grammar, budget, drafter); every later message
 says what the target committed (accepted path + bonus token) and the next budget; each is answered
 with one TokenTree. Drafting runs in a thread pool so the event loop keeps serving other streams.
-After answering, the server drafts ahead: it guesses the commit (the tree's most probable path plus
-its likeliest bonus token, then the next likeliest leaves, until the commit arrives) and drafts the next
-tree for each while the target verifies; a right guess makes the next answer immediate
-(draft_ahead_hit), also when the next budget is stricter than the one drafted ahead.
+After answering, the server drafts ahead: it guesses the commit (where verification may stop in the tree,
+and the bonus token the target may add there, likeliest first by the drafter's q) and drafts the next tree
+for the likeliest guesses while the target verifies, all guesses in one forward per level (the model
+drafter), stopping between levels when the commit arrives. A right guess whose tree was complete makes the
+next answer immediate (draft_ahead_hit), also when the next budget is stricter than the one drafted
+ahead; a right guess stopped half-way is finished on demand.
 
 Errors end the stream with a status: INVALID_ARGUMENT for input the session cannot act on (with the
 reason), RESOURCE_EXHAUSTED past the session cap, DEADLINE_EXCEEDED after the idle timeout.
@@ -84,7 +86,7 @@ class DraftConfig:
     workers: int = 2  # drafting threads
     torch_threads: int = 1  # per drafting thread
     draft_ahead: bool = True
-    ahead_guesses: int = 2  # commits drafted ahead for per tree: the best path, then the next likeliest leaves
+    ahead_guesses: int = 8  # commits drafted ahead for per tree, likeliest first (batched by the model drafter)
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth: CA-signed client certs only
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
@@ -112,7 +114,7 @@ class DraftConfig:
         p.add_argument("--no-draft-ahead", action="store_true",
                        default=_env("SPECREC_DRAFT_AHEAD", "1") in ("0", "false", "no"),
                        help="do not draft the next tree while the target verifies (env SPECREC_DRAFT_AHEAD=0)")
-        p.add_argument("--ahead-guesses", type=int, default=int(_env("SPECREC_DRAFT_AHEAD_GUESSES", "2")),
+        p.add_argument("--ahead-guesses", type=int, default=int(_env("SPECREC_DRAFT_AHEAD_GUESSES", "8")),
                        help="likely commits (tree paths + bonus) to draft the next tree for while the target verifies, "
                             "best first, until the commit arrives (env SPECREC_DRAFT_AHEAD_GUESSES)")
         add_tls_args(p)
@@ -166,7 +168,7 @@ class _Stream:
         self.want_probs = False
         self.work: asyncio.Future | None = None  # commit/draft running in the pool
         self.ahead: asyncio.Future | None = None  # draft-ahead running in the pool
-        self.commit_arrived = threading.Event()  # tells draft-ahead to stop after its current guess
+        self.commit_arrived = threading.Event()  # tells draft-ahead to stop after its current level
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):

@@ -160,15 +160,16 @@ async def test_draft_ahead_hit_and_miss(svc, artifacts):
     call = svc.stub.Speculate()
     tree = DraftTree.from_proto((await ask(call, open_req(context))).tree)
     assert tree.tokens == local.draft(budget).tokens
-    assert local.prepare_ahead()
+    assert local.prepare_ahead(guesses=DraftConfig.ahead_guesses)  # the server's own guesses
     guess = local.ahead_guess
+    await asyncio.sleep(0.5)  # a hit is a tree complete when the commit arrives: give draft-ahead its time
     resp = await ask(call, advance_req(guess))
     assert resp.draft_ahead_hit
     local.commit(guess)
     assert DraftTree.from_proto(resp.tree).tokens == local.draft(budget).tokens
     miss = commit_for(DraftTree.from_proto(resp.tree), constraint, context + guess, -1, bonus_rank=1)
-    local.prepare_ahead()
-    assert local.ahead_guess != miss
+    local.prepare_ahead(guesses=DraftConfig.ahead_guesses)
+    assert miss not in local.ahead_guesses
     resp = await ask(call, advance_req(miss))
     assert not resp.draft_ahead_hit
     stats = await svc.stub.Stats(draft_pb2.StatsRequest())

@@ -194,7 +194,7 @@ def test_draft_ahead_hit_and_miss(drafters, prompts, tiny_artifacts, name):
     tree = session.draft(budget)
     assert session.prepare_ahead()
     guess = session.ahead_guess
-    assert guess is not None and guess[:-1] == tree.path_tokens(tree.best_path()[-1])
+    assert guess is not None and is_stop_commit(tree, guess)
     session.commit(guess)  # the guess comes true: the next tree is ready
     hit = session.draft(budget)
     assert session.ahead_hit
@@ -214,6 +214,13 @@ def test_draft_ahead_hit_and_miss(drafters, prompts, tiny_artifacts, name):
     tree = session.draft(other_budget)
     assert not session.ahead_hit
     assert_same_tree(tree, drafters[name].open(session.context, constraint).draft(other_budget))
+
+
+def is_stop_commit(tree: DraftTree, commit: list[int]) -> bool:
+    """commit = a root-down path of the tree, then a bonus token that is none of the path end's children."""
+    nodes = tree.match(commit[:-1])
+    end = nodes[-1] if nodes else -1
+    return len(nodes) == len(commit) - 1 and commit[-1] not in tree.children().get(end, {})
 
 
 def _threshold_inside(tree: DraftTree) -> float:
@@ -253,6 +260,41 @@ def test_stricter_budget_and_second_guess_served_from_ready_trees(drafters, prom
     assert_same_tree(tree, drafters[name].open(session.context, constraint).draft(stricter))
     # a stop requested mid-way drafts no more guesses
     assert not session.prepare_ahead(guesses=3, stop=lambda: True)
+
+
+def _stop_after(calls: int):
+    """A stop() that says 'the commit has arrived' from its (calls + 1)-th call on."""
+    seen = [0]
+
+    def stop() -> bool:
+        seen[0] += 1
+        return seen[0] > calls
+
+    return stop
+
+
+def test_many_guesses_batched_and_stopped_between_levels_still_equal_fresh_drafts(drafters, prompts, tiny_artifacts):
+    """Chains drafted ahead for many guessed commits at once, stopped by the commit after 0-5 levels and finished
+    on demand, round after round (their cache slots compacted each time): every tree equals a fresh session's."""
+    constraint = tiny_artifacts.constraint()
+    rng = np.random.default_rng(5)
+    budget = Budget(12, 12, 1, 0.02)
+    session = drafters["model"].open(prompts[2], constraint)
+    tree, hits, partial = session.draft(budget), 0, 0
+    for r in range(14):
+        if session.finished:
+            break
+        session.prepare_ahead(guesses=8, stop=_stop_after(r % 6 + 1))
+        guesses = session.ahead_guesses
+        assert all(is_stop_commit(tree, g) for g in guesses)
+        commit = guesses[r % len(guesses)] if guesses and r % 3 else random_commit(tree, constraint, session.state,
+                                                                                   rng)
+        session.commit(commit)
+        tree = session.draft(budget)
+        hits += session.ahead_reused
+        partial += session.ahead_reused and not session.ahead_hit
+        assert_same_tree(tree, drafters["model"].open(session.context, constraint).draft(budget))
+    assert hits >= 5 and partial >= 1  # both ready and half-drafted guesses were exercised
 
 
 def test_bad_commits_and_budgets_are_refused(drafters, prompts, tiny_artifacts):

@@ -198,9 +198,10 @@ class DraftSession(ABC):
             raise DraftError(f"context rejected: {err}") from None
         self.context = context
         self.last_tree: DraftTree | None = None
-        self.ahead_hit = False  # the last tree was drafted ahead
+        self.ahead_hit = False  # the last tree was drafted ahead, completely, before its commit arrived
+        self.ahead_reused = False  # the last tree grew from work drafted ahead (complete or finished on demand)
         self._ahead: list[_Ahead] = []  # guesses drafted ahead since the last commit, likeliest first
-        self._ready: tuple[Budget, bool, DraftTree] | None = None
+        self._ready: tuple[Budget, bool, DraftTree, bool] | None = None
         self._last_request: tuple[Budget, bool] | None = None
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -219,9 +220,26 @@ class DraftSession(ABC):
         or None when the drafter does not draft ahead."""
         return None
 
+    def _draft_ahead_batch(self, points: list[StopPoint], n: int, budget: Budget, want_probs: bool,
+                           stop: Callable[[], bool]) -> list[tuple[list[int], Any]]:
+        """Draft ahead for up to n commits ending at these stop points (likeliest first), until stop().
+        This default drafts one guess per point with `_draft_ahead`; drafters that can batch override it."""
+        out: list[tuple[list[int], Any]] = []
+        for point in points[:n]:
+            if stop():
+                break
+            result = self._draft_ahead(point.path, point.state, budget, want_probs)
+            if result is not None:
+                out.append(result)
+        return out
+
     def _adopt_ahead(self, work: Any) -> DraftTree:
         """The guess came true: commit `assumed` using the speculative work, return its tree."""
         raise NotImplementedError
+
+    def _ahead_complete(self, work: Any) -> bool:
+        """Whether the guess's tree was fully drafted when the commit came (else adopting finishes it)."""
+        return True
 
     def _drop_ahead(self, work: Any) -> None:  # noqa: B027 (optional hook)
         """The guess was wrong: forget the speculative work."""
@@ -247,9 +265,9 @@ class DraftSession(ABC):
         if ready is not None and ready[1] == want_probs and ready[0].covers(budget):
             # a tree drafted ahead with a looser budget serves a stricter one: cut, not redrafted
             tree = ready[2] if ready[0] == budget else ready[2].restricted(budget)
-            self.ahead_hit, self.last_tree = True, tree
+            self.ahead_hit, self.ahead_reused, self.last_tree = ready[3], True, tree
             return tree
-        self.ahead_hit = False
+        self.ahead_hit = self.ahead_reused = False
         tree = DraftTree(vocab_size=self.vocab_size) if budget.empty or self.finished \
             else self._draft(budget, want_probs)
         if budget.min_path_prob > 0:  # drafters that do not stop early themselves (retrieval, merged trees)
@@ -273,7 +291,8 @@ class DraftSession(ABC):
             if a is not hit:
                 self._drop_ahead(a.work)
         if hit is not None:
-            self._ready = (hit.budget, hit.want_probs, self._adopt_ahead(hit.work))
+            complete = self._ahead_complete(hit.work)
+            self._ready = (hit.budget, hit.want_probs, self._adopt_ahead(hit.work), complete)
         else:
             self._advance(tokens + later)
         self.context += tokens + later
@@ -281,24 +300,21 @@ class DraftSession(ABC):
         self.last_tree = None
 
     def prepare_ahead(self, guesses: int = 1, stop: Callable[[], bool] = lambda: False) -> bool:
-        """Draft the next tree now for the likeliest commits: the last tree's most probable path, then its
-        next best leaves, each with its most likely bonus token, until `guesses` are drafted or `stop()`
-        (the commit has arrived). Trees are drafted with a looser confidence stop than the last request's,
-        so a slightly stricter next budget is still served (`Budget.covers`). Returns whether it drafted any."""
+        """Draft the next tree now for the likeliest commits of the last tree (where verification may stop,
+        each with a likely bonus token), until `guesses` are drafted or `stop()` (the commit has arrived).
+        Trees are drafted with a looser confidence stop than the last request's, so a slightly stricter next
+        budget is still served (`Budget.covers`). Returns whether it drafted (or began drafting) any."""
         tree, request = self.last_tree, self._last_request
-        if tree is None or request is None or self._ahead or not len(tree):
+        if tree is None or request is None or self._ahead or not len(tree) or stop():
             return False
         budget, want_probs = request
         looser = Budget(budget.depth, budget.max_nodes, budget.top_k, budget.min_path_prob * AHEAD_LOOSENING)
-        for path in _likeliest_paths(tree, guesses):
-            if stop():
-                break
-            state = self.state_after(path)
-            if state.finished:
-                continue
-            result = self._draft_ahead(path, state, looser, want_probs)
-            if result is not None and all(a.assumed != result[0] for a in self._ahead):
-                self._ahead.append(_Ahead(result[0], looser, want_probs, result[1]))
+        points = [p for p in stop_points(tree, self.state_after) if not p.state.finished]
+        for assumed, work in self._draft_ahead_batch(points, guesses, looser, want_probs, stop):
+            if all(a.assumed != assumed for a in self._ahead):
+                self._ahead.append(_Ahead(assumed, looser, want_probs, work))
+            else:
+                self._drop_ahead(work)
         return bool(self._ahead)
 
     def state_after(self, tokens: list[int]) -> ListState:
@@ -354,13 +370,32 @@ class DraftSession(ABC):
         self._ahead, self._ready = [], None
 
 
-def _likeliest_paths(tree: DraftTree, n: int) -> list[list[int]]:
-    """Token paths of the tree's best path, then of its other leaves by path score (best first), n at most."""
-    best = tree.best_path()
-    leaves = set(range(len(tree))) - set(tree.parents)
-    scores = tree.scores()
-    others = sorted(leaves - set(best[-1:]), key=lambda i: (-scores[i], i))
-    return [tree.path_tokens(i) for i in [*best[-1:], *others][:n]]
+@dataclass
+class StopPoint:
+    """Where verifying the last tree may stop: `path` accepted, then a bonus token that is none of `exclude` (the
+    path's children in the tree: a child equal to the target's token would have been accepted)."""
+
+    path: list[int]
+    state: ListState  # grammar state after the path
+    exclude: frozenset[int]
+    logprob: float  # the drafter's log q of the path
+    mass: float  # the drafter's probability that verification stops here: q(path) * (1 - q(children))
+
+
+def stop_points(tree: DraftTree, state_after: Callable[[list[int]], ListState]) -> list[StopPoint]:
+    """Every place verification of the tree may end, likeliest first by the drafter's own q (ties: the deeper)."""
+    scores, kids = tree.scores(), tree.children()
+    points = []
+    for node in [-1, *range(len(tree))]:
+        children = kids.get(node, {})
+        stay = 1.0 - sum(math.exp(tree.logprobs[c]) for c in children.values())
+        logprob = scores[node] if node >= 0 else 0.0
+        mass = math.exp(logprob) * max(stay, 0.0)
+        if mass > 1e-9:
+            path = tree.path_tokens(node)
+            points.append(StopPoint(path, state_after(path), frozenset(children), logprob, mass))
+    points.sort(key=lambda p: (-p.mass, -len(p.path)))
+    return points
 
 
 @dataclass

@@ -17,7 +17,7 @@ switched off (use_slot / use_step) for ablations. Saved as config.json + model.s
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, register
-from specrec.drafting.tree import BuiltTree, Scratch, StepFn, TreeRoot, build_trees
+from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, StopPoint, register
+from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint, ListState
@@ -236,11 +236,32 @@ class ModelDrafter(Drafter):
 
 
 @dataclass
+class AheadBatch:
+    """Trees drafted ahead together, one per guessed commit, all in the session's cache row (one forward per
+    level for every guess); the builder may have been stopped between levels by the commit's arrival."""
+
+    builder: TreeBuilder
+    scratch: Scratch
+    want_probs: bool
+
+
+@dataclass
 class AheadWork:
     slots: list[int]  # cache slots of the assumed tokens, in order
     root_logprobs: torch.Tensor  # log q after the assumed tokens
-    built: BuiltTree
-    scratch_next: int
+    batch: AheadBatch
+    index: int  # this guess's tree in the batch
+
+
+@dataclass
+class _Pending:
+    """A stop point on its way to becoming a guess: its path's cache slots and log q after the path."""
+
+    point: StopPoint
+    slots: list[int]
+    out: torch.Tensor | None = None
+    tail: list[int] | None = None  # tokens of the path still to feed, and their slots
+    tail_slots: list[int] | None = None
 
 
 class ModelSession(DraftSession):
@@ -302,6 +323,7 @@ class ModelSession(DraftSession):
         self.ahead_top = 0
         return built.tree
 
+    @torch.inference_mode()
     def _advance(self, tokens: list[int]) -> None:
         kept = self._fed_prefix(tokens[:-1])  # at least the last token is fed again: its output roots the next tree
         if kept:
@@ -318,66 +340,131 @@ class ModelSession(DraftSession):
             slots.append(slot)
         return slots
 
-    @torch.inference_mode()
     def _draft_ahead(self, path: list[int], state: ListState, budget: Budget,
                      want_probs: bool) -> tuple[list[int], AheadWork] | None:
-        start = max(self.scratch_top, self.ahead_top)  # each guess gets its own slots
-        self._ensure(start + len(path) + 2 + scratch_bound(budget, self.per_item) + 1)
-        scratch = Scratch({0: start}, self.cache.max_len)
-        slots = self._fed_prefix(path)
-        base = self.length
-        out = self.outputs.get(tuple(path)) if len(slots) == len(path) else None
-        if out is None:  # feed the path's unfed tail (as draft steps) to see what follows it
-            slots = slots[: len(path) - 1] if len(slots) == len(path) else slots  # fed, not expanded: redo it
-            tail = path[len(slots):]
-            tail_slots = [scratch.alloc(0) for _ in tail]
-            logq = self._feed_at(tail, tail_slots, slots, base + len(slots), first_step=len(slots) + 1)
-            slots += tail_slots
-            out = logq[-1]
-        allowed = self.constraint.allowed(state)
-        bonus = self.constraint.forced(state)
-        if bonus is None:
-            bonus = int(allowed[int(torch.argmax(out[torch.as_tensor(allowed)]))])
-        after = self.constraint.advance(state, bonus)
-        assert after is not None
-        if after.finished:
-            return None
-        bonus_slot = scratch.alloc(0)
-        root_logq = self._feed_at([bonus], [bonus_slot], slots, base + len(path), first_step=0)[-1]
-        slots.append(bonus_slot)
-        assumed = path + [bonus]
-        root = TreeRoot(0, base, base + len(assumed), after, root_logq, extra_slots=list(slots))
-        built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
-                            self.model.config.max_steps)[0]
-        self.ahead_top = scratch.next[0]
-        return assumed, AheadWork(slots, root_logq, built, scratch.next[0])
+        point = StopPoint(path, state, frozenset(), 0.0, 1.0)
+        done = self._draft_ahead_batch([point], 1, budget, want_probs, lambda: False)
+        return done[0] if done else None
 
-    def _feed_at(self, tokens: list[int], slots: list[int], context_slots: list[int], position: int,
-                 first_step: int) -> torch.Tensor:
-        """Feed a chain into scratch slots: it sees the prefix, context_slots and itself. log q [n, vocab]."""
-        n = len(tokens)
-        span = max(self.length, max(slots) + 1)
+    @torch.inference_mode()
+    def _draft_ahead_batch(self, points: list[StopPoint], n: int, budget: Budget, want_probs: bool,
+                           stop: Callable[[], bool]) -> list[tuple[list[int], AheadWork]]:
+        """The n likeliest (stop point, bonus) commits, ranked by q(path) * q(bonus), drafted together: one
+        forward feeds any path tails the live tree did not expand, one feeds every guessed bonus token, then
+        one per level grows every guess's tree (all in row 0's scratch slots, each guess seeing its own path)."""
+        if not points:  # every stop point takes part: a likely bonus can make a less likely stop a top commit
+            return []
+        longest = max(len(p.path) for p in points) + 1
+        # ahead slots start past where adopting a guess compacts its path to, so compaction never hits them
+        start = max(self.scratch_top, self.ahead_top, self.length + longest)
+        bound = len(points) * (longest + 1) + n * scratch_bound(budget, self.per_item)
+        self._ensure(start + bound + 1)
+        scratch = Scratch({0: start}, self.cache.max_len)
+        pending = [self._pending(p, scratch) for p in points]
+        tails = [q for q in pending if q.tail]
+        if tails:
+            outs = self._feed_chains([(q.tail, q.tail_slots, q.slots, len(q.slots) + 1) for q in tails])
+            for q, out in zip(tails, outs, strict=True):
+                q.out, q.slots = out[-1], q.slots + q.tail_slots  # type: ignore[operator]
+        guesses = self._rank_bonuses(pending, n)
+        if not guesses or stop():
+            return []
+        bonus_slots = [scratch.alloc(0) for _ in guesses]
+        root_logq = self._feed_chains([([bonus], [slot], q.slots, 0)
+                                       for (q, bonus, _), slot in zip(guesses, bonus_slots, strict=True)])
+        roots = [TreeRoot(0, self.length, self.length + len(q.point.path) + 1, after, logq[-1],
+                          extra_slots=q.slots + [slot])
+                 for (q, _, after), slot, logq in zip(guesses, bonus_slots, root_logq, strict=True)]
+        batch = AheadBatch(TreeBuilder(self.step, self.constraint, roots, budget, scratch,
+                                       self.model.config.max_steps), scratch, want_probs)
+        batch.builder.run(stop)
+        self.ahead_top = scratch.next[0]
+        return [(q.point.path + [bonus], AheadWork(root.extra_slots, logq[-1], batch, i))
+                for i, ((q, bonus, _), root, logq) in enumerate(zip(guesses, roots, root_logq, strict=True))]
+
+    def _pending(self, point: StopPoint, scratch: Scratch) -> _Pending:
+        path = point.path
+        slots = self._fed_prefix(path)
+        out = self.outputs.get(tuple(path)) if len(slots) == len(path) else None
+        if out is not None:
+            return _Pending(point, slots, out)
+        slots = slots[: len(path) - 1] if len(slots) == len(path) else slots  # fed, not expanded: redo it
+        tail = path[len(slots):]
+        return _Pending(point, slots, None, tail, [scratch.alloc(0) for _ in tail])
+
+    def _rank_bonuses(self, pending: list[_Pending], n: int) -> list[tuple[_Pending, int, ListState]]:
+        """The n likeliest (stop point, bonus token, grammar after it) by the drafter's q; lists that the
+        bonus would end need no tree."""
+        cands: list[tuple[float, int, int, _Pending]] = []
+        for j, q in enumerate(pending):
+            forced = self.constraint.forced(q.point.state)
+            if forced is not None:
+                cands.append((q.point.logprob, j, forced, q))
+                continue
+            allowed = [t for t in self.constraint.allowed(q.point.state).tolist() if t not in q.point.exclude]
+            if not allowed or q.out is None:
+                continue
+            vals = q.out[torch.as_tensor(allowed)]
+            top = torch.topk(vals, min(n, len(allowed)))
+            cands += [(q.point.logprob + float(v), j, allowed[int(i)], q)
+                      for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+        out = []
+        for _, _, bonus, q in cands:
+            after = self.constraint.advance(q.point.state, bonus)
+            if after is not None and not after.finished:
+                out.append((q, bonus, after))
+            if len(out) == n:
+                break
+        return out
+
+    def _feed_chains(self, chains: list[tuple[list[int], list[int], list[int], int]]) -> list[torch.Tensor]:
+        """Feed chains into row 0's scratch slots in one forward: (tokens, their slots, the cache slots they see
+        besides the committed prefix, the draft step of the first token or 0 for assumed-committed tokens).
+        A chain continues the path its context slots hold. Returns log q [len(tokens), vocab] per chain."""
+        n = sum(len(c[0]) for c in chains)
+        span = max(self.length, max(max(c[1]) for c in chains) + 1)
+        tokens, positions, steps, slots = [], [], [], []
         mask = torch.zeros((1, n, span), dtype=torch.bool)
         mask[0, :, : self.length] = True
-        if context_slots:
-            mask[0, :, context_slots] = True
-        for i, s in enumerate(slots):
-            mask[0, i:, s] = True
-        steps = torch.tensor([[first_step + i if first_step else 0 for i in range(n)]])
-        logits = self.step(torch.tensor([tokens]), steps.clamp(max=self.model.config.max_steps),
-                           torch.arange(position, position + n)[None], torch.tensor([0]), torch.tensor([slots]),
-                           mask)
-        return torch.log_softmax(logits[0], dim=-1)
+        i = 0
+        for toks, tok_slots, context_slots, first_step in chains:
+            for j, (tok, slot) in enumerate(zip(toks, tok_slots, strict=True)):
+                tokens.append(tok)
+                positions.append(self.length + len(context_slots) + j)
+                steps.append(min(first_step + j, self.model.config.max_steps) if first_step else 0)
+                slots.append(slot)
+                mask[0, i, context_slots] = True
+                mask[0, i, tok_slots[: j + 1]] = True
+                i += 1
+        logits = self.step(torch.tensor([tokens]), torch.tensor([steps]), torch.tensor([positions]),
+                           torch.tensor([0]), torch.tensor([slots]), mask)
+        logq = torch.log_softmax(logits[0], dim=-1)
+        out, i = [], 0
+        for toks, *_ in chains:
+            out.append(logq[i: i + len(toks)])
+            i += len(toks)
+        return out
 
+    def _ahead_complete(self, work: AheadWork) -> bool:
+        return work.batch.builder.done
+
+    @torch.inference_mode()
     def _adopt_ahead(self, work: AheadWork) -> DraftTree:
+        builder = work.batch.builder
+        if not builder.done:  # stopped by the commit: finish this guess's tree only
+            builder.keep_only(work.index)
+            builder.run()
+        built = builder.results(work.batch.want_probs)[work.index]
         self.cache.keep_path(0, work.slots)
         self.root_logprobs = work.root_logprobs
-        self.fed, self.outputs = work.built.fed, work.built.outputs
-        self.scratch_top, self.ahead_top = work.scratch_next, 0
-        return work.built.tree
-
-    def _drop_ahead(self, work: AheadWork) -> None:
-        pass  # its scratch slots lie beyond the live tree's; they are simply overwritten later
+        # move the tree's nodes next to the committed prefix, so scratch space does not creep round after round
+        paths = sorted(built.fed, key=built.fed.__getitem__)
+        self.cache.move(0, [built.fed[p] for p in paths], self.length)
+        self.fed = {p: self.length + i for i, p in enumerate(paths)}
+        self.outputs = built.outputs
+        self.scratch_top, self.ahead_top = self.length + len(paths), 0
+        return built.tree
 
 
 @register("model")

@@ -170,45 +170,81 @@ def masked(logprobs: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
 def build_trees(step: StepFn | None, constraint: ListConstraint, roots: list[TreeRoot], budget: Budget,
                 scratch: Scratch, want_probs: bool = False, max_step: int = 16) -> list[BuiltTree]:
     """One dynamic tree per root, expanded together (one drafter forward per round)."""
-    budget = budget.validated()
-    counter = [0]
-    trees = [CandidateTree(r, constraint, counter) for r in roots]
-    if budget.empty:
-        return [BuiltTree(DraftTree(vocab_size=constraint.trie.vocab.size), {}, {}) for _ in trees]
-    frontiers: list[list[Node]] = [[t.root] for t in trees]
-    floor = budget.min_logprob
-    for _ in range(budget.depth):
+    builder = TreeBuilder(step, constraint, roots, budget, scratch, max_step)
+    builder.run()
+    return builder.results(want_probs)
+
+
+class TreeBuilder:
+    """build_trees one round at a time, so that drafting ahead can stop between rounds (the commit has
+    arrived), keep only the tree that came true and finish it later."""
+
+    def __init__(self, step: StepFn | None, constraint: ListConstraint, roots: list[TreeRoot], budget: Budget,
+                 scratch: Scratch, max_step: int = 16):
+        self.step = step
+        self.constraint = constraint
+        self.budget = budget.validated()
+        self.scratch = scratch
+        self.max_step = max_step
+        counter = [0]
+        self.trees = [CandidateTree(r, constraint, counter) for r in roots]
+        self.frontiers: list[list[Node]] = [[t.root] for t in self.trees]
+        self.rounds = 0
+        self.done = self.budget.empty
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Expand rounds until the trees are complete or stop(); returns whether they are complete."""
+        while not self.done and not stop():
+            self.expand_round()
+        return self.done
+
+    def keep_only(self, index: int) -> None:
+        """Stop growing every tree but one (its frontier stays as it was)."""
+        self.frontiers = [f if i == index else [] for i, f in enumerate(self.frontiers)]
+
+    def expand_round(self) -> None:
+        budget = self.budget
+        if self.rounds >= budget.depth:
+            self.done = True
+            return
+        self.rounds += 1
         # 1. follow forced tokens down from each frontier node to the node whose children we need
         to_expand: list[tuple[CandidateTree, Node]] = []
-        for tree, frontier in zip(trees, frontiers, strict=True):
+        for tree, frontier in zip(self.trees, self.frontiers, strict=True):
             for node in frontier:
                 while (child := tree.forced_child(node, budget.depth)) is not None:
                     node = child
                 if node.depth + 1 < budget.depth and len(tree.allowed(node)):
                     to_expand.append((tree, node))
         if not to_expand:
-            break
+            self.done = True
+            return
         # 2. one forward over every not-yet-fed node on the way to a node we expand
         for _, node in to_expand:
             if node.depth < 0 and node.out is None:
                 raise ValueError("a root that is not forced needs the drafter's log q (TreeRoot.logprobs)")
-        _feed(step, [(t, n) for t, n in to_expand if n.out is None], scratch, max_step)
+        _feed(self.step, [(t, n) for t, n in to_expand if n.out is None], self.scratch, self.max_step)
         # 3. top_k allowed children of every expanded node; the round's best top_k per tree go on
         outs = torch.stack([node.out for _, node in to_expand])  # type: ignore[misc]  [m, vocab], -inf = banned
         vals, toks = torch.topk(outs, min(budget.top_k, outs.shape[-1]), dim=-1)
         new_children: dict[int, list[Node]] = {}
+        floor = budget.min_logprob
         for (tree, node), row_vals, row_toks in zip(to_expand, vals.tolist(), toks.tolist(), strict=True):
             node.expanded = True
             kids = new_children.setdefault(id(tree), [])
             for v, tok in zip(row_vals, row_toks, strict=True):
                 if v > -math.inf and node.score + v >= floor:  # the confidence stop: below it, never kept
                     kids.append(tree.add(node, tok, v))
-        frontiers = []
-        for tree in trees:
+        self.frontiers = []
+        for tree in self.trees:
             kids = new_children.get(id(tree), [])
             kids.sort(key=lambda n: (-n.score, n.seq))
-            frontiers.append(kids[: budget.top_k])
-    return [select(tree, budget, want_probs) for tree in trees]
+            self.frontiers.append(kids[: budget.top_k])
+
+    def results(self, want_probs: bool = False) -> list[BuiltTree]:
+        if self.budget.empty:
+            return [BuiltTree(DraftTree(vocab_size=self.constraint.trie.vocab.size), {}, {}) for _ in self.trees]
+        return [select(tree, self.budget, want_probs) for tree in self.trees]
 
 
 def _feed(step: StepFn | None, targets: list[tuple[CandidateTree, Node]], scratch: Scratch, max_step: int) -> None:

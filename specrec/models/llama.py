@@ -63,12 +63,16 @@ class KVCache:
     @torch.inference_mode()  # the cache may have been made in inference mode; edits must be too
     def keep_path(self, row: int, src_slots: list[int]) -> None:
         """Compact: move the kept scratch slots to follow the committed prefix, and commit them."""
-        dst = torch.arange(self.lengths[row], self.lengths[row] + len(src_slots))
+        self.move(row, src_slots, self.lengths[row])
+        self.lengths[row] += len(src_slots)
+
+    def move(self, row: int, src_slots: list[int], first: int) -> None:
+        """Copy entries of these slots to slots first, first + 1, ... (the sources are read before any write)."""
+        dst = torch.arange(first, first + len(src_slots))
         src = torch.as_tensor(src_slots, dtype=torch.long)
         if not torch.equal(src, dst):
             self.k[:, row, dst] = self.k[:, row, src]
             self.v[:, row, dst] = self.v[:, row, src]
-        self.lengths[row] += len(src_slots)
 
 
 class Attention(nn.Module):
