@@ -44,6 +44,14 @@ class ModelArgs:
                    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
+def _as_range(rows: torch.Tensor) -> slice | None:
+    """rows as a slice when they are consecutive cache rows on the CPU (checking costs a device sync elsewhere)."""
+    if rows.device.type != "cpu":
+        return None
+    first, n = int(rows[0]), len(rows)
+    return slice(first, first + n) if torch.equal(rows, torch.arange(first, first + n)) else None
+
+
 class KVCache:
     """Keys and values per (layer, row, slot). A row holds one sequence: its committed tokens in
     slots [0, length), scratch (e.g. tree nodes) after that. Rejected slots are simply overwritten."""
@@ -165,6 +173,7 @@ class Transformer(nn.Module):
         span = mask.shape[-1]
         attn_mask = mask.unsqueeze(1)  # [B, 1, T, S]
         row_idx = rows.unsqueeze(1).expand(bsz, t)
+        rows_view = _as_range(rows)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             att = layer.self_attn
@@ -175,8 +184,11 @@ class Transformer(nn.Module):
             k = k * cos + rotate_half(k) * sin
             cache.k[i, row_idx, slots] = k
             cache.v[i, row_idx, slots] = v
-            keys = cache.k[i, rows, :span].transpose(1, 2)  # [B, Hkv, S, D]
-            values = cache.v[i, rows, :span].transpose(1, 2)
+            if rows_view is not None:  # a view, not a gather: copying every row's cache dominated batched steps
+                keys, values = cache.k[i, rows_view, :span], cache.v[i, rows_view, :span]
+            else:
+                keys, values = cache.k[i, rows, :span], cache.v[i, rows, :span]
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
                                                  enable_gqa=a.n_kv_heads != a.n_heads)
             x = x + att.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
