@@ -83,7 +83,7 @@ class DraftConfig:
     idle_timeout_s: float = 60.0
     grace_s: float = 30.0
     device: str = "cpu"
-    workers: int = 2  # drafting threads
+    workers: int = 64  # sessions drafting at once (their forwards are merged: threads mostly wait for a forward)
     torch_threads: int = 1  # per drafting thread
     draft_ahead: bool = True
     ahead_guesses: int = 8  # commits drafted ahead for per tree, likeliest first (batched by the model drafter)
@@ -107,7 +107,9 @@ class DraftConfig:
         p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")),
                        help="on SIGTERM, open streams get this long to finish")
         p.add_argument("--device", default=_env("SPECREC_DEVICE", "cpu"))
-        p.add_argument("--workers", type=int, default=int(_env("SPECREC_DRAFT_WORKERS", "2")))
+        p.add_argument("--workers", type=int, default=int(_env("SPECREC_DRAFT_WORKERS", "64")),
+                       help="sessions that may draft at once; the model drafter merges their steps into shared "
+                            "forwards, so this is concurrency, not compute (env SPECREC_DRAFT_WORKERS)")
         p.add_argument("--torch-threads", type=int, default=int(_env("SPECREC_TORCH_THREADS", "1")))
         p.add_argument("--metrics-port", type=int, default=int(_env("SPECREC_DRAFT_METRICS_PORT", "0")),
                        help="Prometheus /metrics port, 0 = off (env SPECREC_DRAFT_METRICS_PORT)")

@@ -17,6 +17,7 @@ switched off (use_slot / use_step) for ablations. Saved as config.json + model.s
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, StopPoint, register
+from specrec.drafting.batching import CachePool, StepBatcher
 from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
 from specrec.models.steps import Block, build_step
@@ -184,6 +186,8 @@ class ModelDrafter(Drafter):
         self.model = model.eval()
         self.name = name
         self.rows_per_batch = rows_per_batch
+        self.pool = CachePool(model.args, model.config.max_len + 256, self.device)
+        self.batcher = StepBatcher(model, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -265,9 +269,10 @@ class _Pending:
 
 
 class ModelSession(DraftSession):
-    """Cache row 0 holds the committed tokens in slots [0, length); tree nodes go to scratch slots after
-    them. A commit keeps the accepted nodes' cache entries (compacted) and feeds only what the drafter
-    has not seen (usually just the bonus token)."""
+    """The session's cache row (of the drafter's pooled cache) holds the committed tokens in slots [0, length);
+    tree nodes go to scratch slots after them. A commit keeps the accepted nodes' cache entries (compacted) and
+    feeds only what the drafter has not seen (usually just the bonus token). Every forward goes through the
+    drafter's step batcher, so sessions drafting at the same time share forwards."""
 
     def __init__(self, drafter: ModelDrafter, constraint: ListConstraint, context: Sequence[int]):
         super().__init__(constraint, context)
@@ -279,8 +284,15 @@ class ModelSession(DraftSession):
         if self.max_positions > self.model.config.max_len:
             raise DraftError(f"context of {len(self.context)} tokens plus a list of {constraint.n_items} items "
                              f"exceeds the drafter's {self.model.config.max_len} positions")
-        self.cache = KVCache(self.model.args, 1, self.max_positions + 64, device=drafter.device)
-        self.step = drafter.step_fn(self.cache)
+        self.page, self.row = drafter.pool.acquire(self.max_positions + 64)
+        self._release = weakref.finalize(self, drafter.pool.release, self.page, self.row)
+        page, row, batcher = self.page, self.row, drafter.batcher
+
+        def step(tokens: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                 slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return batcher.step(page, row, tokens, steps, positions, slots, mask)
+
+        self.step: StepFn = step
         self.fed: dict[tuple[int, ...], int] = {}
         self.outputs: dict[tuple[int, ...], torch.Tensor] = {}
         self.scratch_top = 0
@@ -288,38 +300,43 @@ class ModelSession(DraftSession):
         self.root_logprobs = self._feed_chain(self.context)
 
     @property
+    def cache(self) -> KVCache:
+        return self.page.cache  # read anew each time: another session may have grown the page
+
+    @property
     def length(self) -> int:
-        return self.cache.lengths[0]
+        return self.cache.lengths[self.row]
 
     def _ensure(self, slots: int) -> None:
-        """Grow the cache (copying it) so that `slots` slots exist."""
-        if slots <= self.cache.max_len:
-            return
-        grown = KVCache(self.model.args, 1, max(slots, 2 * self.cache.max_len), device=self.drafter.device)
-        grown.k[:, :, : self.cache.max_len] = self.cache.k
-        grown.v[:, :, : self.cache.max_len] = self.cache.v
-        grown.lengths = list(self.cache.lengths)
-        self.cache = grown
-        self.step = self.drafter.step_fn(grown)
+        """Grow the page (copying it) so that `slots` slots exist."""
+        self.page.ensure(slots)
+
+    def _keep_path(self, slots: list[int]) -> None:
+        with self.page.lock:  # not while the page grows (the copy would miss the move)
+            self.cache.keep_path(self.row, slots)
+
+    def close(self) -> None:
+        super().close()
+        self._release()
 
     @torch.inference_mode()
     def _feed_chain(self, tokens: list[int]) -> torch.Tensor:
         """Commit tokens to the cache after the prefix (draft step 0); log q [vocab] after the last one."""
         self._ensure(self.length + len(tokens) + 1)
-        step = build_step(self.cache, [Block.chain(0, tokens)], self.drafter.device)
+        step = build_step(self.cache, [Block.chain(self.row, tokens)], self.drafter.device)
         logits = self.step(step.tokens, torch.zeros_like(step.tokens), step.positions, step.rows, step.slots,
                            step.mask)
-        self.cache.lengths[0] += len(tokens)
+        self.cache.lengths[self.row] += len(tokens)
         self.scratch_top, self.ahead_top = self.length, 0
         return torch.log_softmax(logits[0, -1], dim=-1)
 
     def _draft(self, budget: Budget, want_probs: bool) -> DraftTree:
         self._ensure(self.length + scratch_bound(budget, self.per_item) + 1)
-        root = TreeRoot(0, self.length, self.length, self.state, self.root_logprobs)
-        scratch = Scratch({0: self.length}, self.cache.max_len)
+        root = TreeRoot(self.row, self.length, self.length, self.state, self.root_logprobs)
+        scratch = Scratch({self.row: self.length}, self.cache.max_len)
         built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
                             self.model.config.max_steps)[0]
-        self.fed, self.outputs, self.scratch_top = built.fed, built.outputs, scratch.next[0]
+        self.fed, self.outputs, self.scratch_top = built.fed, built.outputs, scratch.next[self.row]
         self.ahead_top = 0
         return built.tree
 
@@ -327,7 +344,7 @@ class ModelSession(DraftSession):
     def _advance(self, tokens: list[int]) -> None:
         kept = self._fed_prefix(tokens[:-1])  # at least the last token is fed again: its output roots the next tree
         if kept:
-            self.cache.keep_path(0, kept)
+            self._keep_path(kept)
         self.root_logprobs = self._feed_chain(tokens[len(kept):])
         self.fed, self.outputs = {}, {}
 
@@ -359,7 +376,7 @@ class ModelSession(DraftSession):
         start = max(self.scratch_top, self.ahead_top, self.length + longest)
         bound = len(points) * (longest + 1) + n * scratch_bound(budget, self.per_item)
         self._ensure(start + bound + 1)
-        scratch = Scratch({0: start}, self.cache.max_len)
+        scratch = Scratch({self.row: start}, self.cache.max_len)
         pending = [self._pending(p, scratch) for p in points]
         tails = [q for q in pending if q.tail]
         if tails:
@@ -369,16 +386,16 @@ class ModelSession(DraftSession):
         guesses = self._rank_bonuses(pending, n)
         if not guesses or stop():
             return []
-        bonus_slots = [scratch.alloc(0) for _ in guesses]
+        bonus_slots = [scratch.alloc(self.row) for _ in guesses]
         root_logq = self._feed_chains([([bonus], [slot], q.slots, 0)
                                        for (q, bonus, _), slot in zip(guesses, bonus_slots, strict=True)])
-        roots = [TreeRoot(0, self.length, self.length + len(q.point.path) + 1, after, logq[-1],
+        roots = [TreeRoot(self.row, self.length, self.length + len(q.point.path) + 1, after, logq[-1],
                           extra_slots=q.slots + [slot])
                  for (q, _, after), slot, logq in zip(guesses, bonus_slots, root_logq, strict=True)]
         batch = AheadBatch(TreeBuilder(self.step, self.constraint, roots, budget, scratch,
                                        self.model.config.max_steps), scratch, want_probs)
         batch.builder.run(stop)
-        self.ahead_top = scratch.next[0]
+        self.ahead_top = scratch.next[self.row]
         return [(q.point.path + [bonus], AheadWork(root.extra_slots, logq[-1], batch, i))
                 for i, ((q, bonus, _), root, logq) in enumerate(zip(guesses, roots, root_logq, strict=True))]
 
@@ -390,7 +407,7 @@ class ModelSession(DraftSession):
             return _Pending(point, slots, out)
         slots = slots[: len(path) - 1] if len(slots) == len(path) else slots  # fed, not expanded: redo it
         tail = path[len(slots):]
-        return _Pending(point, slots, None, tail, [scratch.alloc(0) for _ in tail])
+        return _Pending(point, slots, None, tail, [scratch.alloc(self.row) for _ in tail])
 
     def _rank_bonuses(self, pending: list[_Pending], n: int) -> list[tuple[_Pending, int, ListState]]:
         """The n likeliest (stop point, bonus token, grammar after it) by the drafter's q; lists that the
@@ -438,7 +455,7 @@ class ModelSession(DraftSession):
                 mask[0, i, tok_slots[: j + 1]] = True
                 i += 1
         logits = self.step(torch.tensor([tokens]), torch.tensor([steps]), torch.tensor([positions]),
-                           torch.tensor([0]), torch.tensor([slots]), mask)
+                           torch.tensor([self.row]), torch.tensor([slots]), mask)
         logq = torch.log_softmax(logits[0], dim=-1)
         out, i = [], 0
         for toks, *_ in chains:
@@ -456,11 +473,12 @@ class ModelSession(DraftSession):
             builder.keep_only(work.index)
             builder.run()
         built = builder.results(work.batch.want_probs)[work.index]
-        self.cache.keep_path(0, work.slots)
+        self._keep_path(work.slots)
         self.root_logprobs = work.root_logprobs
         # move the tree's nodes next to the committed prefix, so scratch space does not creep round after round
         paths = sorted(built.fed, key=built.fed.__getitem__)
-        self.cache.move(0, [built.fed[p] for p in paths], self.length)
+        with self.page.lock:
+            self.cache.move(self.row, [built.fed[p] for p in paths], self.length)
         self.fed = {p: self.length + i for i, p in enumerate(paths)}
         self.outputs = built.outputs
         self.scratch_top, self.ahead_top = self.length + len(paths), 0

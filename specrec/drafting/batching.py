@@ -1,0 +1,189 @@
+"""One drafter forward for many sessions: a pooled KV cache (pages of rows, a session per row) and a step batcher
+that merges the one-row steps sessions ask for at about the same time into one forward per page.
+
+Continuous batching without a timer: the first thread to ask while no forward runs becomes the leader and runs
+everything queued at that moment in one forward (per page), then whatever queued meanwhile, until the queue is
+empty; the others wait for their rows' logits. Alone, a session runs its own step at once (no hop, no wait);
+under load, every session that is between two steps joins the next forward.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from specrec.models.llama import KVCache, ModelArgs
+from specrec.semantic_ids.vocab import PAD
+
+PAGE_ROWS = 16  # rows per cache page: sessions of one page share forwards
+# Forward of the model over one page: (tokens, steps, positions, cache, rows, slots, mask) -> logits [B, T, vocab].
+PageForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, torch.Tensor, torch.Tensor, torch.Tensor],
+                       torch.Tensor]
+
+
+class CachePage:
+    """PAGE_ROWS cache rows; grown (all rows, copied) when a session needs more slots than the page has."""
+
+    def __init__(self, args: ModelArgs, slots: int, device: torch.device | str):
+        self.args, self.device = args, device
+        self.cache = KVCache(args, PAGE_ROWS, slots, device=device)
+        self.free = list(range(PAGE_ROWS))
+        self.lock = threading.Lock()  # held by a forward over the page, and by growth
+
+    def ensure(self, slots: int) -> None:
+        with self.lock:
+            old = self.cache
+            if slots <= old.max_len:
+                return
+            grown = KVCache(self.args, PAGE_ROWS, max(slots, 2 * old.max_len), device=self.device)
+            grown.k[:, :, : old.max_len] = old.k
+            grown.v[:, :, : old.max_len] = old.v
+            grown.lengths = old.lengths  # the same list: sessions keep updating it
+            self.cache = grown
+
+
+class CachePool:
+    """Hands out cache rows to sessions, page by page (a new page when every row is taken)."""
+
+    def __init__(self, args: ModelArgs, slots: int, device: torch.device | str = "cpu"):
+        self.args, self.slots, self.device = args, slots, device
+        self.pages: list[CachePage] = []
+        self.lock = threading.Lock()
+
+    def acquire(self, slots: int) -> tuple[CachePage, int]:
+        with self.lock:
+            page = next((p for p in self.pages if p.free), None)
+            if page is None:
+                page = CachePage(self.args, max(self.slots, slots), self.device)
+                self.pages.append(page)
+            row = page.free.pop(0)
+        page.ensure(slots)
+        page.cache.lengths[row] = 0
+        return page, row
+
+    def release(self, page: CachePage, row: int) -> None:
+        with self.lock:
+            page.cache.lengths[row] = 0
+            page.free.append(row)
+            page.free.sort()  # low rows first: busy rows stay consecutive, so forwards read them as a view
+
+    @property
+    def rows_in_use(self) -> int:
+        return sum(PAGE_ROWS - len(p.free) for p in self.pages)
+
+
+@dataclass
+class _Step:
+    page: CachePage
+    row: int
+    tokens: torch.Tensor  # [1, T] like the rest
+    steps: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor  # [1, T, S]
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class BatchCounters:
+    forwards: int = 0
+    rows: int = 0  # session steps run; rows / forwards = the mean batch size
+
+    @property
+    def mean_batch(self) -> float:
+        return self.rows / self.forwards if self.forwards else 0.0
+
+
+class StepBatcher:
+    def __init__(self, forward: PageForward, device: torch.device | str = "cpu", merge: bool = True):
+        self.forward = forward
+        self.device = device
+        self.merge = merge  # False: one session's step per forward (the baseline the drafter benchmark compares)
+        self.lock = threading.Lock()
+        self.queue: list[_Step] = []
+        self.leader = False
+        self.counters = BatchCounters()
+
+    def step(self, page: CachePage, row: int, tokens: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor,
+             slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [1, T, vocab] of one session's step (inputs as PadDrafter.forward's, batch 1, its row)."""
+        req = _Step(page, row, tokens, steps, positions, slots, mask)
+        with self.lock:
+            self.queue.append(req)
+            lead = not self.leader
+            self.leader = self.leader or lead
+        if lead:
+            self._lead()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.logits is not None
+        return req.logits
+
+    def _lead(self) -> None:
+        while True:
+            with self.lock:
+                take = len(self.queue) if self.merge else 1
+                batch, self.queue = self.queue[:take], self.queue[take:]
+                if not batch:
+                    self.leader = False
+                    return
+            by_page: dict[int, list[_Step]] = {}
+            for req in batch:
+                by_page.setdefault(id(req.page), []).append(req)
+            for reqs in by_page.values():
+                self._run(sorted(reqs, key=lambda r: r.row))
+
+    def _run(self, reqs: list[_Step]) -> None:
+        try:
+            page = reqs[0].page
+            with page.lock, torch.inference_mode():
+                logits = self.forward(*merge_steps(reqs, self.device), page.cache, *_rows_slots_mask(reqs,
+                                                                                                      self.device))
+            logits = logits.float().cpu()
+            for b, req in enumerate(reqs):
+                req.logits = logits[b: b + 1, : req.tokens.shape[1]]
+            self.counters.forwards += 1
+            self.counters.rows += len(reqs)
+        except BaseException as err:  # every waiter must wake, with the error
+            for req in reqs:
+                req.error = err
+        finally:
+            for req in reqs:
+                req.done.set()
+
+
+def merge_steps(reqs: list[_Step], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens, steps, positions [B, T] of one-row steps, padded to the longest (PAD at position 0)."""
+    t = max(r.tokens.shape[1] for r in reqs)
+    out = []
+    for name in ("tokens", "steps", "positions"):
+        fill = PAD if name == "tokens" else 0
+        x = torch.full((len(reqs), t), fill, dtype=torch.long)
+        for b, r in enumerate(reqs):
+            src = getattr(r, name)
+            x[b, : src.shape[1]] = src[0]
+        out.append(x.to(device))
+    return out[0], out[1], out[2]
+
+
+def _rows_slots_mask(reqs: list[_Step], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows [B], slots [B, T], mask [B, T, S]. A step's padding writes to the first slot past what it attends to
+    (free: sessions hand out scratch slots in order and attend to all they handed out) and sees only that slot."""
+    t = max(r.tokens.shape[1] for r in reqs)
+    span = max(r.mask.shape[-1] + 1 for r in reqs)
+    slots = torch.zeros((len(reqs), t), dtype=torch.long)
+    mask = torch.zeros((len(reqs), t, span), dtype=torch.bool)
+    for b, r in enumerate(reqs):
+        n, s = r.tokens.shape[1], r.mask.shape[-1]
+        slots[b, :n] = r.slots[0]
+        slots[b, n:] = s
+        mask[b, :n, :s] = r.mask[0]
+        mask[b, n:, s] = True
+    rows = torch.as_tensor([r.row for r in reqs], dtype=torch.long)
+    return rows.to(device), slots.to(device), mask.to(device)

@@ -1,0 +1,92 @@
+"""Drafting many sessions at once through one step batcher (pooled cache rows, merged forwards): every session gets
+exactly the trees it gets alone, forwards really are shared, and rows return to the pool."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+
+from specrec.drafting.base import Budget, load_drafter
+from specrec.drafting.batching import PAGE_ROWS
+from specrec.drafting.model_drafter import ModelDrafter
+from specrec.drafting.offline import eval_users
+from specrec.pipeline import Artifacts
+from tests.drafter_artifacts import ensure_tiny_drafters
+from tests.test_drafting import assert_same_tree, random_commit
+
+BUDGETS = [Budget(6, 16, 4), Budget(12, 12, 1, 0.02), Budget(8, 32, 8)]
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(tiny_artifacts: Artifacts):
+    return ensure_tiny_drafters(tiny_artifacts)
+
+
+def _session_rounds(drafter: ModelDrafter, prompt: list[int], constraint, seed: int, rounds: int,
+                    barrier: threading.Barrier | None) -> list[tuple[list[int], object]]:
+    """(context, tree) per round of one session that drafts, drafts ahead and commits random paths."""
+    rng = np.random.default_rng(seed)
+    session = drafter.open(prompt, constraint)
+    out = []
+    for r in range(rounds):
+        if session.finished:
+            break
+        if barrier is not None:
+            barrier.wait()  # every thread asks for its tree at the same moment: the forwards must be shared
+        tree = session.draft(BUDGETS[(seed + r) % len(BUDGETS)])
+        out.append((list(session.context), tree))
+        session.prepare_ahead(guesses=4)
+        session.commit(random_commit(tree, constraint, session.state, rng))
+    session.close()
+    return out
+
+
+def test_concurrent_sessions_get_exactly_their_lone_trees_in_shared_forwards(drafter_dir, tiny_artifacts):
+    constraint = tiny_artifacts.constraint()
+    users = eval_users(tiny_artifacts, 4)
+    n = PAGE_ROWS + 4  # two pages
+    prompts = [tiny_artifacts.prompt(users[i % len(users)]) for i in range(n)]
+    drafter = load_drafter("model", drafter_dir)
+    barrier = threading.Barrier(n, timeout=60)
+    results: list[list | None] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = _session_rounds(drafter, prompts[i], constraint, i, 5, None if i % 7 == 6 else barrier)
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+            barrier.abort()
+
+    # one thread in seven skips the barrier: it runs beside the others at its own pace
+    barrier = threading.Barrier(n - len([i for i in range(n) if i % 7 == 6]), timeout=60)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    counters = drafter.batcher.counters
+    assert counters.mean_batch > 2.0, counters  # shared forwards, not one per session
+    alone = load_drafter("model", drafter_dir)
+    for i in range(n):
+        assert results[i], i
+        for r, (context, tree) in enumerate(results[i]):
+            budget = BUDGETS[(i + r) % len(BUDGETS)]
+            assert_same_tree(tree, alone.open(context, constraint).draft(budget))
+    gc.collect()
+    assert drafter.pool.rows_in_use == 0  # closed sessions gave their rows back
+
+
+def test_a_forgotten_session_gives_its_row_back(drafter_dir, tiny_artifacts):
+    constraint = tiny_artifacts.constraint()
+    drafter = load_drafter("model", drafter_dir)
+    prompt = tiny_artifacts.prompt(eval_users(tiny_artifacts, 1)[0])
+    sessions = [drafter.open(prompt, constraint) for _ in range(3)]
+    assert drafter.pool.rows_in_use == 3
+    del sessions
+    gc.collect()
+    assert drafter.pool.rows_in_use == 0
