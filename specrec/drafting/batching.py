@@ -25,12 +25,12 @@ PageForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, torch
 
 
 class CachePage:
-    """PAGE_ROWS cache rows; grown (all rows, copied) when a session needs more slots than the page has."""
+    """Cache rows for `rows` sessions; grown (all rows, copied) when a session needs more slots than the page has."""
 
-    def __init__(self, args: ModelArgs, slots: int, device: torch.device | str):
-        self.args, self.device = args, device
-        self.cache = KVCache(args, PAGE_ROWS, slots, device=device)
-        self.free = list(range(PAGE_ROWS))
+    def __init__(self, args: ModelArgs, rows: int, slots: int, device: torch.device | str):
+        self.args, self.device, self.rows = args, device, rows
+        self.cache = KVCache(args, rows, slots, device=device)
+        self.free = list(range(rows))
         self.lock = threading.Lock()  # held by a forward over the page, and by growth
 
     def ensure(self, slots: int) -> None:
@@ -38,7 +38,7 @@ class CachePage:
             old = self.cache
             if slots <= old.max_len:
                 return
-            grown = KVCache(self.args, PAGE_ROWS, max(slots, 2 * old.max_len), device=self.device)
+            grown = KVCache(self.args, self.rows, max(slots, 2 * old.max_len), device=self.device)
             grown.k[:, :, : old.max_len] = old.k
             grown.v[:, :, : old.max_len] = old.v
             grown.lengths = old.lengths  # the same list: sessions keep updating it
@@ -48,8 +48,8 @@ class CachePage:
 class CachePool:
     """Hands out cache rows to sessions, page by page (a new page when every row is taken)."""
 
-    def __init__(self, args: ModelArgs, slots: int, device: torch.device | str = "cpu"):
-        self.args, self.slots, self.device = args, slots, device
+    def __init__(self, args: ModelArgs, slots: int, device: torch.device | str = "cpu", page_rows: int = PAGE_ROWS):
+        self.args, self.slots, self.device, self.page_rows = args, slots, device, page_rows
         self.pages: list[CachePage] = []
         self.lock = threading.Lock()
 
@@ -57,7 +57,7 @@ class CachePool:
         with self.lock:
             page = next((p for p in self.pages if p.free), None)
             if page is None:
-                page = CachePage(self.args, max(self.slots, slots), self.device)
+                page = CachePage(self.args, self.page_rows, max(self.slots, slots), self.device)
                 self.pages.append(page)
             row = page.free.pop(0)
         page.ensure(slots)
@@ -72,7 +72,7 @@ class CachePool:
 
     @property
     def rows_in_use(self) -> int:
-        return sum(PAGE_ROWS - len(p.free) for p in self.pages)
+        return sum(p.rows - len(p.free) for p in self.pages)
 
 
 @dataclass
@@ -103,7 +103,9 @@ class StepBatcher:
     def __init__(self, forward: PageForward, device: torch.device | str = "cpu", merge: bool = True):
         self.forward = forward
         self.device = device
-        self.merge = merge  # False: one session's step per forward (the baseline the drafter benchmark compares)
+        # False: each step runs alone in its caller's thread, as many at once as threads ask (with one-row pages,
+        # the draft service before batching: the baseline bench/draft_batching.py compares)
+        self.merge = merge
         self.lock = threading.Lock()
         self.queue: list[_Step] = []
         self.leader = False
@@ -113,13 +115,16 @@ class StepBatcher:
              slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits [1, T, vocab] of one session's step (inputs as PadDrafter.forward's, batch 1, its row)."""
         req = _Step(page, row, tokens, steps, positions, slots, mask)
-        with self.lock:
-            self.queue.append(req)
-            lead = not self.leader
-            self.leader = self.leader or lead
-        if lead:
-            self._lead()
-        req.done.wait()
+        if not self.merge:
+            self._run([req])
+        else:
+            with self.lock:
+                self.queue.append(req)
+                lead = not self.leader
+                self.leader = self.leader or lead
+            if lead:
+                self._lead()
+            req.done.wait()
         if req.error is not None:
             raise req.error
         assert req.logits is not None
@@ -128,8 +133,7 @@ class StepBatcher:
     def _lead(self) -> None:
         while True:
             with self.lock:
-                take = len(self.queue) if self.merge else 1
-                batch, self.queue = self.queue[:take], self.queue[take:]
+                batch, self.queue = self.queue, []
                 if not batch:
                     self.leader = False
                     return

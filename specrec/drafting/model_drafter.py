@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, StopPoint, register
-from specrec.drafting.batching import CachePool, StepBatcher
+from specrec.drafting.batching import PAGE_ROWS, CachePool, StepBatcher
 from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
 from specrec.models.steps import Block, build_step
@@ -182,12 +182,14 @@ def scratch_bound(budget: Budget, tokens_per_item: int) -> int:
 class ModelDrafter(Drafter):
     """Sessions over one PadDrafter; each keeps its own KV cache (one row)."""
 
-    def __init__(self, model: PadDrafter, name: str = "model", rows_per_batch: int = 32):
+    def __init__(self, model: PadDrafter, name: str = "model", rows_per_batch: int = 32, batched: bool = True):
+        """batched=False: a cache per session and a forward per session step (the design before batching)."""
         self.model = model.eval()
         self.name = name
         self.rows_per_batch = rows_per_batch
-        self.pool = CachePool(model.args, model.config.max_len + 256, self.device)
-        self.batcher = StepBatcher(model, self.device)
+        self.pool = CachePool(model.args, model.config.max_len + 256, self.device,
+                              page_rows=PAGE_ROWS if batched else 1)
+        self.batcher = StepBatcher(model, self.device, merge=batched)
 
     @property
     def device(self) -> torch.device:
