@@ -37,8 +37,17 @@ _SPECULATE = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].methods_by_na
 SPECULATE_METHOD = f"/{_SPECULATE.containing_service.full_name}/{_SPECULATE.name}"
 
 
+class DraftLate(Exception):
+    """No tree this round: the tree asked for is past its deadline, or an earlier late tree is still owed. The round
+    goes on without one; the stream stays open, and the late tree is dropped when it comes (the stream answers in
+    order), before the next tree is asked for."""
+
+
+MAX_LATE = 3  # late trees in one request before its stream counts as failed (and the pod backs off)
+
+
 class DraftSession:
-    """A Speculate stream. Any failure closes it: a late answer would desynchronise the stream.
+    """A Speculate stream. A late tree is skipped (DraftLate); any other failure closes it.
 
     Traced by one CLIENT span of its own rather than a channel interceptor, which would cost every message;
     it ends OK when the request closes the stream, with the failure's status otherwise.
@@ -48,7 +57,9 @@ class DraftSession:
         self._span, metadata = start_client_span(SPECULATE_METHOD, metadata)
         self._call = stub.Speculate(metadata=metadata)
         self._timeout_s = timeout_s
+        self._late: asyncio.Future | None = None  # the read of a tree that missed its deadline
         self.closed = False
+        self.late_trees = 0
 
     async def _fail(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, *,
                     refused_request: bool = False) -> DraftUnavailable:
@@ -58,12 +69,29 @@ class DraftSession:
     async def _exchange(self, request: draft_pb2.SpeculateRequest, timeout_s: float) -> Proposal:
         if self.closed:
             raise DraftUnavailable("draft stream already closed")
+        if self._late is not None and not self._late.done():
+            raise DraftLate("the previous tree is still late")  # no waiting: this round goes without a tree
         try:
+            if self._late is not None:  # it came meanwhile: drop it (a failed stream fails here)
+                late, self._late = self._late, None
+                if late.result() is grpc.aio.EOF:
+                    raise await self._fail("draft service closed the stream")
             await asyncio.wait_for(self._call.write(request), timeout_s)
-            resp = await asyncio.wait_for(self._call.read(), timeout_s)
-        except TimeoutError:
-            raise await self._fail(f"no tree within {timeout_s * 1000:.0f} ms", grpc.StatusCode.DEADLINE_EXCEEDED) \
-                from None
+            # read in a task that outlives the deadline: cancelling a read could take the stream down with it
+            read = asyncio.ensure_future(self._call.read())
+            done, _ = await asyncio.wait({read}, timeout=timeout_s)
+            if not done:
+                self._late = read
+                read.add_done_callback(_retrieve)
+                self.late_trees += 1
+                if self.late_trees >= MAX_LATE:
+                    raise await self._fail(f"no tree within {timeout_s * 1000:.0f} ms, {self.late_trees} times",
+                                           grpc.StatusCode.DEADLINE_EXCEEDED)
+                raise DraftLate(f"no tree within {timeout_s * 1000:.0f} ms")
+            resp = read.result()
+        except TimeoutError:  # the write
+            raise await self._fail(f"could not send to the drafter within {timeout_s * 1000:.0f} ms",
+                                   grpc.StatusCode.DEADLINE_EXCEEDED) from None
         except grpc.aio.AioRpcError as e:
             refused = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
             raise await self._fail(f"draft service: {e.code().name}: {e.details()}", e.code(),
@@ -100,6 +128,12 @@ class DraftSession:
             self.closed = True
             self._call.cancel()
             end_client_span(self._span, code, details)
+
+
+def _retrieve(read: asyncio.Future) -> None:
+    """A late read that ends in an error (the stream was closed meanwhile) is not an unhandled exception."""
+    if not read.cancelled():
+        read.exception()
 
 
 class DraftClient:

@@ -23,7 +23,7 @@ import grpc
 
 from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
-from orchestrator.draft_client import DraftClient, DraftSession, DraftUnavailable
+from orchestrator.draft_client import DraftClient, DraftLate, DraftSession, DraftUnavailable
 from specrec.speculation.engine import Proposal, RequestStats, Speculation, Verdict
 from specrec.speculation.policy import Budget, Policy
 from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
@@ -117,6 +117,8 @@ class DraftStream:
             else:
                 first, *plain = news or [[]]
                 tree = await self.session.advance(first, budget, [t for r in plain for t in r])
+        except DraftLate:
+            return None  # this round goes without a tree; the stream and the pod stay in use
         except DraftUnavailable as e:
             # A drafter name the service does not have is this request's fault, not the pod's.
             await self.drop(None if opening and e.refused_request else str(e))

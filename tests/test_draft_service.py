@@ -170,6 +170,7 @@ async def test_draft_ahead_hit_and_miss(svc, artifacts):
     miss = commit_for(DraftTree.from_proto(resp.tree), constraint, context + guess, -1, bonus_rank=1)
     local.prepare_ahead(guesses=DraftConfig.ahead_guesses)
     assert miss not in local.ahead_guesses
+    await asyncio.sleep(0.5)  # drafted ahead (else it is neither a hit nor a miss)
     resp = await ask(call, advance_req(miss))
     assert not resp.draft_ahead_hit
     stats = await svc.stub.Stats(draft_pb2.StatsRequest())

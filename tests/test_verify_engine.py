@@ -7,6 +7,7 @@ import pytest
 
 from specrec.decoding.plain import decode
 from specrec.drafting.random_tree import random_tree
+from specrec.training.examples import encode_prompt
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
 
 N_USERS = 12
@@ -108,3 +109,35 @@ def test_cap_evicts_idle_sequences_and_refuses_when_all_are_busy(tiny_artifacts)
     assert sum(isinstance(r, VerifyError) and r.code == "RESOURCE_EXHAUSTED" for r in res) == 1
     small.expire_idle(now=1e12)
     assert small.live_sequences == 0
+
+
+def test_a_sequence_near_the_limit_batched_with_a_large_tree_answers_both(tiny_artifacts, tiny_target):
+    """Rows are padded to the batch's largest block: a row near the position limit must not overflow because another
+    row carries a big tree (the whole batch used to fail). Both answers equal verifying each sequence alone."""
+    constraint = tiny_artifacts.constraint()
+    limit = 512
+    train = tiny_artifacts.split.train
+    user = max(range(len(train)), key=lambda u: len(train[u]))
+    items = list(train[user])
+    while len(encode_prompt(tiny_artifacts.sids, items)) > limit - 20:
+        items = items[1:]
+    long_prompt, short_prompt = encode_prompt(tiny_artifacts.sids, items), tiny_artifacts.prompt(1)
+
+    def rounds(verifier, seqs):
+        """START every sequence, then one round: a 2-node tree for the long one, a 32-node tree for the short."""
+        starts = verifier.verify_batch([VerifyRequest(s, [], [], context=p, start=True) for s, p in seqs.items()])
+        reqs = []
+        for (s, p), res in zip(seqs.items(), starts, strict=True):
+            assert not isinstance(res, VerifyError), res
+            state = constraint.start(p)
+            for tok in res.accepted_tokens:
+                state = constraint.advance(state, tok)
+            tokens, parents = random_tree(constraint, state, np.random.default_rng(s), 2 if s == 1 else 32)
+            reqs.append(VerifyRequest(s, tokens, parents))
+        return verifier.verify_batch(reqs)
+
+    together = rounds(TargetVerifier(tiny_artifacts.directory, max_sequences=4), {1: long_prompt, 2: short_prompt})
+    assert all(not isinstance(r, VerifyError) for r in together), together
+    alone = [rounds(TargetVerifier(tiny_artifacts.directory, max_sequences=4), {s: p})[0]
+             for s, p in ((1, long_prompt), (2, short_prompt))]
+    assert [r.accepted_tokens for r in together] == [r.accepted_tokens for r in alone]

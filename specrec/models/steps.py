@@ -35,12 +35,18 @@ class StepInputs:
 
 
 def build_step(cache: KVCache, blocks: list[Block], device: torch.device | str = "cpu") -> StepInputs:
-    """Each node sees its row's committed prefix, its ancestors and itself; padding sees only itself."""
+    """Each node sees its row's committed prefix, its ancestors and itself; padding sees only itself.
+
+    A row's padding writes to the one slot after its own block, so a long row batched with a large block of another
+    row needs only its own slots (plus that one): rows x the largest block would overflow a row near the limit."""
     t = max(len(b.tokens) for b in blocks)
     bsz = len(blocks)
-    span = max(cache.lengths[b.row] for b in blocks) + t
+    ends = [cache.lengths[b.row] + len(b.tokens) + (len(b.tokens) < t) for b in blocks]
+    span = max(ends)
     if span > cache.max_len:
-        raise ValueError(f"sequence would reach {span} tokens, over the cache's {cache.max_len}")
+        b = ends.index(span)
+        raise ValueError(f"sequence in cache row {blocks[b].row} would reach {span} slots, over the cache's "
+                         f"{cache.max_len}")
     tokens = torch.full((bsz, t), PAD, dtype=torch.long)
     positions = torch.zeros((bsz, t), dtype=torch.long)
     slots = torch.zeros((bsz, t), dtype=torch.long)
@@ -52,14 +58,16 @@ def build_step(cache: KVCache, blocks: list[Block], device: torch.device | str =
         all_depths.append(depths)
         tokens[b, :n] = torch.as_tensor(block.tokens, dtype=torch.long)
         positions[b, :n] = length + torch.as_tensor(depths, dtype=torch.long)
-        slots[b] = length + torch.arange(t)
+        slots[b, :n] = length + torch.arange(n)
+        if n < t:
+            slots[b, n:] = length + n
         mask[b, :, :length] = True
         for i, p in enumerate(block.parents):
             if p >= 0:
                 mask[b, i, length:length + n] = mask[b, p, length:length + n]
             mask[b, i, length + i] = True
-        for i in range(n, t):
-            mask[b, i, length + i] = True
+        if n < t:
+            mask[b, n:, length + n] = True
     rows = torch.as_tensor([b.row for b in blocks], dtype=torch.long)
     return StepInputs(tokens.to(device), positions.to(device), rows.to(device), slots.to(device),
                       mask.to(device), all_depths)

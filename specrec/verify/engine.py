@@ -86,7 +86,9 @@ class TargetVerifier:
         self.sids = SemanticIds.load(artifacts)
         self.trie = ItemTrie(self.sids)
         self.model = Transformer.from_pretrained(Path(artifacts) / target_subdir, device=self.device)
-        self.cache = KVCache(self.model.args, max_sequences, min(max_len, self.model.args.max_len), device=self.device)
+        self.max_len = min(max_len, self.model.args.max_len)  # tokens a sequence may reach
+        # one spare slot per row: a full row's padding in a batch writes there (see build_step)
+        self.cache = KVCache(self.model.args, max_sequences, self.max_len + 1, device=self.device)
         self.idle_timeout_s = idle_timeout_s
         self.sequences: OrderedDict[int, Sequence] = OrderedDict()  # least recently used first
         self.free_rows = list(range(max_sequences))[::-1]
@@ -176,9 +178,9 @@ class TargetVerifier:
             raise VerifyError("INVALID_ARGUMENT", f"sequence {req.sequence_id} already ended its list with EOS")
         cached = 0 if needs_open else self.cache.lengths[seq.row]
         needed = cached + len(seq.pending) + len(req.tree_tokens)
-        if needed > self.cache.max_len:
+        if needed > self.max_len:
             raise VerifyError("INVALID_ARGUMENT", f"sequence would reach {needed} tokens, over the target's "
-                              f"limit of {self.cache.max_len}")
+                              f"limit of {self.max_len}")
         states: list[ListState | None] = [seq.state]
         for tok, par in zip(req.tree_tokens, req.tree_parents, strict=True):
             parent = states[par + 1]

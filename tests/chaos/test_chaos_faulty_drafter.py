@@ -23,6 +23,7 @@ from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for
 pytestmark = pytest.mark.slow
 DRAFT_TIMEOUT_MS = 300
 SLOW_S = 1.0  # past the orchestrator's per-tree deadline
+LATE_S = DRAFT_TIMEOUT_MS / 1000 + 0.05  # just past it: the late tree comes while the request still runs
 
 
 class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
@@ -32,6 +33,7 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
         self.vocab_size = vocab_size
         self.mode = "slow"
         self.injected: Counter = Counter()
+        self.advances_after_late = 0  # late_once: Advance messages a stream sent after its late tree
 
     def tree(self) -> tree_pb2.TokenTree:
         mode, v = self.mode, self.vocab_size
@@ -48,8 +50,17 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
         return tree_pb2.TokenTree()
 
     def Speculate(self, request_iterator, context):
+        late_sent = False
         for request in request_iterator:
             if request.WhichOneof("kind") == "open":
+                yield draft_pb2.SpeculateResponse(tree=tree_pb2.TokenTree())
+                continue
+            if self.mode == "late_once":  # one tree past the deadline, then prompt answers on the same stream
+                self.advances_after_late += late_sent
+                if not late_sent:
+                    self.injected[self.mode] += 1
+                    late_sent = True
+                    time.sleep(LATE_S)
                 yield draft_pb2.SpeculateResponse(tree=tree_pb2.TokenTree())
                 continue
             self.injected[self.mode] += 1
@@ -97,3 +108,19 @@ def test_faulty_drafter_is_bypassed(injector_stack, tiny_artifacts, reference, m
            injected=injector.injected[mode])
     assert injector.injected[mode] > 0, "the orchestrator never asked the faulty drafter: nothing was tested"
     assert tally.completed == tally.sent, tally.summary()  # a bad drafter costs speed, never a request
+
+
+def test_a_late_tree_is_skipped_and_the_stream_goes_on(injector_stack, tiny_artifacts, reference):
+    """One tree past the per-tree deadline: that round runs without a tree, the request keeps its drafter (the same
+    stream is asked again, the late tree read and dropped first), and every list is unchanged."""
+    stack, injector = injector_stack
+    injector.mode = "late_once"
+    stack.restart_orchestrator()
+    users = list(reference)[:8]
+    outcomes = run_requests_sync(stack.orchestrator_addr, requests_for(tiny_artifacts, users), 4, TIMEOUT_S)
+    tally = Tally.of(outcomes, reference)
+    record(f"drafter late once per stream ({len(users)} requests)", tally, injected=injector.injected["late_once"],
+           advances_after_late=injector.advances_after_late)
+    assert injector.injected["late_once"] > 0, "no tree was late: nothing was tested"
+    assert tally.completed == tally.sent, tally.summary()
+    assert injector.advances_after_late > 0, "every stream was dropped after its late tree"
