@@ -304,3 +304,28 @@ def _int64(name: str, values: list[int]) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(name, list(arr.shape), "INT64")
     tensor.set_data_from_numpy(arr)
     return tensor
+
+
+def test_a_malformed_end_still_frees_its_sequence(triton, tiny_artifacts):
+    """An END whose payload is refused (INVALID_ARGUMENT, a message without a stack trace) still ends the sequence:
+    otherwise its state and its batcher slot would live until the idle timeout."""
+    client = grpcclient.InferenceServerClient(triton.target_addr)
+    prompt, n_items = tiny_artifacts.prompt(6), tiny_artifacts.constraint().n_items
+    empty = [_int64("TREE_TOKENS", []), _int64("TREE_PARENTS", [])]
+
+    def live(sid: int, start: bool = False) -> int:
+        res = client.infer("specrec_target", empty + ([_int64("CONTEXT", prompt)] if start else []), sequence_id=sid,
+                           sequence_start=start, parameters={"n_items": n_items} if start else None, client_timeout=30)
+        return int(res.as_numpy("LIVE_SEQUENCES").reshape(-1)[0])
+
+    try:
+        base = live(9101, start=True)
+        assert live(9102, start=True) == base + 1
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("specrec_target", empty, sequence_id=9102, sequence_end=True, parameters={"seed": "abc"},
+                         client_timeout=30)
+        assert "seed" in err.value.message() and "Traceback" not in err.value.message(), err.value.message()
+        assert live(9101) == base  # 9102 is gone
+    finally:
+        for sid in (9101, 9102):
+            _end(client, sid)

@@ -20,11 +20,14 @@ Outputs:
     LIVE_SEQUENCES  INT64 [1]   sequences this instance holds state for, after this request
 
 A bad request gets an error response (INVALID_ARG, or UNAVAILABLE prefixed "RESOURCE_EXHAUSTED:"
-when the live-sequence cap is reached) and changes no state; the other requests of the batch are
-unaffected. Per-sequence state is freed at END, on idle expiry and by LRU eviction past the cap.
+when the live-sequence cap is reached) and changes no state, except that a bad END still ends its
+sequence; the other requests of the batch are unaffected. A failure of the model itself answers
+every request of the batch with INTERNAL and a plain message (the trace goes to the server log).
+Per-sequence state is freed at END, on idle expiry and by LRU eviction past the cap.
 """
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -33,6 +36,7 @@ import triton_python_backend_utils as pb_utils
 
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
 
+log = logging.getLogger("specrec.target")
 ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "UNAVAILABLE", "NOT_FOUND": "NOT_FOUND"}
 
 
@@ -67,11 +71,26 @@ class TritonPythonModel:
                 parsed.append((i, self._parse(request)))
             except VerifyError as e:
                 responses[i] = _error(e)
-        results = self.verifier.verify_batch([req for _, req in parsed])
+                self._end_if_flagged(request)  # a malformed END still ends its sequence
+        try:
+            results = self.verifier.verify_batch([req for _, req in parsed])
+        except Exception:  # a bug of ours: logged with its trace here, never sent to clients
+            log.exception("verifying a batch of %d requests failed", len(parsed))
+            failed = VerifyError("INTERNAL", "the target failed on this batch (the server log has the details); "
+                                 "the request may be retried")
+            results = [failed] * len(parsed)
+            for _, req in parsed:
+                if req.end:
+                    self.verifier.end(req.sequence_id)
         for (i, _), res in zip(parsed, results, strict=True):
             responses[i] = _error(res) if isinstance(res, VerifyError) else pb_utils.InferenceResponse(
                 output_tensors=_outputs(res))
         return responses
+
+    def _end_if_flagged(self, request):
+        sequence_id = request.correlation_id()
+        if request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END and isinstance(sequence_id, int):
+            self.verifier.end(sequence_id)
 
     def _parse(self, request):
         flags = request.flags()
