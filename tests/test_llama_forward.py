@@ -78,3 +78,36 @@ def test_batched_rows_of_different_lengths_match_unbatched(models):
     assert torch.allclose(logits[0, 2], hf_logits(hf, prompts[0] + [22])[-1], atol=TOL)
     assert torch.allclose(logits[1, 0], hf_logits(hf, prompts[1] + [23])[-1], atol=TOL)
     assert torch.allclose(logits[2, 1], hf_logits(hf, prompts[2] + [24, 25])[-1], atol=TOL)
+
+
+def test_token_packed_batch_equals_padded_and_hf(models):
+    """A batch of a prefill, a plain step and a tree, run token-packed (projections and MLP on the real tokens only)
+    gives the padded forward's logits and cache, and each row still equals Hugging Face's answer."""
+    hf, ours = models
+    prefixes = [[1, 2, 3], [1, 5, 6, 7, 8, 9, 10], [1, 4]]
+    new = [Block.chain(0, [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]),  # a prefill-sized chain
+           Block.chain(1, [11]),  # a plain step
+           Block(2, [11, 12, 13, 14], [-1, -1, 0, 1])]  # a tree
+
+    def fresh() -> KVCache:
+        cache = KVCache(ours.args, n_rows=3, max_len=64)
+        for row, prefix in enumerate(prefixes):
+            run(ours, cache, [Block.chain(row, prefix)])
+            cache.lengths[row] += len(prefix)
+        return cache
+
+    padded_cache, packed_cache = fresh(), fresh()
+    padded = run(ours, padded_cache, new)
+    step = build_step(packed_cache, new)
+    assert step.n_real.tolist() == [12, 1, 4]
+    with torch.no_grad():
+        packed = ours(step.tokens, step.positions, packed_cache, step.rows, step.slots, step.mask, step.n_real)
+    for b, block in enumerate(new):
+        n, start = len(block.tokens), padded_cache.lengths[block.row]
+        assert torch.allclose(packed[b, :n], padded[b, :n], atol=1e-5)
+        kept = slice(start, start + n)
+        assert torch.allclose(packed_cache.k[:, block.row, kept], padded_cache.k[:, block.row, kept], atol=1e-6)
+    # and against HF: the prefill's last token, the plain step, the tree's deepest path (11 -> 13)
+    assert torch.allclose(packed[0, 11], hf_logits(hf, prefixes[0] + new[0].tokens)[-1], atol=TOL)
+    assert torch.allclose(packed[1, 0], hf_logits(hf, prefixes[1] + [11])[-1], atol=TOL)
+    assert torch.allclose(packed[2, 2], hf_logits(hf, prefixes[2] + [11, 13])[-1], atol=TOL)

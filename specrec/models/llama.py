@@ -162,14 +162,32 @@ class Transformer(nn.Module):
         return emb.cos().unsqueeze(2), emb.sin().unsqueeze(2)  # [B, T, 1, D]
 
     def hidden(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
-               slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+               slots: torch.Tensor, mask: torch.Tensor, n_real: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder on input embeddings x [B, T, dim]; returns final-normed hidden [B, T, dim].
 
         positions, slots: [B, T]; rows: [B] cache rows; mask: [B, T, S] bool over cache slots 0..S-1.
+        n_real [B]: row b holds n_real[b] real tokens, then padding; the projections and the MLP then run on the
+        real tokens only (token-packed), attention on the padded rows. Padding's hidden states come out as zeros.
         """
+        bsz, t, dim = x.shape
+        real = _real_tokens(n_real, t) if n_real is not None else None
+        if real is None:
+            return self.model.norm(self._layers(x.reshape(bsz * t, dim), positions, cache, rows, slots, mask, None,
+                                                (bsz, t))).view(bsz, t, dim)
+        packed = self._layers(x.reshape(bsz * t, dim)[real], positions, cache, rows, slots, mask, real, (bsz, t))
+        return _unpack(self.model.norm(packed), real, bsz, t)
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+                slots: torch.Tensor, mask: torch.Tensor, real: torch.Tensor | None,
+                shape: tuple[int, int]) -> torch.Tensor:
+        """The decoder layers over tokens x [N, dim]: all B x T of them (real None), or the real ones at `real`
+        (flat indices into B x T), unpacked to [B, T] for attention only."""
         a = self.args
-        bsz, t, _ = x.shape
+        bsz, t = shape
         cos, sin = self.rope(positions)
+        cos, sin = cos.reshape(bsz * t, 1, -1), sin.reshape(bsz * t, 1, -1)
+        if real is not None:
+            cos, sin = cos[real], sin[real]
         span = mask.shape[-1]
         attn_mask = mask.unsqueeze(1)  # [B, 1, T, S]
         row_idx = rows.unsqueeze(1).expand(bsz, t)
@@ -177,11 +195,14 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             att = layer.self_attn
-            q = att.q_proj(h).view(bsz, t, a.n_heads, a.head_dim)
-            k = att.k_proj(h).view(bsz, t, a.n_kv_heads, a.head_dim)
-            v = att.v_proj(h).view(bsz, t, a.n_kv_heads, a.head_dim)
+            q = att.q_proj(h).view(-1, a.n_heads, a.head_dim)
+            k = att.k_proj(h).view(-1, a.n_kv_heads, a.head_dim)
+            v = att.v_proj(h).view(-1, a.n_kv_heads, a.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+            if real is not None:  # padding gets zeros: written to its own scratch slot, its output dropped
+                q, k, v = (_unpack(z, real, bsz, t) for z in (q, k, v))
+            q, k, v = (z.view(bsz, t, z.shape[-2], a.head_dim) for z in (q, k, v))
             cache.k[i, row_idx, slots] = k
             cache.v[i, row_idx, slots] = v
             if rows_view is not None:  # a view, not a gather: copying every row's cache dominated batched steps
@@ -191,13 +212,32 @@ class Transformer(nn.Module):
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, S, D]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
                                                  enable_gqa=a.n_kv_heads != a.n_heads)
-            x = x + att.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
+            out = out.transpose(1, 2).reshape(bsz * t, -1)
+            x = x + att.o_proj(out if real is None else out[real])
             h = layer.post_attention_layernorm(x)
             x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
-        return self.model.norm(x)
+        return x
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
-                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] for tokens [B, T]; see `hidden` for the other arguments."""
-        x = self.model.embed_tokens(tokens)
-        return self.lm_head(self.hidden(x, positions, cache, rows, slots, mask))
+                slots: torch.Tensor, mask: torch.Tensor, n_real: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] (zeros at padding when n_real is given); see `hidden`."""
+        bsz, t = tokens.shape
+        real = _real_tokens(n_real, t) if n_real is not None else None
+        if real is None:
+            return self.lm_head(self.hidden(self.model.embed_tokens(tokens), positions, cache, rows, slots, mask))
+        x = self.model.embed_tokens(tokens.reshape(-1)[real])
+        h = self.model.norm(self._layers(x, positions, cache, rows, slots, mask, real, (bsz, t)))
+        return _unpack(self.lm_head(h), real, bsz, t)
+
+
+def _real_tokens(n_real: torch.Tensor, t: int) -> torch.Tensor | None:
+    """Flat indices (b * t + j) of the real tokens, or None when there is no padding to skip."""
+    keep = torch.arange(t, device=n_real.device)[None, :] < n_real[:, None]
+    return None if bool(keep.all()) else keep.reshape(-1).nonzero().squeeze(1)
+
+
+def _unpack(x: torch.Tensor, real: torch.Tensor, bsz: int, t: int) -> torch.Tensor:
+    """Packed rows x [N, ...] back to [B * T, ...] (zeros at padding), then viewed [B, T, ...]."""
+    out = x.new_zeros((bsz * t, *x.shape[1:]))
+    out[real] = x
+    return out.view(bsz, t, *x.shape[1:])

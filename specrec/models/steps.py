@@ -32,6 +32,7 @@ class StepInputs:
     slots: torch.Tensor  # [B, T] cache slot each new token is written to
     mask: torch.Tensor  # [B, T, S] bool: which cache slots each new token attends to
     depths: list[list[int]]  # per block, 0-based depth of each node below the root
+    n_real: torch.Tensor  # [B] tokens of each block (the rest of its row is padding)
 
 
 def build_step(cache: KVCache, blocks: list[Block], device: torch.device | str = "cpu") -> StepInputs:
@@ -69,5 +70,6 @@ def build_step(cache: KVCache, blocks: list[Block], device: torch.device | str =
         if n < t:
             mask[b, n:, length + n] = True
     rows = torch.as_tensor([b.row for b in blocks], dtype=torch.long)
+    n_real = torch.as_tensor([len(b.tokens) for b in blocks], dtype=torch.long)
     return StepInputs(tokens.to(device), positions.to(device), rows.to(device), slots.to(device),
-                      mask.to(device), all_depths)
+                      mask.to(device), all_depths, n_real.to(device))

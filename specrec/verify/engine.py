@@ -235,7 +235,8 @@ class TargetVerifier:
             parents = list(range(-1, k - 1)) + [k - 1 if q < 0 else q + k for q in p.req.tree_parents]
             blocks.append(Block(p.seq.row, p.seq.pending + p.req.tree_tokens, parents))
         step = build_step(self.cache, blocks, self.device)
-        logits = self.model(step.tokens, step.positions, self.cache, step.rows, step.slots, step.mask)
+        # token-packed: a plain step batched with a large tree, or with a prefill, costs its own tokens only
+        logits = self.model(step.tokens, step.positions, self.cache, step.rows, step.slots, step.mask, step.n_real)
         return [self._commit(p, logits[b, len(p.seq.pending) - 1: len(p.seq.pending) + len(p.req.tree_tokens)])
                 for b, p in enumerate(batch)]
 
