@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -266,8 +266,8 @@ class _Pending:
     point: StopPoint
     slots: list[int]
     out: torch.Tensor | None = None
-    tail: list[int] | None = None  # tokens of the path still to feed, and their slots
-    tail_slots: list[int] | None = None
+    tail: list[int] = field(default_factory=list)  # tokens of the path still to feed, and their slots
+    tail_slots: list[int] = field(default_factory=list)
 
 
 class ModelSession(DraftSession):
@@ -384,7 +384,7 @@ class ModelSession(DraftSession):
         if tails:
             outs = self._feed_chains([(q.tail, q.tail_slots, q.slots, len(q.slots) + 1) for q in tails])
             for q, out in zip(tails, outs, strict=True):
-                q.out, q.slots = out[-1], q.slots + q.tail_slots  # type: ignore[operator]
+                q.out, q.slots = out[-1], q.slots + q.tail_slots
         guesses = self._rank_bonuses(pending, n)
         if not guesses or stop():
             return []

@@ -225,7 +225,7 @@ class TreeBuilder:
                 raise ValueError("a root that is not forced needs the drafter's log q (TreeRoot.logprobs)")
         _feed(self.step, [(t, n) for t, n in to_expand if n.out is None], self.scratch, self.max_step)
         # 3. top_k allowed children of every expanded node; the round's best top_k per tree go on
-        outs = torch.stack([node.out for _, node in to_expand])  # type: ignore[misc]  [m, vocab], -inf = banned
+        outs = torch.stack([node.out for _, node in to_expand])  # type: ignore[misc]  # [m, vocab], -inf = banned
         vals, toks = torch.topk(outs, min(budget.top_k, outs.shape[-1]), dim=-1)
         new_children: dict[int, list[Node]] = {}
         floor = budget.min_logprob
