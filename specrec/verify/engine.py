@@ -24,7 +24,7 @@ from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
 from specrec.semantic_ids.trie import ItemTrie
 from specrec.tree_shape import tree_problem
-from specrec.verify.rules import MODES, NO_BONUS, AcceptParams, accept
+from specrec.verify.rules import DRAFT_CHILDREN, MODES, NO_BONUS, AcceptParams, accept
 
 MAX_SEED = 2**64 - 1  # torch.Generator takes an unsigned 64-bit seed
 
@@ -150,6 +150,9 @@ class TargetVerifier:
         _check_params(req.params)
         if req.draft_probs is not None:
             self._check_probs(req.draft_probs, len(req.tree_tokens))
+        elif req.params.mode == "stochastic" and req.params.draft_children == "sampled" and req.tree_tokens:
+            raise VerifyError("INVALID_ARGUMENT", "draft_children = sampled needs DRAFT_PROBS (the drafter's q per "
+                              "row): the acceptance rule for sampled children divides by it")
 
     def _check_probs(self, probs: torch.Tensor, n: int) -> None:
         if tuple(probs.shape) != (n + 1, self.vocab_size):
@@ -273,5 +276,7 @@ def _check_params(params: AcceptParams) -> None:
         problem = f"relaxed_top_k must be >= 1, got {params.relaxed_top_k}"
     elif not 0 <= params.relaxed_min_prob <= 1:
         problem = f"relaxed_min_prob must be in 0..1, got {params.relaxed_min_prob}"
+    elif params.draft_children not in DRAFT_CHILDREN:
+        problem = f"draft_children {params.draft_children!r} unknown; use one of {', '.join(DRAFT_CHILDREN)}"
     if problem:
         raise VerifyError("INVALID_ARGUMENT", problem)

@@ -8,10 +8,13 @@ at row r, or None where the node itself broke the grammar (such a node is never 
 
 Modes:
 - greedy (lossless): follow the child equal to the constrained argmax; bonus = argmax where none is.
-- stochastic (lossless sampling): SpecInfer's multi-candidate rule. Children drafted as distinct
-  top-k picks are point masses: accept child x with probability P(x), else zero P(x), renormalise and
-  try the next; children sampled from q use min(1, P/q) with residual P <- norm(max(0, P - q)).
-  All rejected: the bonus is sampled from what is left of P.
+- stochastic (lossless sampling): SpecInfer's multi-candidate rule, chosen by how the tree's children were
+  drafted (AcceptParams.draft_children), never by whether draft probabilities came along. "top_k" (what our
+  drafters do): children are deterministic picks, point masses: accept child x with probability P(x), else
+  zero P(x), renormalise and try the next. "sampled": each child drawn i.i.d. from q (duplicates kept as
+  separate children), q given per expanded row: min(1, P/q) with residual P <- norm(max(0, P - q)).
+  All rejected: the bonus is sampled from what is left of P. (The q rule on top-k children is biased:
+  tests/test_verify_exact.py computes both rules' exact output distributions.)
 - relaxed (DARE, lossy): accept a child whose token is in the target's top-k with P >= min_prob
   (else only the argmax counts); the longest such branch wins; bonus = argmax.
 """
@@ -19,6 +22,7 @@ Modes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ import torch
 from specrec.decoding.select import constrained_argmax, constrained_probs, sample
 
 MODES = ("greedy", "stochastic", "relaxed")
+DRAFT_CHILDREN = ("top_k", "sampled")  # how a tree's children were chosen: the stochastic rule depends on it
 NO_BONUS = -1  # the accepted path ended the list (EOS): nothing follows
 
 
@@ -35,6 +40,26 @@ class AcceptParams:
     temperature: float = 1.0
     relaxed_top_k: int = 2
     relaxed_min_prob: float = 0.1
+    draft_children: str = "top_k"
+
+
+class Draws(Protocol):
+    """The randomness of the stochastic rule (a seeded torch generator in service; exact enumeration in tests)."""
+
+    def bernoulli(self, prob: float) -> bool: ...
+
+    def categorical(self, probs: torch.Tensor) -> int: ...
+
+
+class TorchDraws:
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def bernoulli(self, prob: float) -> bool:
+        return float(torch.rand((), generator=self.generator, dtype=torch.float64)) < prob
+
+    def categorical(self, probs: torch.Tensor) -> int:
+        return sample(probs / probs.sum(), self.generator)
 
 
 def children_of(parents: list[int]) -> list[list[int]]:
@@ -46,17 +71,25 @@ def children_of(parents: list[int]) -> list[list[int]]:
 
 
 def accept(tokens: list[int], parents: list[int], logits: torch.Tensor, allowed: list[np.ndarray | None],
-           params: AcceptParams, generator: torch.Generator | None = None,
+           params: AcceptParams, generator: torch.Generator | Draws | None = None,
            draft_probs: torch.Tensor | None = None) -> tuple[list[int], int]:
-    """Returns (accepted node indices root-down, bonus token). logits: [n + 1, vocab]."""
+    """Returns (accepted node indices root-down, bonus token). logits: [n + 1, vocab]. draft_probs: [n + 1, vocab],
+    the drafter's q per row, used only for children drafted by sampling (params.draft_children == "sampled")."""
     kids = children_of(parents)
     if params.mode == "greedy":
         return _greedy(tokens, kids, logits, allowed)
     if params.mode == "relaxed":
         return _relaxed(tokens, kids, logits, allowed, params)
     if params.mode == "stochastic":
-        gen = generator or torch.Generator()
-        return _stochastic(tokens, kids, logits, allowed, params.temperature, gen, draft_probs)
+        draws = generator if generator is not None and not isinstance(generator, torch.Generator) \
+            else TorchDraws(generator or torch.Generator())
+        if params.draft_children not in DRAFT_CHILDREN:
+            raise ValueError(f"unknown draft_children {params.draft_children!r}; choose one of "
+                             f"{', '.join(DRAFT_CHILDREN)}")
+        if params.draft_children == "sampled" and draft_probs is None:
+            raise ValueError("children drafted by sampling need the drafter's q per row (DRAFT_PROBS)")
+        q = draft_probs if params.draft_children == "sampled" else None
+        return _stochastic(tokens, kids, logits, allowed, params.temperature, draws, q)
     raise ValueError(f"unknown verification mode {params.mode!r}; choose one of {', '.join(MODES)}")
 
 
@@ -106,36 +139,35 @@ def _relaxed(tokens: list[int], kids: list[list[int]], logits: torch.Tensor, all
 
 
 def _stochastic(tokens: list[int], kids: list[list[int]], logits: torch.Tensor, allowed: list[np.ndarray | None],
-                temperature: float, gen: torch.Generator,
-                draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
+                temperature: float, draws: Draws, draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
+    """draft_probs given: the children were sampled from them (else they are top-k picks)."""
     path: list[int] = []
     row = 0
     while not _finished(allowed[row]):
         p = constrained_probs(logits[row], allowed[row], temperature)  # type: ignore[arg-type]
-        q = draft_probs[row].double() if draft_probs is not None and float(draft_probs[row].sum()) > 0 else None
-        chosen = _try_children(tokens, kids[row], p, q, gen)
+        q = draft_probs[row].double() if draft_probs is not None and kids[row] else None
+        chosen = _try_children(tokens, kids[row], p, q, draws)
         if chosen is None:
-            return path, sample(p / p.sum(), gen)
+            return path, draws.categorical(p)
         path.append(chosen)
         row = chosen + 1
     return path, NO_BONUS
 
 
 def _try_children(tokens: list[int], children: list[int], p: torch.Tensor, q: torch.Tensor | None,
-                  gen: torch.Generator) -> int | None:
+                  draws: Draws) -> int | None:
     """Recursive rejection over siblings; p is reduced in place to the residual on each rejection."""
     for c in children:
         x = tokens[c]
         total = float(p.sum())
         if total <= 0:
             break
-        u = float(torch.rand((), generator=gen, dtype=torch.float64))
-        if q is None:  # distinct top-k children: q is a point mass at x
-            if u < float(p[x]) / total:
+        if q is None:  # a top-k child: q is a point mass at x
+            if draws.bernoulli(float(p[x]) / total):
                 return c
             p[x] = 0.0
         else:
-            if float(q[x]) > 0 and u < float(p[x]) / total / float(q[x]):
+            if draws.bernoulli(float(p[x]) / total / float(q[x]) if float(q[x]) > 0 else 0.0):
                 return c
             p.copy_(torch.clamp(p / total - q, min=0.0))
     return None

@@ -11,7 +11,9 @@ verified in ONE forward pass. Inputs (batch dim implicit, one row per request):
     DRAFT_PROBS   FP32  [-1]  optional, stochastic mode; [n_tree + 1, vocab] flattened row-major
 
 Request parameters (JSON): mode (greedy | stochastic | relaxed), temperature, seed, relaxed_top_k,
-relaxed_min_prob, n_items and exclude_history (read when the sequence starts or is rebuilt).
+relaxed_min_prob, draft_children (top_k | sampled: how the tree's children were drafted; stochastic mode
+applies the matching rule, and DRAFT_PROBS are used only for sampled children), n_items and
+exclude_history (read when the sequence starts or is rebuilt).
 
 Outputs:
     ACCEPTED_TOKENS INT64 [-1]  the accepted path's tokens, then the bonus token
@@ -101,7 +103,8 @@ class TritonPythonModel:
         accept = AcceptParams(mode=str(params.get("mode", "greedy")),
                               temperature=_number(params, "temperature", float, 1.0),
                               relaxed_top_k=_number(params, "relaxed_top_k", int, 2),
-                              relaxed_min_prob=_number(params, "relaxed_min_prob", float, 0.1))
+                              relaxed_min_prob=_number(params, "relaxed_min_prob", float, 0.1),
+                              draft_children=str(params.get("draft_children", "top_k")))
         seed, n_items = _number(params, "seed", int, 0), _number(params, "n_items", int, 10)
         exclude = str(params.get("exclude_history", True)).lower() not in ("false", "0")
         sequence_id = request.correlation_id()
