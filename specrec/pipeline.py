@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specrec.data.dataset import InteractionData, Split, interaction_matrix, split_holdout
+from specrec.data.dataset import InteractionData, Split, sparse_interactions, split_holdout
 from specrec.data.movielens import load_dataset
 from specrec.models.profiles import TargetProfile, target_profile
 from specrec.paths import artifact_dir
@@ -57,7 +57,7 @@ def popularity(sequences: list[np.ndarray], n_items: int) -> np.ndarray:
 
 def build_ids(data: InteractionData, split: Split, seed: int) -> SemanticIds:
     # Only training interactions feed the collaborative vectors: held-out items must not leak in.
-    vectors = item_vectors(data.genres, data.years, interaction_matrix(split.train, data.n_items))
+    vectors = item_vectors(data.genres, data.years, sparse_interactions(split.train, data.n_items))
     return build_semantic_ids(vectors, popularity(split.train, data.n_items), data.item_ids, data.titles, seed=seed)
 
 

@@ -87,3 +87,43 @@ def test_greedy_decoding_is_deterministic_and_valid(tiny_artifacts, tiny_target)
     for u, d in enumerate(first):
         assert len(d.items) == 10 and len(set(d.items)) == 10
         assert not set(d.items) & set(int(i) for i in tiny_artifacts.split.train[u][-20:])
+
+
+def test_randomized_svd_of_a_sparse_matrix_finds_the_dense_svds_top_factors():
+    """Large catalogs take a randomized SVD that never densifies the user x item matrix: on a low-rank-plus-noise
+    matrix small enough to check densely, it finds the same top singular values and item subspace."""
+    from scipy import sparse
+
+    from specrec.semantic_ids.codebook import centred_randomized_svd
+
+    rng = np.random.default_rng(0)
+    users, items, rank = 600, 900, 6
+    scores = rng.normal(size=(users, rank)) @ rng.normal(size=(rank, items)) + rng.normal(size=(users, items))
+    x = sparse.csr_matrix((scores > 2.0).astype(np.float64))  # ~7% dense 0/1, structure from the low rank
+    s, vt = centred_randomized_svd(x, 8, seed=1)
+    dense = x.toarray() - x.toarray().mean(axis=0, keepdims=True)
+    _, s_ref, vt_ref = np.linalg.svd(dense, full_matrices=False)
+    assert np.allclose(s[:rank], s_ref[:rank], rtol=1e-3)
+    overlap = np.linalg.svd(vt[:rank] @ vt_ref[:rank].T, compute_uv=False)
+    assert overlap.min() > 0.999  # the same top item subspace
+
+
+def test_balanced_assignment_respects_every_groups_capacity():
+    import torch
+
+    from specrec.semantic_ids.rqkmeans import balanced_assign
+
+    rng = np.random.default_rng(3)
+    m, k = 500, 8
+    groups = torch.as_tensor(rng.integers(0, 7, size=m))
+    dist = torch.as_tensor(rng.random((m, k)), dtype=torch.float32)
+    sizes = torch.bincount(groups)
+    capacity = (sizes + k - 1) // k
+    assign = balanced_assign(dist, capacity, groups)
+    assert (assign >= 0).all()
+    for g in range(len(sizes)):
+        counts = torch.bincount(assign[groups == g], minlength=k)
+        assert int(counts.max()) <= int(capacity[g])
+    # alone, an item whose nearest code has room gets it: the nearest pairs are served first
+    single = balanced_assign(dist[:k], 1)
+    assert len(set(single.tolist())) == k

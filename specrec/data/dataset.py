@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import sparse
 
 
 class DataError(ValueError):
@@ -99,6 +100,19 @@ def split_holdout(data: InteractionData, n_holdout: int = 10, min_train: int = 5
         train.append(head[~np.isin(head, tail)])
         test.append(tail.copy())
     return Split(train=train, test=test)
+
+
+def sparse_interactions(sequences: list[np.ndarray], n_items: int) -> sparse.csr_matrix:
+    """The 0/1 user x item matrix, sparse (float32): memory grows with the interactions, not users x items."""
+    lengths = [len(s) for s in sequences]
+    cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if sum(lengths) else \
+        np.zeros(0, dtype=np.int64)
+    if len(cols) and (cols.min() < 0 or cols.max() >= n_items):
+        raise ValueError(f"sequences hold item indices outside 0..{n_items - 1}")
+    rows = np.repeat(np.arange(len(sequences)), lengths)
+    matrix = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(sequences), n_items))
+    matrix.data[:] = 1.0  # a repeated item counts once
+    return matrix
 
 
 def interaction_matrix(sequences: list[np.ndarray], n_items: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specrec.data.dataset import interaction_matrix
+from specrec.data.dataset import sparse_interactions
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, register
 from specrec.drafting.tree import CandidateTree, Node, TreeRoot, select
 from specrec.pipeline import Artifacts
@@ -299,7 +299,7 @@ def pool_for(arts: Artifacts, outputs: Sequence[tuple[int, list[int]]] = (), n_g
              context_items: int = 2) -> RetrievalPool:
     """The pool of a dataset's artifacts: training sequences of all users plus earlier target outputs
     ((user, prompt + list) pairs), each output kept from `context_items` history items before REC on."""
-    vectors = item_vectors(arts.data.genres, arts.data.years, interaction_matrix(arts.split.train, arts.data.n_items))
+    vectors = item_vectors(arts.data.genres, arts.data.years, sparse_interactions(arts.split.train, arts.data.n_items))
     keep = context_items * arts.sids.tokens_per_item
     trimmed = [(u, toks[max(0, toks.index(REC) - keep):]) for u, toks in outputs]
     item_tokens = [arts.sids.item_tokens(i) for i in range(arts.sids.n_items)]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 from specrec.semantic_ids.rqkmeans import residual_kmeans
 from specrec.semantic_ids.vocab import Vocabulary
@@ -83,10 +84,21 @@ def codebook_size(n_items: int, n_levels: int) -> int:
     return max(4, 2 ** math.ceil(math.log2(max(2.0, n_items ** (1.0 / n_levels)))))
 
 
-def item_vectors(genres: np.ndarray, years: np.ndarray, interactions: np.ndarray, dim: int = 32) -> np.ndarray:
-    """Item features: a truncated SVD of the user-item matrix (collaborative) beside genres and year."""
-    centred = interactions - interactions.mean(axis=0, keepdims=True)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+DENSE_SVD_MAX = 50_000_000  # matrix entries up to which the exact dense SVD runs (ML-100k: 1.6M, codes unchanged)
+
+
+def item_vectors(genres: np.ndarray, years: np.ndarray, interactions: np.ndarray | sparse.spmatrix,
+                 dim: int = 32, seed: int = 0) -> np.ndarray:
+    """Item features: a truncated SVD of the mean-centred user-item matrix (collaborative) beside genres and year.
+    A sparse matrix past DENSE_SVD_MAX entries takes a randomized SVD that never densifies it (cost ~ interactions x
+    dim), so a million-item catalog fits in memory."""
+    if sparse.issparse(interactions) and interactions.shape[0] * interactions.shape[1] <= DENSE_SVD_MAX:
+        interactions = interactions.toarray()
+    if sparse.issparse(interactions):
+        s, vt = centred_randomized_svd(sparse.csr_matrix(interactions, dtype=np.float64), dim, seed)
+    else:
+        centred = interactions - interactions.mean(axis=0, keepdims=True)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
     dim = min(dim, len(s))
     # Components weighted by sqrt of their singular value: the top factor (popularity) must not drown the rest.
     collab = vt[:dim].T * np.sqrt(s[:dim] / (s[0] + 1e-8))
@@ -99,6 +111,29 @@ def item_vectors(genres: np.ndarray, years: np.ndarray, interactions: np.ndarray
         else np.zeros_like(years)
     parts.append(0.2 * year[:, None])
     return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def centred_randomized_svd(x: sparse.csr_matrix, k: int, seed: int = 0, oversample: int = 10,
+                           power_iters: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k singular values and right singular vectors [k, n_cols] of x - 1 mean(x)^T (Halko et al.'s randomized
+    range finder with power iterations); the centring is applied inside every product, x stays sparse."""
+    n_rows, n_cols = x.shape
+    mean = np.asarray(x.mean(axis=0)).ravel()
+    width = min(k + oversample, n_rows, n_cols)
+
+    def times(m: np.ndarray) -> np.ndarray:  # (x - 1 mean^T) @ m
+        return x @ m - np.outer(np.ones(n_rows), mean @ m)
+
+    def t_times(m: np.ndarray) -> np.ndarray:  # (x - 1 mean^T)^T @ m
+        return x.T @ m - np.outer(mean, m.sum(axis=0))
+
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(times(rng.standard_normal((n_cols, width))))
+    for _ in range(power_iters):
+        q, _ = np.linalg.qr(t_times(q))
+        q, _ = np.linalg.qr(times(q))
+    _, s, vt = np.linalg.svd(t_times(q).T, full_matrices=False)
+    return s[:k], vt[:k]
 
 
 def build_semantic_ids(vectors: np.ndarray, popularity: np.ndarray, item_ids: list[str], titles: list[str],

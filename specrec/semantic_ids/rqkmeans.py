@@ -7,21 +7,27 @@ and few items need the collision level.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+FIT_SAMPLE = 65_536  # points k-means fits its centroids on (all of them below this): seeding costs n x k^2
+
 
 def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 30) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding. x: [n, d]. Returns centroids [k, d]."""
+    """Lloyd's k-means with k-means++ seeding. x: [n, d]. Returns centroids [k, d]. Past FIT_SAMPLE points the
+    centroids are fit on a random sample of that size (every point is still assigned, by the caller)."""
+    if x.shape[0] > FIT_SAMPLE:
+        x = x[torch.randperm(x.shape[0], generator=generator)[:FIT_SAMPLE]]
     n = x.shape[0]
     k = min(k, n)
     centroids = x[torch.randint(n, (1,), generator=generator)]
+    nearest = torch.cdist(x, centroids).squeeze(1)  # distance to the nearest seed so far: one new column per seed
     for _ in range(1, k):  # k-means++: next seed drawn proportional to squared distance
-        d2 = torch.cdist(x, centroids).min(dim=1).values.pow(2)
+        d2 = nearest.pow(2)
         probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
-        centroids = torch.cat([centroids, x[torch.multinomial(probs, 1, generator=generator)]])
+        seed = x[torch.multinomial(probs, 1, generator=generator)]
+        centroids = torch.cat([centroids, seed])
+        nearest = torch.minimum(nearest, torch.cdist(x, seed).squeeze(1))
     for _ in range(iters):
         assign = torch.cdist(x, centroids).argmin(dim=1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
@@ -34,24 +40,34 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 30)
     return centroids
 
 
-def balanced_assign(dist: torch.Tensor, capacity: int) -> torch.Tensor:
-    """dist: [m, k]. Each item gets a code, no code more than `capacity` items, nearer pairs first.
+def balanced_assign(dist: torch.Tensor, capacity: torch.Tensor | int, groups: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """dist: [m, k]. Each item gets a code, no code holding more than `capacity` items of the item's group, nearer
+    pairs first. groups [m] (default: one group) and capacity per group [n_groups] (or one int for all).
 
-    Rounds of proposals: every unassigned item proposes its nearest code with room left; each code
-    keeps its closest proposers up to its remaining room.
+    Rounds of proposals, every group at once: every unassigned item proposes its nearest code with room left in its
+    group; each (group, code) keeps its closest proposers up to its remaining room.
     """
     m, k = dist.shape
+    groups = torch.zeros(m, dtype=torch.long) if groups is None else groups
+    n_groups = int(groups.max()) + 1 if m else 0
+    cap = torch.as_tensor(capacity, dtype=torch.long).expand(n_groups) if isinstance(capacity, int) else capacity
+    room = cap.unsqueeze(1).repeat(1, k)  # [n_groups, k]
     assign = torch.full((m,), -1, dtype=torch.long)
-    room = torch.full((k,), capacity, dtype=torch.long)
     while (assign < 0).any():
         todo = torch.nonzero(assign < 0).squeeze(1)
-        d = dist[todo].masked_fill((room == 0).unsqueeze(0), float("inf"))
+        g = groups[todo]
+        d = dist[todo].masked_fill(room[g] == 0, float("inf"))
         choice = d.argmin(dim=1)
-        order = torch.argsort(d[torch.arange(len(todo)), choice])
-        for code in torch.unique(choice).tolist():
-            picked = order[choice[order] == code][: int(room[code])]
-            assign[todo[picked]] = code
-            room[code] -= len(picked)
+        key = g * k + choice
+        near = d[torch.arange(len(todo)), choice]
+        order = torch.argsort(near, stable=True)
+        order = order[torch.argsort(key[order], stable=True)]  # by (group, code), nearest first within
+        sorted_key = key[order]
+        rank = torch.arange(len(order)) - torch.searchsorted(sorted_key, sorted_key, right=False)
+        take = order[rank < room.view(-1)[sorted_key]]
+        assign[todo[take]] = choice[take]
+        room.view(-1).sub_(torch.bincount(key[take], minlength=n_groups * k))
     return assign
 
 
@@ -65,10 +81,9 @@ def residual_kmeans(x: np.ndarray, n_levels: int, k: int, seed: int = 0) -> np.n
         dist = torch.cdist(residual, centroids)
         groups = np.unique(codes[:, :level], axis=0, return_inverse=True)[1].reshape(-1) if level else \
             np.zeros(len(x), dtype=np.int64)
-        assign = torch.zeros(len(x), dtype=torch.long)
-        for g in np.unique(groups):
-            members = torch.as_tensor(np.flatnonzero(groups == g))
-            assign[members] = balanced_assign(dist[members], math.ceil(len(members) / len(centroids)))
+        group_t = torch.as_tensor(groups, dtype=torch.long)
+        sizes = torch.bincount(group_t)
+        assign = balanced_assign(dist, (sizes + len(centroids) - 1) // len(centroids), group_t)
         codes[:, level] = assign.numpy()
         residual = residual - centroids[assign]
     return codes
