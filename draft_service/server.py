@@ -59,7 +59,14 @@ from specrec.security import (
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
-from specrec.telemetry import DrafterMetrics, server_interceptors, setup_tracing, shutdown_tracing, start_metrics_server
+from specrec.telemetry import (
+    DrafterMetrics,
+    RequestCounting,
+    server_interceptors,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_server,
+)
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger("specrec.draft")
@@ -313,8 +320,10 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     # network); a client that just goes quiet is closed by the idle timeout.
     metrics = DrafterMetrics()
     if config.metrics_port:
-        log.info("metrics on :%d/metrics", start_metrics_server(config.metrics_port, metrics.registry))
-    server = grpc.aio.server(interceptors=[*server_interceptors(), UndecodableRequests()],
+        log.info("metrics on http://%s:%d/metrics", config.host,
+                 start_metrics_server(config.metrics_port, metrics.registry))
+    server = grpc.aio.server(interceptors=[RequestCounting(metrics.rpcs), *server_interceptors(),
+                                           UndecodableRequests()],
                              options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(
         DraftServicer(config, drafters, SessionTable(config.max_sessions), pool, metrics), server)

@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -29,6 +30,8 @@ from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
     OrchestratorMetrics,
+    RequestCounter,
+    RequestCounting,
     current_trace_id,
     server_interceptors,
     setup_tracing,
@@ -73,6 +76,19 @@ class ItemEmitter:
             else:
                 self.partial.append(tok)
         return items
+
+
+class FirstItemClock:
+    """Observes the time from a streaming request's arrival to its first item, once per request."""
+
+    def __init__(self, rpcs: RequestCounter, method: str):
+        self.rpcs, self.method, self.t0 = rpcs, method, time.perf_counter()
+        self.done = False
+
+    def seen(self) -> None:
+        if not self.done:
+            self.done = True
+            self.rpcs.first_item_after(self.method, time.perf_counter() - self.t0)
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
@@ -148,13 +164,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         stats = await self._generate(prompt, opts, policy, context, emit)
         return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id())
 
+    def _first_item_clock(self, method: str) -> FirstItemClock:
+        return FirstItemClock(self.loop.metrics.rpcs, method)
+
     async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.RecommendChunk]:
+        first_item = self._first_item_clock("StreamRecommend")
         prompt, opts, policy = await self._validate(request, context)
         emitter, items = ItemEmitter(self.catalog), []
 
         async def emit(tokens: list[int]) -> None:
             for item in emitter.feed(tokens):
+                first_item.seen()
                 items.append(item)
                 await context.write(pb.RecommendChunk(item=item))
 
@@ -164,11 +185,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
+        first_tokens = self._first_item_clock("Generate")
         if not request.prompt:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: send BOS history REC tokens")
         prompt, opts, policy = await self._validate(request, context, prompt=list(request.prompt))
 
         async def emit(tokens: list[int]) -> None:
+            first_tokens.seen()
             await context.write(pb.GenerateChunk(tokens=tokens))
 
         stats = await self._generate(prompt, opts, policy, context, emit)
@@ -230,9 +253,10 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     loop = SpeculationLoop(catalog, backends, config.verify_timeout_s, metrics)
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
-        log.info("metrics on :%d/metrics", port)
-    server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth),
-                                           UndecodableRequests()])
+        log.info("metrics on http://%s:%d/metrics", config.host, port)
+    # Counting first: it sees what the later interceptors refuse (UNAUTHENTICATED, undecodable requests).
+    server = grpc.aio.server(interceptors=[RequestCounting(metrics.rpcs), *server_interceptors(),
+                                           *auth_interceptors(config.auth), UndecodableRequests()])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

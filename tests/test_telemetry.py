@@ -362,33 +362,42 @@ def test_inject_copies_and_replaces_stale_traceparent_and_extract_reads_it(memor
 # ---------------------------------------------------------------- (c) metrics
 
 
-def test_orchestrator_counters_follow_the_rounds():
+def test_orchestrator_counters_follow_the_rounds_per_drafter_policy_and_mode():
     metrics, other = OrchestratorMetrics(), OrchestratorMetrics()  # separate registries: no duplicate errors
-    metrics.observe_round(depth=3, n_nodes=7, accepted=2, accepted_per_depth=[True, True, False], seconds=0.004)
-    metrics.observe_round(depth=2, n_nodes=3, accepted=0, accepted_per_depth=[False, False], seconds=0.002)
-    metrics.observe_request(seconds=0.05, rounds=2, tokens=4)
-    metrics.fallback("drafter_timeout")
+    model = metrics.for_request("model", "adaptive", "greedy")
+    retrieval = metrics.for_request("retrieval", "fixed:4:16", "greedy")
+    model.observe_round(depth=3, n_nodes=7, accepted=2, accepted_per_depth=[True, True, False], seconds=0.004)
+    model.observe_round(depth=2, n_nodes=3, accepted=0, accepted_per_depth=[False, False], seconds=0.002)
+    retrieval.observe_round(depth=1, n_nodes=1, accepted=1, accepted_per_depth=[True], seconds=0.001)
+    model.observe_request(seconds=0.05, rounds=2, tokens=4)
+    model.fallback("drafter_timeout")
     metrics.set_target_live_sequences(3)
     metrics.requests_in_flight.inc()
 
     value = metrics.registry.get_sample_value
-    assert value("specrec_spec_decode_num_drafts_total") == 2
-    assert value("specrec_spec_decode_num_draft_tokens_total") == 10
-    assert value("specrec_spec_decode_num_accepted_tokens_total") == 2
-    per_pos = [value("specrec_spec_decode_num_accepted_tokens_per_pos_total", {"position": str(p)}) for p in range(3)]
+    m = {"drafter": "model", "policy": "adaptive", "mode": "greedy"}
+    r = {"drafter": "retrieval", "policy": "fixed", "mode": "greedy"}  # the policy's kind: bounded label values
+    assert value("specrec_spec_decode_num_drafts_total", m) == 2
+    assert value("specrec_spec_decode_num_drafts_total", r) == 1
+    assert value("specrec_spec_decode_num_draft_tokens_total", m) == 10
+    assert value("specrec_spec_decode_num_accepted_tokens_total", m) == 2
+    per_pos = [value("specrec_spec_decode_num_accepted_tokens_per_pos_total", {**m, "position": str(p)})
+               for p in range(3)]
     assert per_pos == [1, 1, 0]  # position 2 was drafted but never accepted: present at 0
-    assert value("specrec_spec_decode_depth_sum") == 5 and value("specrec_spec_decode_depth_bucket", {"le": "2.0"}) == 1
-    assert value("specrec_round_latency_seconds_count") == 2
-    assert value("specrec_request_latency_seconds_count") == 1
-    assert value("specrec_generation_tokens_total") == 4
-    assert value("specrec_fallback_rounds_total", {"reason": "drafter_timeout"}) == 1
+    assert value("specrec_spec_decode_depth_sum", m) == 5
+    assert value("specrec_spec_decode_depth_bucket", {**m, "le": "2.0"}) == 1
+    assert value("specrec_round_latency_seconds_count", m) == 2
+    assert value("specrec_request_latency_seconds_count", m) == 1
+    assert value("specrec_generation_tokens_total", m) == 4
+    assert value("specrec_fallback_rounds_total", {**m, "reason": "drafter_timeout"}) == 1
     assert value("specrec_target_live_sequences") == 3 and value("specrec_requests_in_flight") == 1
-    assert other.registry.get_sample_value("specrec_spec_decode_num_drafts_total") == 0
+    assert other.registry.get_sample_value("specrec_spec_decode_num_drafts_total", m) is None
 
 
-def test_metrics_endpoint_serves_prometheus_text():
+def test_metrics_endpoint_serves_prometheus_text_with_process_metrics():
     orchestrator, drafter = OrchestratorMetrics(), DrafterMetrics()
-    orchestrator.observe_round(depth=1, n_nodes=1, accepted=1, accepted_per_depth=[True], seconds=0.001)
+    orchestrator.for_request("model", "adaptive", "greedy").observe_round(
+        depth=1, n_nodes=1, accepted=1, accepted_per_depth=[True], seconds=0.001)
     drafter.session_opened()
     drafter.observe_tree(n_nodes=5, seconds=0.0003)
     drafter.draft_ahead(hit=True)
@@ -397,13 +406,17 @@ def test_metrics_endpoint_serves_prometheus_text():
     port = start_metrics_server(0, orchestrator.registry, addr="127.0.0.1")
     drafter_port = start_metrics_server(0, drafter.registry, addr="127.0.0.1")
     assert port > 0 and drafter_port not in (0, port)
-    samples = _scrape(port) | _scrape(drafter_port)
+    orchestrator_samples, drafter_samples = _scrape(port), _scrape(drafter_port)
+    samples = orchestrator_samples | drafter_samples
     assert samples["specrec_spec_decode_num_drafts_total"] == 1
     assert samples["specrec_spec_decode_num_accepted_tokens_per_pos_total"] == 1
     assert samples["specrec_draft_sessions"] == 1
     assert samples["specrec_draft_trees_total"] == 1 and samples["specrec_draft_tree_nodes_total"] == 5
     assert samples["specrec_draft_ahead_hits_total"] == 1 and samples["specrec_draft_ahead_misses_total"] == 1
     assert samples["specrec_draft_latency_seconds_count"] == 1
+    for own in (orchestrator_samples, drafter_samples):  # what an SRE needs besides ours: memory, CPU, restarts
+        assert own["process_resident_memory_bytes"] > 1e6 and own["process_start_time_seconds"] > 1.6e9
+        assert "process_cpu_seconds_total" in own and "python_info" in own
 
 
 def _scrape(port: int) -> dict[str, float]:

@@ -11,12 +11,21 @@ from specrec.telemetry.grpc_aio import (
     server_interceptors,
     start_client_span,
 )
-from specrec.telemetry.metrics import DrafterMetrics, OrchestratorMetrics, start_metrics_server
+from specrec.telemetry.metrics import (
+    DrafterMetrics,
+    OrchestratorMetrics,
+    RequestCounter,
+    RequestMetrics,
+    service_registry,
+    start_metrics_server,
+)
+from specrec.telemetry.rpc_metrics import RequestCounting
 from specrec.telemetry.tracing import (
     build_tracer_provider,
     current_trace_id,
     extract_context,
     inject_metadata,
+    sampled_metadata,
     setup_tracing,
     shutdown_tracing,
     tracing_configured,
@@ -26,6 +35,9 @@ from specrec.telemetry.tracing import (
 __all__ = [
     "DrafterMetrics",
     "OrchestratorMetrics",
+    "RequestCounter",
+    "RequestCounting",
+    "RequestMetrics",
     "TracingServerInterceptor",
     "TracingStreamStreamClientInterceptor",
     "TracingStreamUnaryClientInterceptor",
@@ -37,7 +49,9 @@ __all__ = [
     "end_client_span",
     "extract_context",
     "inject_metadata",
+    "sampled_metadata",
     "server_interceptors",
+    "service_registry",
     "setup_tracing",
     "shutdown_tracing",
     "start_client_span",
