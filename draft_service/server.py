@@ -47,6 +47,7 @@ from specrec.drafting.base import (
     load_drafter,
 )
 from specrec.grpc_guard import UndecodableRequests
+from specrec.model_identity import artifact_version
 from specrec.security import (
     SecurityConfigError,
     TlsConfig,
@@ -319,6 +320,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     # Keepalive pings find clients that vanished without closing their connection (a dead host, a cut
     # network); a client that just goes quiet is closed by the idle timeout.
     metrics = DrafterMetrics()
+    metrics.model.set_version(artifact_version(Path(config.artifacts).resolve()))
     if config.metrics_port:
         log.info("metrics on http://%s:%d/metrics", config.host,
                  start_metrics_server(config.metrics_port, metrics.registry))

@@ -248,6 +248,7 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     """
     catalog = Catalog(config.artifacts)
     metrics = OrchestratorMetrics()
+    metrics.model.set_version(catalog.version)
     backends = build_backends(config, metrics, router)
     await backends.start()
     loop = SpeculationLoop(catalog, backends, config.verify_timeout_s, metrics)

@@ -271,19 +271,29 @@ def test_probes_hit_triton_health_endpoints_and_grpc_health(rendered: dict[str, 
         assert container["livenessProbe"]["grpc"] == {"port": port}
 
 
+def test_tracing_is_off_by_default() -> None:
+    otel = scenario_values("default")["otel"]
+    assert otel["endpoint"] == "" and otel["tritonEndpoint"] == ""
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_triton_tracing_flag_is_one_token(rendered: dict[str, Rendered], scenario: str) -> None:
     r = rendered[scenario]
     args = r.container("triton")["args"]
     otel = r.values["otel"]
-    if otel["enabled"]:
+    env = {e["name"]: e.get("value") for e in r.container("orchestrator")["env"]}
+    if otel["tritonEndpoint"]:
         assert "--trace-config=mode=opentelemetry" in args
         assert f"--trace-config=opentelemetry,url={otel['tritonEndpoint']}" in args
-        env = {e["name"]: e.get("value") for e in r.container("orchestrator")["env"]}
+        # Triton starts no trace of its own: it joins the orchestrator's sampled ones.
+        assert f"--trace-config=rate={otel['tritonRate']}" in args and otel["tritonRate"] >= 1000
+    else:
+        assert not any(a.startswith("--trace-config") for a in args)
+    if otel["endpoint"]:
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == otel["endpoint"]
         assert env["OTEL_TRACES_SAMPLER_ARG"] == str(otel["samplerRatio"])
     else:
-        assert not any(a.startswith("--trace-config") for a in args)
+        assert env["OTEL_SDK_DISABLED"] == "true" and "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
     # Never split into "--trace-config" "mode=opentelemetry".
     assert "--trace-config" not in args and "mode=opentelemetry" not in args
 

@@ -71,6 +71,18 @@ def label_kind(name: str, default: str = "default") -> str:
     return name.split(":", 1)[0] or default
 
 
+class ModelInfo:
+    """`specrec_model_info{version} 1`: the artifact identity (specrec.model_identity) a process serves."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.info = Gauge("specrec_model_info", "Artifact identity served (hash of semantic IDs + target weights).",
+                          ["version"], registry=registry)
+
+    def set_version(self, version: str) -> None:
+        self.info.clear()
+        self.info.labels(version=version).set(1)
+
+
 class RequestCounter:
     """`specrec_requests_total{method,code}` and the time to the first streamed item, for one service."""
 
@@ -119,6 +131,7 @@ class OrchestratorMetrics:
         self.fallback_rounds = Counter("specrec_fallback_rounds", "Rounds decoded without speculation, by reason.",
                                        (*labels, "reason"), registry=r)
         self.rpcs = RequestCounter(r)
+        self.model = ModelInfo(r)
         self.requests_in_flight = Gauge("specrec_requests_in_flight", "Requests being served.", registry=r)
         self.target_live_sequences = Gauge("specrec_target_live_sequences",
                                            "Sequences Triton holds state for (its LIVE_SEQUENCES output).", registry=r)
@@ -172,6 +185,7 @@ class DrafterMetrics:
         self.registry = registry if registry is not None else service_registry()
         r = self.registry
         self.rpcs = RequestCounter(r)
+        self.model = ModelInfo(r)
         self.sessions = Gauge("specrec_draft_sessions", "Open draft sessions (bidi streams).", registry=r)
         self.trees = Counter("specrec_draft_trees", "Draft trees produced.", registry=r)
         self.tree_nodes = Counter("specrec_draft_tree_nodes", "Nodes in the draft trees produced.", registry=r)

@@ -18,6 +18,7 @@ Outputs:
     ACCEPTED_NODES  INT64 [-1]  tree indices of the accepted path
     DONE            BOOL  [1]   the list finished with EOS
     LIVE_SEQUENCES  INT64 [1]   sequences this instance holds state for, after this request
+    MODEL_VERSION   BYTES [1]   the identity of the artifacts served (specrec.model_identity)
 
 A bad request gets an error response (INVALID_ARG, or UNAVAILABLE prefixed "RESOURCE_EXHAUSTED:"
 when the live-sequence cap is reached) and changes no state; the other requests of the batch are
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from specrec.model_identity import artifact_version
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
 
 ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "UNAVAILABLE", "NOT_FOUND": "NOT_FOUND"}
@@ -59,6 +61,9 @@ class TritonPythonModel:
                                        max_sequences=int(_param(config, "max_sequences", "64")),
                                        max_len=int(_param(config, "max_len", "512")),
                                        idle_timeout_s=idle_us / 1e6)
+        self.version = artifact_version(os.path.realpath(model_dir))
+        self._model_info = _report_version(self.version)
+
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
@@ -70,7 +75,7 @@ class TritonPythonModel:
         results = self.verifier.verify_batch([req for _, req in parsed])
         for (i, _), res in zip(parsed, results, strict=True):
             responses[i] = _error(res) if isinstance(res, VerifyError) else pb_utils.InferenceResponse(
-                output_tensors=_outputs(res))
+                output_tensors=_outputs(res, self.version))
         return responses
 
     def _parse(self, request):
@@ -109,6 +114,17 @@ class TritonPythonModel:
         self.verifier = None
 
 
+def _report_version(version):
+    """`specrec_model_info{version} 1` on Triton's own /metrics (the Python backend's custom metrics);
+    the family and metric must stay referenced, or Triton drops them."""
+    family = pb_utils.MetricFamily(name="specrec_model_info",
+                                   description="Artifact identity served (hash of semantic IDs + target weights).",
+                                   kind=pb_utils.MetricFamily.GAUGE)
+    metric = family.Metric(labels={"version": version})
+    metric.set(1)
+    return family, metric
+
+
 def _number(params, key, cast, default):
     """params[key] as int or float; a VerifyError naming the key when it is not one (say "abc" or "1e400")."""
     value = params.get(key, default)
@@ -130,10 +146,11 @@ def _error(e):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(prefix + str(e), code))
 
 
-def _outputs(res):
+def _outputs(res, version):
     return [
         pb_utils.Tensor("ACCEPTED_TOKENS", np.asarray(res.accepted_tokens, dtype=np.int64).reshape(1, -1)),
         pb_utils.Tensor("ACCEPTED_NODES", np.asarray(res.accepted_nodes, dtype=np.int64).reshape(1, -1)),
         pb_utils.Tensor("DONE", np.array([[res.done]], dtype=np.bool_)),
         pb_utils.Tensor("LIVE_SEQUENCES", np.array([[res.live_sequences]], dtype=np.int64)),
+        pb_utils.Tensor("MODEL_VERSION", np.array([[version.encode()]], dtype=np.object_)),
     ]
