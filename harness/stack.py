@@ -159,6 +159,8 @@ class LocalStack:
                 str(self.config.artifacts), "--target-addr", self.target_addr, "--draft-addr", self.draft_addr,
                 "--policy", self.config.policy, "--metrics-port", str(self.config.metrics_port)]
         args += self._probe_arg("orchestrator")
+        if self.config.with_drafter:  # named, so its metrics say which drafter served (not "default")
+            args += ["--drafter", self.config.drafter]
         if self.config.token_file is not None:
             args += ["--token-file", str(self.config.token_file)]
         self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir)

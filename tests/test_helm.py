@@ -21,7 +21,7 @@ RELEASE, NAMESPACE = "rec", "specrec"
 KUBE_VERSION = latest_version()
 SCENARIOS = ["default", *sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))]
 # Kinds from CRDs (Prometheus Operator) have no schema in kubernetes-validate.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 MIB = 1 << 20
 
 
@@ -468,3 +468,12 @@ def test_service_monitors_scrape_each_metrics_port(rendered: dict[str, Rendered]
         assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
         assert any(p["name"] == "metrics" for p in service["spec"]["ports"])
     assert rendered["default"].all("ServiceMonitor") == []
+
+
+def test_dashboard_and_alerts_are_optional(rendered: dict[str, Rendered]) -> None:
+    r = rendered["monitoring"]
+    assert r.get("ConfigMap", "dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert r.all("PrometheusRule") and r.values["prometheusRule"]["labels"]["release"] == "kube-prometheus-stack"
+    assert r.all("PrometheusRule")[0]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    default = rendered["default"]
+    assert default.find("ConfigMap", "dashboard") is None and default.all("PrometheusRule") == []

@@ -22,7 +22,8 @@ Tokens/s: `rate(specrec_generation_tokens_total[1m])`; mean chosen depth:
 
 Round and request series carry `drafter`, `policy` and `mode` labels (one orchestrator serves several drafters);
 their values are the drafter's and the policy's *kind* (`model`, `fixed`, ...), not the client's full spec, so a
-client cannot grow the series count. Requests by RPC and status code: `specrec_requests_total{method,code}`
+client cannot grow the series count; `drafter="default"` is the draft service's own default (the orchestrator was
+given no `--drafter`). Requests by RPC and status code: `specrec_requests_total{method,code}`
 (refusals are `RESOURCE_EXHAUSTED`, bad requests `INVALID_ARGUMENT`). Every registry here also carries the
 process_* and python_* collectors the default registry would have had.
 """
