@@ -196,6 +196,7 @@ EXPECTED_ACCELERATORS: dict[str, dict[str, tuple[str, int] | None]] = {
     "whole-gpus": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 2)},
     "mig": {"draft": ("nvidia.com/mig-1g.10gb", 1), "triton": ("nvidia.com/mig-3g.40gb", 1)},
     "tls": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 1)},
+    "monitoring": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 1)},
 }
 
 

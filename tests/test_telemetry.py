@@ -194,11 +194,11 @@ async def test_one_trace_across_client_and_server_over_otlp(otlp_tracing: Tracer
         assert (client["kind"], server["kind"]) == ("client", "server")
         assert client["parent_span_id"] == root["span_id"]
         assert server["parent_span_id"] == client["span_id"]
+        # OpenTelemetry's current RPC conventions: no rpc.system / rpc.service / rpc.grpc.status_code any more
         assert server["attributes"] == {
-            "rpc.system": "grpc", "rpc.service": "test.Echo", "rpc.method": method.split("/")[1],
-            "rpc.grpc.status_code": 0,
+            "rpc.system.name": "grpc", "rpc.method": method, "rpc.response.status_code": "OK",
         }
-        assert client["attributes"]["rpc.grpc.status_code"] == 0
+        assert client["attributes"] == server["attributes"]
     # Code inside the handler runs under the server span: a child span for unary, events on the stream's span.
     unary_server = next(s for s in named["test.Echo/Unary"] if s["kind"] == "server")
     assert named["handler.work"][0]["parent_span_id"] == unary_server["span_id"]
@@ -244,16 +244,18 @@ async def test_errors_aborts_and_stream_failures_are_recorded(memory_provider):
     assert [e.name for e in fail_server.events] == ["exception"]
     assert fail_server.events[0].attributes["exception.type"] == "ValueError"
     assert fail_server.status.status_code == trace.StatusCode.ERROR
-    assert fail_server.attributes["rpc.grpc.status_code"] == 2
+    assert fail_server.attributes["error.type"] == "UNKNOWN"
+    assert fail_server.attributes["rpc.response.status_code"] == "UNKNOWN"
     fail_client = _one(spans, "test.Echo/Fail", trace.SpanKind.CLIENT)
     assert fail_client.status.status_code == trace.StatusCode.ERROR
-    assert fail_client.attributes["rpc.grpc.status_code"] == 2
+    assert fail_client.attributes["rpc.response.status_code"] == "UNKNOWN"
 
     # An abort is the servicer's answer, not a crash: no exception event; INVALID_ARGUMENT is not a server error.
     reject_server = _one(spans, "test.Echo/Reject", trace.SpanKind.SERVER)
     assert reject_server.events == ()
-    assert reject_server.attributes["rpc.grpc.status_code"] == 3
+    assert reject_server.attributes["rpc.response.status_code"] == "INVALID_ARGUMENT"
     assert reject_server.status.status_code == trace.StatusCode.UNSET
+    assert "error.type" not in reject_server.attributes  # the caller's fault, not the server's
     reject_client = _one(spans, "test.Echo/Reject", trace.SpanKind.CLIENT)
     assert reject_client.status.status_code == trace.StatusCode.ERROR
     assert reject_client.status.description == "no such user"
@@ -285,7 +287,7 @@ async def test_writer_style_stream_and_concurrent_calls_keep_their_parents(memor
 
     writer_server = _one(spans, "test.Echo/BidiWriter", trace.SpanKind.SERVER)
     assert writer_server.parent.span_id == _one(spans, "test.Echo/BidiWriter", trace.SpanKind.CLIENT).context.span_id
-    assert writer_server.attributes["rpc.grpc.status_code"] == 0
+    assert writer_server.attributes["rpc.response.status_code"] == "OK"
     by_id = {s.context.span_id: s for s in spans}
     for i in range(4):
         (root,) = [s for s in spans if s.name == f"request-{i}"]
