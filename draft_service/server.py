@@ -63,6 +63,7 @@ from specrec.semantic_ids.trie import ItemTrie
 from specrec.telemetry import (
     DrafterMetrics,
     RequestCounting,
+    configure_service_logging,
     server_interceptors,
     setup_tracing,
     shutdown_tracing,
@@ -360,7 +361,7 @@ async def serve(config: DraftConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_service_logging()
     config = DraftConfig.from_args(argv)
     torch.set_num_threads(config.torch_threads)
     try:

@@ -32,6 +32,7 @@ from specrec.telemetry import (
     OrchestratorMetrics,
     RequestCounter,
     RequestCounting,
+    configure_service_logging,
     current_trace_id,
     server_interceptors,
     setup_tracing,
@@ -293,7 +294,7 @@ async def serve(config: OrchestratorConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_service_logging()
     asyncio.run(serve(OrchestratorConfig.from_args(argv)))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -22,13 +23,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.otlp_receiver import OtlpReceiver
 from specrec.telemetry import (
+    LOG_FORMAT,
     DrafterMetrics,
     OrchestratorMetrics,
+    TraceContextFilter,
     build_tracer_provider,
     client_interceptors,
     current_trace_id,
     extract_context,
     inject_metadata,
+    request_id,
+    sampled_metadata,
     server_interceptors,
     setup_tracing,
     shutdown_tracing,
@@ -359,6 +364,45 @@ def test_inject_copies_and_replaces_stale_traceparent_and_extract_reads_it(memor
     assert (remote.trace_id, remote.span_id, remote.is_remote) == (
         span.get_span_context().trace_id, span.get_span_context().span_id, True)
     assert not trace.get_current_span(extract_context(None)).get_span_context().is_valid
+
+
+def test_sampled_metadata_carries_a_trace_context_only_for_sampled_spans(memory_provider):
+    provider, _ = memory_provider
+    stale = (("x-user", "7"), ("traceparent", TRACEPARENT))
+    with provider.get_tracer("test").start_as_current_span("request") as span:
+        carried = dict(sampled_metadata(stale))
+    assert carried["traceparent"].split("-")[1] == trace.format_trace_id(span.get_span_context().trace_id)
+    unsampled = trace.NonRecordingSpan(trace.SpanContext(
+        0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT)))
+    with trace.use_span(unsampled):
+        assert sampled_metadata(stale) == (("x-user", "7"),)  # nothing a server could start a trace from
+    assert sampled_metadata(stale) == (("x-user", "7"),)  # no span at all (tracing off)
+
+
+def test_log_lines_carry_the_trace_and_request_ids(memory_provider):
+    provider, _ = memory_provider
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(TraceContextFilter())
+    log = logging.getLogger("specrec.test.logs")
+    log.addHandler(handler)
+    try:
+        log.warning("outside")
+        with provider.get_tracer("test").start_as_current_span("request") as span:
+            token = request_id.set("req-42")
+            log.warning("inside")
+            request_id.reset(token)
+    finally:
+        log.removeHandler(handler)
+    trace_id = trace.format_trace_id(span.get_span_context().trace_id)
+    assert "[trace=- request=-]: outside" in lines[0]
+    assert f"[trace={trace_id} request=req-42]: inside" in lines[1]
 
 
 # ---------------------------------------------------------------- (c) metrics

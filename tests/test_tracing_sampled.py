@@ -60,3 +60,9 @@ def test_triton_traces_only_sampled_requests(traced, tiny_artifacts):
     assert not [s for s in spans if s["trace_id"] in {trace_id for trace_id, _ in unsampled}]
     verifies = [s for s in spans if s["trace_id"] == sampled_id and s["name"] == "verify"]
     assert len(verifies) == sampled_resp.stats.rounds
+
+
+def test_service_logs_carry_trace_and_request_fields(traced):
+    stack, _ = traced
+    for name in ("orchestrator", "draft"):
+        assert " [trace=- request=-]: " in (stack.log_dir / f"{name}.log").read_text(), name
