@@ -149,6 +149,7 @@ class Drafters:
         self.artifacts = artifacts
         self.device = device
         self.trie = ItemTrie(SemanticIds.load(artifacts))
+        self.version = artifact_version(artifacts.resolve())  # the training these drafters were distilled in
         self._loaded: dict[str, Drafter] = {}
 
     def get(self, name: str) -> Drafter:
@@ -293,7 +294,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Stats(self, request: draft_pb2.StatsRequest, context: grpc.aio.ServicerContext
                     ) -> draft_pb2.StatsResponse:
-        return self.table.stats()
+        stats = self.table.stats()
+        stats.model_version = self.drafters.version  # what orchestrators pair by, before sending any session
+        return stats
 
 
 def _prepare_ahead(session: DraftSession, guesses: int, commit_arrived: threading.Event) -> bool:
@@ -321,7 +324,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     # Keepalive pings find clients that vanished without closing their connection (a dead host, a cut
     # network); a client that just goes quiet is closed by the idle timeout.
     metrics = DrafterMetrics()
-    metrics.model.set_version(artifact_version(Path(config.artifacts).resolve()))
+    metrics.model.set_version(drafters.version)
     if config.metrics_port:
         log.info("metrics on http://%s:%d/metrics", config.host,
                  start_metrics_server(config.metrics_port, metrics.registry))

@@ -26,7 +26,13 @@ from orchestrator.catalog import Catalog
 from orchestrator.draft_client import DraftClient, DraftSession, DraftUnavailable
 from specrec.speculation.engine import Proposal, RequestStats, Speculation, Verdict
 from specrec.speculation.policy import Budget, Policy
-from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
+from specrec.target_client import (
+    TargetClient,
+    TargetError,
+    TargetSequenceUnknown,
+    TargetUnavailable,
+    VerifyOutcome,
+)
 from specrec.telemetry import OrchestratorMetrics, sampled_metadata
 from specrec.tree_shape import tree_problem
 
@@ -166,7 +172,7 @@ class TritonSequence:
         backends = self.loop.backends
         attempts = backends.attempts()
         for attempt in range(1, attempts + 1):
-            pod, target = backends.target(self.key, self.pod)
+            pod, target = await backends.target_for(self.key, self.pod)
             rebuild = start
             if self.pod is not None and pod != self.pod:
                 backends.moved(self.pod, pod)
@@ -182,6 +188,15 @@ class TritonSequence:
                     raise
                 log.warning("sequence %d lost its Triton pod %s after %d tokens (%s); moving", self.seq_id, pod,
                             len(committed), e)
+                continue
+            if not backends.answered_by(pod, outcome.model_version):
+                # Another training's target answered (a pod replaced in place): its tokens mean nothing in our
+                # vocabulary. Drop its sequence and rebuild on a pod of our version.
+                self.loop.in_background(self._end_on(pod, timeout_s=1.0))
+                if attempt == attempts:
+                    raise TargetUnavailable(f"Triton pod {pod} serves model version {outcome.model_version}, not "
+                                            f"{self.loop.catalog.version}, and no other pod is left",
+                                            grpc.StatusCode.UNAVAILABLE)
                 continue
             self.loop.metrics.set_target_live_sequences(outcome.live_sequences)
             return Verdict(outcome.accepted_tokens, outcome.accepted_nodes)

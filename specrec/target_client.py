@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -11,11 +12,13 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from specrec.security import TlsConfig
+from specrec.semantic_ids.vocab import BOS, REC
 
 MODEL_NAME = "specrec_target"
 MODES = ("greedy", "stochastic", "relaxed")
 # tritonclient sends the correlation id as an int64 request parameter.
 MAX_SEQUENCE_ID = 2**63 - 1
+PROBE_SEQUENCES = 2**61  # version probes use ids in [2**61, 2**62): requests draw 63-bit random ids
 OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES", "MODEL_VERSION")
 # Busy, not down: Triton's queue is full, or model.py's live-sequence cap is reached (it
 # answers UNAVAILABLE, the only nearby code the Python backend has, with this prefix). Both
@@ -146,6 +149,14 @@ class TargetClient:
             params.update(start_params)
             result = await self._infer(sequence_id, inputs, True, end, params, timeout_s, headers)
         return _outcome(result)
+
+    async def model_version(self) -> str:
+        """The identity of the artifacts this target serves, from a throwaway sequence: START on a two-token
+        context, then END (so a probe leaves no state behind)."""
+        sequence_id = PROBE_SEQUENCES + secrets.randbelow(PROBE_SEQUENCES)
+        outcome = await self.verify(sequence_id, [], [], context=[BOS, REC], start=True)
+        await self.end(sequence_id)
+        return outcome.model_version
 
     async def end(self, sequence_id: int, *, timeout_s: float | None = None) -> None:
         """Free the sequence's state on the target (END with an empty tree); a no-op if already gone."""
