@@ -116,12 +116,17 @@ class TritonPythonModel:
 
 def _report_version(version):
     """`specrec_model_info{version} 1` on Triton's own /metrics (the Python backend's custom metrics);
-    the family and metric must stay referenced, or Triton drops them."""
-    family = pb_utils.MetricFamily(name="specrec_model_info",
-                                   description="Artifact identity served (hash of semantic IDs + target weights).",
-                                   kind=pb_utils.MetricFamily.GAUGE)
-    metric = family.Metric(labels={"version": version})
-    metric.set(1)
+    the family and metric must stay referenced, or Triton drops them. A metric that cannot be made (metrics
+    off) never stops the model from serving: the version still goes out with every answer."""
+    try:
+        family = pb_utils.MetricFamily(name="specrec_model_info",
+                                       description="Artifact identity served (hash of semantic IDs + target weights).",
+                                       kind=pb_utils.MetricFamily.GAUGE)
+        metric = family.Metric(labels={"version": version})
+        metric.set(1)
+    except Exception as e:  # pb_utils raises its own TritonModelException types
+        pb_utils.Logger.log_warn(f"specrec_model_info not exported: {e}")
+        return None
     return family, metric
 
 
