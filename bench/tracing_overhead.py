@@ -34,7 +34,10 @@ CONTROL_NOTE = "**CONTROL RUN: tracing off in both stacks** (the difference is t
 
 def traced_env(receiver: OtlpReceiver, target: bool = True, ratio: float = 1.0) -> dict[str, str]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
-    return env | ({"SPECREC_TARGET_TRACE_URL": receiver.http_endpoint} if target else {})
+    # Triton traces every request that carries a trace context (the orchestrator sends one only for sampled
+    # requests) and 1 in SPECREC_TARGET_TRACE_RATE of the others: high, so it traces exactly the sampled ones.
+    triton = {"SPECREC_TARGET_TRACE_URL": receiver.http_endpoint, "SPECREC_TARGET_TRACE_RATE": "1000000"}
+    return env | (triton if target else {})
 
 
 def spans_per_request(spans: list[dict], requests: int) -> dict[str, float]:
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-target-tracing", action="store_true",
                    help="trace only orchestrator and drafter (Triton's own tracing off), to split the cost")
     p.add_argument("--sampling-ratio", type=float, default=1.0,
-                   help="OTEL_TRACES_SAMPLER_ARG of the traced stack (Triton traces every request it is given)")
+                   help="OTEL_TRACES_SAMPLER_ARG of the traced stack (Triton traces the sampled requests only)")
     p.add_argument("--control", action="store_true",
                    help="A/A run: the 'traced' stack gets no tracing either; shows the noise floor of the comparison")
     p.add_argument("--out", type=Path, default=RESULTS)

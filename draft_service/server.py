@@ -49,6 +49,7 @@ from specrec.drafting.base import (
     load_drafter,
 )
 from specrec.grpc_guard import UndecodableRequests
+from specrec.model_identity import artifact_version
 from specrec.security import (
     SecurityConfigError,
     TlsConfig,
@@ -61,7 +62,15 @@ from specrec.security import (
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
-from specrec.telemetry import DrafterMetrics, server_interceptors, setup_tracing, shutdown_tracing, start_metrics_server
+from specrec.telemetry import (
+    DrafterMetrics,
+    RequestCounting,
+    configure_service_logging,
+    server_interceptors,
+    setup_tracing,
+    shutdown_tracing,
+    start_metrics_server,
+)
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger("specrec.draft")
@@ -144,6 +153,7 @@ class Drafters:
         self.artifacts = artifacts
         self.device = device
         self.trie = ItemTrie(SemanticIds.load(artifacts))
+        self.version = artifact_version(artifacts.resolve())  # the training these drafters were distilled in
         self._loaded: dict[str, Drafter] = {}
 
     def get(self, name: str) -> Drafter:
@@ -288,7 +298,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
 
     async def Stats(self, request: draft_pb2.StatsRequest, context: grpc.aio.ServicerContext
                     ) -> draft_pb2.StatsResponse:
-        return self.table.stats()
+        stats = self.table.stats()
+        stats.model_version = self.drafters.version  # what orchestrators pair by, before sending any session
+        return stats
 
 
 def _prepare_ahead(session: DraftSession, guesses: int, commit_arrived: threading.Event) -> bool:
@@ -316,9 +328,12 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     # Keepalive pings find clients that vanished without closing their connection (a dead host, a cut
     # network); a client that just goes quiet is closed by the idle timeout.
     metrics = DrafterMetrics()
+    metrics.model.set_version(drafters.version)
     if config.metrics_port:
-        log.info("metrics on :%d/metrics", start_metrics_server(config.metrics_port, metrics.registry))
-    server = grpc.aio.server(interceptors=[*server_interceptors(), UndecodableRequests()],
+        log.info("metrics on http://%s:%d/metrics", config.host,
+                 start_metrics_server(config.metrics_port, metrics.registry))
+    server = grpc.aio.server(interceptors=[RequestCounting(metrics.rpcs), *server_interceptors(),
+                                           UndecodableRequests()],
                              options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(
         DraftServicer(config, drafters, SessionTable(config.max_sessions), pool, metrics), server)
@@ -353,7 +368,7 @@ async def serve(config: DraftConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_service_logging()
     config = DraftConfig.from_args(argv)
     torch.set_num_threads(config.torch_threads)
     try:

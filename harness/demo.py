@@ -27,11 +27,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         train_drafter(arts)
     config = StackConfig(artifacts=arts.directory, drafter=args.drafter, policy=args.policy,
                          target_grpc=args.target_port, draft_port=args.draft_port,
-                         orchestrator_port=args.port, threads=args.threads)
+                         orchestrator_port=args.port, threads=args.threads, metrics_port=args.metrics_port,
+                         draft_metrics_port=args.draft_metrics_port, target_metrics_port=args.target_metrics_port)
     log.info("starting Triton, the draft service and the orchestrator (logs in %s)", LocalStack(config).log_dir)
     with LocalStack(config) as stack:
         print(f"\nspecrec is up: orchestrator {stack.orchestrator_addr}, drafter {stack.draft_addr}, "
-              f"Triton {stack.target_addr}\n")
+              f"Triton {stack.target_addr}")
+        for name, url in stack.metrics_urls().items():
+            print(f"  {name} metrics: {url}")
+        print()
         for user in args.users.split(","):
             recommend_for_user(arts, stack.orchestrator_addr, user.strip(), args.n)
             print()
@@ -57,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(os.environ.get("SPECREC_ORCHESTRATOR_PORT", "50051")))
     p.add_argument("--draft-port", type=int, default=int(os.environ.get("SPECREC_DRAFT_PORT", "50052")))
     p.add_argument("--target-port", type=int, default=int(os.environ.get("SPECREC_TARGET_GRPC_PORT", "8001")))
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("SPECREC_METRICS_PORT", "9100")),
+                   help="the orchestrator's /metrics port, 0 = off")
+    p.add_argument("--draft-metrics-port", type=int,
+                   default=int(os.environ.get("SPECREC_DRAFT_METRICS_PORT", "9101")),
+                   help="the draft service's /metrics port, 0 = off")
+    p.add_argument("--target-metrics-port", type=int,
+                   default=int(os.environ.get("SPECREC_TARGET_METRICS_PORT", "8002")), help="Triton's /metrics port")
     p.add_argument("--threads", type=int, default=1, help="torch threads per service")
     p.add_argument("--no-wait", action="store_true", help="stop after the sample requests")
     p.set_defaults(func=cmd_demo)

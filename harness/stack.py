@@ -37,6 +37,8 @@ class StackConfig:
     draft_port: int = 0
     orchestrator_port: int = 0
     metrics_port: int = 0  # orchestrator /metrics; 0 = off
+    draft_metrics_port: int = 0  # the draft service's /metrics; 0 = off
+    target_metrics_port: int = 0  # Triton's /metrics; 0 = a free port (Triton always serves its metrics)
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     threads: int = 1  # torch threads per service: three processes share the machine's cores
@@ -109,6 +111,7 @@ class LocalStack:
         self.target_addr = f"127.0.0.1:{c.target_grpc or free_port()}"
         self.draft_addr = f"127.0.0.1:{c.draft_port or free_port()}" if c.with_drafter else ""
         self.orchestrator_addr = f"127.0.0.1:{c.orchestrator_port or free_port()}"
+        self.target_metrics_port = c.target_metrics_port or free_port()
         self.probe_addrs = {name: f"127.0.0.1:{free_port()}" for name in ("draft", "orchestrator")} \
             if c.probe_ports else {}
         self.log_dir = c.log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"specrec-stack-{os.getpid()}"
@@ -133,7 +136,7 @@ class LocalStack:
     def start_target(self) -> None:
         port = self.target_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "target_service.launch", "--artifacts", str(self.config.artifacts),
-                "--grpc-port", port, "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+                "--grpc-port", port, "--http-port", str(free_port()), "--metrics-port", str(self.target_metrics_port)]
         threads = str(self.config.target_threads or int(os.environ.get("SPECREC_STACK_TARGET_THREADS", "0"))
                       or self.config.threads)
         env = {**self._env(), "SPECREC_TORCH_THREADS": threads, "OMP_NUM_THREADS": threads}
@@ -145,7 +148,8 @@ class LocalStack:
             return
         port = self.draft_addr.rsplit(":", 1)[1]
         args = [sys.executable, "-m", "draft_service.server", "--port", port, "--artifacts",
-                str(self.config.artifacts), "--drafter", self.config.drafter, *self._probe_arg("draft")]
+                str(self.config.artifacts), "--drafter", self.config.drafter, *self._probe_arg("draft"),
+                "--metrics-port", str(self.config.draft_metrics_port)]
         self.procs["draft"] = Process("draft", args, self._env(), self.log_dir)
         self._wait("draft", lambda: grpc_healthy(self.draft_addr, tls=self.tls), 120)
 
@@ -155,10 +159,19 @@ class LocalStack:
                 str(self.config.artifacts), "--target-addr", self.target_addr, "--draft-addr", self.draft_addr,
                 "--policy", self.config.policy, "--metrics-port", str(self.config.metrics_port)]
         args += self._probe_arg("orchestrator")
+        if self.config.with_drafter:  # named, so its metrics say which drafter served (not "default")
+            args += ["--drafter", self.config.drafter]
         if self.config.token_file is not None:
             args += ["--token-file", str(self.config.token_file)]
         self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir)
         self._wait("orchestrator", lambda: grpc_healthy(self.orchestrator_addr, tls=self.tls), 60)
+
+    def metrics_urls(self) -> dict[str, str]:
+        """/metrics of each running service that serves one (the orchestrator's and drafter's only when asked for)."""
+        ports = {"orchestrator": self.config.metrics_port, "target": self.target_metrics_port}
+        if self.config.with_drafter:
+            ports["draft"] = self.config.draft_metrics_port
+        return {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items() if port}
 
     def _probe_arg(self, name: str) -> list[str]:
         return ["--probe-port", self.probe_addrs[name].rsplit(":", 1)[1]] if name in self.probe_addrs else []

@@ -16,7 +16,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from orchestrator.draft_client import DraftClient
-from orchestrator.routing import DRAFT, TARGET, ChannelPool, NoEndpointsError, Router, rendezvous_rank, router_from_env
+from orchestrator.routing import DRAFT, TARGET, ChannelPool, Router, rendezvous_rank, router_from_env
+from orchestrator.versions import PodVersions, VersionMetrics
 from specrec.target_client import TargetClient, TargetError, TargetUnavailable
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ class Backends:
         *,
         close_grace_s: float = 5.0,
         registry: CollectorRegistry | None = None,
+        model_version: str = "",
+        probe_wait_s: float = 10.0,
     ) -> None:
+        """`model_version`: the catalog's; when set, only pods that report it are used (orchestrator.versions)."""
         self.router = router
         self._grace_s = close_grace_s
         self._closing = asyncio.Event()
@@ -53,14 +57,38 @@ class Backends:
                              "(pod_left: no longer ready; unavailable: a call failed UNAVAILABLE; timeout: a verify "
                              "timed out on a pod while others were ready).", ["reason"], registry=registry)
         self._failures: dict[str, str] = {}  # why a pod last failed a call: the reason of the moves it causes
+        self._probe_wait_s = probe_wait_s
+        self.versions: dict[str, PodVersions] = {}
+        if model_version:
+            metrics = VersionMetrics(registry)
+            self.versions = {
+                TARGET: PodVersions(TARGET, model_version, lambda a: self.targets.get(a).model_version(), metrics),
+                DRAFT: PodVersions(DRAFT, model_version, lambda a: self.drafts.get(a).model_version(), metrics)}
+            router.subscribe(self._on_endpoints)
+
+    def _on_endpoints(self, service: str, endpoints: frozenset[str]) -> None:
+        if service in self.versions:  # called on the router's loop, like ChannelPool.bind's listener
+            self.versions[service].sync(endpoints)
+
+    def serves_our_version(self, service: str, address: str) -> bool:
+        """Whether `address` is known to serve the catalog's model version (always, without pairing)."""
+        versions = self.versions.get(service)
+        return versions is None or versions.matches(address)
 
     async def start(self) -> None:
-        """Open clients for the endpoints known already (static addresses arrive before any listener)."""
+        """Open clients for the endpoints known already (static addresses arrive before any listener) and,
+        with pairing, learn their versions (waiting up to `probe_wait_s`, so the first requests find them)."""
         await self.targets.sync(self.router.endpoints(TARGET))
         await self.drafts.sync(self.router.endpoints(DRAFT))
+        for service, versions in self.versions.items():
+            versions.sync(self.router.endpoints(service))
+        for versions in self.versions.values():
+            await versions.settled(self._probe_wait_s)
 
     async def close(self) -> None:
         self._closing.set()
+        for versions in self.versions.values():
+            versions.close()
         self.router.close()
         await self.targets.close()
         await self.drafts.close()
@@ -76,17 +104,44 @@ class Backends:
 
     # -- the target ---------------------------------------------------------------------------
 
+    def _pick(self, service: str, key: str) -> str | None:
+        """The best-ranked pod of `service` for `key` among those serving our version: usable ones first
+        (a pod that just failed is still a better bet than refusing the request)."""
+        ranked = [a for a in rendezvous_rank(key, self.router.endpoints(service))
+                  if self.serves_our_version(service, a)]
+        return next((a for a in ranked if self.router.usable(service, a)), ranked[0] if ranked else None)
+
+    async def target_for(self, key: str, current: str | None = None) -> tuple[str, TargetClient]:
+        """target(), after waiting for version probes under way when no Triton pod is known to serve our version."""
+        versions = self.versions.get(TARGET)
+        if versions is not None and not any(versions.matches(a) for a in self.router.endpoints(TARGET)):
+            await versions.settled(self._probe_wait_s)
+        return self.target(key, current)
+
     def target(self, key: str, current: str | None = None) -> tuple[str, TargetClient]:
         """The Triton pod for `key`: `current` while it is usable, else the best-ranked usable pod."""
-        if current is not None and self.router.usable(TARGET, current):
+        if current is not None and self.router.usable(TARGET, current) and self.serves_our_version(TARGET, current):
             return current, self.targets.get(current)
-        try:
-            address = self.router.pick(TARGET, key)
-        except NoEndpointsError:
-            raise TargetUnavailable("no ready Triton pod to verify on (none configured, or every pod left); "
-                                    "check the Triton pods and the orchestrator's --target-addr / routing settings",
-                                    grpc.StatusCode.UNAVAILABLE) from None
+        address = self._pick(TARGET, key)
+        if address is None:
+            versions = self.versions.get(TARGET)
+            known = f" serving model version {versions.expected} (pods: {versions.describe()})" if versions else ""
+            raise TargetUnavailable(f"no ready Triton pod{known} to verify on (none configured, or every pod "
+                                    "left); check the Triton pods and the orchestrator's --target-addr / routing "
+                                    "settings", grpc.StatusCode.UNAVAILABLE)
         return address, self.targets.get(address)
+
+    def answered_by(self, address: str, version: str) -> bool:
+        """Whether an answer from `address` that says it came from model `version` may be used; if not, the pod
+        serves another training (replaced in place): it is not used again and the request moves."""
+        versions = self.versions.get(TARGET)
+        if versions is None or not version:
+            return True
+        versions.learn(address, version)
+        if version == versions.expected:
+            return True
+        self._failures[address] = "version"
+        return False
 
     @staticmethod
     async def call(address: str, call: Awaitable[T]) -> T:
@@ -125,6 +180,7 @@ class Backends:
     def moved(self, old: str, new: str) -> None:
         """Count a request's move from pod `old` to pod `new`."""
         reason = "pod_left" if old not in self.router.endpoints(TARGET) else self._failures.pop(old, "unavailable")
+        # reasons: pod_left, unavailable, timeout, version (the pod answered for another model version)
         self.moves.labels(reason).inc()
         log.info("sequence moves from Triton pod %s to %s (%s)", old, new, reason)
 
@@ -135,8 +191,11 @@ class Backends:
     # -- the drafter --------------------------------------------------------------------------
 
     def draft(self, key: str) -> DraftClient | None:
-        """The draft pod for `key`: the best-ranked pod not in its failure backoff; None: no drafter."""
+        """The draft pod for `key`: the best-ranked pod of our model version not in its failure backoff;
+        None: no drafter (plain decoding)."""
         for address in rendezvous_rank(key, self.router.endpoints(DRAFT)):
+            if not self.serves_our_version(DRAFT, address):
+                continue  # another training's drafter: its trees would be in another vocabulary
             client = self.drafts.get(address)
             if client.available:
                 return client

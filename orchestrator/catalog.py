@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from specrec.model_identity import artifact_version
 from specrec.models.profiles import TargetProfile
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
@@ -22,6 +23,7 @@ class Catalog:
         self.trie = ItemTrie(self.sids)
         self.index = {item_id: i for i, item_id in enumerate(self.sids.item_ids)}
         self.max_len = target_max_len(Path(artifacts))
+        self.version = artifact_version(Path(artifacts).resolve())  # the training this catalog belongs to
 
     def list_len(self, prompt: list[int], n_items: int) -> int:
         """Positions a finished list takes on the target: the prompt, n items of codes + SEP, then EOS."""

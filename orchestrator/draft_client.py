@@ -156,6 +156,11 @@ class DraftClient:
         assert self._stub is not None
         return DraftSession(self._stub, self.timeout_s, metadata)
 
+    async def model_version(self) -> str:
+        """The identity of the artifacts the draft pod serves (its Stats), asked before any session is opened."""
+        assert self._stub is not None
+        return (await self._stub.Stats(draft_pb2.StatsRequest(), timeout=max(self.timeout_s * 10, 2.0))).model_version
+
     def failed(self, reason: str) -> None:
         """Keep new requests off the drafter for a while; the window doubles up to 30 s."""
         if time.monotonic() >= self._down_until:

@@ -26,8 +26,14 @@ from orchestrator.catalog import Catalog
 from orchestrator.draft_client import DraftClient, DraftLate, DraftSession, DraftUnavailable
 from specrec.speculation.engine import Proposal, RequestStats, Speculation, Verdict
 from specrec.speculation.policy import Budget, Policy
-from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
-from specrec.telemetry import OrchestratorMetrics, inject_metadata
+from specrec.target_client import (
+    TargetClient,
+    TargetError,
+    TargetSequenceUnknown,
+    TargetUnavailable,
+    VerifyOutcome,
+)
+from specrec.telemetry import OrchestratorMetrics, sampled_metadata
 from specrec.tree_shape import tree_problem
 
 log = logging.getLogger(__name__)
@@ -79,17 +85,18 @@ class SpeculationLoop:
         drafts = self.backends.draft(f"{key_id:016x}") if policy.name != "off" else None
         proposer = DraftStream(self, drafts, opts, metadata)
         verifier = TritonSequence(self, key_id, opts, metadata)
+        observer = self.metrics.for_request(opts.drafter, policy.name, opts.mode)
         try:
             with self.metrics.requests_in_flight.track_inprogress():
                 speculation = Speculation(prompt, self.catalog.constraint(opts.n_items, opts.exclude_history), policy,
                                           proposer, verifier, emit, max_len=self.catalog.max_len,
                                           max_nodes=opts.max_nodes, in_flight=lambda: self.in_flight,
-                                          observer=self.metrics)
+                                          observer=observer)
                 stats = await speculation.run()
         finally:
             await asyncio.shield(asyncio.gather(proposer.close(), verifier.close()))
             self.in_flight -= 1
-        self.metrics.observe_request(time.perf_counter() - t0, stats.rounds, stats.committed)
+        observer.observe_request(time.perf_counter() - t0, stats.rounds, stats.committed)
         return stats
 
 
@@ -167,7 +174,7 @@ class TritonSequence:
         backends = self.loop.backends
         attempts = backends.attempts()
         for attempt in range(1, attempts + 1):
-            pod, target = backends.target(self.key, self.pod)
+            pod, target = await backends.target_for(self.key, self.pod)
             rebuild = start
             if self.pod is not None and pod != self.pod:
                 backends.moved(self.pod, pod)
@@ -184,6 +191,15 @@ class TritonSequence:
                 log.warning("sequence %d lost its Triton pod %s after %d tokens (%s); moving", self.seq_id, pod,
                             len(committed), e)
                 continue
+            if not backends.answered_by(pod, outcome.model_version):
+                # Another training's target answered (a pod replaced in place): its tokens mean nothing in our
+                # vocabulary. Drop its sequence and rebuild on a pod of our version.
+                self.loop.in_background(self._end_on(pod, timeout_s=1.0))
+                if attempt == attempts:
+                    raise TargetUnavailable(f"Triton pod {pod} serves model version {outcome.model_version}, not "
+                                            f"{self.loop.catalog.version}, and no other pod is left",
+                                            grpc.StatusCode.UNAVAILABLE)
+                continue
             self.loop.metrics.set_target_live_sequences(outcome.live_sequences)
             return Verdict(outcome.accepted_tokens, outcome.accepted_nodes)
         raise AssertionError("unreachable")
@@ -192,7 +208,7 @@ class TritonSequence:
                          start: bool) -> VerifyOutcome:
         kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
                   n_items=self.opts.n_items, exclude_history=self.opts.exclude_history,
-                  timeout_s=self.loop.verify_timeout_s, headers=dict(inject_metadata(self.metadata)) or None)
+                  timeout_s=self.loop.verify_timeout_s, headers=dict(sampled_metadata(self.metadata)) or None)
         context = list(self.committed)
         try:
             return await target.verify(self.seq_id, tokens, parents, start=start, context=context if start else None,

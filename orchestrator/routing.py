@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import inspect
 import json
@@ -10,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -103,24 +104,23 @@ def ready_addresses(endpoint_slice: Mapping[str, Any], port_name: str | None = "
     return frozenset(found)
 
 
-class _Gone(Exception):
-    """The watch's resourceVersion is too old (HTTP 410): list again."""
-
-
 def _is_gone(exc: Exception) -> bool:
-    # 410 arrives either as an ERROR event in a 200 stream (_Gone) or as the response status
-    # (the client raises ApiException with .status).
-    return isinstance(exc, _Gone) or getattr(exc, "status", None) == 410
+    # kubernetes.watch raises ApiException(status=410) both for a 410 response and for the ERROR event
+    # a 200 watch stream carries when its resourceVersion is too old.
+    return getattr(exc, "status", None) == 410
 
 
 class EndpointSliceWatcher:
     """Ready endpoints of one Service, kept current by a list-then-watch loop in a daemon thread.
 
     The thread lists the Service's EndpointSlices (label kubernetes.io/service-name=<service>),
-    then watches from the list's resourceVersion; when a watch ends it resumes from the last
-    resourceVersion seen, and when that is too old (410 Gone) it lists again. After every change
-    it calls `on_change(endpoints)` from the watcher thread with an immutable snapshot; API
-    errors keep the last snapshot (serving from stale endpoints beats serving from none).
+    then watches from the list's resourceVersion with `kubernetes.watch.Watch`, which decodes the
+    event stream and tracks the resourceVersion of every event, bookmarks included; when a watch
+    ends the loop resumes from that resourceVersion, and when it is too old (410 Gone) it lists
+    again. The list and the relist stay here: the Python client has no informer (reflector) that
+    lists, watches and relists on its own. After every change it calls `on_change(endpoints)` from
+    the watcher thread with an immutable snapshot; API errors keep the last snapshot (serving from
+    stale endpoints beats serving from none).
     """
 
     def __init__(
@@ -149,7 +149,8 @@ class EndpointSliceWatcher:
         self._resource_version: str | None = None
         self._stop = threading.Event()
         self._synced = threading.Event()
-        self._response: Any = None
+        self._watch_stream: Any = None  # the kubernetes.watch.Watch under way, stopped by stop()
+        self._response: Any = None  # its HTTP response, shut down by stop()
         self._thread = threading.Thread(target=self._run, name=f"endpointslices-{service}", daemon=True)
 
     @property
@@ -165,9 +166,12 @@ class EndpointSliceWatcher:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        response = self._response
+        watch, response = self._watch_stream, self._response
+        if watch is not None:
+            watch.stop()  # the stream ends at its next event...
         if response is not None:
-            # Unblocks the watcher thread's read; urllib3 allows this from another thread.
+            # ...and this unblocks a read waiting for one (Watch.stop's own socket shutdown finds no socket on
+            # urllib3 2's responses); urllib3 allows it from another thread.
             try:
                 response.shutdown()
             except Exception:  # the response may be finishing concurrently
@@ -215,44 +219,41 @@ class EndpointSliceWatcher:
         self._synced.set()
 
     def _watch(self) -> None:
-        response: Any = self._api.list_namespaced_endpoint_slice(
-            self.namespace,
-            label_selector=self._selector,
-            watch=True,
-            resource_version=self._resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self._watch_timeout_s,
-            _preload_content=False,
-            # The server ends the watch after timeout_seconds; the read timeout only catches a
-            # connection that went silent without closing.
-            _request_timeout=(10, self._watch_timeout_s + 30),
-        )
-        self._response = response
+        from kubernetes import watch  # imported here: static routing must work without it
+
+        stream = self._watch_stream = watch.Watch()
+        list_slices = self._api.list_namespaced_endpoint_slice
+
+        @functools.wraps(list_slices)  # Watch reads the return type (for resourceVersions) off the wrapped call
+        def list_keeping_response(*args: Any, **kwargs: Any) -> Any:
+            self._response = list_slices(*args, **kwargs)
+            return self._response
+
         try:
-            if self._stop.is_set():  # stop() ran before there was a response to shut down
+            if self._stop.is_set():  # stop() ran before there was a watch to stop
                 return
-            for line in _lines(response):
+            # With timeout_seconds, Watch makes one request and returns when the server ends it; 410 Gone
+            # arrives as an ApiException(status=410). The read timeout only catches a connection that went
+            # silent without closing.
+            for event in stream.stream(
+                list_keeping_response, self.namespace, label_selector=self._selector,
+                resource_version=self._resource_version, allow_watch_bookmarks=True,
+                timeout_seconds=self._watch_timeout_s, _request_timeout=(10, self._watch_timeout_s + 30),
+            ):
                 if self._stop.is_set():
                     return
-                self._apply(json.loads(line))
+                self._apply(event["type"], event["raw_object"])
         finally:
-            self._response = None
-            response.release_conn()
+            if stream.resource_version:  # the last event's or bookmark's: where the next watch resumes
+                self._resource_version = stream.resource_version
+            self._watch_stream = self._response = None
 
-    def _apply(self, event: Mapping[str, Any]) -> None:
-        kind, obj = event.get("type"), event.get("object") or {}
-        if kind == "ERROR":
-            # A watch from an expired resourceVersion answers 200 and then one Status event.
-            if obj.get("code") == 410:
-                raise _Gone()
-            raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
-        metadata = obj.get("metadata") or {}
+    def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name")
         if kind in ("ADDED", "MODIFIED"):
-            self._slices[metadata["name"]] = ready_addresses(obj, self._port_name)
+            self._slices[name] = ready_addresses(obj, self._port_name)
         elif kind == "DELETED":
-            self._slices.pop(metadata["name"], None)
-        if metadata.get("resourceVersion"):
-            self._resource_version = metadata["resourceVersion"]
+            self._slices.pop(name, None)
         if kind != "BOOKMARK":
             self._publish()
 
@@ -262,20 +263,6 @@ class EndpointSliceWatcher:
             self._endpoints = endpoints
             log.info("endpointslices %s: %d ready: %s", self.service, len(endpoints), sorted(endpoints))
             self._on_change(endpoints)
-
-
-def _lines(response: Any) -> Iterator[str]:
-    """Newline-delimited JSON events from a streaming urllib3 response.
-
-    The API server sends a watch chunked, and stream(amt=None) yields each chunk as it arrives.
-    """
-    buffer = b""
-    for chunk in response.stream(amt=None, decode_content=True):
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield line.decode()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -29,6 +30,9 @@ from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
     OrchestratorMetrics,
+    RequestCounter,
+    RequestCounting,
+    configure_service_logging,
     current_trace_id,
     server_interceptors,
     setup_tracing,
@@ -73,6 +77,19 @@ class ItemEmitter:
             else:
                 self.partial.append(tok)
         return items
+
+
+class FirstItemClock:
+    """Observes the time from a streaming request's arrival to its first item, once per request."""
+
+    def __init__(self, rpcs: RequestCounter, method: str):
+        self.rpcs, self.method, self.t0 = rpcs, method, time.perf_counter()
+        self.done = False
+
+    def seen(self) -> None:
+        if not self.done:
+            self.done = True
+            self.rpcs.first_item_after(self.method, time.perf_counter() - self.t0)
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
@@ -146,38 +163,48 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             items.extend(emitter.feed(tokens))
 
         stats = await self._generate(prompt, opts, policy, context, emit)
-        return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id())
+        return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id(),
+                                    model_version=self.catalog.version)
+
+    def _first_item_clock(self, method: str) -> FirstItemClock:
+        return FirstItemClock(self.loop.metrics.rpcs, method)
 
     async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.RecommendChunk]:
+        first_item = self._first_item_clock("StreamRecommend")
         prompt, opts, policy = await self._validate(request, context)
         emitter, items = ItemEmitter(self.catalog), []
 
         async def emit(tokens: list[int]) -> None:
             for item in emitter.feed(tokens):
+                first_item.seen()
                 items.append(item)
                 await context.write(pb.RecommendChunk(item=item))
 
         stats = await self._generate(prompt, opts, policy, context, emit)
         await context.write(pb.RecommendChunk(done=pb.RecommendResponse(items=items, stats=stats_message(stats),
-                                                                      trace_id=current_trace_id())))
+                                                                      trace_id=current_trace_id(),
+                                                                      model_version=self.catalog.version)))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
+        first_tokens = self._first_item_clock("Generate")
         if not request.prompt:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: send BOS history REC tokens")
         prompt, opts, policy = await self._validate(request, context, prompt=list(request.prompt))
 
         async def emit(tokens: list[int]) -> None:
+            first_tokens.seen()
             await context.write(pb.GenerateChunk(tokens=tokens))
 
         stats = await self._generate(prompt, opts, policy, context, emit)
-        await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats)))
+        await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats), model_version=self.catalog.version))
 
 
-def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, router: Router | None = None
-                   ) -> Backends:
-    """A client per Triton and draft pod; pods from `router`, else from the config (static or EndpointSlices)."""
+def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, router: Router | None = None,
+                   model_version: str = "") -> Backends:
+    """A client per Triton and draft pod; pods from `router`, else from the config (static or EndpointSlices).
+    `model_version`: the catalog's; only pods serving it are used ("" = no pairing)."""
     if router is None:
         router = router_from_config(asyncio.get_running_loop(), target_addr=config.target_addr,
                                     draft_addr=config.draft_addr, routing=config.routing)
@@ -186,22 +213,25 @@ def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, rou
                                               tls_name=config.target_tls_name),
                     lambda addr: DraftClient(addr, config.draft_timeout_ms / 1000, tls=config.tls,
                                              tls_name=config.draft_tls_name),
-                    registry=metrics.registry)
+                    registry=metrics.registry, model_version=model_version)
 
 
-async def follow_target_readiness(health_servicer: health.aio.HealthServicer, router: Router) -> None:
-    """Service SERVICE is SERVING while at least one Triton pod is known, NOT_SERVING otherwise.
+async def follow_target_readiness(health_servicer: health.aio.HealthServicer, backends: Backends) -> None:
+    """Service SERVICE is SERVING while at least one Triton pod of the catalog's model version is known.
 
     The readiness probe asks for SERVICE, the liveness probe for "" (always SERVING while the process runs):
-    with no Triton pod (EndpointSlices not seen yet, or every pod gone) the orchestrator takes itself out of
-    its Service instead of answering every request UNAVAILABLE, and is not restarted for a peer's fault.
+    with no such Triton pod (EndpointSlices not seen yet, every pod gone, or, during a model rollout, none of this
+    orchestrator's version yet) the orchestrator takes itself out of its Service instead of answering every
+    request UNAVAILABLE, and is not restarted for a peer's fault.
     """
     status = health_pb2.HealthCheckResponse
     loop = asyncio.get_running_loop()
+    router = backends.router
     publishing: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def publish() -> None:  # reads the router when it runs, so out-of-order tasks still end right
-        await health_servicer.set(SERVICE, status.SERVING if router.endpoints(TARGET) else status.NOT_SERVING)
+        ready = any(backends.serves_our_version(TARGET, a) for a in router.endpoints(TARGET))
+        await health_servicer.set(SERVICE, status.SERVING if ready else status.NOT_SERVING)
 
     def spawn() -> None:
         task = loop.create_task(publish())
@@ -213,6 +243,8 @@ async def follow_target_readiness(health_servicer: health.aio.HealthServicer, ro
             loop.call_soon_threadsafe(spawn)
 
     router.subscribe(on_change)
+    if TARGET in backends.versions:  # a probe that finds a pod's version may make the orchestrator ready
+        backends.versions[TARGET].listeners.append(lambda: loop.call_soon_threadsafe(spawn))
     await publish()
 
 
@@ -225,19 +257,21 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     """
     catalog = Catalog(config.artifacts)
     metrics = OrchestratorMetrics()
-    backends = build_backends(config, metrics, router)
+    metrics.model.set_version(catalog.version)
+    backends = build_backends(config, metrics, router, model_version=catalog.version)
     await backends.start()
     loop = SpeculationLoop(catalog, backends, config.verify_timeout_s, metrics)
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
-        log.info("metrics on :%d/metrics", port)
-    server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth),
-                                           UndecodableRequests()])
+        log.info("metrics on http://%s:%d/metrics", config.host, port)
+    # Counting first: it sees what the later interceptors refuse (UNAUTHENTICATED, undecodable requests).
+    server = grpc.aio.server(interceptors=[RequestCounting(metrics.rpcs), *server_interceptors(),
+                                           *auth_interceptors(config.auth), UndecodableRequests()])
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await follow_target_readiness(health_servicer, backends.router)
+    await follow_target_readiness(health_servicer, backends)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     return server, port, loop
@@ -268,7 +302,7 @@ async def serve(config: OrchestratorConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_service_logging()
     asyncio.run(serve(OrchestratorConfig.from_args(argv)))
     return 0
 

@@ -107,7 +107,7 @@ def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", tim
     print(f"  {s.rounds} rounds, tau {s.tau:.2f} tokens/verification, {s.accepted_tokens}/{s.drafted_tokens} "
           f"drafted tokens accepted, policy {s.policy}, {s.fallback_rounds} fallback rounds")
     print(f"  {s.total_ms:.0f} ms total: drafting {s.draft_ms:.0f} ms, verification {s.verify_ms:.0f} ms, "
-          f"network and the rest {s.network_ms:.0f} ms")
+          f"network and the rest {s.network_ms:.0f} ms; model version {resp.model_version or '-'}")
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -11,12 +12,14 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from specrec.security import TlsConfig
+from specrec.semantic_ids.vocab import BOS, REC
 
 MODEL_NAME = "specrec_target"
 MODES = ("greedy", "stochastic", "relaxed")
 # tritonclient sends the correlation id as an int64 request parameter.
 MAX_SEQUENCE_ID = 2**63 - 1
-OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES")
+PROBE_SEQUENCES = 2**61  # version probes use ids in [2**61, 2**62): requests draw 63-bit random ids
+OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES", "MODEL_VERSION")
 # Busy, not down: Triton's queue is full, or model.py's live-sequence cap is reached (it
 # answers UNAVAILABLE, the only nearby code the Python backend has, with this prefix). Both
 # arrive as UNAVAILABLE, which clients retry at once: mapped to TargetOverloaded instead.
@@ -37,12 +40,14 @@ class VerifyOutcome:
     accepted_nodes:  tree indices of the accepted path (one shorter than accepted_tokens).
     done:            the list finished with EOS.
     live_sequences:  sequences the serving instance holds state for, after this request.
+    model_version:   the identity of the artifacts the target serves (specrec.model_identity).
     """
 
     accepted_tokens: list[int]
     accepted_nodes: list[int]
     done: bool
     live_sequences: int
+    model_version: str = ""
 
 
 class TargetError(Exception):
@@ -144,6 +149,14 @@ class TargetClient:
             params.update(start_params)
             result = await self._infer(sequence_id, inputs, True, end, params, timeout_s, headers)
         return _outcome(result)
+
+    async def model_version(self) -> str:
+        """The identity of the artifacts this target serves, from a throwaway sequence: START on a two-token
+        context, then END (so a probe leaves no state behind)."""
+        sequence_id = PROBE_SEQUENCES + secrets.randbelow(PROBE_SEQUENCES)
+        outcome = await self.verify(sequence_id, [], [], context=[BOS, REC], start=True)
+        await self.end(sequence_id)
+        return outcome.model_version
 
     async def end(self, sequence_id: int, *, timeout_s: float | None = None) -> None:
         """Free the sequence's state on the target (END with an empty tree); a no-op if already gone."""
@@ -254,4 +267,9 @@ def _outcome(result: grpcclient.InferResult) -> VerifyOutcome:
         accepted_nodes=row("ACCEPTED_NODES").tolist(),
         done=bool(row("DONE")[0]),
         live_sequences=int(row("LIVE_SEQUENCES")[0]),
+        model_version=_text(row("MODEL_VERSION")[0]),
     )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -533,7 +533,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="model instances (processes); rewrites instance_group count in a copy")
     parser.add_argument("--trace-url", default=env("SPECREC_TARGET_TRACE_URL"),
                         help="OTLP/HTTP collector (host:4318 or host:4318/v1/traces) for Triton's OpenTelemetry traces")
-    parser.add_argument("--trace-rate", type=int, default=1, help="trace one request in N (default: 1)")
+    parser.add_argument("--trace-rate", type=int, default=_env_int("SPECREC_TARGET_TRACE_RATE", 1),
+                        help="Triton traces one request in N of those arriving without a trace context; requests "
+                             "that carry a traceparent are traced whatever N (env SPECREC_TARGET_TRACE_RATE; "
+                             "default: %(default)s)")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton --log-verbose level")
     parser.add_argument("--shm-mb", type=int, default=16,
                         help="Python backend shared memory per instance and growth step, MB (default: 16)")

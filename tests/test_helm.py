@@ -21,7 +21,7 @@ RELEASE, NAMESPACE = "rec", "specrec"
 KUBE_VERSION = latest_version()
 SCENARIOS = ["default", *sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))]
 # Kinds from CRDs (Prometheus Operator) have no schema in kubernetes-validate.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 MIB = 1 << 20
 
 
@@ -196,6 +196,7 @@ EXPECTED_ACCELERATORS: dict[str, dict[str, tuple[str, int] | None]] = {
     "whole-gpus": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 2)},
     "mig": {"draft": ("nvidia.com/mig-1g.10gb", 1), "triton": ("nvidia.com/mig-3g.40gb", 1)},
     "tls": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 1)},
+    "monitoring": {"draft": ("nvidia.com/gpu", 1), "triton": ("nvidia.com/gpu", 1)},
 }
 
 
@@ -271,19 +272,29 @@ def test_probes_hit_triton_health_endpoints_and_grpc_health(rendered: dict[str, 
         assert container["livenessProbe"]["grpc"] == {"port": port}
 
 
+def test_tracing_is_off_by_default() -> None:
+    otel = scenario_values("default")["otel"]
+    assert otel["endpoint"] == "" and otel["tritonEndpoint"] == ""
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_triton_tracing_flag_is_one_token(rendered: dict[str, Rendered], scenario: str) -> None:
     r = rendered[scenario]
     args = r.container("triton")["args"]
     otel = r.values["otel"]
-    if otel["enabled"]:
+    env = {e["name"]: e.get("value") for e in r.container("orchestrator")["env"]}
+    if otel["tritonEndpoint"]:
         assert "--trace-config=mode=opentelemetry" in args
         assert f"--trace-config=opentelemetry,url={otel['tritonEndpoint']}" in args
-        env = {e["name"]: e.get("value") for e in r.container("orchestrator")["env"]}
+        # Triton starts no trace of its own: it joins the orchestrator's sampled ones.
+        assert f"--trace-config=rate={otel['tritonRate']}" in args and otel["tritonRate"] >= 1000
+    else:
+        assert not any(a.startswith("--trace-config") for a in args)
+    if otel["endpoint"]:
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == otel["endpoint"]
         assert env["OTEL_TRACES_SAMPLER_ARG"] == str(otel["samplerRatio"])
     else:
-        assert not any(a.startswith("--trace-config") for a in args)
+        assert env["OTEL_SDK_DISABLED"] == "true" and "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
     # Never split into "--trace-config" "mode=opentelemetry".
     assert "--trace-config" not in args and "mode=opentelemetry" not in args
 
@@ -458,3 +469,12 @@ def test_service_monitors_scrape_each_metrics_port(rendered: dict[str, Rendered]
         assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
         assert any(p["name"] == "metrics" for p in service["spec"]["ports"])
     assert rendered["default"].all("ServiceMonitor") == []
+
+
+def test_dashboard_and_alerts_are_optional(rendered: dict[str, Rendered]) -> None:
+    r = rendered["monitoring"]
+    assert r.get("ConfigMap", "dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert r.all("PrometheusRule") and r.values["prometheusRule"]["labels"]["release"] == "kube-prometheus-stack"
+    assert r.all("PrometheusRule")[0]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    default = rendered["default"]
+    assert default.find("ConfigMap", "dashboard") is None and default.all("PrometheusRule") == []

@@ -21,11 +21,12 @@ from pathlib import Path
 import grpc
 import pytest
 import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.stack import Process, free_port, grpc_healthy, triton_ready
 from orchestrator.config import OrchestratorConfig
 from orchestrator.routing import TARGET, Router
-from orchestrator.server import build_server
+from orchestrator.server import SERVICE, build_server
 from specrec.decoding.plain import decode
 from specrec.target_client import MODEL_NAME
 from specrec.v1 import recommend_pb2 as pb
@@ -234,3 +235,40 @@ def test_static_routing_survives_a_triton_killed_mid_run(services, tiny_artifact
         assert moves(metrics_port) > 0
     finally:
         orchestrator.stop()
+
+
+async def test_orchestrator_is_ready_only_while_a_triton_pod_of_its_version_is_known(services, tiny_artifacts):
+    # Readiness (service specrec.v1.Recommender) follows the Triton pods that answered the version probe with the
+    # catalog's version; liveness ("") stays SERVING throughout.
+    (triton,) = [addr for addr, proc in services.tritons if proc.alive()]  # a test above kills one
+    router = Router(asyncio.get_running_loop())
+    config = OrchestratorConfig(artifacts=str(tiny_artifacts.directory), port=0, metrics_port=0, draft_addr="")
+    server, port, loop = await build_server(config, router)
+    await server.start()
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+
+            async def status(service: str) -> int:
+                return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+
+            async def becomes(want: int) -> None:
+                deadline = asyncio.get_running_loop().time() + 10
+                while (got := await status(SERVICE)) != want:
+                    assert asyncio.get_running_loop().time() < deadline, f"readiness stayed {got}"
+                    await asyncio.sleep(0.01)
+
+            assert await status(SERVICE) == not_serving
+            assert await status("") == serving
+            router.set_static(TARGET, ["127.0.0.1:1"])  # a pod that never answers the probe: not ready
+            await asyncio.sleep(0.5)
+            assert await status(SERVICE) == not_serving
+            router.set_static(TARGET, [triton])  # a real Triton of the catalog's version
+            await becomes(serving)
+            router.set_static(TARGET, [])  # every Triton pod left
+            await becomes(not_serving)
+            assert await status("") == serving
+    finally:
+        await server.stop(0)
+        await loop.backends.close()

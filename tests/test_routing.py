@@ -95,6 +95,16 @@ class FakeEndpointSliceAPI:
         with self.cond:
             self._record("DELETED", self.slices.pop(name))
 
+    def bookmark(self) -> str:
+        """A BOOKMARK event (sent to watches that allow them): only a newer resourceVersion, no change."""
+        with self.cond:
+            self.rv += 1
+            mark = {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+                    "metadata": {"resourceVersion": str(self.rv)}}
+            self.events.append((self.rv, "BOOKMARK", mark))
+            self.cond.notify_all()
+            return str(self.rv)
+
     def drop_watches(self) -> None:
         """End every open watch, as the server does on its own timeout or a restart."""
         with self.cond:
@@ -133,7 +143,8 @@ class FakeEndpointSliceAPI:
             return
         selector = query.get("labelSelector", "")
         if query.get("watch") == "true":
-            self._watch(handler, selector, int(query["resourceVersion"]), float(query.get("timeoutSeconds", 60)))
+            self._watch(handler, selector, int(query["resourceVersion"]), float(query.get("timeoutSeconds", 60)),
+                        bookmarks=query.get("allowWatchBookmarks") == "true")
             return
         with self.cond:
             body = {
@@ -149,7 +160,8 @@ class FakeEndpointSliceAPI:
         handler.end_headers()
         handler.wfile.write(data)
 
-    def _watch(self, handler: BaseHTTPRequestHandler, selector: str, since: int, timeout_s: float) -> None:
+    def _watch(self, handler: BaseHTTPRequestHandler, selector: str, since: int, timeout_s: float,
+               bookmarks: bool) -> None:
         if since < self.oldest_rv and self.gone_as_status:
             handler.send_error(410, "Gone")
             return
@@ -171,12 +183,13 @@ class FakeEndpointSliceAPI:
                         "message": f"too old resource version: {since}", "code": 410}
                 send({"type": "ERROR", "object": gone})
             else:
-                self._stream(send, selector, since, timeout_s)
+                self._stream(send, selector, since, timeout_s, bookmarks)
             handler.wfile.write(b"0\r\n\r\n")
         except OSError:  # the client hung up
             pass
 
-    def _stream(self, send: Callable[[dict[str, Any]], None], selector: str, since: int, timeout_s: float) -> None:
+    def _stream(self, send: Callable[[dict[str, Any]], None], selector: str, since: int, timeout_s: float,
+                bookmarks: bool) -> None:
         deadline = time.monotonic() + timeout_s
         with self.cond:
             generation = self.generation
@@ -191,7 +204,7 @@ class FakeEndpointSliceAPI:
                     continue
             for rv, kind, obj in pending:
                 sent = rv
-                if self._matches(obj, selector):
+                if kind == "BOOKMARK" and bookmarks or kind != "BOOKMARK" and self._matches(obj, selector):
                     send({"type": kind, "object": obj})
 
 
@@ -342,6 +355,30 @@ def test_watcher_resumes_from_resource_version_and_relists_after_410(api) -> Non
         assert fake.count(watch=False) == 3
     finally:
         watcher.stop()
+
+
+def test_watcher_resumes_from_a_bookmark_without_publishing_it(api) -> None:
+    fake, api_client = api
+    fake.put(endpoint_slice("triton-a", "triton", {"10.0.0.1": True}))
+    seen = Recorder()
+    watcher = EndpointSliceWatcher(api_client, NS, "triton", seen, backoff_s=(0.01, 0.05))
+    watcher.start()
+    try:
+        assert watcher.wait_synced(5)
+        wait_until(lambda: fake.count(watch=True) == 1)
+        assert fake.requests[-1]["allowWatchBookmarks"] == "true"
+        # Another Service changes (no event for this watch), then the server bookmarks its progress.
+        fake.put(endpoint_slice("draft-a", "draft", {"10.0.1.1": True}, port=50052))
+        mark = fake.bookmark()
+        time.sleep(0.2)  # the bookmark has reached the watcher
+        fake.drop_watches()
+        # The next watch starts from the bookmark, not from the older version of the last slice seen.
+        wait_until(lambda: fake.count(watch=True) == 2)
+        assert fake.requests[-1]["resourceVersion"] == mark
+        assert fake.count(watch=False) == 1 and len(seen.snapshots) == 1  # a bookmark is not a change
+    finally:
+        watcher.stop()
+    assert not watcher._thread.is_alive()
 
 
 def test_watcher_keeps_last_endpoints_while_the_api_is_unreachable() -> None:

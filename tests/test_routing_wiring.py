@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from draft_service.server import DraftConfig, build_server
 from orchestrator.backends import Backends, router_from_config
 from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_client import DraftClient, DraftUnavailable
 from orchestrator.routing import DRAFT, TARGET, Router, rendezvous_rank
-from orchestrator.server import SERVICE
-from orchestrator.server import build_server as build_orchestrator
 from specrec.speculation.policy import Budget
 from specrec.target_client import TargetClient, TargetUnavailable
 from tests.test_routing import NS, api, async_wait_until, endpoint_slice  # noqa: F401 - `api` is a fixture
@@ -156,35 +152,3 @@ async def test_draft_stream_on_a_departed_pods_closed_channel_is_draft_unavailab
         assert session.closed
     finally:
         await server.stop(0)
-
-
-async def test_orchestrator_is_ready_only_while_a_triton_pod_is_known(tiny_artifacts) -> None:
-    # Readiness (service specrec.v1.Recommender) follows the Triton pods; liveness ("") stays SERVING throughout.
-    router = Router(asyncio.get_running_loop())
-    config = OrchestratorConfig(artifacts=str(tiny_artifacts.directory), port=0, metrics_port=0, draft_addr="")
-    server, port, loop = await build_orchestrator(config, router)
-    await server.start()
-    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-
-            async def status(service: str) -> int:
-                return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
-
-            async def becomes(want: int) -> None:
-                deadline = asyncio.get_running_loop().time() + 5
-                while (got := await status(SERVICE)) != want:
-                    assert asyncio.get_running_loop().time() < deadline, f"readiness stayed {got}"
-                    await asyncio.sleep(0.01)
-
-            assert await status(SERVICE) == not_serving
-            assert await status("") == serving
-            router.set_static(TARGET, [target_addr(TRITONS[0])])
-            await becomes(serving)
-            router.set_static(TARGET, [])  # every Triton pod left
-            await becomes(not_serving)
-            assert await status("") == serving
-    finally:
-        await server.stop(0)
-        await loop.backends.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -22,13 +23,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.otlp_receiver import OtlpReceiver
 from specrec.telemetry import (
+    LOG_FORMAT,
     DrafterMetrics,
     OrchestratorMetrics,
+    TraceContextFilter,
     build_tracer_provider,
     client_interceptors,
     current_trace_id,
     extract_context,
     inject_metadata,
+    request_id,
+    sampled_metadata,
     server_interceptors,
     setup_tracing,
     shutdown_tracing,
@@ -194,11 +199,11 @@ async def test_one_trace_across_client_and_server_over_otlp(otlp_tracing: Tracer
         assert (client["kind"], server["kind"]) == ("client", "server")
         assert client["parent_span_id"] == root["span_id"]
         assert server["parent_span_id"] == client["span_id"]
+        # OpenTelemetry's current RPC conventions: no rpc.system / rpc.service / rpc.grpc.status_code any more
         assert server["attributes"] == {
-            "rpc.system": "grpc", "rpc.service": "test.Echo", "rpc.method": method.split("/")[1],
-            "rpc.grpc.status_code": 0,
+            "rpc.system.name": "grpc", "rpc.method": method, "rpc.response.status_code": "OK",
         }
-        assert client["attributes"]["rpc.grpc.status_code"] == 0
+        assert client["attributes"] == server["attributes"]
     # Code inside the handler runs under the server span: a child span for unary, events on the stream's span.
     unary_server = next(s for s in named["test.Echo/Unary"] if s["kind"] == "server")
     assert named["handler.work"][0]["parent_span_id"] == unary_server["span_id"]
@@ -244,16 +249,18 @@ async def test_errors_aborts_and_stream_failures_are_recorded(memory_provider):
     assert [e.name for e in fail_server.events] == ["exception"]
     assert fail_server.events[0].attributes["exception.type"] == "ValueError"
     assert fail_server.status.status_code == trace.StatusCode.ERROR
-    assert fail_server.attributes["rpc.grpc.status_code"] == 2
+    assert fail_server.attributes["error.type"] == "UNKNOWN"
+    assert fail_server.attributes["rpc.response.status_code"] == "UNKNOWN"
     fail_client = _one(spans, "test.Echo/Fail", trace.SpanKind.CLIENT)
     assert fail_client.status.status_code == trace.StatusCode.ERROR
-    assert fail_client.attributes["rpc.grpc.status_code"] == 2
+    assert fail_client.attributes["rpc.response.status_code"] == "UNKNOWN"
 
     # An abort is the servicer's answer, not a crash: no exception event; INVALID_ARGUMENT is not a server error.
     reject_server = _one(spans, "test.Echo/Reject", trace.SpanKind.SERVER)
     assert reject_server.events == ()
-    assert reject_server.attributes["rpc.grpc.status_code"] == 3
+    assert reject_server.attributes["rpc.response.status_code"] == "INVALID_ARGUMENT"
     assert reject_server.status.status_code == trace.StatusCode.UNSET
+    assert "error.type" not in reject_server.attributes  # the caller's fault, not the server's
     reject_client = _one(spans, "test.Echo/Reject", trace.SpanKind.CLIENT)
     assert reject_client.status.status_code == trace.StatusCode.ERROR
     assert reject_client.status.description == "no such user"
@@ -285,7 +292,7 @@ async def test_writer_style_stream_and_concurrent_calls_keep_their_parents(memor
 
     writer_server = _one(spans, "test.Echo/BidiWriter", trace.SpanKind.SERVER)
     assert writer_server.parent.span_id == _one(spans, "test.Echo/BidiWriter", trace.SpanKind.CLIENT).context.span_id
-    assert writer_server.attributes["rpc.grpc.status_code"] == 0
+    assert writer_server.attributes["rpc.response.status_code"] == "OK"
     by_id = {s.context.span_id: s for s in spans}
     for i in range(4):
         (root,) = [s for s in spans if s.name == f"request-{i}"]
@@ -359,36 +366,84 @@ def test_inject_copies_and_replaces_stale_traceparent_and_extract_reads_it(memor
     assert not trace.get_current_span(extract_context(None)).get_span_context().is_valid
 
 
+def test_sampled_metadata_carries_a_trace_context_only_for_sampled_spans(memory_provider):
+    provider, _ = memory_provider
+    stale = (("x-user", "7"), ("traceparent", TRACEPARENT))
+    with provider.get_tracer("test").start_as_current_span("request") as span:
+        carried = dict(sampled_metadata(stale))
+    assert carried["traceparent"].split("-")[1] == trace.format_trace_id(span.get_span_context().trace_id)
+    unsampled = trace.NonRecordingSpan(trace.SpanContext(
+        0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT)))
+    with trace.use_span(unsampled):
+        assert sampled_metadata(stale) == (("x-user", "7"),)  # nothing a server could start a trace from
+    assert sampled_metadata(stale) == (("x-user", "7"),)  # no span at all (tracing off)
+
+
+def test_log_lines_carry_the_trace_and_request_ids(memory_provider):
+    provider, _ = memory_provider
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(TraceContextFilter())
+    log = logging.getLogger("specrec.test.logs")
+    log.addHandler(handler)
+    try:
+        log.warning("outside")
+        with provider.get_tracer("test").start_as_current_span("request") as span:
+            token = request_id.set("req-42")
+            log.warning("inside")
+            request_id.reset(token)
+    finally:
+        log.removeHandler(handler)
+    trace_id = trace.format_trace_id(span.get_span_context().trace_id)
+    assert "[trace=- request=-]: outside" in lines[0]
+    assert f"[trace={trace_id} request=req-42]: inside" in lines[1]
+
+
 # ---------------------------------------------------------------- (c) metrics
 
 
-def test_orchestrator_counters_follow_the_rounds():
+def test_orchestrator_counters_follow_the_rounds_per_drafter_policy_and_mode():
     metrics, other = OrchestratorMetrics(), OrchestratorMetrics()  # separate registries: no duplicate errors
-    metrics.observe_round(depth=3, n_nodes=7, accepted=2, accepted_per_depth=[True, True, False], seconds=0.004)
-    metrics.observe_round(depth=2, n_nodes=3, accepted=0, accepted_per_depth=[False, False], seconds=0.002)
-    metrics.observe_request(seconds=0.05, rounds=2, tokens=4)
-    metrics.fallback("drafter_timeout")
+    model = metrics.for_request("model", "adaptive", "greedy")
+    retrieval = metrics.for_request("retrieval", "fixed:4:16", "greedy")
+    model.observe_round(depth=3, n_nodes=7, accepted=2, accepted_per_depth=[True, True, False], seconds=0.004)
+    model.observe_round(depth=2, n_nodes=3, accepted=0, accepted_per_depth=[False, False], seconds=0.002)
+    retrieval.observe_round(depth=1, n_nodes=1, accepted=1, accepted_per_depth=[True], seconds=0.001)
+    model.observe_request(seconds=0.05, rounds=2, tokens=4)
+    model.fallback("drafter_timeout")
     metrics.set_target_live_sequences(3)
     metrics.requests_in_flight.inc()
 
     value = metrics.registry.get_sample_value
-    assert value("specrec_spec_decode_num_drafts_total") == 2
-    assert value("specrec_spec_decode_num_draft_tokens_total") == 10
-    assert value("specrec_spec_decode_num_accepted_tokens_total") == 2
-    per_pos = [value("specrec_spec_decode_num_accepted_tokens_per_pos_total", {"position": str(p)}) for p in range(3)]
+    m = {"drafter": "model", "policy": "adaptive", "mode": "greedy"}
+    r = {"drafter": "retrieval", "policy": "fixed", "mode": "greedy"}  # the policy's kind: bounded label values
+    assert value("specrec_spec_decode_num_drafts_total", m) == 2
+    assert value("specrec_spec_decode_num_drafts_total", r) == 1
+    assert value("specrec_spec_decode_num_draft_tokens_total", m) == 10
+    assert value("specrec_spec_decode_num_accepted_tokens_total", m) == 2
+    per_pos = [value("specrec_spec_decode_num_accepted_tokens_per_pos_total", {**m, "position": str(p)})
+               for p in range(3)]
     assert per_pos == [1, 1, 0]  # position 2 was drafted but never accepted: present at 0
-    assert value("specrec_spec_decode_depth_sum") == 5 and value("specrec_spec_decode_depth_bucket", {"le": "2.0"}) == 1
-    assert value("specrec_round_latency_seconds_count") == 2
-    assert value("specrec_request_latency_seconds_count") == 1
-    assert value("specrec_generation_tokens_total") == 4
-    assert value("specrec_fallback_rounds_total", {"reason": "drafter_timeout"}) == 1
+    assert value("specrec_spec_decode_depth_sum", m) == 5
+    assert value("specrec_spec_decode_depth_bucket", {**m, "le": "2.0"}) == 1
+    assert value("specrec_round_latency_seconds_count", m) == 2
+    assert value("specrec_request_latency_seconds_count", m) == 1
+    assert value("specrec_generation_tokens_total", m) == 4
+    assert value("specrec_fallback_rounds_total", {**m, "reason": "drafter_timeout"}) == 1
     assert value("specrec_target_live_sequences") == 3 and value("specrec_requests_in_flight") == 1
-    assert other.registry.get_sample_value("specrec_spec_decode_num_drafts_total") == 0
+    assert other.registry.get_sample_value("specrec_spec_decode_num_drafts_total", m) is None
 
 
-def test_metrics_endpoint_serves_prometheus_text():
+def test_metrics_endpoint_serves_prometheus_text_with_process_metrics():
     orchestrator, drafter = OrchestratorMetrics(), DrafterMetrics()
-    orchestrator.observe_round(depth=1, n_nodes=1, accepted=1, accepted_per_depth=[True], seconds=0.001)
+    orchestrator.for_request("model", "adaptive", "greedy").observe_round(
+        depth=1, n_nodes=1, accepted=1, accepted_per_depth=[True], seconds=0.001)
     drafter.session_opened()
     drafter.observe_tree(n_nodes=5, seconds=0.0003)
     drafter.draft_ahead(hit=True)
@@ -397,13 +452,17 @@ def test_metrics_endpoint_serves_prometheus_text():
     port = start_metrics_server(0, orchestrator.registry, addr="127.0.0.1")
     drafter_port = start_metrics_server(0, drafter.registry, addr="127.0.0.1")
     assert port > 0 and drafter_port not in (0, port)
-    samples = _scrape(port) | _scrape(drafter_port)
+    orchestrator_samples, drafter_samples = _scrape(port), _scrape(drafter_port)
+    samples = orchestrator_samples | drafter_samples
     assert samples["specrec_spec_decode_num_drafts_total"] == 1
     assert samples["specrec_spec_decode_num_accepted_tokens_per_pos_total"] == 1
     assert samples["specrec_draft_sessions"] == 1
     assert samples["specrec_draft_trees_total"] == 1 and samples["specrec_draft_tree_nodes_total"] == 5
     assert samples["specrec_draft_ahead_hits_total"] == 1 and samples["specrec_draft_ahead_misses_total"] == 1
     assert samples["specrec_draft_latency_seconds_count"] == 1
+    for own in (orchestrator_samples, drafter_samples):  # what an SRE needs besides ours: memory, CPU, restarts
+        assert own["process_resident_memory_bytes"] > 1e6 and own["process_start_time_seconds"] > 1.6e9
+        assert "process_cpu_seconds_total" in own and "python_info" in own
 
 
 def _scrape(port: int) -> dict[str, float]:

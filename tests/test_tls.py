@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.devcerts import make_ca, make_identity
-from harness.stack import LocalStack, StackConfig
+from harness.stack import LocalStack, StackConfig, free_port
 from orchestrator.config import OrchestratorConfig
 from specrec.cli import main as cli_main
 from specrec.decoding.plain import decode
@@ -26,6 +26,7 @@ from specrec.security import SecurityConfigError, TlsConfig, TokenSource, add_po
 from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
+from tests.test_monitoring import sample, scrape
 
 USERS = [0, 1, 2]
 
@@ -70,7 +71,7 @@ def reference(tiny_artifacts, tiny_target) -> dict[int, list[str]]:
 def stack(tiny_artifacts, tiny_drafter, pki, tmp_path_factory):
     config = StackConfig(artifacts=tiny_artifacts.directory, drafter="model", policy="fixed:3:8", tls=pki.tls(),
                          token_file=pki.token_file, log_dir=tmp_path_factory.mktemp("logs"),
-                         probe_ports=True)
+                         probe_ports=True, metrics_port=free_port())
     with LocalStack(config) as s:
         yield s
 
@@ -169,6 +170,15 @@ def test_a_missing_or_wrong_token_is_unauthenticated(stack, pki, tiny_artifacts,
             pb_grpc.RecommenderStub(ch).Recommend(request(tiny_artifacts, 0), timeout=30, metadata=metadata)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "token" in err.value.details() or "Bearer" in err.value.details()
+
+
+def test_refused_tokens_are_counted_as_unauthenticated(stack, pki, tiny_artifacts):
+    url = stack.metrics_urls()["orchestrator"]
+    before = sample(scrape(url), "specrec_requests_total", method="Recommend", code="UNAUTHENTICATED")
+    with channel(stack.orchestrator_addr, pki.tls()) as ch, pytest.raises(grpc.RpcError):
+        pb_grpc.RecommenderStub(ch).Recommend(request(tiny_artifacts, 0), timeout=30)
+    after = sample(scrape(url), "specrec_requests_total", method="Recommend", code="UNAUTHENTICATED")
+    assert after == before + 1  # the auth interceptor's refusal is counted, though no handler ran
 
 
 def test_health_checks_need_no_token(stack, pki):

@@ -30,12 +30,14 @@ def traced(tiny_artifacts, tiny_drafter):
 
 
 def scrape(port: int) -> dict[str, float]:
+    """Each sample name's value summed over its labels (drafter, policy, mode, ...)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+            series, _, value = line.rpartition(" ")
+            name = series.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(value)
     return values
 
 

@@ -19,13 +19,29 @@ Per-position acceptance rate (a vector over `position`, 0 = first drafted token)
 
 Tokens/s: `rate(specrec_generation_tokens_total[1m])`; mean chosen depth:
 `rate(specrec_spec_decode_depth_sum[5m]) / rate(specrec_spec_decode_depth_count[5m])`.
+
+Round and request series carry `drafter`, `policy` and `mode` labels (one orchestrator serves several drafters);
+their values are the drafter's and the policy's *kind* (`model`, `fixed`, ...), not the client's full spec, so a
+client cannot grow the series count; `drafter="default"` is the draft service's own default (the orchestrator was
+given no `--drafter`). Requests by RPC and status code: `specrec_requests_total{method,code}`
+(refusals are `RESOURCE_EXHAUSTED`, bad requests `INVALID_ARGUMENT`). Every registry here also carries the
+process_* and python_* collectors the default registry would have had.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 # Rounds are a draft plus one target forward: sub-millisecond on loopback CPU up to ~1 s on a busy GPU.
 ROUND_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -34,74 +50,143 @@ DRAFT_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 
 # Integer depths: bucket le="d" counts rounds drafted at depth <= d (0 = no speculation).
 DEPTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 ROUNDS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The first item of a stream comes after the prefill and one or two rounds.
+FIRST_ITEM_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SPEC_LABELS = ("drafter", "policy", "mode")
+
+
+def service_registry() -> CollectorRegistry:
+    """A registry of our own that still exports process (CPU, RSS, fds, start time), GC and platform metrics.
+
+    A custom registry keeps tests' and services' series apart; the default one's collectors are process-wide
+    and stateless, so registering the same instances in several registries is safe.
+    """
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+def label_kind(name: str, default: str = "default") -> str:
+    """A bounded label value: the part of a client-chosen spec before ':' ("fixed:4:16" -> "fixed")."""
+    return name.split(":", 1)[0] or default
+
+
+class ModelInfo:
+    """`specrec_model_info{version} 1`: the artifact identity (specrec.model_identity) a process serves."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.info = Gauge("specrec_model_info", "Artifact identity served (hash of semantic IDs + target weights).",
+                          ["version"], registry=registry)
+
+    def set_version(self, version: str) -> None:
+        self.info.clear()
+        self.info.labels(version=version).set(1)
+
+
+class RequestCounter:
+    """`specrec_requests_total{method,code}` and the time to the first streamed item, for one service."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("specrec_requests", "Finished RPCs by method and gRPC status code.",
+                                ["method", "code"], registry=registry)
+        self.first_item = Histogram("specrec_time_to_first_item_seconds",
+                                    "Time from a streaming request's arrival to its first item (or tokens).",
+                                    ["method"], buckets=FIRST_ITEM_BUCKETS, registry=registry)
+
+    def finished(self, method: str, code: str) -> None:
+        self.requests.labels(method=method, code=code).inc()
+
+    def first_item_after(self, method: str, seconds: float) -> None:
+        self.first_item.labels(method=method).observe(seconds)
 
 
 class OrchestratorMetrics:
     """The orchestrator's metrics, in a registry of their own (pass one to share, e.g. prometheus_client.REGISTRY)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else service_registry()
         r = self.registry
+        labels = SPEC_LABELS
         # prometheus_client appends "_total" to counter names on exposition.
         self.num_drafts = Counter("specrec_spec_decode_num_drafts", "Speculation rounds (draft trees verified).",
-                                  registry=r)
+                                  labels, registry=r)
         self.num_draft_tokens = Counter("specrec_spec_decode_num_draft_tokens",
-                                        "Draft tokens verified by the target (tree nodes).", registry=r)
+                                        "Draft tokens verified by the target (tree nodes).", labels, registry=r)
         self.num_accepted_tokens = Counter("specrec_spec_decode_num_accepted_tokens",
-                                           "Draft tokens accepted by the target (bonus token excluded).", registry=r)
+                                           "Draft tokens accepted by the target (bonus token excluded).", labels,
+                                           registry=r)
         self.num_accepted_tokens_per_pos = Counter("specrec_spec_decode_num_accepted_tokens_per_pos",
-                                                   "Accepted draft tokens per draft position.", ["position"],
+                                                   "Accepted draft tokens per draft position.", (*labels, "position"),
                                                    registry=r)
-        self.generation_tokens = Counter("specrec_generation_tokens", "Tokens returned to clients.", registry=r)
-        self.depth = Histogram("specrec_spec_decode_depth", "Draft depth chosen per round.", buckets=DEPTH_BUCKETS,
-                               registry=r)
+        self.generation_tokens = Counter("specrec_generation_tokens", "Tokens returned to clients.", labels,
+                                         registry=r)
+        self.depth = Histogram("specrec_spec_decode_depth", "Draft depth chosen per round.", labels,
+                               buckets=DEPTH_BUCKETS, registry=r)
         self.round_latency = Histogram("specrec_round_latency_seconds", "Speculation round latency (draft + verify).",
-                                       buckets=ROUND_BUCKETS, registry=r)
-        self.request_latency = Histogram("specrec_request_latency_seconds", "End-to-end request latency.",
+                                       labels, buckets=ROUND_BUCKETS, registry=r)
+        self.request_latency = Histogram("specrec_request_latency_seconds", "End-to-end request latency.", labels,
                                          buckets=REQUEST_BUCKETS, registry=r)
-        self.request_rounds = Histogram("specrec_request_rounds", "Decoding rounds per request.",
+        self.request_rounds = Histogram("specrec_request_rounds", "Decoding rounds per request.", labels,
                                         buckets=ROUNDS_BUCKETS, registry=r)
         self.fallback_rounds = Counter("specrec_fallback_rounds", "Rounds decoded without speculation, by reason.",
-                                       ["reason"], registry=r)
+                                       (*labels, "reason"), registry=r)
+        self.rpcs = RequestCounter(r)
+        self.model = ModelInfo(r)
         self.requests_in_flight = Gauge("specrec_requests_in_flight", "Requests being served.", registry=r)
         self.target_live_sequences = Gauge("specrec_target_live_sequences",
                                            "Sequences Triton holds state for (its LIVE_SEQUENCES output).", registry=r)
+
+    def for_request(self, drafter: str, policy: str, mode: str) -> RequestMetrics:
+        """The round and request series of one (drafter, policy, mode), as the speculation loop reports them."""
+        return RequestMetrics(self, {"drafter": label_kind(drafter), "policy": label_kind(policy), "mode": mode})
+
+    def set_target_live_sequences(self, count: int) -> None:
+        self.target_live_sequences.set(count)
+
+
+class RequestMetrics:
+    """OrchestratorMetrics bound to one request's labels: the speculation engine's RoundObserver."""
+
+    def __init__(self, metrics: OrchestratorMetrics, labels: dict[str, str]) -> None:
+        self.metrics, self.labels = metrics, labels
 
     def observe_round(
         self, depth: int, n_nodes: int, accepted: int, accepted_per_depth: Sequence[bool], seconds: float
     ) -> None:
         """One speculation round: a tree of `n_nodes` drafted to `depth`; `accepted_per_depth[i]` = position i kept."""
-        self.num_drafts.inc()
-        self.num_draft_tokens.inc(n_nodes)
-        self.num_accepted_tokens.inc(accepted)
+        m, labels = self.metrics, self.labels
+        m.num_drafts.labels(**labels).inc()
+        m.num_draft_tokens.labels(**labels).inc(n_nodes)
+        m.num_accepted_tokens.labels(**labels).inc(accepted)
         for position, kept in enumerate(accepted_per_depth):
             # labels() creates the series even when not incremented, so every drafted position shows up (at 0).
-            child = self.num_accepted_tokens_per_pos.labels(position=str(position))
+            child = m.num_accepted_tokens_per_pos.labels(**labels, position=str(position))
             if kept:
                 child.inc()
-        self.depth.observe(depth)
-        self.round_latency.observe(seconds)
+        m.depth.labels(**labels).observe(depth)
+        m.round_latency.labels(**labels).observe(seconds)
 
     def observe_request(self, seconds: float, rounds: int, tokens: int = 0) -> None:
         """One finished request: its latency, decoding rounds and tokens returned."""
-        self.request_latency.observe(seconds)
-        self.request_rounds.observe(rounds)
-        self.generation_tokens.inc(tokens)
+        m, labels = self.metrics, self.labels
+        m.request_latency.labels(**labels).observe(seconds)
+        m.request_rounds.labels(**labels).observe(rounds)
+        m.generation_tokens.labels(**labels).inc(tokens)
 
     def fallback(self, reason: str, rounds: int = 1) -> None:
-        """Rounds decoded by the target alone, e.g. reason="drafter_unavailable" or "drafter_timeout"."""
-        self.fallback_rounds.labels(reason=reason).inc(rounds)
-
-    def set_target_live_sequences(self, count: int) -> None:
-        self.target_live_sequences.set(count)
+        """Rounds decoded by the target alone because the drafter failed, e.g. reason="drafter"."""
+        self.metrics.fallback_rounds.labels(**self.labels, reason=reason).inc(rounds)
 
 
 class DrafterMetrics:
     """The draft service's metrics, in a registry of their own."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else service_registry()
         r = self.registry
+        self.rpcs = RequestCounter(r)
+        self.model = ModelInfo(r)
         self.sessions = Gauge("specrec_draft_sessions", "Open draft sessions (bidi streams).", registry=r)
         self.trees = Counter("specrec_draft_trees", "Draft trees produced.", registry=r)
         self.tree_nodes = Counter("specrec_draft_tree_nodes", "Nodes in the draft trees produced.", registry=r)

@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio, Sampler
 ENDPOINT_ENV_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 MetadataPairs = tuple[tuple[str, str | bytes], ...]
+TRACE_CONTEXT_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 
 
 def tracing_configured() -> bool:
@@ -85,6 +86,18 @@ def inject_metadata(
     # Replace rather than duplicate: a stale traceparent from the caller must not shadow the current span.
     kept = tuple((key, value) for key, value in metadata or () if key not in carrier)
     return kept + tuple(carrier.items())
+
+
+def sampled_metadata(metadata: Iterable[tuple[str, str | bytes]] | None = None) -> MetadataPairs:
+    """`metadata` plus `traceparent` only when the current span is sampled; any traceparent in it dropped otherwise.
+
+    For hops whose server traces whatever context arrives (Triton starts a trace for every propagated context,
+    sampled flag or not): an unsampled request then costs that server no tracing at all.
+    """
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid and span_context.trace_flags.sampled:
+        return inject_metadata(metadata)
+    return tuple((key, value) for key, value in metadata or () if key not in TRACE_CONTEXT_KEYS)
 
 
 def extract_context(invocation_metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context:

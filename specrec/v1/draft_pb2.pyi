@@ -70,7 +70,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("live_sessions", "max_sessions", "sessions_opened", "sessions_rejected", "sessions_expired", "trees_drafted", "draft_ahead_hits", "draft_ahead_misses", "invalid_requests")
+    __slots__ = ("live_sessions", "max_sessions", "sessions_opened", "sessions_rejected", "sessions_expired", "trees_drafted", "draft_ahead_hits", "draft_ahead_misses", "invalid_requests", "model_version")
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class StatsResponse(_message.Message):
     DRAFT_AHEAD_HITS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_AHEAD_MISSES_FIELD_NUMBER: _ClassVar[int]
     INVALID_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     live_sessions: int
     max_sessions: int
     sessions_opened: int
@@ -89,4 +90,5 @@ class StatsResponse(_message.Message):
     draft_ahead_hits: int
     draft_ahead_misses: int
     invalid_requests: int
-    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_rejected: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., trees_drafted: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ..., invalid_requests: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_rejected: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., trees_drafted: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ..., invalid_requests: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...

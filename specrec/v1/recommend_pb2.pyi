@@ -82,14 +82,16 @@ class Stats(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tau: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fallback_rounds: _Optional[int] = ..., policy: _Optional[str] = ..., tree_rounds: _Optional[int] = ..., ready_trees: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "stats", "trace_id")
+    __slots__ = ("items", "stats", "trace_id", "model_version")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
     stats: Stats
     trace_id: str
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    model_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RecommendChunk(_message.Message):
     __slots__ = ("item", "done")
@@ -110,11 +112,13 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("tokens", "done", "stats")
+    __slots__ = ("tokens", "done", "stats", "model_version")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     done: bool
     stats: Stats
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...

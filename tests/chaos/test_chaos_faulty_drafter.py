@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 
 from harness.loadgen import Tally, run_requests_sync
 from harness.stack import StackConfig, free_port
+from specrec.model_identity import artifact_version
 from specrec.semantic_ids.vocab import BOS
 from specrec.v1 import draft_pb2, draft_pb2_grpc, tree_pb2
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for
@@ -29,7 +31,8 @@ LATE_S = DRAFT_TIMEOUT_MS / 1000 + 0.05  # just past it: the late tree comes whi
 class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
     """Answers every Advance with the current `mode`'s fault; counts what it injected."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, model_version: str):
+        self.model_version = model_version  # it claims the real artifacts' version, or the orchestrator skips it
         self.vocab_size = vocab_size
         self.mode = "slow"
         self.injected: Counter = Counter()
@@ -73,12 +76,13 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
                 yield draft_pb2.SpeculateResponse(tree=self.tree())
 
     def Stats(self, request, context):
-        return draft_pb2.StatsResponse()
+        return draft_pb2.StatsResponse(model_version=self.model_version)
 
 
 @pytest.fixture(scope="module")
 def injector_stack(tiny_artifacts):
-    injector = FaultInjector(tiny_artifacts.sids.vocab.size)
+    injector = FaultInjector(tiny_artifacts.sids.vocab.size,
+                             artifact_version(Path(tiny_artifacts.directory).resolve()))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     draft_pb2_grpc.add_DraftServiceServicer_to_server(injector, server)
     addr = f"127.0.0.1:{free_port()}"

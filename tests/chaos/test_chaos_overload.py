@@ -12,9 +12,10 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from harness.loadgen import Tally, run_requests_sync
-from harness.stack import StackConfig
+from harness.stack import StackConfig, free_port
 from specrec.target_client import TargetOverloaded, map_error
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, model_repository, record, requests_for
+from tests.test_monitoring import sample, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +33,16 @@ def check_overloaded(outcomes, reference) -> Tally:
 
 def test_in_flight_cap_refuses_with_a_retry_hint(tiny_artifacts, reference):
     config = StackConfig(artifacts=tiny_artifacts.directory, with_drafter=False, policy="off",
-                         extra_env={"SPECREC_MAX_IN_FLIGHT": "2"})
+                         extra_env={"SPECREC_MAX_IN_FLIGHT": "2"}, metrics_port=free_port())
     with ChaosStack(config) as stack:
         outcomes = run_requests_sync(stack.orchestrator_addr, requests_for(tiny_artifacts, reference), 12, TIMEOUT_S)
-    record("overload: orchestrator in-flight cap 2, 24 requests 12 at a time", check_overloaded(outcomes, reference))
+        metrics = scrape(stack.metrics_urls()["orchestrator"])
+    tally = check_overloaded(outcomes, reference)
+    record("overload: orchestrator in-flight cap 2, 24 requests 12 at a time", tally)
+    # What an SRE sees: every refusal and every completion counted by status code.
+    refused = sum(o.code == "RESOURCE_EXHAUSTED" for o in outcomes)
+    assert sample(metrics, "specrec_requests_total", method="Recommend", code="RESOURCE_EXHAUSTED") == refused
+    assert sample(metrics, "specrec_requests_total", method="Recommend", code="OK") == tally.completed
 
 
 @pytest.fixture(scope="module")

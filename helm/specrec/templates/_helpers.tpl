@@ -150,7 +150,7 @@ Call with (dict "ctx" $ "service" "specrec-draft").
 {{- define "specrec.otelEnv" -}}
 - name: OTEL_SERVICE_NAME
   value: {{ .service | quote }}
-{{- if .ctx.Values.otel.enabled }}
+{{- if .ctx.Values.otel.endpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .ctx.Values.otel.endpoint | quote }}
 - name: OTEL_TRACES_SAMPLER

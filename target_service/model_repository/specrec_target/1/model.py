@@ -20,6 +20,7 @@ Outputs:
     ACCEPTED_NODES  INT64 [-1]  tree indices of the accepted path
     DONE            BOOL  [1]   the list finished with EOS
     LIVE_SEQUENCES  INT64 [1]   sequences this instance holds state for, after this request
+    MODEL_VERSION   BYTES [1]   the identity of the artifacts served (specrec.model_identity)
 
 A bad request gets an error response (INVALID_ARG, or UNAVAILABLE prefixed "RESOURCE_EXHAUSTED:"
 when the live-sequence cap is reached) and changes no state, except that a bad END still ends its
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from specrec.model_identity import artifact_version
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
 
 log = logging.getLogger("specrec.target")
@@ -65,6 +67,9 @@ class TritonPythonModel:
                                        max_sequences=int(_param(config, "max_sequences", "64")),
                                        max_len=int(_param(config, "max_len", "512")),
                                        idle_timeout_s=idle_us / 1e6)
+        self.version = artifact_version(os.path.realpath(model_dir))
+        self._model_info = _report_version(self.version)
+
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
@@ -86,7 +91,7 @@ class TritonPythonModel:
                     self.verifier.end(req.sequence_id)
         for (i, _), res in zip(parsed, results, strict=True):
             responses[i] = _error(res) if isinstance(res, VerifyError) else pb_utils.InferenceResponse(
-                output_tensors=_outputs(res))
+                output_tensors=_outputs(res, self.version))
         return responses
 
     def _end_if_flagged(self, request):
@@ -131,6 +136,22 @@ class TritonPythonModel:
         self.verifier = None
 
 
+def _report_version(version):
+    """`specrec_model_info{version} 1` on Triton's own /metrics (the Python backend's custom metrics);
+    the family and metric must stay referenced, or Triton drops them. A metric that cannot be made (metrics
+    off) never stops the model from serving: the version still goes out with every answer."""
+    try:
+        family = pb_utils.MetricFamily(name="specrec_model_info",
+                                       description="Artifact identity served (hash of semantic IDs + target weights).",
+                                       kind=pb_utils.MetricFamily.GAUGE)
+        metric = family.Metric(labels={"version": version})
+        metric.set(1)
+    except Exception as e:  # pb_utils raises its own TritonModelException types
+        pb_utils.Logger.log_warn(f"specrec_model_info not exported: {e}")
+        return None
+    return family, metric
+
+
 def _number(params, key, cast, default):
     """params[key] as int or float; a VerifyError naming the key when it is not one (say "abc" or "1e400")."""
     value = params.get(key, default)
@@ -152,10 +173,11 @@ def _error(e):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(prefix + str(e), code))
 
 
-def _outputs(res):
+def _outputs(res, version):
     return [
         pb_utils.Tensor("ACCEPTED_TOKENS", np.asarray(res.accepted_tokens, dtype=np.int64).reshape(1, -1)),
         pb_utils.Tensor("ACCEPTED_NODES", np.asarray(res.accepted_nodes, dtype=np.int64).reshape(1, -1)),
         pb_utils.Tensor("DONE", np.array([[res.done]], dtype=np.bool_)),
         pb_utils.Tensor("LIVE_SEQUENCES", np.array([[res.live_sequences]], dtype=np.int64)),
+        pb_utils.Tensor("MODEL_VERSION", np.array([[version.encode()]], dtype=np.object_)),
     ]
