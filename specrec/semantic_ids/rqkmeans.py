@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+STALLED = 0.1  # a proposal round that places fewer than this share of the unassigned items hands over to code by code
 FIT_SAMPLE = 65_536  # points k-means fits its centroids on (all of them below this): seeding costs n x k^2
 
 
@@ -68,7 +69,29 @@ def balanced_assign(dist: torch.Tensor, capacity: torch.Tensor | int, groups: to
         take = order[rank < room.view(-1)[sorted_key]]
         assign[todo[take]] = choice[take]
         room.view(-1).sub_(torch.bincount(key[take], minlength=n_groups * k))
+        if len(take) < STALLED * len(todo):  # a blob filling one code per round: finish code by code
+            _fill_code_by_code(dist, assign, room, groups)
     return assign
+
+
+def _fill_code_by_code(dist: torch.Tensor, assign: torch.Tensor, room: torch.Tensor, groups: torch.Tensor) -> None:
+    """What stalled rounds leave: a dense blob of near-identical items fills one code per round (a million-item
+    catalog took ~100 rounds a level), so each code in turn takes its closest unassigned items of each group."""
+    todo = torch.nonzero(assign < 0).squeeze(1)
+    scale = float(dist[todo].max()) * 1.001 + 1e-12 if len(todo) else 1.0
+    for code in range(dist.shape[1]):
+        if not len(todo):
+            return
+        if not bool((room[:, code] > 0).any()):
+            continue
+        g = groups[todo]
+        order = torch.argsort(g.double() + dist[todo, code].double() / scale)  # by group, closest first within
+        sorted_g = g[order]
+        rank = torch.arange(len(order)) - torch.searchsorted(sorted_g, sorted_g, right=False)
+        take = order[rank < room[sorted_g, code]]
+        assign[todo[take]] = code
+        room[:, code].sub_(torch.bincount(g[take], minlength=room.shape[0]))
+        todo = todo[assign[todo] < 0]
 
 
 def residual_kmeans(x: np.ndarray, n_levels: int, k: int, seed: int = 0) -> np.ndarray:
