@@ -4,7 +4,7 @@ match), each stage's seconds and peak RSS, side by side in one report.
     .venv/bin/python bench/scale.py [--catalogs 10000:2000,100000:20000,1000000:200000] [--mean-length 50]
 
 Each catalog runs in a fresh process (so its peak RSS is its own). Stages: the synthetic data itself (not ours to
-optimise, reported for scale), the sparse user x item matrix, item vectors (randomized SVD past 50M matrix entries),
+optimise, reported for scale), the sparse user x item matrix, item vectors (randomized SVD past 4M matrix entries),
 RQ-KMeans semantic IDs, the item trie. Peak RSS is the process's peak up to the end of that stage. Writes
 bench/results/scale-<date>.md and .json (a row per catalog: items, users, interactions, per stage seconds and
 peak_rss_mb). Serving at these sizes (round p50) needs a target trained on each catalog: not measured here yet.
