@@ -166,6 +166,10 @@ class Drafters:
                 raise DraftError(f"drafter {name!r} is not available on this server: {err}") from None
         return self._loaded[name]
 
+    def forward_counts(self) -> dict[str, tuple[int, int]]:
+        """{drafter: (forwards, session steps)} of the loaded drafters that batch their sessions' steps."""
+        return {name: counts for name, d in list(self._loaded.items()) if (counts := d.forward_counts()) is not None}
+
 
 def to_budget(msg: draft_pb2.DraftBudget) -> Budget:
     return Budget(msg.depth, msg.max_nodes, msg.top_k, msg.min_path_prob).validated()
@@ -328,6 +332,7 @@ async def build_server(config: DraftConfig, health_servicer: health.aio.HealthSe
     # Keepalive pings find clients that vanished without closing their connection (a dead host, a cut
     # network); a client that just goes quiet is closed by the idle timeout.
     metrics = DrafterMetrics()
+    metrics.watch_batches(drafters.forward_counts)
     metrics.model.set_version(drafters.version)
     if config.metrics_port:
         log.info("metrics on http://%s:%d/metrics", config.host,

@@ -421,6 +421,10 @@ class Drafter(ABC):
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> DraftSession:
         """A session for `context` (BOS history REC [generated...]); DraftError on bad input."""
 
+    def forward_counts(self) -> tuple[int, int] | None:
+        """(forwards, session steps) its model ran so far, for drafters that batch sessions' steps; else None."""
+        return None
+
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
                     budget: Budget) -> list[DraftTree]:
         """Offline evaluation: the tree drafted after context + continuation[:t], for every t."""

@@ -24,6 +24,9 @@ class HybridDrafter(Drafter):
         self.retrieval = retrieval
         self.name = name
 
+    def forward_counts(self) -> tuple[int, int] | None:
+        return self.model.forward_counts()
+
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> HybridSession:
         return HybridSession(self.model.open(context, constraint), self.retrieval.open(context, constraint, user_group))
 

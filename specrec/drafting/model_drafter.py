@@ -195,6 +195,9 @@ class ModelDrafter(Drafter):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def forward_counts(self) -> tuple[int, int]:
+        return self.batcher.counters.forwards, self.batcher.counters.rows
+
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> ModelSession:
         if constraint.trie.vocab.level_sizes != tuple(self.model.config.level_sizes):
             raise ValueError("this drafter was trained on another semantic-ID vocabulary")

@@ -30,7 +30,7 @@ process_* and python_* collectors the default registry would have had.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -42,6 +42,8 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Rounds are a draft plus one target forward: sub-millisecond on loopback CPU up to ~1 s on a busy GPU.
 ROUND_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -205,11 +207,33 @@ class DrafterMetrics:
     def draft_ahead(self, hit: bool) -> None:
         (self.draft_ahead_hits if hit else self.draft_ahead_misses).inc()
 
+    def watch_batches(self, counts: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """Export the drafters' batched forwards, read at scrape time: counts() = {drafter: (forwards, steps)};
+        steps / forwards is the mean number of sessions per drafter forward."""
+        self.registry.register(_ForwardCounts(counts))
+
     def session_opened(self) -> None:
         self.sessions.inc()
 
     def session_closed(self) -> None:
         self.sessions.dec()
+
+
+class _ForwardCounts(Collector):
+    def __init__(self, counts: Callable[[], dict[str, tuple[int, int]]]):
+        self.counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        forwards = CounterMetricFamily("specrec_draft_forwards", "Drafter forwards run (batched across sessions).",
+                                       labels=["drafter"])
+        steps = CounterMetricFamily("specrec_draft_forward_steps",
+                                    "Session steps those forwards ran (steps / forwards = sessions per forward).",
+                                    labels=["drafter"])
+        for name, (n_forwards, n_steps) in self.counts().items():
+            forwards.add_metric([name], n_forwards)
+            steps.add_metric([name], n_steps)
+        yield forwards
+        yield steps
 
 
 def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> int:
