@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from orchestrator.errors import PUSHBACK_KEY
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -37,11 +38,12 @@ def recommend_request(history: Sequence[str], num_items: int = 10, policy: str =
 
 
 async def _retry_after(call: grpc.aio.Call) -> str | None:
-    try:  # the in-flight cap sends the hint as initial metadata, a target at capacity as trailing
-        md = [*(await call.initial_metadata() or ()), *(await call.trailing_metadata() or ())]
+    """The refusal's retry hint: the `grpc-retry-pushback-ms` trailer (what gRPC's retry policy obeys)."""
+    try:
+        md = await call.trailing_metadata() or ()
     except grpc.aio.AioRpcError:
         return None
-    return dict(md).get("retry-after-ms")
+    return dict(md).get(PUSHBACK_KEY)
 
 
 async def call_once(stub: pb_grpc.RecommenderStub, key: int, request: pb.RecommendRequest, timeout_s: float,

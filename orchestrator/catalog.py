@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.errors import RequestInvalid
 from specrec.models.profiles import TargetProfile
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
@@ -12,8 +14,20 @@ from specrec.semantic_ids.trie import ItemTrie
 from specrec.semantic_ids.vocab import BOS, REC, SEP
 
 
-class RequestInvalid(ValueError):
-    """A client request that cannot be served; the message names the field."""
+@dataclass
+class ResolvedHistory:
+    """A client history as the target reads it. Unknown ids are skipped (new items the model has never seen are
+    the rule in a catalog that changes hourly); past the limit the oldest known items go; with nothing left the
+    prompt is BOS REC, a cold start: the target's list for a user it knows nothing about."""
+
+    prompt: list[int]
+    used: int  # items in the prompt
+    unknown_ids: list[str] = field(default_factory=list)  # skipped, in request order
+    truncated: int = 0  # known items dropped, oldest first
+
+    @property
+    def cold_start(self) -> bool:
+        return self.used == 0
 
 
 class Catalog:
@@ -33,21 +47,38 @@ class Catalog:
         if need > self.max_len:
             raise RequestInvalid(f"a prompt of {len(prompt)} tokens and {n_items} items of {self.sids.tokens_per_item} "
                                  f"tokens need {need} positions, over the target's {self.max_len}: send a shorter "
-                                 "history or ask for fewer items")
+                                 "history or ask for fewer items", "num_items")
 
-    def prompt(self, history: list[str], max_history: int) -> list[int]:
-        if not history:
-            raise RequestInvalid("history is empty: give at least one item id the catalog knows")
-        if len(history) > max_history:
-            raise RequestInvalid(f"history has {len(history)} items, over the limit of {max_history}; "
-                                 "send the most recent ones")
-        tokens = [BOS]
-        for pos, item_id in enumerate(history):
+    def prompt(self, history: list[str], max_history: int, strict: bool = False) -> ResolvedHistory:
+        """The target's prompt for a client history (see ResolvedHistory); `strict`: refuse what it would skip."""
+        if strict:
+            self.check_strict(history, max_history)
+        known, unknown = [], []
+        for item_id in history:
             item = self.index.get(item_id)
             if item is None:
-                raise RequestInvalid(f"history[{pos}] = {item_id!r} is not an item id of this catalog")
+                unknown.append(item_id)
+            else:
+                known.append(item)
+        kept = known[len(known) - max_history:] if len(known) > max_history else known
+        tokens = [BOS]
+        for item in kept:
             tokens += self.sids.item_tokens(item) + [SEP]
-        return tokens + [REC]
+        return ResolvedHistory(tokens + [REC], used=len(kept), unknown_ids=unknown,
+                               truncated=len(known) - len(kept))
+
+    def check_strict(self, history: list[str], max_history: int) -> None:
+        """RequestInvalid for what the lenient reading would skip, truncate or answer as a cold start."""
+        if not history:
+            raise RequestInvalid("history is empty: give at least one item id the catalog knows "
+                                 "(or leave strict_history off for a cold-start list)", "history")
+        if len(history) > max_history:
+            raise RequestInvalid(f"history has {len(history)} items, over the limit of {max_history}; "
+                                 "send the most recent ones (or leave strict_history off to keep them)", "history")
+        for pos, item_id in enumerate(history):
+            if item_id not in self.index:
+                raise RequestInvalid(f"history[{pos}] = {item_id!r} is not an item id of this catalog",
+                                     f"history[{pos}]")
 
     def constraint(self, n_items: int, exclude_history: bool) -> ListConstraint:
         return ListConstraint(self.trie, n_items, exclude_history)

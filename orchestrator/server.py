@@ -8,16 +8,19 @@ import math
 import signal
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.backends import Backends, router_from_config
-from orchestrator.catalog import Catalog, RequestInvalid
+from orchestrator.catalog import Catalog, ResolvedHistory
 from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_client import DraftClient
+from orchestrator.errors import RETRY_AFTER_MS, RequestInvalid, abort, abort_invalid, abort_overloaded
 from orchestrator.loop import LoopOptions, SpeculationLoop
+from orchestrator.request_ids import RequestIdFilter, bind, request_id_of
 from orchestrator.routing import DRAFT, TARGET, Router
 from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
@@ -43,6 +46,7 @@ SERVICE = "specrec.v1.Recommender"
 MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPLING: "stochastic",
          pb.DecodingOptions.MODE_RELAXED: "relaxed"}
 MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
+UNKNOWN_IDS_REPORTED = 20  # unknown history ids echoed in a response (all are counted)
 
 
 def stats_message(s: RequestStats) -> pb.Stats:
@@ -51,6 +55,23 @@ def stats_message(s: RequestStats) -> pb.Stats:
                     network_ms=max(0.0, s.total_s - s.draft_s - s.verify_s) * 1e3, total_ms=s.total_s * 1e3,
                     fallback_rounds=s.fallback_rounds, policy=s.policy,
                     tree_rounds=s.tree_rounds, ready_trees=s.ready_trees)
+
+
+def history_report(resolved: ResolvedHistory) -> pb.HistoryReport:
+    return pb.HistoryReport(used_items=resolved.used, unknown_items=len(resolved.unknown_ids),
+                            unknown_item_ids=resolved.unknown_ids[:UNKNOWN_IDS_REPORTED],
+                            truncated_items=resolved.truncated, cold_start=resolved.cold_start)
+
+
+@dataclass
+class Plan:
+    """A checked request: what the loop runs and what the response reports."""
+
+    request_id: str
+    prompt: list[int]
+    opts: LoopOptions
+    policy: Policy
+    history: pb.HistoryReport | None  # Recommend and StreamRecommend only
 
 
 class ItemEmitter:
@@ -83,74 +104,105 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         # policies of one drafter and mode learn from each other's rounds; near the in-flight cap speculation shrinks
         self.policies = PolicyRegistry(config.policy, max_in_flight=config.max_in_flight)
 
-    async def _validate(self, request, context: grpc.aio.ServicerContext, prompt: list[int] | None = None
-                        ) -> tuple[list[int], LoopOptions, Policy]:
+    def _options(self, request) -> tuple[int, LoopOptions, Policy]:
+        """The request's list length, loop options and policy; RequestInvalid naming the field at fault."""
+        n = request.num_items or 10
+        if not 1 <= n <= self.config.max_items:
+            raise RequestInvalid(f"num_items = {n} is out of range 1..{self.config.max_items}", "num_items")
+        opts = request.options
+        if opts.mode not in MODES:
+            raise RequestInvalid(f"options.mode = {opts.mode} is not a known mode", "options.mode")
+        if not (math.isfinite(opts.temperature) and opts.temperature >= 0):  # NaN passes a plain "< 0"
+            raise RequestInvalid(f"options.temperature must be a finite number >= 0, got {opts.temperature}",
+                                 "options.temperature")
+        if opts.seed > MAX_SEED:
+            raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes",
+                                 "options.seed")
+        if opts.drafter and not DRAFTER_NAME.fullmatch(opts.drafter):  # else the drafter's refusal backs
+            # every request off the drafter for a while, as if the service were down
+            raise RequestInvalid(f"options.drafter = {opts.drafter!r} is not a drafter: use model, retrieval "
+                                 "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty",
+                                 "options.drafter")
+        if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
+            raise RequestInvalid("options.max_tree_nodes must be in 0..128", "options.max_tree_nodes")
+        drafter = opts.drafter or self.config.drafter
         try:
-            n = request.num_items or 10
-            if not 1 <= n <= self.config.max_items:
-                raise RequestInvalid(f"num_items = {n} is out of range 1..{self.config.max_items}")
-            opts = request.options
-            if opts.mode not in MODES:
-                raise RequestInvalid(f"options.mode = {opts.mode} is not a known mode")
-            if not (math.isfinite(opts.temperature) and opts.temperature >= 0):  # NaN passes a plain "< 0"
-                raise RequestInvalid(f"options.temperature must be a finite number >= 0, got {opts.temperature}")
-            if opts.seed > MAX_SEED:
-                raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes")
-            if opts.drafter and not DRAFTER_NAME.fullmatch(opts.drafter):  # else the drafter's refusal backs
-                # every request off the drafter for a while, as if the service were down
-                raise RequestInvalid(f"options.drafter = {opts.drafter!r} is not a drafter: use model, retrieval "
-                                     "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty")
-            if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
-                raise RequestInvalid("options.max_tree_nodes must be in 0..128")
-            drafter = opts.drafter or self.config.drafter
-            try:
-                policy = self.policies.get(opts.policy, drafter, MODES[opts.mode])
-            except ValueError as e:
-                raise RequestInvalid(f"options.policy: {e}") from None
-            if prompt is None:
-                prompt = self.catalog.prompt(list(request.history), self.config.max_history)
-            loop_opts = LoopOptions(n_items=n, exclude_history=not opts.include_history, mode=MODES[opts.mode],
-                                    temperature=opts.temperature or 1.0, seed=opts.seed,
-                                    max_nodes=opts.max_tree_nodes, drafter=drafter)
-            self.catalog.constraint(n, loop_opts.exclude_history).start(prompt)
-            self.catalog.check_fits(prompt, n)
-        except ValueError as e:  # RequestInvalid and the grammar's ConstraintError
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if self.loop.in_flight >= self.config.max_in_flight:
-            await context.send_initial_metadata((("retry-after-ms", "100"),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self.loop.in_flight} requests in flight, the cap; retry after ~100 ms")
-        return prompt, loop_opts, policy
+            policy = self.policies.get(opts.policy, drafter, MODES[opts.mode])
+        except ValueError as e:
+            raise RequestInvalid(f"options.policy: {e}", "options.policy") from None
+        loop_opts = LoopOptions(n_items=n, exclude_history=not opts.include_history, mode=MODES[opts.mode],
+                                temperature=opts.temperature or 1.0, seed=opts.seed,
+                                max_nodes=opts.max_tree_nodes, drafter=drafter)
+        return n, loop_opts, policy
 
-    async def _generate(self, prompt, opts, policy, context, emit) -> RequestStats:
+    def _prompt(self, request) -> tuple[list[int], pb.HistoryReport | None]:
+        """A Generate request's prompt as sent; a Recommend request's from its history (and what was made of it)."""
+        if isinstance(request, pb.GenerateRequest):
+            if not request.prompt:
+                raise RequestInvalid("prompt is empty: send BOS history REC tokens", "prompt")
+            return list(request.prompt), None
+        resolved = self.catalog.prompt(list(request.history), self.config.max_history, request.strict_history)
+        return resolved.prompt, history_report(resolved)
+
+    async def _plan(self, request, context: grpc.aio.ServicerContext) -> Plan:
+        """The request checked and turned into a plan; otherwise the call ends INVALID_ARGUMENT (or
+        RESOURCE_EXHAUSTED at the in-flight cap) with google.rpc details."""
         try:
-            return await self.loop.run(prompt, opts, policy, emit)
+            request_id = request_id_of(request.request_id)
+        except RequestInvalid as e:
+            request_id = request_id_of("")  # the refusal still gets an id for the logs
+            bind(request_id)
+            await abort_invalid(context, e, request_id, "request_id")
+        bind(request_id)
+        prompt_field = "prompt" if isinstance(request, pb.GenerateRequest) else "history"
+        try:
+            n, opts, policy = self._options(request)
+            prompt, history = self._prompt(request)
+            self.catalog.constraint(n, opts.exclude_history).start(prompt)
+            self.catalog.check_fits(prompt, n)
+        except ValueError as e:  # RequestInvalid and the grammar's ConstraintError (a bad prompt)
+            log.info("refused: %s", e)
+            await abort_invalid(context, e, request_id, prompt_field)
+        if self.loop.in_flight >= self.config.max_in_flight:
+            await abort_overloaded(context, f"{self.loop.in_flight} requests in flight, the cap; retry after "
+                                   f"~{RETRY_AFTER_MS} ms", RETRY_AFTER_MS, request_id)
+        return Plan(request_id, prompt, opts, policy, history)
+
+    async def _generate(self, plan: Plan, context: grpc.aio.ServicerContext, emit) -> RequestStats:
+        rid = plan.request_id
+        try:
+            stats = await self.loop.run(plan.prompt, plan.opts, plan.policy, emit)
         except TargetInvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}", rid)
         except TargetOverloaded as e:
-            # Trailing metadata: a stream may already have sent its initial metadata with the first items.
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the target model is at capacity: {e}",
-                                trailing_metadata=(("retry-after-ms", str(e.retry_after_ms)),))
+            # In the trailers: a stream may already have sent its initial metadata with the first items.
+            await abort_overloaded(context, f"the target model is at capacity: {e}", e.retry_after_ms, rid)
         except TargetError as e:
             code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
                 else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"the target model (Triton) failed: {e}")
-        raise AssertionError("unreachable")
+            log.warning("target failed: %s", e)
+            await abort(context, code, f"the target model (Triton) failed: {e}", rid)
+        log.info("done: %d rounds, %d tokens, %.1f ms", stats.rounds, stats.committed, stats.total_s * 1e3)
+        return stats
+
+    def _response(self, plan: Plan, items: list[pb.Item], stats: RequestStats) -> pb.RecommendResponse:
+        return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id(),
+                                    request_id=plan.request_id, history=plan.history)
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                         ) -> pb.RecommendResponse:
-        prompt, opts, policy = await self._validate(request, context)
+        plan = await self._plan(request, context)
         emitter, items = ItemEmitter(self.catalog), []
 
         async def emit(tokens: list[int]) -> None:
             items.extend(emitter.feed(tokens))
 
-        stats = await self._generate(prompt, opts, policy, context, emit)
-        return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id())
+        stats = await self._generate(plan, context, emit)
+        return self._response(plan, items, stats)
 
     async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.RecommendChunk]:
-        prompt, opts, policy = await self._validate(request, context)
+        plan = await self._plan(request, context)
         emitter, items = ItemEmitter(self.catalog), []
 
         async def emit(tokens: list[int]) -> None:
@@ -158,21 +210,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 items.append(item)
                 await context.write(pb.RecommendChunk(item=item))
 
-        stats = await self._generate(prompt, opts, policy, context, emit)
-        await context.write(pb.RecommendChunk(done=pb.RecommendResponse(items=items, stats=stats_message(stats),
-                                                                      trace_id=current_trace_id())))
+        stats = await self._generate(plan, context, emit)
+        await context.write(pb.RecommendChunk(done=self._response(plan, items, stats)))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
-        if not request.prompt:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: send BOS history REC tokens")
-        prompt, opts, policy = await self._validate(request, context, prompt=list(request.prompt))
+        plan = await self._plan(request, context)
 
         async def emit(tokens: list[int]) -> None:
             await context.write(pb.GenerateChunk(tokens=tokens))
 
-        stats = await self._generate(prompt, opts, policy, context, emit)
-        await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats)))
+        stats = await self._generate(plan, context, emit)
+        await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats), request_id=plan.request_id))
 
 
 def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, router: Router | None = None
@@ -268,7 +317,9 @@ async def serve(config: OrchestratorConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:  # every record gets the id of the request it was logged in
+        handler.addFilter(RequestIdFilter())
     asyncio.run(serve(OrchestratorConfig.from_args(argv)))
     return 0
 

@@ -9,6 +9,8 @@ import concurrent.futures as cf
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from harness.stack import LocalStack, StackConfig
 from orchestrator.config import OrchestratorConfig
@@ -62,18 +64,28 @@ def test_target_only_stack_equals_plain_greedy(plain_stack, tiny_artifacts, refe
 
 
 @pytest.mark.parametrize("request_, field", [
-    (pb.RecommendRequest(history=[], num_items=10), "history"),
-    (pb.RecommendRequest(history=["no-such-item"], num_items=10), "history[0]"),
-    (pb.RecommendRequest(history=["1"] * 51, num_items=10), "history"),
+    (pb.RecommendRequest(history=[], num_items=10, strict_history=True), "history"),
+    (pb.RecommendRequest(history=["1", "no-such-item"], num_items=10, strict_history=True), "history[1]"),
+    (pb.RecommendRequest(history=["1"] * 51, num_items=10, strict_history=True), "history"),
     (pb.RecommendRequest(history=["1"], num_items=500), "num_items"),
-    (pb.RecommendRequest(history=["1"], num_items=10, options=pb.DecodingOptions(policy="fixed:x")), "policy"),
+    (pb.RecommendRequest(history=["1"], num_items=10, options=pb.DecodingOptions(policy="fixed:x")),
+     "options.policy"),
+    (pb.RecommendRequest(history=["1"], request_id="has spaces"), "request_id"),
 ])
-def test_bad_requests_get_invalid_argument_naming_the_field(plain_stack, request_, field):
+def test_bad_requests_get_invalid_argument_with_the_field_in_bad_request_details(plain_stack, request_, field):
     with grpc.insecure_channel(plain_stack.orchestrator_addr) as ch:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.RecommenderStub(ch).Recommend(request_, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in err.value.details()
+    assert field.split("[")[0].split(".")[-1] in err.value.details()
+    status = rpc_status.from_call(err.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad = [d for d in status.details if d.Is(error_details_pb2.BadRequest.DESCRIPTOR)]
+    assert len(bad) == 1
+    violations = error_details_pb2.BadRequest()
+    bad[0].Unpack(violations)
+    assert [v.field for v in violations.field_violations] == [field]
+    assert violations.field_violations[0].description == err.value.details()
 
 
 def test_stream_recommend_streams_items_then_stats(plain_stack, tiny_artifacts, reference):

@@ -34,14 +34,32 @@ class DecodingOptions(_message.Message):
     def __init__(self, mode: _Optional[_Union[DecodingOptions.Mode, str]] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., policy: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ..., drafter: _Optional[str] = ..., include_history: _Optional[bool] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "num_items", "options")
+    __slots__ = ("history", "num_items", "options", "request_id", "strict_history")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STRICT_HISTORY_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedScalarFieldContainer[str]
     num_items: int
     options: DecodingOptions
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ...) -> None: ...
+    request_id: str
+    strict_history: bool
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., strict_history: _Optional[bool] = ...) -> None: ...
+
+class HistoryReport(_message.Message):
+    __slots__ = ("used_items", "unknown_items", "unknown_item_ids", "truncated_items", "cold_start")
+    USED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    used_items: int
+    unknown_items: int
+    unknown_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    truncated_items: int
+    cold_start: bool
+    def __init__(self, used_items: _Optional[int] = ..., unknown_items: _Optional[int] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ..., truncated_items: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
 
 class Item(_message.Message):
     __slots__ = ("item_id", "title", "semantic_id")
@@ -82,14 +100,18 @@ class Stats(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tau: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fallback_rounds: _Optional[int] = ..., policy: _Optional[str] = ..., tree_rounds: _Optional[int] = ..., ready_trees: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "stats", "trace_id")
+    __slots__ = ("items", "stats", "trace_id", "request_id", "history")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
     stats: Stats
     trace_id: str
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    history: HistoryReport
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., history: _Optional[_Union[HistoryReport, _Mapping]] = ...) -> None: ...
 
 class RecommendChunk(_message.Message):
     __slots__ = ("item", "done")
@@ -100,21 +122,25 @@ class RecommendChunk(_message.Message):
     def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., done: _Optional[_Union[RecommendResponse, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "num_items", "options")
+    __slots__ = ("prompt", "num_items", "options", "request_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedScalarFieldContainer[int]
     num_items: int
     options: DecodingOptions
-    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("tokens", "done", "stats")
+    __slots__ = ("tokens", "done", "stats", "request_id")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     done: bool
     stats: Stats
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,161 @@
+"""The Recommender API a production caller needs (issue #19), end to end on the real stack: Triton via our
+launcher, the draft service and the orchestrator as processes on loopback.
+
+Catalog churn (unknown ids skipped and counted, long histories cut to the most recent items, empty histories
+answered as a flagged cold start), request ids (echoed, in the orchestrator's log), and the error model
+(google.rpc details read with grpc_status.rpc_status.from_call; the documented service config retrying
+RESOURCE_EXHAUSTED after the server's pushback).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from harness.stack import LocalStack, StackConfig
+from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import PUSHBACK_KEY, RETRY_AFTER_MS
+from orchestrator.server import build_server
+from specrec.decoding.plain import decode
+from specrec.semantic_ids.vocab import BOS, REC
+from specrec.training.examples import encode_prompt
+from specrec.v1 import recommend_pb2 as pb
+from specrec.v1 import recommend_pb2_grpc as pb_grpc
+
+SERVICE_CONFIG = Path(__file__).resolve().parents[1] / "protos" / "specrec" / "v1" / "service_config.json"
+MAX_HISTORY = 50  # the orchestrator's default limit
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_artifacts, tiny_drafter):
+    config = StackConfig(artifacts=tiny_artifacts.directory, policy="fixed:3:16",
+                         extra_env={"SPECREC_DRAFT_TIMEOUT_MS": "5000"})
+    with LocalStack(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    with grpc.insecure_channel(stack.orchestrator_addr) as ch:
+        yield pb_grpc.RecommenderStub(ch)
+
+
+def plain_items(arts, target, history: list[int], n: int = 10) -> list[str]:
+    """Plain constrained greedy decoding in process, from a history of item indices."""
+    decoded = decode(target, arts.constraint(n), [encode_prompt(arts.sids, history)])[0]
+    return [arts.data.item_ids[i] for i in decoded.items]
+
+
+def ids(arts, items) -> list[str]:
+    return [arts.data.item_ids[i] for i in items]
+
+
+def test_unknown_history_items_are_skipped_counted_and_the_list_is_the_known_items_list(stub, tiny_artifacts,
+                                                                                       tiny_target):
+    known = list(tiny_artifacts.split.train[1][-8:])
+    history = ids(tiny_artifacts, known)
+    mixed = ["new-item-a", *history[:4], "new-item-b", *history[4:], ""]
+    resp = stub.Recommend(pb.RecommendRequest(history=mixed, num_items=10), timeout=60)
+    assert [i.item_id for i in resp.items] == plain_items(tiny_artifacts, tiny_target, known)
+    assert resp.history.used_items == 8 and resp.history.unknown_items == 3
+    assert list(resp.history.unknown_item_ids) == ["new-item-a", "new-item-b", ""]
+    assert not resp.history.cold_start and resp.history.truncated_items == 0
+
+
+def test_a_history_over_the_limit_keeps_its_most_recent_items(stub, tiny_artifacts, tiny_target):
+    user = next(u for u, seq in enumerate(tiny_artifacts.split.train) if len(seq) >= MAX_HISTORY + 30)
+    known = list(tiny_artifacts.split.train[user][-(MAX_HISTORY + 30):])
+    resp = stub.Recommend(pb.RecommendRequest(history=ids(tiny_artifacts, known), num_items=10), timeout=60)
+    assert [i.item_id for i in resp.items] == plain_items(tiny_artifacts, tiny_target, known[-MAX_HISTORY:])
+    assert (resp.history.used_items, resp.history.truncated_items) == (MAX_HISTORY, 30)
+
+
+@pytest.mark.parametrize("history", [[], ["never-seen-1", "never-seen-2"]])
+def test_no_usable_history_is_a_flagged_cold_start_equal_to_plain_decoding_from_nothing(stub, tiny_artifacts,
+                                                                                        tiny_target, history):
+    reference = decode(tiny_target, tiny_artifacts.constraint(10), [[BOS, REC]])[0]
+    resp = stub.Recommend(pb.RecommendRequest(history=history, num_items=10), timeout=60)
+    assert [i.item_id for i in resp.items] == ids(tiny_artifacts, reference.items)
+    assert resp.history.cold_start and resp.history.used_items == 0
+    assert resp.history.unknown_items == len(history)
+    assert resp.stats.fallback_rounds == 0  # the drafter drafts from an empty history too
+
+
+def test_streamed_cold_start_reports_its_history_in_the_last_message(stub):
+    chunks = list(stub.StreamRecommend(pb.RecommendRequest(history=[], num_items=3), timeout=60))
+    done = chunks[-1].done
+    assert [c.item.item_id for c in chunks[:-1]] == [i.item_id for i in done.items] and len(done.items) == 3
+    assert done.history.cold_start
+
+
+def test_strict_history_refuses_what_the_lenient_reading_would_skip(stub, tiny_artifacts):
+    history = ids(tiny_artifacts, tiny_artifacts.split.train[2][-3:]) + ["not-in-catalog"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Recommend(pb.RecommendRequest(history=history, strict_history=True, request_id="strict-1"), timeout=30)
+    status = rpc_status.from_call(err.value)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "not-in-catalog" in status.message
+    details = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    bad, info = error_details_pb2.BadRequest(), error_details_pb2.RequestInfo()
+    details["google.rpc.BadRequest"].Unpack(bad)
+    details["google.rpc.RequestInfo"].Unpack(info)
+    assert [v.field for v in bad.field_violations] == ["history[3]"]
+    assert info.request_id == "strict-1"  # the client can match the refusal to its own logs
+
+
+def test_request_ids_are_echoed_or_made_and_appear_in_the_orchestrator_log(stack, stub, tiny_artifacts):
+    history = ids(tiny_artifacts, tiny_artifacts.split.train[3][-5:])
+    given = stub.Recommend(pb.RecommendRequest(history=history, num_items=2, request_id="caller-42:a/b"),
+                           timeout=60)
+    made = stub.Recommend(pb.RecommendRequest(history=history, num_items=2), timeout=60)
+    assert given.request_id == "caller-42:a/b"
+    assert len(made.request_id) == 32 and int(made.request_id, 16) >= 0
+    streamed = list(stub.StreamRecommend(pb.RecommendRequest(history=history, num_items=2, request_id="s-1"),
+                                         timeout=60))
+    assert streamed[-1].done.request_id == "s-1"
+    prompt = encode_prompt(tiny_artifacts.sids, list(tiny_artifacts.split.train[3][-5:]))
+    chunks = list(stub.Generate(pb.GenerateRequest(prompt=prompt, num_items=2, request_id="g-1"), timeout=60))
+    assert chunks[-1].done and chunks[-1].request_id == "g-1"
+    log_text = stack.procs["orchestrator"].log_path.read_text()
+    for rid in ("caller-42:a/b", made.request_id, "s-1", "g-1"):
+        assert f"[{rid}]: done:" in log_text, f"no log line for request {rid}"
+
+
+async def test_the_in_flight_cap_sends_retry_info_and_a_pushback_the_service_config_obeys(stack, tiny_artifacts):
+    # A second orchestrator in process on the stack's Triton, with a cap of 0: it refuses every request, so the
+    # retries the client makes are the only thing timed.
+    config = OrchestratorConfig(artifacts=str(tiny_artifacts.directory), port=0, metrics_port=0, max_in_flight=0,
+                                target_addr=stack.target_addr, draft_addr=stack.draft_addr)
+    server, port, loop = await build_server(config)
+    await server.start()
+    request = pb.RecommendRequest(history=["1"], num_items=2, request_id="capped-1")
+    service_config = json.loads(SERVICE_CONFIG.read_text())
+    attempts = service_config["methodConfig"][0]["retryPolicy"]["maxAttempts"]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+            call = pb_grpc.RecommenderStub(plain).Recommend(request, timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            status = await rpc_status.aio.from_call(call)
+            trailers = dict(await call.trailing_metadata())
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        retry = error_details_pb2.RetryInfo()
+        assert next(d for d in status.details if d.Is(retry.DESCRIPTOR)).Unpack(retry)
+        assert retry.retry_delay.ToMilliseconds() == RETRY_AFTER_MS == int(trailers[PUSHBACK_KEY])
+        options = [("grpc.service_config", json.dumps(service_config)), ("grpc.enable_retries", 1)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as retrying:
+            t0 = time.perf_counter()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.RecommenderStub(retrying).Recommend(request, timeout=30)
+            waited = time.perf_counter() - t0
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # every retry waited the server's pushback, not the policy's shorter backoff
+        assert waited >= (attempts - 1) * RETRY_AFTER_MS / 1e3 * 0.95, waited
+    finally:
+        await server.stop(0)
+        await loop.backends.close()
