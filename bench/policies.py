@@ -67,7 +67,7 @@ async def run_pass(loop: SpeculationLoop, catalog: Catalog, policy: RecordingPol
     async def one(user: int, history: list[str]) -> dict:
         items: list[int] = []
 
-        async def emit(tokens: list[int]) -> None:
+        async def emit(tokens: list[int], logprobs: list[float]) -> None:
             items.extend(tokens)
 
         async with gate:

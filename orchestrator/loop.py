@@ -16,7 +16,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +24,7 @@ import grpc
 from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
 from orchestrator.draft_client import DraftClient, DraftSession, DraftUnavailable
-from specrec.speculation.engine import Proposal, RequestStats, Speculation, Verdict
+from specrec.speculation.engine import Emit, Proposal, RequestStats, Speculation, Verdict
 from specrec.speculation.policy import Budget, Policy
 from specrec.target_client import TargetClient, TargetError, TargetSequenceUnknown, VerifyOutcome
 from specrec.telemetry import OrchestratorMetrics, inject_metadata
@@ -71,8 +71,8 @@ class SpeculationLoop:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def run(self, prompt: list[int], opts: LoopOptions, policy: Policy,
-                  emit: Callable[[list[int]], Awaitable[None]], metadata: tuple = ()) -> RequestStats:
-        """Generate after `prompt`; `emit` gets each round's committed tokens. Raises TargetError."""
+                  emit: Emit, metadata: tuple = ()) -> RequestStats:
+        """Generate after `prompt`; `emit` gets each round's committed tokens and their scores. Raises TargetError."""
         self.in_flight += 1
         t0 = time.perf_counter()
         key_id = secrets.randbits(63) or 1
@@ -183,7 +183,7 @@ class TritonSequence:
                             len(committed), e)
                 continue
             self.loop.metrics.set_target_live_sequences(outcome.live_sequences)
-            return Verdict(outcome.accepted_tokens, outcome.accepted_nodes)
+            return Verdict(outcome.accepted_tokens, outcome.accepted_nodes, outcome.logprobs)
         raise AssertionError("unreachable")
 
     async def _verify_on(self, target: TargetClient, tokens: list[int], parents: list[int],

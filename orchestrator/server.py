@@ -80,17 +80,20 @@ class ItemEmitter:
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
         self.partial: list[int] = []
+        self.partial_logprob = 0.0
 
-    def feed(self, tokens: list[int]) -> list[pb.Item]:
+    def feed(self, tokens: list[int], logprobs: list[float]) -> list[pb.Item]:
         items = []
-        for tok in tokens:
+        for tok, logprob in zip(tokens, logprobs, strict=True):
+            self.partial_logprob += logprob  # SEP and EOS are forced: they add 0
             if tok == SEP:
                 item = self.catalog.item_of(self.partial)
                 if item is not None:
                     sids = self.catalog.sids
                     items.append(pb.Item(item_id=sids.item_ids[item], title=sids.titles[item],
-                                         semantic_id=[int(c) for c in sids.codes[item]]))
-                self.partial = []
+                                         semantic_id=[int(c) for c in sids.codes[item]],
+                                         log_prob=self.partial_logprob))
+                self.partial, self.partial_logprob = [], 0.0
             else:
                 self.partial.append(tok)
         return items
@@ -187,15 +190,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def _response(self, plan: Plan, items: list[pb.Item], stats: RequestStats) -> pb.RecommendResponse:
         return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id(),
-                                    request_id=plan.request_id, history=plan.history)
+                                    request_id=plan.request_id, history=plan.history,
+                                    total_log_prob=sum(item.log_prob for item in items))
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                         ) -> pb.RecommendResponse:
         plan = await self._plan(request, context)
         emitter, items = ItemEmitter(self.catalog), []
 
-        async def emit(tokens: list[int]) -> None:
-            items.extend(emitter.feed(tokens))
+        async def emit(tokens: list[int], logprobs: list[float]) -> None:
+            items.extend(emitter.feed(tokens, logprobs))
 
         stats = await self._generate(plan, context, emit)
         return self._response(plan, items, stats)
@@ -205,8 +209,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         plan = await self._plan(request, context)
         emitter, items = ItemEmitter(self.catalog), []
 
-        async def emit(tokens: list[int]) -> None:
-            for item in emitter.feed(tokens):
+        async def emit(tokens: list[int], logprobs: list[float]) -> None:
+            for item in emitter.feed(tokens, logprobs):
                 items.append(item)
                 await context.write(pb.RecommendChunk(item=item))
 
@@ -217,8 +221,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                        ) -> AsyncIterator[pb.GenerateChunk]:
         plan = await self._plan(request, context)
 
-        async def emit(tokens: list[int]) -> None:
-            await context.write(pb.GenerateChunk(tokens=tokens))
+        async def emit(tokens: list[int], logprobs: list[float]) -> None:
+            await context.write(pb.GenerateChunk(tokens=tokens, log_probs=logprobs))
 
         stats = await self._generate(plan, context, emit)
         await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats), request_id=plan.request_id))

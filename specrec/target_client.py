@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -16,7 +16,7 @@ MODEL_NAME = "specrec_target"
 MODES = ("greedy", "stochastic", "relaxed")
 # tritonclient sends the correlation id as an int64 request parameter.
 MAX_SEQUENCE_ID = 2**63 - 1
-OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES")
+OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES", "ACCEPTED_LOGPROBS")
 # Busy, not down: Triton's queue is full, or model.py's live-sequence cap is reached (it
 # answers UNAVAILABLE, the only nearby code the Python backend has, with this prefix). Both
 # arrive as UNAVAILABLE, which clients retry at once: mapped to TargetOverloaded instead.
@@ -37,12 +37,15 @@ class VerifyOutcome:
     accepted_nodes:  tree indices of the accepted path (one shorter than accepted_tokens).
     done:            the list finished with EOS.
     live_sequences:  sequences the serving instance holds state for, after this request.
+    logprobs:        per accepted token, the target's log-probability of it (the grammar-constrained
+                     distribution at temperature 1).
     """
 
     accepted_tokens: list[int]
     accepted_nodes: list[int]
     done: bool
     live_sequences: int
+    logprobs: list[float] = field(default_factory=list)
 
 
 class TargetError(Exception):
@@ -254,4 +257,5 @@ def _outcome(result: grpcclient.InferResult) -> VerifyOutcome:
         accepted_nodes=row("ACCEPTED_NODES").tolist(),
         done=bool(row("DONE")[0]),
         live_sequences=int(row("LIVE_SEQUENCES")[0]),
+        logprobs=row("ACCEPTED_LOGPROBS").tolist(),
     )

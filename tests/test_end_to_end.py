@@ -191,7 +191,7 @@ async def test_rounds_without_a_tree_leave_the_drafter_alone_until_a_tree_is_wan
             before = await drafter.Stats(draft_pb2.StatsRequest())
             prompt, tokens = tiny_artifacts.prompt(7), []
 
-            async def emit(committed: list[int]) -> None:
+            async def emit(committed: list[int], logprobs: list[float]) -> None:
                 tokens.extend(committed)
 
             stats = await loop.run(prompt, LoopOptions(n_items=10), PlainThenTrees(plain), emit)

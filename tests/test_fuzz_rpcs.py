@@ -324,9 +324,15 @@ options = st.one_of(sane_options, wild_options)
 num_items = st.one_of(st.integers(1, 3), st.integers(0, 3), st.integers(-5, 60), st.sampled_from([-2**31, 2**31 - 1]))
 
 
+request_ids = st.one_of(st.just(""), st.from_regex(r"[\x21-\x7e]{1,128}", fullmatch=True),
+                        st.text(max_size=140))  # well formed, or spaces, control characters, over 128, non-ASCII
+
+
 @st.composite
 def histories(draw: st.DrawFn, item_ids: list[str]) -> list[str]:
-    kind = draw(st.sampled_from(["known", "known", "known", "mixed", "empty", "long", "text"]))
+    kind = draw(st.sampled_from(["known", "known", "known", "mixed", "empty", "long", "text", "very long"]))
+    if kind == "very long":  # far over the history limit: the most recent items are kept
+        return draw(st.lists(st.sampled_from(item_ids), min_size=200, max_size=400))
     known = st.sampled_from(item_ids)
     if kind == "known":
         return draw(st.lists(known, min_size=1, max_size=8))
@@ -380,17 +386,20 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
     found = item_ids[:3], valid_prompts[0], 2  # the bugs this fuzz found, kept as fixed examples
 
     @settings(FUZZ, max_examples=int(40 * SCALE))
-    @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1))
-    @example("Generate", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, temperature=math.nan))
-    @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions())
+    @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1), "", False)
+    @example("Generate", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, temperature=math.nan), "",
+             False)
+    @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions(), "", False)
     @given(st.sampled_from(["Recommend", "StreamRecommend", "Generate"]), histories(item_ids),
-           prompts(valid_prompts, contexts["finished"]), num_items, options)
-    def run(rpc: str, history: list[str], prompt: list[int], n: int, opts: pb.DecodingOptions) -> None:
+           prompts(valid_prompts, contexts["finished"]), num_items, options, request_ids, st.booleans())
+    def run(rpc: str, history: list[str], prompt: list[int], n: int, opts: pb.DecodingOptions, request_id: str,
+            strict: bool) -> None:
         if rpc == "Generate":
-            req = pb.GenerateRequest(prompt=prompt, num_items=n, options=opts)
+            req = pb.GenerateRequest(prompt=prompt, num_items=n, options=opts, request_id=request_id)
             codes[collect(rpc, lambda: list(stub.Generate(req, timeout=120)))] += 1
         else:
-            req = pb.RecommendRequest(history=history, num_items=n, options=opts)
+            req = pb.RecommendRequest(history=history, num_items=n, options=opts, request_id=request_id,
+                                      strict_history=strict)
             call = stub.Recommend if rpc == "Recommend" else (lambda r, timeout: list(stub.StreamRecommend(
                 r, timeout=timeout)))
             codes[collect(rpc, lambda: call(req, timeout=120))] += 1

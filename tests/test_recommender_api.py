@@ -159,3 +159,37 @@ async def test_the_in_flight_cap_sends_retry_info_and_a_pushback_the_service_con
     finally:
         await server.stop(0)
         await loop.backends.close()
+
+
+def plain_item_scores(arts, target, prompts: list[list[int]], n: int) -> list[list[float]]:
+    """Per item, the sum of its tokens' log-probabilities as plain greedy decoding computes them in process."""
+    per_item = arts.sids.tokens_per_item  # codes, then SEP
+    scores = []
+    for d in decode(target, arts.constraint(n), prompts):
+        scores.append([sum(d.logprobs[i:i + per_item]) for i in range(0, n * per_item, per_item)])
+    return scores
+
+
+@pytest.mark.parametrize("policy", ["fixed:3:16", "off"])
+def test_item_scores_equal_plain_decodings_log_probabilities(stub, tiny_artifacts, tiny_target, policy):
+    users = [0, 5, 9, 14]
+    expected = plain_item_scores(tiny_artifacts, tiny_target, [tiny_artifacts.prompt(u) for u in users], 10)
+    for user, want in zip(users, expected, strict=True):
+        history = ids(tiny_artifacts, tiny_artifacts.split.train[user][-tiny_artifacts.profile.max_history:])
+        resp = stub.Recommend(pb.RecommendRequest(history=history, num_items=10,
+                                                  options=pb.DecodingOptions(policy=policy)), timeout=60)
+        got = [item.log_prob for item in resp.items]
+        assert got == pytest.approx(want, abs=1e-4), (user, got, want)
+        assert all(s < 0 for s in got)  # every item had a real choice: no free score
+        assert resp.total_log_prob == pytest.approx(sum(want), abs=1e-4)
+
+
+def test_streamed_and_generated_tokens_carry_the_same_scores(stub, tiny_artifacts, tiny_target):
+    prompt = tiny_artifacts.prompt(3)
+    want = plain_item_scores(tiny_artifacts, tiny_target, [prompt], 4)[0]
+    history = ids(tiny_artifacts, tiny_artifacts.split.train[3][-tiny_artifacts.profile.max_history:])
+    chunks = list(stub.StreamRecommend(pb.RecommendRequest(history=history, num_items=4), timeout=60))
+    assert [c.item.log_prob for c in chunks[:-1]] == pytest.approx(want, abs=1e-4)
+    generated = list(stub.Generate(pb.GenerateRequest(prompt=prompt, num_items=4), timeout=60))
+    assert all(len(c.log_probs) == len(c.tokens) for c in generated)
+    assert sum(lp for c in generated for lp in c.log_probs) == pytest.approx(sum(want), abs=1e-4)

@@ -43,7 +43,8 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     stack, receiver, _ = traced
     history = [tiny_artifacts.data.item_ids[i] for i in tiny_artifacts.split.train[0][-20:]]
     with grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5), timeout=60)
+        resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5,
+                                                                         request_id="trace-me-1"), timeout=60)
     trace_id = resp.trace_id
     assert len(trace_id) == 32
 
@@ -59,6 +60,7 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     spans = [s for s in receiver.spans() if s["trace_id"] == trace_id]
     by_id = {s["span_id"]: s for s in spans}
     server = next(s for s in spans if s["name"] == "specrec.v1.Recommender/Recommend")
+    assert server["attributes"]["specrec.request_id"] == resp.request_id == "trace-me-1"
     rounds = [s for s in spans if s["name"] == "speculation_round"]
     assert len(rounds) == resp.stats.rounds  # the opening START carries the first tree: a round too
     for r in rounds:

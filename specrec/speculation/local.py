@@ -68,7 +68,7 @@ class LocalVerifier:
         result = self.target.verify_batch([req])[0]
         if isinstance(result, VerifyError):
             raise result
-        return Verdict(result.accepted_tokens, result.accepted_nodes)
+        return Verdict(result.accepted_tokens, result.accepted_nodes, result.logprobs)
 
     def close(self) -> None:
         self.target.end(self.sequence_id)
@@ -81,7 +81,7 @@ def speculate(prompt: list[int], constraint: ListConstraint, policy: Policy, tar
     `proposer` replaces the drafter's (e.g. a test's broken one)."""
     out: list[int] = []
 
-    async def emit(tokens: list[int]) -> None:
+    async def emit(tokens: list[int], logprobs: list[float]) -> None:
         out.extend(tokens)
 
     if proposer is None and drafter is not None:

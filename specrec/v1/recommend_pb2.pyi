@@ -62,14 +62,16 @@ class HistoryReport(_message.Message):
     def __init__(self, used_items: _Optional[int] = ..., unknown_items: _Optional[int] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ..., truncated_items: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "title", "semantic_id")
+    __slots__ = ("item_id", "title", "semantic_id", "log_prob")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_ID_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     title: str
     semantic_id: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., semantic_id: _Optional[_Iterable[int]] = ...) -> None: ...
+    log_prob: float
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., semantic_id: _Optional[_Iterable[int]] = ..., log_prob: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "tau", "draft_ms", "verify_ms", "network_ms", "total_ms", "fallback_rounds", "policy", "tree_rounds", "ready_trees")
@@ -100,18 +102,20 @@ class Stats(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tau: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fallback_rounds: _Optional[int] = ..., policy: _Optional[str] = ..., tree_rounds: _Optional[int] = ..., ready_trees: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "stats", "trace_id", "request_id", "history")
+    __slots__ = ("items", "stats", "trace_id", "request_id", "history", "total_log_prob")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
     stats: Stats
     trace_id: str
     request_id: str
     history: HistoryReport
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., history: _Optional[_Union[HistoryReport, _Mapping]] = ...) -> None: ...
+    total_log_prob: float
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., history: _Optional[_Union[HistoryReport, _Mapping]] = ..., total_log_prob: _Optional[float] = ...) -> None: ...
 
 class RecommendChunk(_message.Message):
     __slots__ = ("item", "done")
@@ -134,13 +138,15 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("tokens", "done", "stats", "request_id")
+    __slots__ = ("tokens", "done", "stats", "request_id", "log_probs")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     done: bool
     stats: Stats
     request_id: str
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    log_probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., request_id: _Optional[str] = ..., log_probs: _Optional[_Iterable[float]] = ...) -> None: ...

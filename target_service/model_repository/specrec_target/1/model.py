@@ -18,6 +18,7 @@ Outputs:
     ACCEPTED_NODES  INT64 [-1]  tree indices of the accepted path
     DONE            BOOL  [1]   the list finished with EOS
     LIVE_SEQUENCES  INT64 [1]   sequences this instance holds state for, after this request
+    ACCEPTED_LOGPROBS FP64 [-1] per accepted token: log P under the grammar-constrained distribution at T = 1
 
 A bad request gets an error response (INVALID_ARG, or UNAVAILABLE prefixed "RESOURCE_EXHAUSTED:"
 when the live-sequence cap is reached) and changes no state; the other requests of the batch are
@@ -136,4 +137,5 @@ def _outputs(res):
         pb_utils.Tensor("ACCEPTED_NODES", np.asarray(res.accepted_nodes, dtype=np.int64).reshape(1, -1)),
         pb_utils.Tensor("DONE", np.array([[res.done]], dtype=np.bool_)),
         pb_utils.Tensor("LIVE_SEQUENCES", np.array([[res.live_sequences]], dtype=np.int64)),
+        pb_utils.Tensor("ACCEPTED_LOGPROBS", np.asarray(res.logprobs, dtype=np.float64).reshape(1, -1)),
     ]
