@@ -57,7 +57,7 @@ from specrec.security import (
     tls_from_args,
 )
 from specrec.semantic_ids.codebook import SemanticIds
-from specrec.semantic_ids.constraint import ListConstraint
+from specrec.semantic_ids.constraint import ConstraintError, ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
 from specrec.telemetry import DrafterMetrics, server_interceptors, setup_tracing, shutdown_tracing, start_metrics_server
 from specrec.v1 import draft_pb2, draft_pb2_grpc
@@ -231,7 +231,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             if o.n_items < 1:
                 raise DraftError(f"n_items must be >= 1 (the list length to generate), got {o.n_items}")
             drafter = await self._run(stream, self.drafters.get, o.drafter or self.config.drafter)
-            constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history)
+            try:
+                constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history, o.banned_items)
+            except ConstraintError as e:
+                raise DraftError(f"banned_items: {e}") from None
             stream.sid = self.table.acquire()
             self.metrics.session_opened()
             stream.want_probs = o.want_probs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,13 @@ class ResolvedHistory:
     @property
     def cold_start(self) -> bool:
         return self.used == 0
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    banned: tuple[int, ...]  # item indices no list may hold
+    unknown_ids: int  # filter ids the catalog does not know (ignored)
+    eligible: int  # catalog items the filters leave (before the history's)
 
 
 class Catalog:
@@ -80,8 +88,21 @@ class Catalog:
                 raise RequestInvalid(f"history[{pos}] = {item_id!r} is not an item id of this catalog",
                                      f"history[{pos}]")
 
-    def constraint(self, n_items: int, exclude_history: bool) -> ListConstraint:
-        return ListConstraint(self.trie, n_items, exclude_history)
+    def constraint(self, n_items: int, exclude_history: bool, banned: Sequence[int] = ()) -> ListConstraint:
+        return ListConstraint(self.trie, n_items, exclude_history, banned)
+
+    def banned_items(self, allow: list[str], deny: list[str]) -> ItemFilter:
+        """Item indices a request's allow-list (empty: every item) and deny-list rule out; ids the catalog
+        does not know are counted, not refused (a filter built from a feed may name items not yet trained)."""
+        unknown = sum(item_id not in self.index for item_id in (*allow, *deny))
+        banned = {self.index[i] for i in deny if i in self.index}
+        if allow:
+            allowed = {self.index[i] for i in allow if i in self.index}
+            if not allowed:
+                raise RequestInvalid(f"none of the {len(allow)} ids of allow_item_ids is an item of this catalog: "
+                                     "no item could be recommended", "allow_item_ids")
+            banned |= set(range(self.sids.n_items)) - allowed
+        return ItemFilter(tuple(sorted(banned)), unknown, self.sids.n_items - len(banned))
 
     def item_of(self, tokens: list[int]) -> int | None:
         return self.sids.item_of_tokens(tokens)

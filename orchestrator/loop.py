@@ -43,6 +43,7 @@ class LoopOptions:
     seed: int = 0
     max_nodes: int = 0  # cap on tree size, 0 = the policy's choice
     drafter: str = ""
+    banned: tuple[int, ...] = ()  # item indices the request's filters rule out (grammar-enforced everywhere)
 
 
 class SpeculationLoop:
@@ -81,7 +82,8 @@ class SpeculationLoop:
         verifier = TritonSequence(self, key_id, opts, metadata)
         try:
             with self.metrics.requests_in_flight.track_inprogress():
-                speculation = Speculation(prompt, self.catalog.constraint(opts.n_items, opts.exclude_history), policy,
+                constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned)
+                speculation = Speculation(prompt, constraint, policy,
                                           proposer, verifier, emit, max_len=self.catalog.max_len,
                                           max_nodes=opts.max_nodes, in_flight=lambda: self.in_flight,
                                           observer=self.metrics)
@@ -113,7 +115,8 @@ class DraftStream:
                 self.session = self.drafts.session(self.metadata)
                 self.loop.draft_sessions_open += 1
                 tree = await self.session.open(list(committed), self.opts.n_items, self.opts.exclude_history, budget,
-                                               self.opts.drafter, self.drafts.timeout_s * OPEN_TIMEOUT_FACTOR)
+                                               self.opts.drafter, self.drafts.timeout_s * OPEN_TIMEOUT_FACTOR,
+                                               self.opts.banned)
             else:
                 first, *plain = news or [[]]
                 tree = await self.session.advance(first, budget, [t for r in plain for t in r])
@@ -189,7 +192,7 @@ class TritonSequence:
     async def _verify_on(self, target: TargetClient, tokens: list[int], parents: list[int],
                          start: bool) -> VerifyOutcome:
         kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
-                  n_items=self.opts.n_items, exclude_history=self.opts.exclude_history,
+                  n_items=self.opts.n_items, exclude_history=self.opts.exclude_history, banned=self.opts.banned,
                   timeout_s=self.loop.verify_timeout_s, headers=dict(inject_metadata(self.metadata)) or None)
         context = list(self.committed)
         try:

@@ -26,6 +26,7 @@ from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
+from specrec.semantic_ids.constraint import TooFewItems
 from specrec.semantic_ids.vocab import SEP
 from specrec.speculation.engine import RequestStats
 from specrec.speculation.policy import Policy, PolicyRegistry
@@ -72,6 +73,7 @@ class Plan:
     opts: LoopOptions
     policy: Policy
     history: pb.HistoryReport | None  # Recommend and StreamRecommend only
+    filters: pb.FilterReport | None = None
 
 
 class ItemEmitter:
@@ -138,6 +140,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                                 max_nodes=opts.max_tree_nodes, drafter=drafter)
         return n, loop_opts, policy
 
+    def _filters(self, request, opts: LoopOptions) -> pb.FilterReport | None:
+        """The request's allow/deny filters into the loop's banned items; what was made of them."""
+        if not request.HasField("filters"):
+            return None
+        found = self.catalog.banned_items(list(request.filters.allow_item_ids), list(request.filters.deny_item_ids))
+        opts.banned = found.banned
+        return pb.FilterReport(eligible_items=found.eligible, unknown_ids=found.unknown_ids)
+
     def _prompt(self, request) -> tuple[list[int], pb.HistoryReport | None]:
         """A Generate request's prompt as sent; a Recommend request's from its history (and what was made of it)."""
         if isinstance(request, pb.GenerateRequest):
@@ -160,16 +170,21 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         prompt_field = "prompt" if isinstance(request, pb.GenerateRequest) else "history"
         try:
             n, opts, policy = self._options(request)
+            filters = self._filters(request, opts)
             prompt, history = self._prompt(request)
-            self.catalog.constraint(n, opts.exclude_history).start(prompt)
+            self.catalog.constraint(n, opts.exclude_history, opts.banned).start(prompt)
             self.catalog.check_fits(prompt, n)
+        except TooFewItems as e:
+            log.info("refused: %s", e)
+            await abort_invalid(context, ValueError(f"{e}: relax the filters or ask for fewer items"), request_id,
+                                "filters" if opts.banned else "num_items")
         except ValueError as e:  # RequestInvalid and the grammar's ConstraintError (a bad prompt)
             log.info("refused: %s", e)
             await abort_invalid(context, e, request_id, prompt_field)
         if self.loop.in_flight >= self.config.max_in_flight:
             await abort_overloaded(context, f"{self.loop.in_flight} requests in flight, the cap; retry after "
                                    f"~{RETRY_AFTER_MS} ms", RETRY_AFTER_MS, request_id)
-        return Plan(request_id, prompt, opts, policy, history)
+        return Plan(request_id, prompt, opts, policy, history, filters)
 
     async def _generate(self, plan: Plan, context: grpc.aio.ServicerContext, emit) -> RequestStats:
         rid = plan.request_id
@@ -190,7 +205,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def _response(self, plan: Plan, items: list[pb.Item], stats: RequestStats) -> pb.RecommendResponse:
         return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id(),
-                                    request_id=plan.request_id, history=plan.history,
+                                    request_id=plan.request_id, history=plan.history, filters=plan.filters,
                                     total_log_prob=sum(item.log_prob for item in items))
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext

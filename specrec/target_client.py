@@ -111,6 +111,7 @@ class TargetClient:
         relaxed_min_prob: float = 0.1,
         n_items: int = 10,
         exclude_history: bool = True,
+        banned: Sequence[int] = (),
         draft_probs: np.ndarray | None = None,
         timeout_s: float | None = None,
         headers: Mapping[str, str] | None = None,
@@ -118,13 +119,15 @@ class TargetClient:
         """Verify one tree (parents: -1 = child of the root); an empty tree asks for the next token.
 
         `context` (all committed tokens) is required with `start` and after the target lost the
-        sequence; `draft_probs` [n_tree + 1, vocab] only in stochastic mode. `n_items` and
-        `exclude_history` are read at START only.
+        sequence; `draft_probs` [n_tree + 1, vocab] only in stochastic mode. `n_items`,
+        `exclude_history` and `banned` (item indices no list may hold) are read at START only.
         """
         _check_request(self.url, sequence_id, tree_tokens, tree_parents, mode)
         inputs = [_int64("TREE_TOKENS", tree_tokens), _int64("TREE_PARENTS", tree_parents)]
         if context is not None:
             inputs.append(_int64("CONTEXT", context))
+            if len(banned):  # goes with CONTEXT: whenever the target may (re)build the sequence
+                inputs.append(_int64("BANNED_ITEMS", banned))
         if draft_probs is not None:
             inputs.append(_tensor("DRAFT_PROBS", np.asarray(draft_probs, dtype=np.float32), "FP32"))
         params: dict[str, str | int | bool] = {

@@ -17,14 +17,18 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harness.stack import LocalStack, StackConfig
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import PUSHBACK_KEY, RETRY_AFTER_MS
 from orchestrator.server import build_server
 from specrec.decoding.plain import decode
+from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.vocab import BOS, REC
 from specrec.training.examples import encode_prompt
+from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -193,3 +197,90 @@ def test_streamed_and_generated_tokens_carry_the_same_scores(stub, tiny_artifact
     generated = list(stub.Generate(pb.GenerateRequest(prompt=prompt, num_items=4), timeout=60))
     assert all(len(c.log_probs) == len(c.tokens) for c in generated)
     assert sum(lp for c in generated for lp in c.log_probs) == pytest.approx(sum(want), abs=1e-4)
+
+
+# -- filters -------------------------------------------------------------------------------------------
+
+
+def filtered_plain(arts, target, user: int, n: int, banned: list[int]) -> list[str]:
+    """Plain greedy decoding in process under the same grammar with `banned` items ruled out."""
+    constraint = ListConstraint(arts.constraint(n).trie, n, True, banned)
+    return ids(arts, decode(target, constraint, [arts.prompt(user)])[0].items)
+
+
+def test_denied_items_are_never_drafted_and_the_list_is_plain_decodings_under_the_same_filter(stub, stack,
+                                                                                             tiny_artifacts,
+                                                                                             tiny_target):
+    history = ids(tiny_artifacts, tiny_artifacts.split.train[6][-tiny_artifacts.profile.max_history:])
+    unfiltered = [i.item_id for i in stub.Recommend(pb.RecommendRequest(history=history, num_items=10),
+                                                    timeout=60).items]
+    deny = unfiltered[:5] + ["not-an-item"]
+    resp = stub.Recommend(pb.RecommendRequest(history=history, num_items=10,
+                                              filters=pb.ItemFilters(deny_item_ids=deny)), timeout=60)
+    got = [i.item_id for i in resp.items]
+    index = {item_id: i for i, item_id in enumerate(tiny_artifacts.data.item_ids)}
+    assert not set(got) & set(deny)
+    assert got == filtered_plain(tiny_artifacts, tiny_target, 6, 10, [index[i] for i in deny[:5]])
+    assert (resp.filters.unknown_ids, resp.filters.eligible_items) == (1, len(index) - 5)
+    assert resp.stats.fallback_rounds == 0 and resp.stats.accepted_tokens > 0  # the drafter drafted under it
+
+
+def test_the_draft_service_never_drafts_a_banned_item(stack, tiny_artifacts, tiny_target):
+    # The drafter's own choices for this user are the items plain decoding picks; banning them must prune
+    # every tree: each node, followed from the committed context, obeys the filtered grammar.
+    prompt = tiny_artifacts.prompt(8)
+    banned = decode(tiny_target, tiny_artifacts.constraint(10), [prompt])[0].items
+    constraint = ListConstraint(tiny_artifacts.constraint(10).trie, 10, True, banned)
+    budget = draft_pb2.DraftBudget(depth=8, max_nodes=48, top_k=4)
+    with grpc.insecure_channel(stack.draft_addr) as ch:
+        responses = draft_pb2_grpc.DraftServiceStub(ch).Speculate(iter([draft_pb2.SpeculateRequest(
+            open=draft_pb2.OpenSession(context=prompt, n_items=10, budget=budget, banned_items=banned))]),
+            timeout=60)
+        tree = next(responses).tree
+    assert len(tree.tokens) > 8
+    states = [constraint.start(prompt)]
+    for token, parent in zip(tree.tokens, tree.parents, strict=True):
+        state = constraint.advance(states[parent + 1], token)
+        assert state is not None, f"the drafter drafted token {token} past the filter"
+        states.append(state)
+
+
+@st.composite
+def item_filters(draw: st.DrawFn, item_ids: list[str]) -> tuple[list[str], list[str]]:
+    pick = st.sampled_from(item_ids)
+    allow = draw(st.one_of(st.just([]), st.lists(pick, min_size=1, max_size=12), st.lists(pick, max_size=400)))
+    deny = draw(st.lists(st.one_of(pick, st.just("unknown-id")), max_size=200))
+    return allow, deny
+
+
+def test_no_filtered_item_is_ever_returned_and_lists_equal_plain_under_random_filters(stub, tiny_artifacts,
+                                                                                     tiny_target):
+    item_ids = list(tiny_artifacts.data.item_ids)
+    index = {item_id: i for i, item_id in enumerate(item_ids)}
+    outcomes: list[str] = []
+
+    @settings(deadline=None, database=None, max_examples=16, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.integers(0, 20), st.integers(1, 10), item_filters(item_ids), st.sampled_from(["fixed:3:16", "off"]))
+    def run(user: int, n: int, filters: tuple[list[str], list[str]], policy: str) -> None:
+        allow, deny = filters
+        known = list(tiny_artifacts.split.train[user][-tiny_artifacts.profile.max_history:])
+        allowed = {index[i] for i in allow} if allow else set(range(len(item_ids)))
+        banned = sorted(set(range(len(item_ids))) - allowed | {index[i] for i in deny if i in index})
+        eligible = len(set(range(len(item_ids))) - set(banned) - set(known))
+        request = pb.RecommendRequest(history=ids(tiny_artifacts, known), num_items=n,
+                                      filters=pb.ItemFilters(allow_item_ids=allow, deny_item_ids=deny),
+                                      options=pb.DecodingOptions(policy=policy))
+        if eligible < n:  # a clear refusal at once, not a hang
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Recommend(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "eligible" in err.value.details()
+            outcomes.append("refused")
+            return
+        got = [i.item_id for i in stub.Recommend(request, timeout=60).items]
+        assert len(got) == n
+        assert all(index[i] not in banned for i in got)
+        assert got == filtered_plain(tiny_artifacts, tiny_target, user, n, banned)
+        outcomes.append("listed")
+
+    run()
+    assert "listed" in outcomes, outcomes

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specrec.v1 import tree_pb2 as specrec_dot_v1_dot_tree__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specrec/v1/draft.proto\x12\nspecrec.v1\x1a\x15specrec/v1/tree.proto\"U\n\x0b\x44raftBudget\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x11\n\tmax_nodes\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\rmin_path_prob\x18\x04 \x01(\x02\"\xaa\x01\n\x0bOpenSession\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x0f\n\x07n_items\x18\x02 \x01(\x05\x12\x17\n\x0f\x65xclude_history\x18\x03 \x01(\x08\x12\'\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x17.specrec.v1.DraftBudget\x12\x0f\n\x07\x64rafter\x18\x05 \x01(\t\x12\x12\n\nwant_probs\x18\x06 \x01(\x08\x12\x12\n\nuser_group\x18\x07 \x01(\t\"`\n\x0e\x41\x64vanceSession\x12\x11\n\tcommitted\x18\x01 \x03(\x05\x12\'\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x17.specrec.v1.DraftBudget\x12\x12\n\nthen_plain\x18\x03 \x03(\x05\"r\n\x10SpeculateRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specrec.v1.OpenSessionH\x00\x12-\n\x07\x61\x64vance\x18\x02 \x01(\x0b\x32\x1a.specrec.v1.AdvanceSessionH\x00\x42\x06\n\x04kind\"c\n\x11SpeculateResponse\x12#\n\x04tree\x18\x01 \x01(\x0b\x32\x15.specrec.v1.TokenTree\x12\x17\n\x0f\x64raft_ahead_hit\x18\x02 \x01(\x08\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x02\"\x0e\n\x0cStatsRequest\"\xf1\x01\n\rStatsResponse\x12\x15\n\rlive_sessions\x18\x01 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\x05\x12\x17\n\x0fsessions_opened\x18\x03 \x01(\x03\x12\x19\n\x11sessions_rejected\x18\x04 \x01(\x03\x12\x18\n\x10sessions_expired\x18\x05 \x01(\x03\x12\x15\n\rtrees_drafted\x18\x06 \x01(\x03\x12\x18\n\x10\x64raft_ahead_hits\x18\x07 \x01(\x03\x12\x1a\n\x12\x64raft_ahead_misses\x18\x08 \x01(\x03\x12\x18\n\x10invalid_requests\x18\t \x01(\x03\x32\x9a\x01\n\x0c\x44raftService\x12L\n\tSpeculate\x12\x1c.specrec.v1.SpeculateRequest\x1a\x1d.specrec.v1.SpeculateResponse(\x01\x30\x01\x12<\n\x05Stats\x12\x18.specrec.v1.StatsRequest\x1a\x19.specrec.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specrec/v1/draft.proto\x12\nspecrec.v1\x1a\x15specrec/v1/tree.proto\"U\n\x0b\x44raftBudget\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x11\n\tmax_nodes\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\rmin_path_prob\x18\x04 \x01(\x02\"\xc0\x01\n\x0bOpenSession\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x0f\n\x07n_items\x18\x02 \x01(\x05\x12\x17\n\x0f\x65xclude_history\x18\x03 \x01(\x08\x12\'\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x17.specrec.v1.DraftBudget\x12\x0f\n\x07\x64rafter\x18\x05 \x01(\t\x12\x12\n\nwant_probs\x18\x06 \x01(\x08\x12\x12\n\nuser_group\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x61nned_items\x18\x08 \x03(\x05\"`\n\x0e\x41\x64vanceSession\x12\x11\n\tcommitted\x18\x01 \x03(\x05\x12\'\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x17.specrec.v1.DraftBudget\x12\x12\n\nthen_plain\x18\x03 \x03(\x05\"r\n\x10SpeculateRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specrec.v1.OpenSessionH\x00\x12-\n\x07\x61\x64vance\x18\x02 \x01(\x0b\x32\x1a.specrec.v1.AdvanceSessionH\x00\x42\x06\n\x04kind\"c\n\x11SpeculateResponse\x12#\n\x04tree\x18\x01 \x01(\x0b\x32\x15.specrec.v1.TokenTree\x12\x17\n\x0f\x64raft_ahead_hit\x18\x02 \x01(\x08\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x02\"\x0e\n\x0cStatsRequest\"\xf1\x01\n\rStatsResponse\x12\x15\n\rlive_sessions\x18\x01 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\x05\x12\x17\n\x0fsessions_opened\x18\x03 \x01(\x03\x12\x19\n\x11sessions_rejected\x18\x04 \x01(\x03\x12\x18\n\x10sessions_expired\x18\x05 \x01(\x03\x12\x15\n\rtrees_drafted\x18\x06 \x01(\x03\x12\x18\n\x10\x64raft_ahead_hits\x18\x07 \x01(\x03\x12\x1a\n\x12\x64raft_ahead_misses\x18\x08 \x01(\x03\x12\x18\n\x10invalid_requests\x18\t \x01(\x03\x32\x9a\x01\n\x0c\x44raftService\x12L\n\tSpeculate\x12\x1c.specrec.v1.SpeculateRequest\x1a\x1d.specrec.v1.SpeculateResponse(\x01\x30\x01\x12<\n\x05Stats\x12\x18.specrec.v1.StatsRequest\x1a\x19.specrec.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTBUDGET']._serialized_start=61
   _globals['_DRAFTBUDGET']._serialized_end=146
   _globals['_OPENSESSION']._serialized_start=149
-  _globals['_OPENSESSION']._serialized_end=319
-  _globals['_ADVANCESESSION']._serialized_start=321
-  _globals['_ADVANCESESSION']._serialized_end=417
-  _globals['_SPECULATEREQUEST']._serialized_start=419
-  _globals['_SPECULATEREQUEST']._serialized_end=533
-  _globals['_SPECULATERESPONSE']._serialized_start=535
-  _globals['_SPECULATERESPONSE']._serialized_end=634
-  _globals['_STATSREQUEST']._serialized_start=636
-  _globals['_STATSREQUEST']._serialized_end=650
-  _globals['_STATSRESPONSE']._serialized_start=653
-  _globals['_STATSRESPONSE']._serialized_end=894
-  _globals['_DRAFTSERVICE']._serialized_start=897
-  _globals['_DRAFTSERVICE']._serialized_end=1051
+  _globals['_OPENSESSION']._serialized_end=341
+  _globals['_ADVANCESESSION']._serialized_start=343
+  _globals['_ADVANCESESSION']._serialized_end=439
+  _globals['_SPECULATEREQUEST']._serialized_start=441
+  _globals['_SPECULATEREQUEST']._serialized_end=555
+  _globals['_SPECULATERESPONSE']._serialized_start=557
+  _globals['_SPECULATERESPONSE']._serialized_end=656
+  _globals['_STATSREQUEST']._serialized_start=658
+  _globals['_STATSREQUEST']._serialized_end=672
+  _globals['_STATSRESPONSE']._serialized_start=675
+  _globals['_STATSRESPONSE']._serialized_end=916
+  _globals['_DRAFTSERVICE']._serialized_start=919
+  _globals['_DRAFTSERVICE']._serialized_end=1073
 # @@protoc_insertion_point(module_scope)

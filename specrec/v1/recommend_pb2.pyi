@@ -34,18 +34,36 @@ class DecodingOptions(_message.Message):
     def __init__(self, mode: _Optional[_Union[DecodingOptions.Mode, str]] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., policy: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ..., drafter: _Optional[str] = ..., include_history: _Optional[bool] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "num_items", "options", "request_id", "strict_history")
+    __slots__ = ("history", "num_items", "options", "request_id", "strict_history", "filters")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRICT_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedScalarFieldContainer[str]
     num_items: int
     options: DecodingOptions
     request_id: str
     strict_history: bool
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., strict_history: _Optional[bool] = ...) -> None: ...
+    filters: ItemFilters
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., strict_history: _Optional[bool] = ..., filters: _Optional[_Union[ItemFilters, _Mapping]] = ...) -> None: ...
+
+class ItemFilters(_message.Message):
+    __slots__ = ("allow_item_ids", "deny_item_ids")
+    ALLOW_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    DENY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    allow_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    deny_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, allow_item_ids: _Optional[_Iterable[str]] = ..., deny_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FilterReport(_message.Message):
+    __slots__ = ("eligible_items", "unknown_ids")
+    ELIGIBLE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    eligible_items: int
+    unknown_ids: int
+    def __init__(self, eligible_items: _Optional[int] = ..., unknown_ids: _Optional[int] = ...) -> None: ...
 
 class HistoryReport(_message.Message):
     __slots__ = ("used_items", "unknown_items", "unknown_item_ids", "truncated_items", "cold_start")
@@ -102,20 +120,22 @@ class Stats(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tau: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fallback_rounds: _Optional[int] = ..., policy: _Optional[str] = ..., tree_rounds: _Optional[int] = ..., ready_trees: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "stats", "trace_id", "request_id", "history", "total_log_prob")
+    __slots__ = ("items", "stats", "trace_id", "request_id", "history", "total_log_prob", "filters")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Item]
     stats: Stats
     trace_id: str
     request_id: str
     history: HistoryReport
     total_log_prob: float
-    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., history: _Optional[_Union[HistoryReport, _Mapping]] = ..., total_log_prob: _Optional[float] = ...) -> None: ...
+    filters: FilterReport
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., history: _Optional[_Union[HistoryReport, _Mapping]] = ..., total_log_prob: _Optional[float] = ..., filters: _Optional[_Union[FilterReport, _Mapping]] = ...) -> None: ...
 
 class RecommendChunk(_message.Message):
     __slots__ = ("item", "done")
@@ -126,16 +146,18 @@ class RecommendChunk(_message.Message):
     def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., done: _Optional[_Union[RecommendResponse, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "num_items", "options", "request_id")
+    __slots__ = ("prompt", "num_items", "options", "request_id", "filters")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedScalarFieldContainer[int]
     num_items: int
     options: DecodingOptions
     request_id: str
-    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    filters: ItemFilters
+    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., filters: _Optional[_Union[ItemFilters, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("tokens", "done", "stats", "request_id", "log_probs")

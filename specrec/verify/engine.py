@@ -50,6 +50,7 @@ class VerifyRequest:
     seed: int = 0
     n_items: int = 10
     exclude_history: bool = True
+    banned: list[int] = field(default_factory=list)  # item indices no list may hold (read with the context)
     draft_probs: torch.Tensor | None = None  # [n_tree + 1, vocab] or None
 
 
@@ -129,8 +130,8 @@ class TargetVerifier:
         if not 0 <= req.seed <= MAX_SEED:
             raise VerifyError("INVALID_ARGUMENT", f"seed must be in 0..2**64-1, got {req.seed}")
         self._check_tokens("CONTEXT", req.context or [])
-        constraint = ListConstraint(self.trie, req.n_items, req.exclude_history)
         try:
+            constraint = ListConstraint(self.trie, req.n_items, req.exclude_history, req.banned)
             state = constraint.start(list(req.context or []))
         except ConstraintError as e:
             raise VerifyError("INVALID_ARGUMENT", f"CONTEXT is not a valid list prefix: {e}") from None

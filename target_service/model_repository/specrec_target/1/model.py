@@ -9,6 +9,7 @@ verified in ONE forward pass. Inputs (batch dim implicit, one row per request):
     TREE_TOKENS   INT64 [-1]  draft tree tokens, parents first; may be empty (plain decoding step)
     TREE_PARENTS  INT64 [-1]  parent index per node; -1 = child of the last committed token
     DRAFT_PROBS   FP32  [-1]  optional, stochastic mode; [n_tree + 1, vocab] flattened row-major
+    BANNED_ITEMS  INT64 [-1]  optional, with CONTEXT; item indices no list may hold (the request's filters)
 
 Request parameters (JSON): mode (greedy | stochastic | relaxed), temperature, seed, relaxed_top_k,
 relaxed_min_prob, n_items and exclude_history (read when the sequence starts or is rebuilt).
@@ -104,7 +105,7 @@ class TritonPythonModel:
                              start=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START),
                              end=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END),
                              params=accept, seed=seed, n_items=n_items, exclude_history=exclude,
-                             draft_probs=draft_probs)
+                             banned=_ints(request, "BANNED_ITEMS") or [], draft_probs=draft_probs)
 
     def finalize(self):
         self.verifier = None
