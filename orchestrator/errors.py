@@ -39,27 +39,43 @@ def request_info(request_id: str) -> error_details_pb2.RequestInfo:
     return error_details_pb2.RequestInfo(request_id=request_id)
 
 
-async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, request_id: str,
-                details: list[Message] | None = None, extra: tuple[tuple[str, str], ...] = ()) -> NoReturn:
-    """End the call with `code`, `message` and the details (RequestInfo first, when the request has an id)."""
-    all_details = ([request_info(request_id)] if request_id else []) + list(details or [])
-    await context.abort(code, message, trailing_metadata=error_trailers(code, message, all_details) + extra)
+class Refusal(Exception):
+    """A request's error answer, raised where it is found; the RPC sends it as its status (abort_refused), a
+    batch as that user's result. `field`: the request field at fault (INVALID_ARGUMENT); `retry_after_ms`: when
+    the same request may succeed (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "", retry_after_ms: int = 0):
+        super().__init__(message)
+        self.code, self.message, self.field, self.retry_after_ms = code, message, field, retry_after_ms
+        self.request_id = ""  # set once the request's id is known
+
+    @classmethod
+    def invalid(cls, error: ValueError, default_field: str) -> Refusal:
+        """INVALID_ARGUMENT naming the field (`default_field` for errors that name none)."""
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, str(error),
+                   error.field if isinstance(error, RequestInvalid) else default_field)
+
+    @classmethod
+    def overloaded(cls, message: str, retry_after_ms: int) -> Refusal:
+        return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_ms=retry_after_ms)
+
+    def details(self) -> list[Message]:
+        """The google.rpc details: RequestInfo, then BadRequest or RetryInfo where they apply."""
+        found: list[Message] = [request_info(self.request_id)] if self.request_id else []
+        if self.field:
+            violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+            found.append(error_details_pb2.BadRequest(field_violations=[violation]))
+        if self.retry_after_ms:
+            delay = Duration()
+            delay.FromMilliseconds(self.retry_after_ms)
+            found.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        return found
+
+
+async def abort_refused(context: grpc.aio.ServicerContext, refusal: Refusal) -> NoReturn:
+    """End the call with the refusal's status, message and google.rpc details (and the pushback trailer)."""
+    trailers = error_trailers(refusal.code, refusal.message, refusal.details())
+    if refusal.retry_after_ms:
+        trailers += ((PUSHBACK_KEY, str(refusal.retry_after_ms)),)
+    await context.abort(refusal.code, refusal.message, trailing_metadata=trailers)
     raise AssertionError("unreachable")  # context.abort raises
-
-
-async def abort_invalid(context: grpc.aio.ServicerContext, error: ValueError, request_id: str,
-                        default_field: str) -> NoReturn:
-    """INVALID_ARGUMENT with a BadRequest naming the field (`default_field` for errors that name none)."""
-    field = error.field if isinstance(error, RequestInvalid) else default_field
-    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=str(error))
-    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), request_id,
-                [error_details_pb2.BadRequest(field_violations=[violation])])
-
-
-async def abort_overloaded(context: grpc.aio.ServicerContext, message: str, retry_after_ms: int,
-                           request_id: str) -> NoReturn:
-    """RESOURCE_EXHAUSTED with RetryInfo and the pushback trailer: the client may retry after the delay."""
-    delay = Duration()
-    delay.FromMilliseconds(retry_after_ms)
-    await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, request_id,
-                [error_details_pb2.RetryInfo(retry_delay=delay)], extra=((PUSHBACK_KEY, str(retry_after_ms)),))

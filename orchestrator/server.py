@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from orchestrator.backends import Backends, router_from_config
 from orchestrator.catalog import Catalog, ResolvedHistory
 from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_client import DraftClient
-from orchestrator.errors import RETRY_AFTER_MS, RequestInvalid, abort, abort_invalid, abort_overloaded
+from orchestrator.errors import RETRY_AFTER_MS, Refusal, RequestInvalid, abort_refused
 from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.request_ids import RequestIdFilter, bind, request_id_of
 from orchestrator.routing import DRAFT, TARGET, Router
@@ -28,7 +29,7 @@ from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.constraint import TooFewItems
 from specrec.semantic_ids.vocab import SEP
-from specrec.speculation.engine import RequestStats
+from specrec.speculation.engine import Emit, RequestStats
 from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
@@ -48,6 +49,9 @@ MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPL
          pb.DecodingOptions.MODE_RELAXED: "relaxed"}
 MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
 UNKNOWN_IDS_REPORTED = 20  # unknown history ids echoed in a response (all are counted)
+MAX_BATCH = 1000  # users per RecommendBatch call
+BATCH_CONCURRENCY = 16  # users of one batch decoded at once by default: enough to fill Triton's batches of 8
+tracer = trace.get_tracer("specrec.orchestrator")
 
 
 def stats_message(s: RequestStats) -> pb.Stats:
@@ -157,16 +161,26 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         resolved = self.catalog.prompt(list(request.history), self.config.max_history, request.strict_history)
         return resolved.prompt, history_report(resolved)
 
-    async def _plan(self, request, context: grpc.aio.ServicerContext) -> Plan:
-        """The request checked and turned into a plan; otherwise the call ends INVALID_ARGUMENT (or
-        RESOURCE_EXHAUSTED at the in-flight cap) with google.rpc details."""
+    def _plan(self, request) -> Plan:
+        """The request checked and turned into a plan; a Refusal (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED at the
+        in-flight cap) otherwise. Binds the request's id to the logs and the current span."""
         try:
             request_id = request_id_of(request.request_id)
         except RequestInvalid as e:
-            request_id = request_id_of("")  # the refusal still gets an id for the logs
-            bind(request_id)
-            await abort_invalid(context, e, request_id, "request_id")
+            refusal = Refusal.invalid(e, "request_id")
+            refusal.request_id = request_id_of("")  # the refusal still gets an id for the logs
+            bind(refusal.request_id)
+            log.info("refused: %s", e)
+            raise refusal from None
         bind(request_id)
+        try:
+            return self._checked(request, request_id)
+        except Refusal as refusal:
+            refusal.request_id = request_id
+            log.info("refused: %s", refusal)
+            raise
+
+    def _checked(self, request, request_id: str) -> Plan:
         prompt_field = "prompt" if isinstance(request, pb.GenerateRequest) else "history"
         try:
             n, opts, policy = self._options(request)
@@ -175,31 +189,24 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             self.catalog.constraint(n, opts.exclude_history, opts.banned).start(prompt)
             self.catalog.check_fits(prompt, n)
         except TooFewItems as e:
-            log.info("refused: %s", e)
-            await abort_invalid(context, ValueError(f"{e}: relax the filters or ask for fewer items"), request_id,
-                                "filters" if opts.banned else "num_items")
+            raise Refusal.invalid(ValueError(f"{e}: relax the filters or ask for fewer items"),
+                                  "filters" if opts.banned else "num_items") from None
         except ValueError as e:  # RequestInvalid and the grammar's ConstraintError (a bad prompt)
-            log.info("refused: %s", e)
-            await abort_invalid(context, e, request_id, prompt_field)
+            raise Refusal.invalid(e, prompt_field) from None
         if self.loop.in_flight >= self.config.max_in_flight:
-            await abort_overloaded(context, f"{self.loop.in_flight} requests in flight, the cap; retry after "
-                                   f"~{RETRY_AFTER_MS} ms", RETRY_AFTER_MS, request_id)
+            raise Refusal.overloaded(f"{self.loop.in_flight} requests in flight, the cap; retry after "
+                                     f"~{RETRY_AFTER_MS} ms", RETRY_AFTER_MS)
         return Plan(request_id, prompt, opts, policy, history, filters)
 
-    async def _generate(self, plan: Plan, context: grpc.aio.ServicerContext, emit) -> RequestStats:
-        rid = plan.request_id
+    async def _generate(self, plan: Plan, emit: Emit) -> RequestStats:
+        """Run the plan; a Refusal (with the request's id) when the target refuses or fails."""
         try:
             stats = await self.loop.run(plan.prompt, plan.opts, plan.policy, emit)
-        except TargetInvalidArgument as e:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}", rid)
-        except TargetOverloaded as e:
-            # In the trailers: a stream may already have sent its initial metadata with the first items.
-            await abort_overloaded(context, f"the target model is at capacity: {e}", e.retry_after_ms, rid)
         except TargetError as e:
-            code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                else grpc.StatusCode.UNAVAILABLE
+            refusal = target_refusal(e)
+            refusal.request_id = plan.request_id
             log.warning("target failed: %s", e)
-            await abort(context, code, f"the target model (Triton) failed: {e}", rid)
+            raise refusal from None
         log.info("done: %d rounds, %d tokens, %.1f ms", stats.rounds, stats.committed, stats.total_s * 1e3)
         return stats
 
@@ -208,39 +215,109 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                                     request_id=plan.request_id, history=plan.history, filters=plan.filters,
                                     total_log_prob=sum(item.log_prob for item in items))
 
-    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
-                        ) -> pb.RecommendResponse:
-        plan = await self._plan(request, context)
+    async def _recommend(self, request: pb.RecommendRequest) -> pb.RecommendResponse:
+        plan = self._plan(request)
         emitter, items = ItemEmitter(self.catalog), []
 
         async def emit(tokens: list[int], logprobs: list[float]) -> None:
             items.extend(emitter.feed(tokens, logprobs))
 
-        stats = await self._generate(plan, context, emit)
+        stats = await self._generate(plan, emit)
         return self._response(plan, items, stats)
+
+    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.RecommendResponse:
+        try:
+            return await self._recommend(request)
+        except Refusal as refusal:
+            await abort_refused(context, refusal)
 
     async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.RecommendChunk]:
-        plan = await self._plan(request, context)
-        emitter, items = ItemEmitter(self.catalog), []
+        try:
+            plan = self._plan(request)
+            emitter, items = ItemEmitter(self.catalog), []
 
-        async def emit(tokens: list[int], logprobs: list[float]) -> None:
-            for item in emitter.feed(tokens, logprobs):
-                items.append(item)
-                await context.write(pb.RecommendChunk(item=item))
+            async def emit(tokens: list[int], logprobs: list[float]) -> None:
+                for item in emitter.feed(tokens, logprobs):
+                    items.append(item)
+                    await context.write(pb.RecommendChunk(item=item))
 
-        stats = await self._generate(plan, context, emit)
+            stats = await self._generate(plan, emit)
+        except Refusal as refusal:  # in the trailers: the first items may already be out
+            await abort_refused(context, refusal)
         await context.write(pb.RecommendChunk(done=self._response(plan, items, stats)))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
-        plan = await self._plan(request, context)
+        try:
+            plan = self._plan(request)
 
-        async def emit(tokens: list[int], logprobs: list[float]) -> None:
-            await context.write(pb.GenerateChunk(tokens=tokens, log_probs=logprobs))
+            async def emit(tokens: list[int], logprobs: list[float]) -> None:
+                await context.write(pb.GenerateChunk(tokens=tokens, log_probs=logprobs))
 
-        stats = await self._generate(plan, context, emit)
+            stats = await self._generate(plan, emit)
+        except Refusal as refusal:
+            await abort_refused(context, refusal)
         await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats), request_id=plan.request_id))
+
+    async def RecommendBatch(self, request: pb.RecommendBatchRequest, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pb.RecommendBatchResult]:
+        try:
+            width = batch_width(request, self.config.max_in_flight)
+        except RequestInvalid as e:
+            await abort_refused(context, Refusal.invalid(e, "requests"))
+        gate, results = asyncio.Semaphore(width), asyncio.Queue[pb.RecommendBatchResult]()
+
+        async def one(index: int, user: pb.RecommendRequest) -> None:
+            async with gate:
+                results.put_nowait(await self._batch_user(index, user))
+
+        # each user in its own task: its own request id in the logs, all decoding side by side in Triton's batches
+        tasks = [asyncio.ensure_future(one(i, user)) for i, user in enumerate(request.requests)]
+        try:
+            for _ in tasks:
+                yield await results.get()
+        finally:  # the client went away: stop the users still decoding
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _batch_user(self, index: int, user: pb.RecommendRequest) -> pb.RecommendBatchResult:
+        """One user's answer or error: what Recommend would answer, with no effect on the batch's other users."""
+        with tracer.start_as_current_span("batch_user", attributes={"specrec.batch_index": index}):
+            try:
+                return pb.RecommendBatchResult(index=index, response=await self._recommend(user))
+            except Refusal as r:
+                return pb.RecommendBatchResult(index=index, error=pb.UserError(
+                    code=r.code.name, message=r.message, field=r.field, retry_after_ms=r.retry_after_ms,
+                    request_id=r.request_id))
+            except Exception as e:  # a bug for one user is that user's INTERNAL, not the batch's end
+                log.exception("batch user %d failed", index)
+                return pb.RecommendBatchResult(index=index, error=pb.UserError(
+                    code=grpc.StatusCode.INTERNAL.name, message=f"{type(e).__name__}: {e}"))
+
+
+def batch_width(request: pb.RecommendBatchRequest, max_in_flight: int) -> int:
+    """Users of the batch decoded at once; RequestInvalid for a batch the server will not take."""
+    n = len(request.requests)
+    if not 1 <= n <= MAX_BATCH:
+        raise RequestInvalid(f"a batch holds 1..{MAX_BATCH} requests, got {n}: split it", "requests")
+    if request.concurrency < 0:
+        raise RequestInvalid(f"concurrency must be >= 0 (0 = the server's {BATCH_CONCURRENCY}), got "
+                             f"{request.concurrency}", "concurrency")
+    return max(1, min(request.concurrency or BATCH_CONCURRENCY, max_in_flight, n))
+
+
+def target_refusal(e: TargetError) -> Refusal:
+    """What a client is told when the target refused or failed its request."""
+    if isinstance(e, TargetInvalidArgument):
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}")
+    if isinstance(e, TargetOverloaded):
+        return Refusal.overloaded(f"the target model is at capacity: {e}", e.retry_after_ms)
+    code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
+        else grpc.StatusCode.UNAVAILABLE
+    return Refusal(code, f"the target model (Triton) failed: {e}")
 
 
 def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, router: Router | None = None

@@ -284,3 +284,41 @@ def test_no_filtered_item_is_ever_returned_and_lists_equal_plain_under_random_fi
 
     run()
     assert "listed" in outcomes, outcomes
+
+
+# -- many users per call ---------------------------------------------------------------------------------
+
+
+def test_a_batch_with_a_bad_user_answers_every_other_user_with_their_plain_list(stub, tiny_artifacts, tiny_target):
+    users = list(range(20, 32))
+    requests = [pb.RecommendRequest(history=ids(tiny_artifacts, tiny_artifacts.split.train[u][-20:]), num_items=5,
+                                    request_id=f"batch-{u}") for u in users]
+    bad = 4
+    requests[bad] = pb.RecommendRequest(history=["nope"], strict_history=True, request_id="batch-bad")
+    reference = decode(tiny_target, tiny_artifacts.constraint(5), [tiny_artifacts.prompt(u) for u in users])
+    results = list(stub.RecommendBatch(pb.RecommendBatchRequest(requests=requests, concurrency=6), timeout=120))
+    assert sorted(r.index for r in results) == list(range(len(users)))  # every user answered exactly once
+    by_index = {r.index: r for r in results}
+    error = by_index[bad].error
+    assert by_index[bad].WhichOneof("outcome") == "error"
+    assert (error.code, error.field, error.request_id) == ("INVALID_ARGUMENT", "history[0]", "batch-bad")
+    for i, u in enumerate(users):
+        if i != bad:
+            resp = by_index[i].response
+            assert [it.item_id for it in resp.items] == ids(tiny_artifacts, reference[i].items), u
+            assert resp.request_id == f"batch-{u}"
+
+
+@pytest.mark.parametrize("batch, field", [
+    (pb.RecommendBatchRequest(), "requests"),
+    (pb.RecommendBatchRequest(requests=[pb.RecommendRequest()] * 1001), "requests"),
+    (pb.RecommendBatchRequest(requests=[pb.RecommendRequest()], concurrency=-1), "concurrency"),
+])
+def test_a_malformed_batch_fails_the_call_naming_the_field(stub, batch, field):
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.RecommendBatch(batch, timeout=30))
+    status = rpc_status.from_call(err.value)
+    bad = error_details_pb2.BadRequest()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert next(d for d in status.details if d.Is(bad.DESCRIPTOR)).Unpack(bad)
+    assert [v.field for v in bad.field_violations] == [field]

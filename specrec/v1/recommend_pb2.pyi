@@ -137,6 +137,38 @@ class RecommendResponse(_message.Message):
     filters: FilterReport
     def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., history: _Optional[_Union[HistoryReport, _Mapping]] = ..., total_log_prob: _Optional[float] = ..., filters: _Optional[_Union[FilterReport, _Mapping]] = ...) -> None: ...
 
+class RecommendBatchRequest(_message.Message):
+    __slots__ = ("requests", "concurrency")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RecommendRequest]
+    concurrency: int
+    def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ..., concurrency: _Optional[int] = ...) -> None: ...
+
+class RecommendBatchResult(_message.Message):
+    __slots__ = ("index", "response", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    response: RecommendResponse
+    error: UserError
+    def __init__(self, index: _Optional[int] = ..., response: _Optional[_Union[RecommendResponse, _Mapping]] = ..., error: _Optional[_Union[UserError, _Mapping]] = ...) -> None: ...
+
+class UserError(_message.Message):
+    __slots__ = ("code", "message", "field", "retry_after_ms", "request_id")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    field: str
+    retry_after_ms: int
+    request_id: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
 class RecommendChunk(_message.Message):
     __slots__ = ("item", "done")
     ITEM_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class RecommenderStub:
                 request_serializer=specrec_dot_v1_dot_recommend__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=specrec_dot_v1_dot_recommend__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.RecommendBatch = channel.unary_stream(
+                '/specrec.v1.Recommender/RecommendBatch',
+                request_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.SerializeToString,
+                response_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchResult.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -75,6 +80,15 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendBatch(self, request, context):
+        """Many users in one call, each served as Recommend serves it, side by side (so Triton's batches stay full);
+        each user's result streams back as soon as it is ready, in any order, by index. One user's error is that
+        user's result and does not fail the others; only a malformed batch fails the call (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +106,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=specrec_dot_v1_dot_recommend__pb2.GenerateRequest.FromString,
                     response_serializer=specrec_dot_v1_dot_recommend__pb2.GenerateChunk.SerializeToString,
+            ),
+            'RecommendBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.RecommendBatch,
+                    request_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.FromString,
+                    response_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +194,33 @@ class Recommender:
             '/specrec.v1.Recommender/Generate',
             specrec_dot_v1_dot_recommend__pb2.GenerateRequest.SerializeToString,
             specrec_dot_v1_dot_recommend__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/specrec.v1.Recommender/RecommendBatch',
+            specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.SerializeToString,
+            specrec_dot_v1_dot_recommend__pb2.RecommendBatchResult.FromString,
             options,
             channel_credentials,
             insecure,
