@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import (
     DRAFTER_NAME,
     Budget,
@@ -60,10 +61,9 @@ from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
 from specrec.telemetry import DrafterMetrics, server_interceptors, setup_tracing, shutdown_tracing, start_metrics_server
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger("specrec.draft")
-SERVICE = "specrec.v1.DraftService"
+SERVICE = "specrec.draft.v1.DraftService"
 T = TypeVar("T")
 
 

@@ -46,11 +46,12 @@ async def _retry_after(call: grpc.aio.Call) -> str | None:
     return dict(md).get(PUSHBACK_KEY)
 
 
-async def call_once(stub: pb_grpc.RecommenderStub, key: int, request: pb.RecommendRequest, timeout_s: float,
+async def call_once(stub: pb_grpc.RecommenderServiceStub, key: int, request: pb.RecommendRequest, timeout_s: float,
                     stream: bool = False, cancel_after_s: float | None = None) -> Outcome:
     """One request: Recommend, or StreamRecommend collecting its items; optionally cancelled by the client."""
     t0 = time.perf_counter()
-    call = stub.StreamRecommend(request, timeout=timeout_s) if stream else stub.Recommend(request, timeout=timeout_s)
+    call = stub.StreamRecommend(pb.StreamRecommendRequest(request=request), timeout=timeout_s) if stream \
+        else stub.Recommend(request, timeout=timeout_s)
 
     async def finish() -> list[str]:
         if not stream:
@@ -95,7 +96,7 @@ async def run_requests(addr: str, requests: Sequence[tuple[int, pb.RecommendRequ
     """
     gate = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = pb_grpc.RecommenderStub(channel)
+        stub = pb_grpc.RecommenderServiceStub(channel)
 
         async def one(i: int, key: int, request: pb.RecommendRequest) -> Outcome:
             async with gate:
@@ -168,7 +169,7 @@ async def closed_loop(addr: str, requests: Sequence[tuple[int, pb.RecommendReque
     sent = 0
     stop_at = time.monotonic() + max_seconds
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = pb_grpc.RecommenderStub(channel)
+        stub = pb_grpc.RecommenderServiceStub(channel)
 
         async def client() -> None:
             nonlocal sent

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 import grpc
 
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.security import TlsConfig, aio_channel
 from specrec.speculation.engine import Proposal
 from specrec.speculation.policy import Budget
 from specrec.telemetry import end_client_span, start_client_span
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
 

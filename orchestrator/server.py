@@ -44,9 +44,9 @@ from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specrec.orchestrator")
-SERVICE = "specrec.v1.Recommender"
-MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPLING: "stochastic",
-         pb.DecodingOptions.MODE_RELAXED: "relaxed"}
+SERVICE = "specrec.v1.RecommenderService"
+MODES = {pb.DecodingOptions.MODE_UNSPECIFIED: "greedy", pb.DecodingOptions.MODE_GREEDY: "greedy",
+         pb.DecodingOptions.MODE_SAMPLING: "stochastic", pb.DecodingOptions.MODE_RELAXED: "relaxed"}
 MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
 UNKNOWN_IDS_REPORTED = 20  # unknown history ids echoed in a response (all are counted)
 MAX_BATCH = 1000  # users per RecommendBatch call
@@ -105,7 +105,7 @@ class ItemEmitter:
         return items
 
 
-class RecommenderServicer(pb_grpc.RecommenderServicer):
+class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def __init__(self, config: OrchestratorConfig, catalog: Catalog, loop: SpeculationLoop):
         self.config = config
         self.catalog = catalog
@@ -232,42 +232,42 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         except Refusal as refusal:
             await abort_refused(context, refusal)
 
-    async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
-                              ) -> AsyncIterator[pb.RecommendChunk]:
+    async def StreamRecommend(self, request: pb.StreamRecommendRequest, context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[pb.StreamRecommendResponse]:
         try:
-            plan = self._plan(request)
+            plan = self._plan(request.request)
             emitter, items = ItemEmitter(self.catalog), []
 
             async def emit(tokens: list[int], logprobs: list[float]) -> None:
                 for item in emitter.feed(tokens, logprobs):
                     items.append(item)
-                    await context.write(pb.RecommendChunk(item=item))
+                    await context.write(pb.StreamRecommendResponse(item=item))
 
             stats = await self._generate(plan, emit)
         except Refusal as refusal:  # in the trailers: the first items may already be out
             await abort_refused(context, refusal)
-        await context.write(pb.RecommendChunk(done=self._response(plan, items, stats)))
+        await context.write(pb.StreamRecommendResponse(done=self._response(plan, items, stats)))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[pb.GenerateChunk]:
+                       ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             plan = self._plan(request)
 
             async def emit(tokens: list[int], logprobs: list[float]) -> None:
-                await context.write(pb.GenerateChunk(tokens=tokens, log_probs=logprobs))
+                await context.write(pb.GenerateResponse(tokens=tokens, log_probs=logprobs))
 
             stats = await self._generate(plan, emit)
         except Refusal as refusal:
             await abort_refused(context, refusal)
-        await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats), request_id=plan.request_id))
+        await context.write(pb.GenerateResponse(done=True, stats=stats_message(stats), request_id=plan.request_id))
 
     async def RecommendBatch(self, request: pb.RecommendBatchRequest, context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[pb.RecommendBatchResult]:
+                             ) -> AsyncIterator[pb.RecommendBatchResponse]:
         try:
             width = batch_width(request, self.config.max_in_flight)
         except RequestInvalid as e:
             await abort_refused(context, Refusal.invalid(e, "requests"))
-        gate, results = asyncio.Semaphore(width), asyncio.Queue[pb.RecommendBatchResult]()
+        gate, results = asyncio.Semaphore(width), asyncio.Queue[pb.RecommendBatchResponse]()
 
         async def one(index: int, user: pb.RecommendRequest) -> None:
             async with gate:
@@ -283,18 +283,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _batch_user(self, index: int, user: pb.RecommendRequest) -> pb.RecommendBatchResult:
+    async def _batch_user(self, index: int, user: pb.RecommendRequest) -> pb.RecommendBatchResponse:
         """One user's answer or error: what Recommend would answer, with no effect on the batch's other users."""
         with tracer.start_as_current_span("batch_user", attributes={"specrec.batch_index": index}):
             try:
-                return pb.RecommendBatchResult(index=index, response=await self._recommend(user))
+                return pb.RecommendBatchResponse(index=index, response=await self._recommend(user))
             except Refusal as r:
-                return pb.RecommendBatchResult(index=index, error=pb.UserError(
+                return pb.RecommendBatchResponse(index=index, error=pb.UserError(
                     code=r.code.name, message=r.message, field=r.field, retry_after_ms=r.retry_after_ms,
                     request_id=r.request_id))
             except Exception as e:  # a bug for one user is that user's INTERNAL, not the batch's end
                 log.exception("batch user %d failed", index)
-                return pb.RecommendBatchResult(index=index, error=pb.UserError(
+                return pb.RecommendBatchResponse(index=index, error=pb.UserError(
                     code=grpc.StatusCode.INTERNAL.name, message=f"{type(e).__name__}: {e}"))
 
 
@@ -378,7 +378,7 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
         log.info("metrics on :%d/metrics", port)
     server = grpc.aio.server(interceptors=[*server_interceptors(), *auth_interceptors(config.auth),
                                            UndecodableRequests()])
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
+    pb_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -100,7 +100,7 @@ class Journal:
         self.file.close()
 
 
-def record_of(user: User, result: pb.RecommendBatchResult) -> dict:
+def record_of(user: User, result: pb.RecommendBatchResponse) -> dict:
     if result.WhichOneof("outcome") == "error":
         e = result.error
         return dict(user_id=user.user_id, request_id=e.request_id, items=[], log_probs=[], total_log_prob=None,
@@ -129,7 +129,7 @@ async def generate(addr: str, users: list[User], journal: Journal, opts: BatchOp
     per_call = max(1, min(opts.concurrency, opts.batch_size))
     gate = asyncio.Semaphore(max(1, opts.concurrency // per_call))
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = pb_grpc.RecommenderStub(channel)
+        stub = pb_grpc.RecommenderServiceStub(channel)
 
         async def run_chunk(chunk: list[User]) -> None:
             async with gate:
@@ -138,7 +138,7 @@ async def generate(addr: str, users: list[User], journal: Journal, opts: BatchOp
         await asyncio.gather(*(run_chunk(c) for c in chunks))
 
 
-async def _serve_chunk(stub: pb_grpc.RecommenderStub, chunk: list[User], journal: Journal, opts: BatchOptions,
+async def _serve_chunk(stub: pb_grpc.RecommenderServiceStub, chunk: list[User], journal: Journal, opts: BatchOptions,
                        per_call: int, on_done: Callable[[int], None]) -> None:
     attempts: dict[str, int] = {}
     while chunk:
@@ -172,7 +172,7 @@ async def _serve_chunk(stub: pb_grpc.RecommenderStub, chunk: list[User], journal
             await asyncio.sleep(wait_ms / 1000)
 
 
-def _should_retry(result: pb.RecommendBatchResult, attempts: dict[str, int], user: User) -> bool:
+def _should_retry(result: pb.RecommendBatchResponse, attempts: dict[str, int], user: User) -> bool:
     if result.WhichOneof("outcome") != "error" or result.error.code not in RETRYABLE:
         return False
     attempts[user.user_id] = attempts.get(user.user_id, 0) + 1

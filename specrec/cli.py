@@ -98,7 +98,7 @@ def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", tim
     u = _user_index(arts, user)
     history = [arts.data.item_ids[i] for i in arts.split.train[u][-arts.profile.max_history:]]
     with channel(addr, tls or TlsConfig()) as ch:
-        resp = pb_grpc.RecommenderStub(ch).Recommend(
+        resp = pb_grpc.RecommenderServiceStub(ch).Recommend(
             pb.RecommendRequest(history=history, num_items=n, options=pb.DecodingOptions(policy=policy)),
             timeout=timeout, metadata=auth_metadata(token))
     print(f"user {user}: recently watched " + "; ".join(arts.data.titles[i] for i in arts.split.train[u][-3:]))

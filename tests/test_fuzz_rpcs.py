@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from harness.stack import LocalStack, StackConfig, grpc_healthy, triton_ready
 from specrec.decoding.plain import decode
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import DraftTree
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -236,14 +236,20 @@ def test_raw_bytes_and_unknown_fields_on_every_rpc(stack, channels):
     INVALID_ARGUMENT (grpc.aio alone answers UNKNOWN), and the servers stay up."""
     draft, orch = channels
     calls = {
-        "DraftService.Stats": (draft, "/specrec.v1.DraftService/Stats", draft_pb2.StatsRequest(), "unary_unary"),
-        "DraftService.Speculate": (draft, "/specrec.v1.DraftService/Speculate",
+        "DraftService.Stats": (draft, "/specrec.draft.v1.DraftService/Stats", draft_pb2.StatsRequest(), "unary_unary"),
+        "DraftService.Speculate": (draft, "/specrec.draft.v1.DraftService/Speculate",
                                    draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession()), "stream_stream"),
-        "Recommender.Recommend": (orch, "/specrec.v1.Recommender/Recommend", pb.RecommendRequest(history=["1"]),
+        "Recommender.Recommend": (orch, "/specrec.v1.RecommenderService/Recommend", pb.RecommendRequest(history=["1"]),
                                   "unary_unary"),
-        "Recommender.StreamRecommend": (orch, "/specrec.v1.Recommender/StreamRecommend",
-                                        pb.RecommendRequest(history=["1"], num_items=2), "unary_stream"),
-        "Recommender.Generate": (orch, "/specrec.v1.Recommender/Generate", pb.GenerateRequest(prompt=[1]),
+        "Recommender.StreamRecommend": (orch, "/specrec.v1.RecommenderService/StreamRecommend",
+                                        pb.StreamRecommendRequest(request=pb.RecommendRequest(history=["1"],
+                                                                                             num_items=2)),
+                                        "unary_stream"),
+        "Recommender.RecommendBatch": (orch, "/specrec.v1.RecommenderService/RecommendBatch",
+                                       pb.RecommendBatchRequest(requests=[pb.RecommendRequest(history=["1"],
+                                                                                              num_items=2)]),
+                                       "unary_stream"),
+        "Recommender.Generate": (orch, "/specrec.v1.RecommenderService/Generate", pb.GenerateRequest(prompt=[1]),
                                  "unary_stream"),
     }
     seen: Counter[str] = Counter()
@@ -280,7 +286,7 @@ def history_ids(arts, user: int) -> list[str]:
 class RecommendWitness(threading.Thread):
     """Plain Recommend calls made while the fuzz runs; each list must equal plain greedy decoding."""
 
-    def __init__(self, stub: pb_grpc.RecommenderStub, requests: list[pb.RecommendRequest]):
+    def __init__(self, stub: pb_grpc.RecommenderServiceStub, requests: list[pb.RecommendRequest]):
         super().__init__(daemon=True)
         self.stub, self.requests = stub, requests
         self.stop = threading.Event()
@@ -301,7 +307,7 @@ class RecommendWitness(threading.Thread):
 
 wild_options = st.builds(
     pb.DecodingOptions,
-    mode=st.one_of(st.sampled_from([0, 0, 1, 2]), st.integers(-1, 9)),
+    mode=st.one_of(st.sampled_from([0, 0, 1, 2, 3]), st.integers(-1, 9)),
     temperature=st.one_of(st.just(0.0), st.floats(width=32)),
     seed=st.one_of(st.integers(0, 9), st.integers(0, 2**64 - 1)),
     policy=st.sampled_from(["", "adaptive", "heuristic", "off", "fixed:3:16", "fixed:0:0", "fixed:99:999",
@@ -312,7 +318,7 @@ wild_options = st.builds(
 )
 sane_options = st.builds(  # every combination of valid choices, so half the calls decode to the end
     pb.DecodingOptions,
-    mode=st.sampled_from([0, 1, 2]),
+    mode=st.sampled_from([0, 1, 2, 3]),
     temperature=st.one_of(st.just(0.0), st.floats(0.05, 3.0)),
     seed=st.integers(0, 2**63 - 1),
     policy=st.sampled_from(["", "adaptive", "heuristic", "off", "fixed:3:16", "fixed:1:1", "heuristic:4"]),
@@ -371,7 +377,7 @@ def collect(rpc: str, fn) -> str:
 
 def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(stack, channels, tiny_artifacts,
                                                                                tiny_target, contexts):
-    stub = pb_grpc.RecommenderStub(channels[1])
+    stub = pb_grpc.RecommenderServiceStub(channels[1])
     users = [0, 1, 2]
     requests = [pb.RecommendRequest(history=history_ids(tiny_artifacts, u), num_items=5) for u in users]
     ref = decode(tiny_target, tiny_artifacts.constraint(5), [tiny_artifacts.prompt(u) for u in users])
@@ -401,7 +407,7 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
             req = pb.RecommendRequest(history=history, num_items=n, options=opts, request_id=request_id,
                                       strict_history=strict)
             call = stub.Recommend if rpc == "Recommend" else (lambda r, timeout: list(stub.StreamRecommend(
-                r, timeout=timeout)))
+                pb.StreamRecommendRequest(request=r), timeout=timeout)))
             codes[collect(rpc, lambda: call(req, timeout=120))] += 1
 
     try:
@@ -423,5 +429,5 @@ def test_a_misspelt_drafter_is_the_requests_fault(channels, tiny_artifacts):
     req = pb.RecommendRequest(history=history_ids(tiny_artifacts, 0), num_items=2,
                               options=pb.DecodingOptions(drafter="retreival"))
     with pytest.raises(grpc.RpcError) as err:
-        pb_grpc.RecommenderStub(channels[1]).Recommend(req, timeout=60)
+        pb_grpc.RecommenderServiceStub(channels[1]).Recommend(req, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.drafter" in err.value.details()

@@ -25,10 +25,10 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import PUSHBACK_KEY, RETRY_AFTER_MS
 from orchestrator.server import build_server
 from specrec.decoding.plain import decode
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.vocab import BOS, REC
 from specrec.training.examples import encode_prompt
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -47,13 +47,17 @@ def stack(tiny_artifacts, tiny_drafter):
 @pytest.fixture(scope="module")
 def stub(stack):
     with grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        yield pb_grpc.RecommenderStub(ch)
+        yield pb_grpc.RecommenderServiceStub(ch)
 
 
 def plain_items(arts, target, history: list[int], n: int = 10) -> list[str]:
     """Plain constrained greedy decoding in process, from a history of item indices."""
     decoded = decode(target, arts.constraint(n), [encode_prompt(arts.sids, history)])[0]
     return [arts.data.item_ids[i] for i in decoded.items]
+
+
+def stream_of(request: pb.RecommendRequest) -> pb.StreamRecommendRequest:
+    return pb.StreamRecommendRequest(request=request)
 
 
 def ids(arts, items) -> list[str]:
@@ -92,7 +96,7 @@ def test_no_usable_history_is_a_flagged_cold_start_equal_to_plain_decoding_from_
 
 
 def test_streamed_cold_start_reports_its_history_in_the_last_message(stub):
-    chunks = list(stub.StreamRecommend(pb.RecommendRequest(history=[], num_items=3), timeout=60))
+    chunks = list(stub.StreamRecommend(stream_of(pb.RecommendRequest(history=[], num_items=3)), timeout=60))
     done = chunks[-1].done
     assert [c.item.item_id for c in chunks[:-1]] == [i.item_id for i in done.items] and len(done.items) == 3
     assert done.history.cold_start
@@ -119,7 +123,7 @@ def test_request_ids_are_echoed_or_made_and_appear_in_the_orchestrator_log(stack
     made = stub.Recommend(pb.RecommendRequest(history=history, num_items=2), timeout=60)
     assert given.request_id == "caller-42:a/b"
     assert len(made.request_id) == 32 and int(made.request_id, 16) >= 0
-    streamed = list(stub.StreamRecommend(pb.RecommendRequest(history=history, num_items=2, request_id="s-1"),
+    streamed = list(stub.StreamRecommend(stream_of(pb.RecommendRequest(history=history, num_items=2, request_id="s-1")),
                                          timeout=60))
     assert streamed[-1].done.request_id == "s-1"
     prompt = encode_prompt(tiny_artifacts.sids, list(tiny_artifacts.split.train[3][-5:]))
@@ -142,7 +146,7 @@ async def test_the_in_flight_cap_sends_retry_info_and_a_pushback_the_service_con
     attempts = service_config["methodConfig"][0]["retryPolicy"]["maxAttempts"]
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
-            call = pb_grpc.RecommenderStub(plain).Recommend(request, timeout=30)
+            call = pb_grpc.RecommenderServiceStub(plain).Recommend(request, timeout=30)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             status = await rpc_status.aio.from_call(call)
@@ -155,7 +159,7 @@ async def test_the_in_flight_cap_sends_retry_info_and_a_pushback_the_service_con
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as retrying:
             t0 = time.perf_counter()
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await pb_grpc.RecommenderStub(retrying).Recommend(request, timeout=30)
+                await pb_grpc.RecommenderServiceStub(retrying).Recommend(request, timeout=30)
             waited = time.perf_counter() - t0
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # every retry waited the server's pushback, not the policy's shorter backoff
@@ -192,7 +196,7 @@ def test_streamed_and_generated_tokens_carry_the_same_scores(stub, tiny_artifact
     prompt = tiny_artifacts.prompt(3)
     want = plain_item_scores(tiny_artifacts, tiny_target, [prompt], 4)[0]
     history = ids(tiny_artifacts, tiny_artifacts.split.train[3][-tiny_artifacts.profile.max_history:])
-    chunks = list(stub.StreamRecommend(pb.RecommendRequest(history=history, num_items=4), timeout=60))
+    chunks = list(stub.StreamRecommend(stream_of(pb.RecommendRequest(history=history, num_items=4)), timeout=60))
     assert [c.item.log_prob for c in chunks[:-1]] == pytest.approx(want, abs=1e-4)
     generated = list(stub.Generate(pb.GenerateRequest(prompt=prompt, num_items=4), timeout=60))
     assert all(len(c.log_probs) == len(c.tokens) for c in generated)

@@ -159,7 +159,7 @@ async def test_draft_stream_on_a_departed_pods_closed_channel_is_draft_unavailab
 
 
 async def test_orchestrator_is_ready_only_while_a_triton_pod_is_known(tiny_artifacts) -> None:
-    # Readiness (service specrec.v1.Recommender) follows the Triton pods; liveness ("") stays SERVING throughout.
+    # Readiness (service specrec.v1.RecommenderService) follows the Triton pods; liveness ("") stays SERVING throughout.
     router = Router(asyncio.get_running_loop())
     config = OrchestratorConfig(artifacts=str(tiny_artifacts.directory), port=0, metrics_port=0, draft_addr="")
     server, port, loop = await build_orchestrator(config, router)

@@ -11,9 +11,11 @@ class DecodingOptions(_message.Message):
     __slots__ = ("mode", "temperature", "seed", "policy", "max_tree_nodes", "drafter", "include_history")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
+        MODE_UNSPECIFIED: _ClassVar[DecodingOptions.Mode]
         MODE_GREEDY: _ClassVar[DecodingOptions.Mode]
         MODE_SAMPLING: _ClassVar[DecodingOptions.Mode]
         MODE_RELAXED: _ClassVar[DecodingOptions.Mode]
+    MODE_UNSPECIFIED: DecodingOptions.Mode
     MODE_GREEDY: DecodingOptions.Mode
     MODE_SAMPLING: DecodingOptions.Mode
     MODE_RELAXED: DecodingOptions.Mode
@@ -145,7 +147,7 @@ class RecommendBatchRequest(_message.Message):
     concurrency: int
     def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ..., concurrency: _Optional[int] = ...) -> None: ...
 
-class RecommendBatchResult(_message.Message):
+class RecommendBatchResponse(_message.Message):
     __slots__ = ("index", "response", "error")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
@@ -169,7 +171,13 @@ class UserError(_message.Message):
     request_id: str
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
-class RecommendChunk(_message.Message):
+class StreamRecommendRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: RecommendRequest
+    def __init__(self, request: _Optional[_Union[RecommendRequest, _Mapping]] = ...) -> None: ...
+
+class StreamRecommendResponse(_message.Message):
     __slots__ = ("item", "done")
     ITEM_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -191,7 +199,7 @@ class GenerateRequest(_message.Message):
     filters: ItemFilters
     def __init__(self, prompt: _Optional[_Iterable[int]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., filters: _Optional[_Union[ItemFilters, _Mapping]] = ...) -> None: ...
 
-class GenerateChunk(_message.Message):
+class GenerateResponse(_message.Message):
     __slots__ = ("tokens", "done", "stats", "request_id", "log_probs")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]

@@ -1,4 +1,4 @@
-from specrec.v1 import tree_pb2 as _tree_pb2
+from specrec.draft.v1 import tree_pb2 as _tree_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
