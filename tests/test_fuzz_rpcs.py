@@ -350,6 +350,24 @@ def histories(draw: st.DrawFn, item_ids: list[str]) -> list[str]:
 
 
 @st.composite
+def item_filters(draw: st.DrawFn, item_ids: list[str]) -> pb.ItemFilters | None:
+    """No filters, or allow/deny lists of known ids and junk: some leave too few items, some none at all."""
+    ids = st.one_of(st.sampled_from(item_ids), st.text(max_size=8))
+    if draw(st.booleans()):
+        return None
+    return pb.ItemFilters(allow_item_ids=draw(st.one_of(st.just([]), st.lists(ids, max_size=30))),
+                          deny_item_ids=draw(st.lists(ids, max_size=30)))
+
+
+def check_batch(batch: pb.RecommendBatchRequest, results: list[pb.RecommendBatchResponse]) -> None:
+    """Every user answered exactly once; a user's error is a documented status with a message."""
+    assert sorted(r.index for r in results) == list(range(len(batch.requests)))
+    for r in results:
+        if r.WhichOneof("outcome") == "error":
+            assert r.error.code in {c.name for c in DOCUMENTED} and r.error.message.strip(), r.error
+
+
+@st.composite
 def prompts(draw: st.DrawFn, valid: list[list[int]], finished: list[int]) -> list[int]:
     kind = draw(st.sampled_from(["valid", "valid", "valid", "finished", "random", "long", "tail", "empty"]))
     if kind == "valid":
@@ -392,20 +410,29 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
     found = item_ids[:3], valid_prompts[0], 2  # the bugs this fuzz found, kept as fixed examples
 
     @settings(FUZZ, max_examples=int(40 * SCALE))
-    @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1), "", False)
+    @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1), "", False,
+             None, 0)
     @example("Generate", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, temperature=math.nan), "",
-             False)
-    @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions(), "", False)
-    @given(st.sampled_from(["Recommend", "StreamRecommend", "Generate"]), histories(item_ids),
-           prompts(valid_prompts, contexts["finished"]), num_items, options, request_ids, st.booleans())
+             False, None, 0)
+    @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions(), "", False,
+             None, 0)
+    @given(st.sampled_from(["Recommend", "StreamRecommend", "Generate", "RecommendBatch"]), histories(item_ids),
+           prompts(valid_prompts, contexts["finished"]), num_items, options, request_ids, st.booleans(),
+           item_filters(item_ids), st.integers(-2, 40))
     def run(rpc: str, history: list[str], prompt: list[int], n: int, opts: pb.DecodingOptions, request_id: str,
-            strict: bool) -> None:
+            strict: bool, filters: pb.ItemFilters | None, concurrency: int) -> None:
         if rpc == "Generate":
-            req = pb.GenerateRequest(prompt=prompt, num_items=n, options=opts, request_id=request_id)
+            req = pb.GenerateRequest(prompt=prompt, num_items=n, options=opts, request_id=request_id,
+                                     filters=filters)
             codes[collect(rpc, lambda: list(stub.Generate(req, timeout=120)))] += 1
+        elif rpc == "RecommendBatch":
+            users = [pb.RecommendRequest(history=history, num_items=n, options=opts, request_id=request_id,
+                                         strict_history=strict, filters=filters), requests[0]]
+            batch = pb.RecommendBatchRequest(requests=users, concurrency=concurrency)
+            codes[collect(rpc, lambda: check_batch(batch, list(stub.RecommendBatch(batch, timeout=120))))] += 1
         else:
             req = pb.RecommendRequest(history=history, num_items=n, options=opts, request_id=request_id,
-                                      strict_history=strict)
+                                      strict_history=strict, filters=filters)
             call = stub.Recommend if rpc == "Recommend" else (lambda r, timeout: list(stub.StreamRecommend(
                 pb.StreamRecommendRequest(request=r), timeout=timeout)))
             codes[collect(rpc, lambda: call(req, timeout=120))] += 1
