@@ -16,19 +16,20 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from orchestrator.backends import Backends, router_from_config
-from orchestrator.catalog import Catalog, ResolvedHistory
+from orchestrator.batch import batch_width, fan_out
+from orchestrator.catalog import Catalog
 from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_client import DraftClient
 from orchestrator.errors import RETRY_AFTER_MS, Refusal, RequestInvalid, abort_refused
 from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.request_ids import RequestIdFilter, bind, request_id_of
+from orchestrator.responses import ItemEmitter, history_report, stats_message, user_error
 from orchestrator.routing import DRAFT, TARGET, Router
 from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.constraint import TooFewItems
-from specrec.semantic_ids.vocab import SEP
 from specrec.speculation.engine import Emit, RequestStats
 from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
@@ -48,24 +49,7 @@ SERVICE = "specrec.v1.RecommenderService"
 MODES = {pb.DecodingOptions.MODE_UNSPECIFIED: "greedy", pb.DecodingOptions.MODE_GREEDY: "greedy",
          pb.DecodingOptions.MODE_SAMPLING: "stochastic", pb.DecodingOptions.MODE_RELAXED: "relaxed"}
 MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
-UNKNOWN_IDS_REPORTED = 20  # unknown history ids echoed in a response (all are counted)
-MAX_BATCH = 1000  # users per RecommendBatch call
-BATCH_CONCURRENCY = 16  # users of one batch decoded at once by default: enough to fill Triton's batches of 8
 tracer = trace.get_tracer("specrec.orchestrator")
-
-
-def stats_message(s: RequestStats) -> pb.Stats:
-    return pb.Stats(rounds=s.rounds, drafted_tokens=s.drafted, accepted_tokens=s.accepted, tau=s.tau,
-                    draft_ms=s.draft_s * 1e3, verify_ms=s.verify_s * 1e3,
-                    network_ms=max(0.0, s.total_s - s.draft_s - s.verify_s) * 1e3, total_ms=s.total_s * 1e3,
-                    fallback_rounds=s.fallback_rounds, policy=s.policy,
-                    tree_rounds=s.tree_rounds, ready_trees=s.ready_trees)
-
-
-def history_report(resolved: ResolvedHistory) -> pb.HistoryReport:
-    return pb.HistoryReport(used_items=resolved.used, unknown_items=len(resolved.unknown_ids),
-                            unknown_item_ids=resolved.unknown_ids[:UNKNOWN_IDS_REPORTED],
-                            truncated_items=resolved.truncated, cold_start=resolved.cold_start)
 
 
 @dataclass
@@ -78,31 +62,6 @@ class Plan:
     policy: Policy
     history: pb.HistoryReport | None  # Recommend and StreamRecommend only
     filters: pb.FilterReport | None = None
-
-
-class ItemEmitter:
-    """Turns committed tokens into items: an item is out once its SEP is committed."""
-
-    def __init__(self, catalog: Catalog):
-        self.catalog = catalog
-        self.partial: list[int] = []
-        self.partial_logprob = 0.0
-
-    def feed(self, tokens: list[int], logprobs: list[float]) -> list[pb.Item]:
-        items = []
-        for tok, logprob in zip(tokens, logprobs, strict=True):
-            self.partial_logprob += logprob  # SEP and EOS are forced: they add 0
-            if tok == SEP:
-                item = self.catalog.item_of(self.partial)
-                if item is not None:
-                    sids = self.catalog.sids
-                    items.append(pb.Item(item_id=sids.item_ids[item], title=sids.titles[item],
-                                         semantic_id=[int(c) for c in sids.codes[item]],
-                                         log_prob=self.partial_logprob))
-                self.partial, self.partial_logprob = [], 0.0
-            else:
-                self.partial.append(tok)
-        return items
 
 
 class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
@@ -267,21 +226,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             width = batch_width(request, self.config.max_in_flight)
         except RequestInvalid as e:
             await abort_refused(context, Refusal.invalid(e, "requests"))
-        gate, results = asyncio.Semaphore(width), asyncio.Queue[pb.RecommendBatchResponse]()
-
-        async def one(index: int, user: pb.RecommendRequest) -> None:
-            async with gate:
-                results.put_nowait(await self._batch_user(index, user))
-
-        # each user in its own task: its own request id in the logs, all decoding side by side in Triton's batches
-        tasks = [asyncio.ensure_future(one(i, user)) for i, user in enumerate(request.requests)]
-        try:
-            for _ in tasks:
-                yield await results.get()
-        finally:  # the client went away: stop the users still decoding
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async for result in fan_out(list(request.requests), width, self._batch_user):
+            yield result
 
     async def _batch_user(self, index: int, user: pb.RecommendRequest) -> pb.RecommendBatchResponse:
         """One user's answer or error: what Recommend would answer, with no effect on the batch's other users."""
@@ -289,24 +235,11 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             try:
                 return pb.RecommendBatchResponse(index=index, response=await self._recommend(user))
             except Refusal as r:
-                return pb.RecommendBatchResponse(index=index, error=pb.UserError(
-                    code=r.code.name, message=r.message, field=r.field, retry_after_ms=r.retry_after_ms,
-                    request_id=r.request_id))
+                return pb.RecommendBatchResponse(index=index, error=user_error(r))
             except Exception as e:  # a bug for one user is that user's INTERNAL, not the batch's end
                 log.exception("batch user %d failed", index)
                 return pb.RecommendBatchResponse(index=index, error=pb.UserError(
                     code=grpc.StatusCode.INTERNAL.name, message=f"{type(e).__name__}: {e}"))
-
-
-def batch_width(request: pb.RecommendBatchRequest, max_in_flight: int) -> int:
-    """Users of the batch decoded at once; RequestInvalid for a batch the server will not take."""
-    n = len(request.requests)
-    if not 1 <= n <= MAX_BATCH:
-        raise RequestInvalid(f"a batch holds 1..{MAX_BATCH} requests, got {n}: split it", "requests")
-    if request.concurrency < 0:
-        raise RequestInvalid(f"concurrency must be >= 0 (0 = the server's {BATCH_CONCURRENCY}), got "
-                             f"{request.concurrency}", "concurrency")
-    return max(1, min(request.concurrency or BATCH_CONCURRENCY, max_in_flight, n))
 
 
 def target_refusal(e: TargetError) -> Refusal:
