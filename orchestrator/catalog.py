@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orchestrator.errors import RequestInvalid
 from specrec.models.profiles import TargetProfile
+from specrec.semantic_ids.categories import load_categories
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
@@ -44,6 +45,7 @@ class Catalog:
         self.trie = ItemTrie(self.sids)
         self.index = {item_id: i for i, item_id in enumerate(self.sids.item_ids)}
         self.max_len = target_max_len(Path(artifacts))
+        self.categories = load_categories(Path(artifacts), self.sids.item_ids)  # name -> item indices
 
     def list_len(self, prompt: list[int], n_items: int) -> int:
         """Positions a finished list takes on the target: the prompt, n items of codes + SEP, then EOS."""
@@ -91,21 +93,36 @@ class Catalog:
     def constraint(self, n_items: int, exclude_history: bool, banned: Sequence[int] = ()) -> ListConstraint:
         return ListConstraint(self.trie, n_items, exclude_history, banned)
 
-    def banned_items(self, allow: list[str], deny: list[str]) -> ItemFilter:
-        """Item indices a request's allow-list (empty: every item) and deny-list rule out; ids the catalog
-        does not know are counted, not refused (a filter built from a feed may name items not yet trained)."""
+    def banned_items(self, allow: Sequence[str], deny: Sequence[str], allow_categories: Sequence[str] = (),
+                     deny_categories: Sequence[str] = ()) -> ItemFilter:
+        """Item indices a request's filters rule out: outside the allow-list (empty: every item) or outside every
+        allowed category (empty: any), or in the deny-list or a denied category. Ids and category names the
+        catalog does not know are counted, not refused (a filter built from a feed may name items not trained)."""
+        if (allow_categories or deny_categories) and not self.categories:
+            raise RequestInvalid("this catalog has no item categories: filter by item ids", "filters")
         unknown = sum(item_id not in self.index for item_id in (*allow, *deny))
-        banned = {self.index[i] for i in deny if i in self.index}
+        unknown += sum(name not in self.categories for name in (*allow_categories, *deny_categories))
+        banned = {self.index[i] for i in deny if i in self.index} | self._in_categories(deny_categories)
+        everything = set(range(self.sids.n_items))
         if allow:
-            allowed = {self.index[i] for i in allow if i in self.index}
-            if not allowed:
-                raise RequestInvalid(f"none of the {len(allow)} ids of allow_item_ids is an item of this catalog: "
-                                     "no item could be recommended", "allow_item_ids")
-            banned |= set(range(self.sids.n_items)) - allowed
+            banned |= everything - _some({self.index[i] for i in allow if i in self.index}, "allow_item_ids")
+        if allow_categories:
+            banned |= everything - _some(self._in_categories(allow_categories), "allow_categories")
         return ItemFilter(tuple(sorted(banned)), unknown, self.sids.n_items - len(banned))
+
+    def _in_categories(self, names: Sequence[str]) -> set[int]:
+        return {int(i) for name in names for i in self.categories.get(name, ())}
 
     def item_of(self, tokens: list[int]) -> int | None:
         return self.sids.item_of_tokens(tokens)
+
+
+def _some(allowed: set[int], field: str) -> set[int]:
+    """An allow-list that names no item of the catalog would leave nothing to recommend: say which one."""
+    if not allowed:
+        raise RequestInvalid(f"filters.{field} names no item of this catalog: no item could be recommended",
+                             f"filters.{field}")
+    return allowed
 
 
 def target_max_len(artifacts: Path) -> int:

@@ -107,7 +107,9 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         """The request's allow/deny filters into the loop's banned items; what was made of them."""
         if not request.HasField("filters"):
             return None
-        found = self.catalog.banned_items(list(request.filters.allow_item_ids), list(request.filters.deny_item_ids))
+        f = request.filters
+        found = self.catalog.banned_items(list(f.allow_item_ids), list(f.deny_item_ids), list(f.allow_categories),
+                                          list(f.deny_categories))
         opts.banned = found.banned
         return pb.FilterReport(eligible_items=found.eligible, unknown_ids=found.unknown_ids)
 

@@ -355,8 +355,11 @@ def item_filters(draw: st.DrawFn, item_ids: list[str]) -> pb.ItemFilters | None:
     ids = st.one_of(st.sampled_from(item_ids), st.text(max_size=8))
     if draw(st.booleans()):
         return None
+    genres = st.sampled_from(["Horror", "Comedy", "Drama", "Sci-Fi", "Film-Noir", "", "no-such-genre"])
     return pb.ItemFilters(allow_item_ids=draw(st.one_of(st.just([]), st.lists(ids, max_size=30))),
-                          deny_item_ids=draw(st.lists(ids, max_size=30)))
+                          deny_item_ids=draw(st.lists(ids, max_size=30)),
+                          allow_categories=draw(st.lists(genres, max_size=2)),
+                          deny_categories=draw(st.lists(genres, max_size=3)))
 
 
 def check_batch(batch: pb.RecommendBatchRequest, results: list[pb.RecommendBatchResponse]) -> None:

@@ -10,10 +10,12 @@ RESOURCE_EXHAUSTED after the server's pushback).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -21,8 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.stack import LocalStack, StackConfig
+from orchestrator.catalog import Catalog
 from orchestrator.config import OrchestratorConfig
-from orchestrator.errors import PUSHBACK_KEY, RETRY_AFTER_MS
+from orchestrator.errors import PUSHBACK_KEY, RETRY_AFTER_MS, RequestInvalid
 from orchestrator.server import build_server
 from specrec.decoding.plain import decode
 from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
@@ -326,3 +329,28 @@ def test_a_malformed_batch_fails_the_call_naming_the_field(stub, batch, field):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert next(d for d in status.details if d.Is(bad.DESCRIPTOR)).Unpack(bad)
     assert [v.field for v in bad.field_violations] == [field]
+
+
+def test_category_filters_select_by_the_catalogs_genres(stub, tiny_artifacts, tiny_target):
+    data = tiny_artifacts.data
+    genre = {name: set(np.flatnonzero(data.genres[:, j])) for j, name in enumerate(data.genre_names)}
+    history = ids(tiny_artifacts, tiny_artifacts.split.train[11][-tiny_artifacts.profile.max_history:])
+    filters = pb.ItemFilters(allow_categories=["Horror", "Sci-Fi", "no-such-genre"], deny_categories=["Comedy"])
+    resp = stub.Recommend(pb.RecommendRequest(history=history, num_items=6, filters=filters), timeout=60)
+    index = data.item_index()
+    got = [index[i.item_id] for i in resp.items]
+    assert all(i in genre["Horror"] | genre["Sci-Fi"] and i not in genre["Comedy"] for i in got)
+    banned = sorted(set(range(data.n_items)) - ((genre["Horror"] | genre["Sci-Fi"]) - genre["Comedy"]))
+    assert [i.item_id for i in resp.items] == filtered_plain(tiny_artifacts, tiny_target, 11, 6, banned)
+    assert resp.filters.unknown_ids == 1 and resp.filters.eligible_items == data.n_items - len(banned)
+
+
+def test_a_catalog_without_categories_refuses_category_filters_by_name(tiny_artifacts, tmp_path):
+    # in process on real artifacts, less their categories file (what artifacts made before categories look like)
+    shutil.copytree(tiny_artifacts.directory / "semantic_ids", tmp_path / "semantic_ids",
+                    ignore=shutil.ignore_patterns("categories.json"))
+    catalog = Catalog(tmp_path)
+    assert catalog.banned_items(["1"], []).eligible == 1
+    with pytest.raises(RequestInvalid) as err:
+        catalog.banned_items([], [], allow_categories=["Horror"])
+    assert err.value.field == "filters" and "no item categories" in str(err.value)

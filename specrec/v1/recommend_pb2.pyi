@@ -52,12 +52,16 @@ class RecommendRequest(_message.Message):
     def __init__(self, history: _Optional[_Iterable[str]] = ..., num_items: _Optional[int] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., strict_history: _Optional[bool] = ..., filters: _Optional[_Union[ItemFilters, _Mapping]] = ...) -> None: ...
 
 class ItemFilters(_message.Message):
-    __slots__ = ("allow_item_ids", "deny_item_ids")
+    __slots__ = ("allow_item_ids", "deny_item_ids", "allow_categories", "deny_categories")
     ALLOW_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     DENY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    DENY_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     allow_item_ids: _containers.RepeatedScalarFieldContainer[str]
     deny_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, allow_item_ids: _Optional[_Iterable[str]] = ..., deny_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    allow_categories: _containers.RepeatedScalarFieldContainer[str]
+    deny_categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, allow_item_ids: _Optional[_Iterable[str]] = ..., deny_item_ids: _Optional[_Iterable[str]] = ..., allow_categories: _Optional[_Iterable[str]] = ..., deny_categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FilterReport(_message.Message):
     __slots__ = ("eligible_items", "unknown_ids")
