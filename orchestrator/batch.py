@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from orchestrator.errors import RequestInvalid
+from specrec.batch_client import MAX_BATCH
 from specrec.v1 import recommend_pb2 as pb
 
-MAX_BATCH = 1000  # users per RecommendBatch call
 BATCH_CONCURRENCY = 16  # users of one batch decoded at once by default: enough to fill Triton's batches of 8
 T = TypeVar("T")
 R = TypeVar("R")

@@ -24,6 +24,7 @@ from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
 RETRYABLE = {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
 MAX_ATTEMPTS = 5  # per user, for load refusals
+MAX_BATCH = 1000  # users per RecommendBatch call the orchestrator takes (RecommendBatchRequest.requests)
 RECORD_FIELDS = ("user_id", "request_id", "items", "log_probs", "total_log_prob", "cold_start", "unknown_items",
                  "error_code", "error_message")
 

@@ -133,10 +133,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """Lists for every user of a file through a running orchestrator; resumable (specrec.batch_client)."""
     import grpc
 
-    from specrec.batch_client import BatchOptions, run
+    from specrec.batch_client import MAX_BATCH, BatchOptions, run
 
-    if args.concurrency < 1 or args.batch_size < 1:
-        raise SystemExit("specrec batch: --concurrency and --batch-size must be >= 1")
+    if args.concurrency < 1 or not 1 <= args.batch_size <= MAX_BATCH:
+        raise SystemExit(f"specrec batch: --concurrency must be >= 1 and --batch-size in 1..{MAX_BATCH}")
     opts = BatchOptions(num_items=args.n, policy=args.policy, concurrency=args.concurrency,
                         batch_size=args.batch_size)
     t0 = time.perf_counter()

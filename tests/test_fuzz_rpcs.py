@@ -126,7 +126,9 @@ def open_msgs(draw: st.DrawFn, contexts: dict[str, list[int]]) -> draft_pb2.Spec
                     exclude_history=draw(st.booleans()), want_probs=draw(st.booleans()),
                     drafter=draw(st.sampled_from(["", "model", "retrieval", "hybrid", "model:drafter-nope", "MODEL",
                                                   "retrieval:x", "\x00"])),
-                    user_group=draw(st.sampled_from(["", "0", "1", "-1", "999999", "group a"])))
+                    user_group=draw(st.sampled_from(["", "0", "1", "-1", "999999", "group a"])),
+                    banned_items=draw(st.one_of(st.just([]), st.lists(st.integers(-3, 2000), max_size=40),
+                                                st.lists(INT32, max_size=3))))
 
 
 ACTIONS = ["advance_valid", "advance_valid", "advance_random", "open_again", "empty", "open"]
