@@ -12,38 +12,106 @@ from specrec.cli import add_common_args, recommend_for_user, run_command
 log = logging.getLogger("specrec")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """make run: train what is missing, start the three services, show requests, stay up until Ctrl-C."""
-    import signal
-    import threading
+QUICK_PROFILE = "tiny"  # trains in about a minute: the first lists a newcomer sees while the real model trains
 
-    from harness.stack import LocalStack, StackConfig
+
+def ready(arts) -> bool:
+    from specrec.training.drafter import trained
+
+    return (arts.target_dir / "config.json").is_file() and trained(arts)
+
+
+def prepared(args: argparse.Namespace, profile: str):
+    """The profile's artifacts, trained if missing (target, then the drafter)."""
     from specrec.pipeline import prepare
     from specrec.training.drafter import train_drafter, trained
 
-    arts = prepare(args.dataset, args.profile, seed=args.seed)
+    arts = prepare(args.dataset, profile, seed=args.seed)
     if not trained(arts):
-        log.info("training the drafter (once; cached in %s)", arts.directory)
+        log.info("training the %s drafter (once; cached in %s)", profile, arts.directory)
         train_drafter(arts)
+    return arts
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """make run: train what is missing, start the three services, show requests, stay up until Ctrl-C.
+
+    When the asked profile is not trained yet (a first run: ~10+ minutes), the quick profile is trained (about a
+    minute) and served first, while the asked one trains in a background process; its stack replaces the quick
+    one when it is ready."""
+    import threading
+
+    from specrec.pipeline import prepare
+
+    stop = threading.Event()  # Ctrl-C / SIGTERM while the services are up
+    if args.profile != QUICK_PROFILE and not ready(prepare(args.dataset, args.profile, seed=args.seed, train=False)):
+        quick = prepared(args, QUICK_PROFILE)  # first, alone on the cores: the sooner a newcomer sees a list
+        trainer = start_background_training(args)
+        try:
+            serve(args, quick, stop, until=trainer,
+                  note=f"a quick {QUICK_PROFILE} model while the {args.profile} one trains in the background, "
+                       f"pid {trainer.pid}; it takes over when ready")
+        finally:
+            if trainer.poll() is None:  # stopped first: its checkpoints let the next make run go on from there
+                trainer.terminate()
+                trainer.wait(60)
+        if stop.is_set() or args.no_wait:
+            return 0
+        if trainer.returncode != 0:
+            log.error("training the %s profile failed (exit %d): see its output above", args.profile,
+                      trainer.returncode)
+            return 1
+    serve(args, prepared(args, args.profile), stop)
+    return 0
+
+
+def start_background_training(args: argparse.Namespace):
+    """`specrec-demo --train-only` for the asked profile in its own process (its logs beside the stack's)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "harness.demo", "--train-only", "--dataset", args.dataset, "--profile",
+           args.profile, "--seed", str(args.seed)]
+    log.info("the %s profile is not trained yet: training it in the background; a quick %s model serves first",
+             args.profile, QUICK_PROFILE)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+
+def serve(args: argparse.Namespace, arts, stop, until=None, note: str = "") -> None:
+    """Start the stack on `arts`, show the sample users' lists, then wait for `stop` (or `until` to end)."""
+    import signal
+
+    from harness.stack import LocalStack, StackConfig
+
     config = StackConfig(artifacts=arts.directory, drafter=args.drafter, policy=args.policy,
                          target_grpc=args.target_port, draft_port=args.draft_port,
                          orchestrator_port=args.port, threads=args.threads)
     log.info("starting Triton, the draft service and the orchestrator (logs in %s)", LocalStack(config).log_dir)
     with LocalStack(config) as stack:
-        print(f"\nspecrec is up: orchestrator {stack.orchestrator_addr}, drafter {stack.draft_addr}, "
-              f"Triton {stack.target_addr}\n")
+        print(f"\nspecrec is up ({arts.profile.name} profile{': ' + note if note else ''}): orchestrator "
+              f"{stack.orchestrator_addr}, drafter {stack.draft_addr}, Triton {stack.target_addr}\n", flush=True)
         for user in args.users.split(","):
             recommend_for_user(arts, stack.orchestrator_addr, user.strip(), args.n)
-            print()
+            print(flush=True)
         if args.no_wait:
-            return 0
+            return
         print(f"Try: specrec recommend --profile {arts.profile.name} --user 7 --addr {stack.orchestrator_addr}")
-        print("Ctrl-C stops all three services.")
-        stop = threading.Event()
+        print("Ctrl-C stops all three services.", flush=True)
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
-        print("stopping...")
+        try:
+            while not stop.wait(1.0):
+                if until is not None and until.poll() is not None:
+                    print(f"the {args.profile} model is ready: restarting the services with it" if until.returncode
+                          == 0 else f"training the {args.profile} model failed (exit {until.returncode})", flush=True)
+                    return
+            print("stopping...")
+        finally:  # training or loading after this is interruptible again
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def cmd_train_only(args: argparse.Namespace) -> int:
+    prepared(args, args.profile)
     return 0
 
 
@@ -59,12 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-port", type=int, default=int(os.environ.get("SPECREC_TARGET_GRPC_PORT", "8001")))
     p.add_argument("--threads", type=int, default=1, help="torch threads per service")
     p.add_argument("--no-wait", action="store_true", help="stop after the sample requests")
+    p.add_argument("--train-only", action="store_true", help="train the profile's target and drafter, then exit "
+                   "(what the demo runs in the background on a first run)")
     p.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv)
+    parser = build_parser()
+    if "--train-only" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(func=cmd_train_only)
+    return run_command(parser, argv)
 
 
 if __name__ == "__main__":
