@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 from specrec.cli import add_common_args, recommend_for_user, run_command
 
@@ -46,38 +48,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stop = threading.Event()  # Ctrl-C / SIGTERM while the services are up
     if args.profile != QUICK_PROFILE and not ready(prepare(args.dataset, args.profile, seed=args.seed, train=False)):
         quick = prepared(args, QUICK_PROFILE)  # first, alone on the cores: the sooner a newcomer sees a list
-        trainer = start_background_training(args)
+        training = BackgroundTraining(args)
         try:
-            serve(args, quick, stop, until=trainer,
-                  note=f"a quick {QUICK_PROFILE} model while the {args.profile} one trains in the background, "
-                       f"pid {trainer.pid}; it takes over when ready")
+            serve(args, quick, stop, training,
+                  note=f"a quick {QUICK_PROFILE} model until the {args.profile} one is trained")
         finally:
-            if trainer.poll() is None:  # stopped first: its checkpoints let the next make run go on from there
-                trainer.terminate()
-                trainer.wait(60)
+            training.stop()  # stopped first: its checkpoints let the next make run go on from there
         if stop.is_set() or args.no_wait:
             return 0
-        if trainer.returncode != 0:
-            log.error("training the %s profile failed (exit %d): see its output above", args.profile,
-                      trainer.returncode)
+        if training.returncode != 0:
+            log.error("training the %s profile failed (exit %s): see %s", args.profile, training.returncode,
+                      training.log_path)
             return 1
     serve(args, prepared(args, args.profile), stop)
     return 0
 
 
-def start_background_training(args: argparse.Namespace):
-    """`specrec-demo --train-only` for the asked profile in its own process (its logs beside the stack's)."""
-    import subprocess
+class BackgroundTraining:
+    """`specrec-demo --train-only` for the asked profile in its own process, its progress in a log file."""
 
-    cmd = [sys.executable, "-m", "harness.demo", "--train-only", "--dataset", args.dataset, "--profile",
-           args.profile, "--seed", str(args.seed)]
-    log.info("the %s profile is not trained yet: training it in the background; a quick %s model serves first",
-             args.profile, QUICK_PROFILE)
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"specrec-train-{args.profile}-{os.getpid()}.log"
+
+    def start(self) -> None:
+        a = self.args
+        cmd = [sys.executable, "-m", "harness.demo", "--train-only", "--dataset", a.dataset, "--profile", a.profile,
+               "--seed", str(a.seed)]
+        with open(self.log_path, "wb") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        print(f"Training the {a.profile} profile in the background (pid {self.proc.pid}, progress in "
+              f"{self.log_path}); its services replace these when it is ready.", flush=True)
+
+    def finished(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
 
 
-def serve(args: argparse.Namespace, arts, stop, until=None, note: str = "") -> None:
-    """Start the stack on `arts`, show the sample users' lists, then wait for `stop` (or `until` to end)."""
+def serve(args: argparse.Namespace, arts, stop, training: BackgroundTraining | None = None, note: str = "") -> None:
+    """Start the stack on `arts`, show the sample users' lists, then wait for `stop`. With `training`: start it
+    once the lists are out (the cores were the first list's until then) and return when it ends."""
     import signal
 
     from harness.stack import LocalStack, StackConfig
@@ -96,13 +115,15 @@ def serve(args: argparse.Namespace, arts, stop, until=None, note: str = "") -> N
             return
         print(f"Try: specrec recommend --profile {arts.profile.name} --user 7 --addr {stack.orchestrator_addr}")
         print("Ctrl-C stops all three services.", flush=True)
+        if training is not None:
+            training.start()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(1.0):
-                if until is not None and until.poll() is not None:
-                    print(f"the {args.profile} model is ready: restarting the services with it" if until.returncode
-                          == 0 else f"training the {args.profile} model failed (exit {until.returncode})", flush=True)
+                if training is not None and training.finished():
+                    print(f"the {args.profile} model is ready: restarting the services with it"
+                          if training.returncode == 0 else f"training the {args.profile} model failed", flush=True)
                     return
             print("stopping...")
         finally:  # training or loading after this is interruptible again
