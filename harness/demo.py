@@ -47,11 +47,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     stop = threading.Event()  # Ctrl-C / SIGTERM while the services are up
     if args.profile != QUICK_PROFILE and not ready(prepare(args.dataset, args.profile, seed=args.seed, train=False)):
-        quick = prepared(args, QUICK_PROFILE)  # first, alone on the cores: the sooner a newcomer sees a list
+        # first, alone on the cores, and only the target (plain decoding, no drafter to train): the sooner a
+        # newcomer sees a list
+        quick = prepare(args.dataset, QUICK_PROFILE, seed=args.seed)
         training = BackgroundTraining(args)
         try:
-            serve(args, quick, stop, training,
-                  note=f"a quick {QUICK_PROFILE} model until the {args.profile} one is trained")
+            serve(args, quick, stop, training, plain=True,
+                  note=f"a quick {QUICK_PROFILE} target, plain decoding, until the {args.profile} models are trained")
         finally:
             training.stop()  # stopped first: its checkpoints let the next make run go on from there
         if stop.is_set() or args.no_wait:
@@ -94,14 +96,17 @@ class BackgroundTraining:
             self.proc.wait(60)
 
 
-def serve(args: argparse.Namespace, arts, stop, training: BackgroundTraining | None = None, note: str = "") -> None:
+def serve(args: argparse.Namespace, arts, stop, training: BackgroundTraining | None = None, note: str = "",
+          plain: bool = False) -> None:
     """Start the stack on `arts`, show the sample users' lists, then wait for `stop`. With `training`: start it
-    once the lists are out (the cores were the first list's until then) and return when it ends."""
+    once the lists are out (the cores were the first list's until then) and return when it ends. `plain`: no
+    drafter, policy off."""
     import signal
 
     from harness.stack import LocalStack, StackConfig
 
-    config = StackConfig(artifacts=arts.directory, drafter=args.drafter, policy=args.policy,
+    config = StackConfig(artifacts=arts.directory, drafter=args.drafter, policy="off" if plain else args.policy,
+                         with_drafter=not plain,
                          target_grpc=args.target_port, draft_port=args.draft_port,
                          orchestrator_port=args.port, threads=args.threads)
     log.info("starting Triton, the draft service and the orchestrator (logs in %s)", LocalStack(config).log_dir)
