@@ -112,7 +112,8 @@ def serve(args: argparse.Namespace, arts, stop, training: BackgroundTraining | N
     log.info("starting Triton, the draft service and the orchestrator (logs in %s)", LocalStack(config).log_dir)
     with LocalStack(config) as stack:
         print(f"\nspecrec is up ({arts.profile.name} profile{': ' + note if note else ''}): orchestrator "
-              f"{stack.orchestrator_addr}, drafter {stack.draft_addr}, Triton {stack.target_addr}\n", flush=True)
+              f"{stack.orchestrator_addr}, drafter {stack.draft_addr or 'none'}, Triton {stack.target_addr}\n",
+              flush=True)
         for user in args.users.split(","):
             recommend_for_user(arts, stack.orchestrator_addr, user.strip(), args.n)
             print(flush=True)
