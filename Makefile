@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install proto test run lint bench bench-quick clean helm-bin
+.PHONY: install proto proto-check proto-release test run lint bench bench-quick clean helm-bin
 
 install: $(STAMP)
 
@@ -20,9 +20,17 @@ proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
 		$$(find protos -name '*.proto')
 
-test: install
+test: install proto-check
 	.venv/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# The contract's hygiene: buf lint, and no breaking change against the last released API (protos/released.binpb).
+# buf comes from npm (scripts/fetch_buf.sh, pinned). After a release: `make proto-release` records the new baseline.
+proto-check:
+	BUF=$$(scripts/fetch_buf.sh) && $$BUF lint && $$BUF breaking --against protos/released.binpb
+
+proto-release:
+	BUF=$$(scripts/fetch_buf.sh) && $$BUF lint && $$BUF build -o protos/released.binpb
 
 lint: install
 	.venv/bin/ruff check .

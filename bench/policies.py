@@ -67,12 +67,12 @@ async def run_pass(loop: SpeculationLoop, catalog: Catalog, policy: RecordingPol
     async def one(user: int, history: list[str]) -> dict:
         items: list[int] = []
 
-        async def emit(tokens: list[int]) -> None:
+        async def emit(tokens: list[int], logprobs: list[float]) -> None:
             items.extend(tokens)
 
         async with gate:
             t0 = time.perf_counter()
-            stats = await loop.run(catalog.prompt(history, 50), LoopOptions(n_items=n_items), policy, emit)
+            stats = await loop.run(catalog.prompt(history, 50).prompt, LoopOptions(n_items=n_items), policy, emit)
             return {"user": user, "ms": (time.perf_counter() - t0) * 1000, "tokens": items, "rounds": stats.rounds,
                     "tau": stats.tau, "draft_ms": stats.draft_s * 1000, "verify_ms": stats.verify_s * 1000}
 

@@ -573,7 +573,7 @@ def run(a: argparse.Namespace, command: str) -> dict:
     print(f"[speedup] {len(configs)} configurations x {len(concs)} concurrencies x {a.repeats} repeats x "
           f"{len(users)} users; load {mach['loadavg_start']}", flush=True)
     with LocalStack(cfg) as stack, grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        stub = recommend_pb2_grpc.RecommenderStub(ch)
+        stub = recommend_pb2_grpc.RecommenderServiceStub(ch)
         for pol, d in configs:  # warm-up: load drafters, JIT paths, Triton instances; excluded
             for _u, h in users[:a.warmup]:
                 one(stub, h, pol, "" if d == "-" else d, a.items, a.timeout)

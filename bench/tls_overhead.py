@@ -78,7 +78,7 @@ def main() -> int:
             req = pb.RecommendRequest(history=history, num_items=10)
             for m in (modes if i % 2 == 0 else reversed(list(modes))):
                 t0 = time.perf_counter()
-                resp = pb_grpc.RecommenderStub(channels[m]).Recommend(req, timeout=60, metadata=modes[m][2])
+                resp = pb_grpc.RecommenderServiceStub(channels[m]).Recommend(req, timeout=60, metadata=modes[m][2])
                 if i >= a.warmup:
                     latency[m].append((time.perf_counter() - t0) * 1e3)
                     server[m].append(resp.stats.total_ms)

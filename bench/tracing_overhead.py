@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 LocalStack(StackConfig(**base)) as off:
             chans = {"traced": grpc.insecure_channel(traced.orchestrator_addr),
                      "off": grpc.insecure_channel(off.orchestrator_addr)}
-            stubs = {k: recommend_pb2_grpc.RecommenderStub(c) for k, c in chans.items()}
+            stubs = {k: recommend_pb2_grpc.RecommenderServiceStub(c) for k, c in chans.items()}
             res = measure(stubs, users, a.repeats, a.warmup, a.items, a.timeout)
             for c in chans.values():
                 c.close()

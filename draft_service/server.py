@@ -39,6 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from draft_service.sessions import SessionLimit, SessionTable
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import (
     DRAFTER_NAME,
     Budget,
@@ -60,7 +61,7 @@ from specrec.security import (
     tls_from_args,
 )
 from specrec.semantic_ids.codebook import SemanticIds
-from specrec.semantic_ids.constraint import ListConstraint
+from specrec.semantic_ids.constraint import ConstraintError, ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
 from specrec.telemetry import (
     DrafterMetrics,
@@ -71,10 +72,9 @@ from specrec.telemetry import (
     shutdown_tracing,
     start_metrics_server,
 )
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger("specrec.draft")
-SERVICE = "specrec.v1.DraftService"
+SERVICE = "specrec.draft.v1.DraftService"
 T = TypeVar("T")
 
 
@@ -249,7 +249,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             if o.n_items < 1:
                 raise DraftError(f"n_items must be >= 1 (the list length to generate), got {o.n_items}")
             drafter = await self._run(stream, self.drafters.get, o.drafter or self.config.drafter)
-            constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history)
+            try:
+                constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history, o.banned_items)
+            except ConstraintError as e:
+                raise DraftError(f"banned_items: {e}") from None
             stream.sid = self.table.acquire()
             self.metrics.session_opened()
             stream.want_probs = o.want_probs

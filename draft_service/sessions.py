@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, fields
 
-from specrec.v1 import draft_pb2
+from specrec.draft.v1 import draft_pb2
 
 
 class SessionLimit(Exception):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from orchestrator.errors import PUSHBACK_KEY
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -37,18 +38,20 @@ def recommend_request(history: Sequence[str], num_items: int = 10, policy: str =
 
 
 async def _retry_after(call: grpc.aio.Call) -> str | None:
-    try:  # the in-flight cap sends the hint as initial metadata, a target at capacity as trailing
-        md = [*(await call.initial_metadata() or ()), *(await call.trailing_metadata() or ())]
+    """The refusal's retry hint: the `grpc-retry-pushback-ms` trailer (what gRPC's retry policy obeys)."""
+    try:
+        md = await call.trailing_metadata() or ()
     except grpc.aio.AioRpcError:
         return None
-    return dict(md).get("retry-after-ms")
+    return dict(md).get(PUSHBACK_KEY)
 
 
-async def call_once(stub: pb_grpc.RecommenderStub, key: int, request: pb.RecommendRequest, timeout_s: float,
+async def call_once(stub: pb_grpc.RecommenderServiceStub, key: int, request: pb.RecommendRequest, timeout_s: float,
                     stream: bool = False, cancel_after_s: float | None = None) -> Outcome:
     """One request: Recommend, or StreamRecommend collecting its items; optionally cancelled by the client."""
     t0 = time.perf_counter()
-    call = stub.StreamRecommend(request, timeout=timeout_s) if stream else stub.Recommend(request, timeout=timeout_s)
+    call = stub.StreamRecommend(pb.StreamRecommendRequest(request=request), timeout=timeout_s) if stream \
+        else stub.Recommend(request, timeout=timeout_s)
 
     async def finish() -> list[str]:
         if not stream:
@@ -93,7 +96,7 @@ async def run_requests(addr: str, requests: Sequence[tuple[int, pb.RecommendRequ
     """
     gate = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = pb_grpc.RecommenderStub(channel)
+        stub = pb_grpc.RecommenderServiceStub(channel)
 
         async def one(i: int, key: int, request: pb.RecommendRequest) -> Outcome:
             async with gate:
@@ -166,7 +169,7 @@ async def closed_loop(addr: str, requests: Sequence[tuple[int, pb.RecommendReque
     sent = 0
     stop_at = time.monotonic() + max_seconds
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = pb_grpc.RecommenderStub(channel)
+        stub = pb_grpc.RecommenderServiceStub(channel)
 
         async def client() -> None:
             nonlocal sent

@@ -209,8 +209,8 @@ class LocalStack:
         that ended, failed or was cancelled must not leave behind."""
         import asyncio
 
+        from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
         from specrec.target_client import TargetClient
-        from specrec.v1 import draft_pb2, draft_pb2_grpc
 
         sessions = 0
         if self.draft_addr:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.security import TlsConfig, aio_channel
 from specrec.speculation.engine import Proposal
 from specrec.speculation.policy import Budget
 from specrec.telemetry import end_client_span, start_client_span
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,10 @@ class DraftSession:
         return Proposal(list(tree.tokens), list(tree.parents), list(tree.draft_logprobs), resp.draft_ahead_hit)
 
     async def open(self, context: list[int], n_items: int, exclude_history: bool, budget: Budget,
-                   drafter: str, timeout_s: float) -> Proposal:
+                   drafter: str, timeout_s: float, banned: Sequence[int] = ()) -> Proposal:
         req = draft_pb2.SpeculateRequest(open=draft_pb2.OpenSession(
             context=context, n_items=n_items, exclude_history=exclude_history, budget=_budget(budget),
-            drafter=drafter))
+            drafter=drafter, banned_items=banned))
         return await self._exchange(req, timeout_s)
 
     async def advance(self, committed: list[int], budget: Budget, then_plain: list[int] = ()) -> Proposal:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +24,7 @@ import grpc
 from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
 from orchestrator.draft_client import DraftClient, DraftLate, DraftSession, DraftUnavailable
-from specrec.speculation.engine import Proposal, RequestStats, Speculation, Verdict
+from specrec.speculation.engine import Emit, Proposal, RequestStats, Speculation, Verdict
 from specrec.speculation.policy import Budget, Policy
 from specrec.target_client import (
     TargetClient,
@@ -49,6 +49,7 @@ class LoopOptions:
     seed: int = 0
     max_nodes: int = 0  # cap on tree size, 0 = the policy's choice
     drafter: str = ""
+    banned: tuple[int, ...] = ()  # item indices the request's filters rule out (grammar-enforced everywhere)
 
 
 class SpeculationLoop:
@@ -77,8 +78,8 @@ class SpeculationLoop:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def run(self, prompt: list[int], opts: LoopOptions, policy: Policy,
-                  emit: Callable[[list[int]], Awaitable[None]], metadata: tuple = ()) -> RequestStats:
-        """Generate after `prompt`; `emit` gets each round's committed tokens. Raises TargetError."""
+                  emit: Emit, metadata: tuple = ()) -> RequestStats:
+        """Generate after `prompt`; `emit` gets each round's committed tokens and their scores. Raises TargetError."""
         self.in_flight += 1
         t0 = time.perf_counter()
         key_id = secrets.randbits(63) or 1
@@ -88,7 +89,8 @@ class SpeculationLoop:
         observer = self.metrics.for_request(opts.drafter, policy.name, opts.mode)
         try:
             with self.metrics.requests_in_flight.track_inprogress():
-                speculation = Speculation(prompt, self.catalog.constraint(opts.n_items, opts.exclude_history), policy,
+                constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned)
+                speculation = Speculation(prompt, constraint, policy,
                                           proposer, verifier, emit, max_len=self.catalog.max_len,
                                           max_nodes=opts.max_nodes, in_flight=lambda: self.in_flight,
                                           observer=observer)
@@ -120,7 +122,8 @@ class DraftStream:
                 self.session = self.drafts.session(self.metadata)
                 self.loop.draft_sessions_open += 1
                 tree = await self.session.open(list(committed), self.opts.n_items, self.opts.exclude_history, budget,
-                                               self.opts.drafter, self.drafts.timeout_s * OPEN_TIMEOUT_FACTOR)
+                                               self.opts.drafter, self.drafts.timeout_s * OPEN_TIMEOUT_FACTOR,
+                                               self.opts.banned)
             else:
                 first, *plain = news or [[]]
                 tree = await self.session.advance(first, budget, [t for r in plain for t in r])
@@ -201,13 +204,13 @@ class TritonSequence:
                                             grpc.StatusCode.UNAVAILABLE)
                 continue
             self.loop.metrics.set_target_live_sequences(outcome.live_sequences)
-            return Verdict(outcome.accepted_tokens, outcome.accepted_nodes)
+            return Verdict(outcome.accepted_tokens, outcome.accepted_nodes, outcome.logprobs)
         raise AssertionError("unreachable")
 
     async def _verify_on(self, target: TargetClient, tokens: list[int], parents: list[int],
                          start: bool) -> VerifyOutcome:
         kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
-                  n_items=self.opts.n_items, exclude_history=self.opts.exclude_history,
+                  n_items=self.opts.n_items, exclude_history=self.opts.exclude_history, banned=self.opts.banned,
                   timeout_s=self.loop.verify_timeout_s, headers=dict(sampled_metadata(self.metadata)) or None)
         context = list(self.committed)
         try:

@@ -9,23 +9,29 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from orchestrator.backends import Backends, router_from_config
-from orchestrator.catalog import Catalog, RequestInvalid
+from orchestrator.batch import batch_width, fan_out
+from orchestrator.catalog import Catalog
 from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_client import DraftClient
+from orchestrator.errors import RETRY_AFTER_MS, Refusal, RequestInvalid, abort_refused
 from orchestrator.loop import LoopOptions, SpeculationLoop
+from orchestrator.request_ids import bind, request_id_of
+from orchestrator.responses import ItemEmitter, history_report, stats_message, user_error
 from orchestrator.routing import DRAFT, TARGET, Router
 from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
-from specrec.semantic_ids.vocab import SEP
-from specrec.speculation.engine import RequestStats
+from specrec.semantic_ids.constraint import TooFewItems
+from specrec.speculation.engine import Emit, RequestStats
 from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
 from specrec.telemetry import (
@@ -43,40 +49,23 @@ from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specrec.orchestrator")
-SERVICE = "specrec.v1.Recommender"
-MODES = {pb.DecodingOptions.MODE_GREEDY: "greedy", pb.DecodingOptions.MODE_SAMPLING: "stochastic",
-         pb.DecodingOptions.MODE_RELAXED: "relaxed"}
+SERVICE = "specrec.v1.RecommenderService"
+MODES = {pb.DecodingOptions.MODE_UNSPECIFIED: "greedy", pb.DecodingOptions.MODE_GREEDY: "greedy",
+         pb.DecodingOptions.MODE_SAMPLING: "stochastic", pb.DecodingOptions.MODE_RELAXED: "relaxed"}
 MAX_SEED = 2**63 - 1  # Triton's request parameters are int64
+tracer = trace.get_tracer("specrec.orchestrator")
 
 
-def stats_message(s: RequestStats) -> pb.Stats:
-    return pb.Stats(rounds=s.rounds, drafted_tokens=s.drafted, accepted_tokens=s.accepted, tau=s.tau,
-                    draft_ms=s.draft_s * 1e3, verify_ms=s.verify_s * 1e3,
-                    network_ms=max(0.0, s.total_s - s.draft_s - s.verify_s) * 1e3, total_ms=s.total_s * 1e3,
-                    fallback_rounds=s.fallback_rounds, policy=s.policy,
-                    tree_rounds=s.tree_rounds, ready_trees=s.ready_trees)
+@dataclass
+class Plan:
+    """A checked request: what the loop runs and what the response reports."""
 
-
-class ItemEmitter:
-    """Turns committed tokens into items: an item is out once its SEP is committed."""
-
-    def __init__(self, catalog: Catalog):
-        self.catalog = catalog
-        self.partial: list[int] = []
-
-    def feed(self, tokens: list[int]) -> list[pb.Item]:
-        items = []
-        for tok in tokens:
-            if tok == SEP:
-                item = self.catalog.item_of(self.partial)
-                if item is not None:
-                    sids = self.catalog.sids
-                    items.append(pb.Item(item_id=sids.item_ids[item], title=sids.titles[item],
-                                         semantic_id=[int(c) for c in sids.codes[item]]))
-                self.partial = []
-            else:
-                self.partial.append(tok)
-        return items
+    request_id: str
+    prompt: list[int]
+    opts: LoopOptions
+    policy: Policy
+    history: pb.HistoryReport | None  # Recommend and StreamRecommend only
+    filters: pb.FilterReport | None = None
 
 
 class FirstItemClock:
@@ -92,7 +81,7 @@ class FirstItemClock:
             self.rpcs.first_item_after(self.method, time.perf_counter() - self.t0)
 
 
-class RecommenderServicer(pb_grpc.RecommenderServicer):
+class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     def __init__(self, config: OrchestratorConfig, catalog: Catalog, loop: SpeculationLoop):
         self.config = config
         self.catalog = catalog
@@ -100,105 +89,193 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         # policies of one drafter and mode learn from each other's rounds; near the in-flight cap speculation shrinks
         self.policies = PolicyRegistry(config.policy, max_in_flight=config.max_in_flight)
 
-    async def _validate(self, request, context: grpc.aio.ServicerContext, prompt: list[int] | None = None
-                        ) -> tuple[list[int], LoopOptions, Policy]:
+    def _options(self, request) -> tuple[int, LoopOptions, Policy]:
+        """The request's list length, loop options and policy; RequestInvalid naming the field at fault."""
+        n = request.num_items or 10
+        if not 1 <= n <= self.config.max_items:
+            raise RequestInvalid(f"num_items = {n} is out of range 1..{self.config.max_items}", "num_items")
+        opts = request.options
+        if opts.mode not in MODES:
+            raise RequestInvalid(f"options.mode = {opts.mode} is not a known mode", "options.mode")
+        if not (math.isfinite(opts.temperature) and opts.temperature >= 0):  # NaN passes a plain "< 0"
+            raise RequestInvalid(f"options.temperature must be a finite number >= 0, got {opts.temperature}",
+                                 "options.temperature")
+        if opts.seed > MAX_SEED:
+            raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes",
+                                 "options.seed")
+        if opts.drafter and not DRAFTER_NAME.fullmatch(opts.drafter):  # else the drafter's refusal backs
+            # every request off the drafter for a while, as if the service were down
+            raise RequestInvalid(f"options.drafter = {opts.drafter!r} is not a drafter: use model, retrieval "
+                                 "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty",
+                                 "options.drafter")
+        if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
+            raise RequestInvalid("options.max_tree_nodes must be in 0..128", "options.max_tree_nodes")
+        drafter = opts.drafter or self.config.drafter
         try:
-            n = request.num_items or 10
-            if not 1 <= n <= self.config.max_items:
-                raise RequestInvalid(f"num_items = {n} is out of range 1..{self.config.max_items}")
-            opts = request.options
-            if opts.mode not in MODES:
-                raise RequestInvalid(f"options.mode = {opts.mode} is not a known mode")
-            if not (math.isfinite(opts.temperature) and opts.temperature >= 0):  # NaN passes a plain "< 0"
-                raise RequestInvalid(f"options.temperature must be a finite number >= 0, got {opts.temperature}")
-            if opts.seed > MAX_SEED:
-                raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes")
-            if opts.drafter and not DRAFTER_NAME.fullmatch(opts.drafter):  # else the drafter's refusal backs
-                # every request off the drafter for a while, as if the service were down
-                raise RequestInvalid(f"options.drafter = {opts.drafter!r} is not a drafter: use model, retrieval "
-                                     "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty")
-            if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
-                raise RequestInvalid("options.max_tree_nodes must be in 0..128")
-            drafter = opts.drafter or self.config.drafter
-            try:
-                policy = self.policies.get(opts.policy, drafter, MODES[opts.mode])
-            except ValueError as e:
-                raise RequestInvalid(f"options.policy: {e}") from None
-            if prompt is None:
-                prompt = self.catalog.prompt(list(request.history), self.config.max_history)
-            loop_opts = LoopOptions(n_items=n, exclude_history=not opts.include_history, mode=MODES[opts.mode],
-                                    temperature=opts.temperature or 1.0, seed=opts.seed,
-                                    max_nodes=opts.max_tree_nodes, drafter=drafter)
-            self.catalog.constraint(n, loop_opts.exclude_history).start(prompt)
-            self.catalog.check_fits(prompt, n)
-        except ValueError as e:  # RequestInvalid and the grammar's ConstraintError
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if self.loop.in_flight >= self.config.max_in_flight:
-            await context.send_initial_metadata((("retry-after-ms", "100"),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self.loop.in_flight} requests in flight, the cap; retry after ~100 ms")
-        return prompt, loop_opts, policy
+            policy = self.policies.get(opts.policy, drafter, MODES[opts.mode])
+        except ValueError as e:
+            raise RequestInvalid(f"options.policy: {e}", "options.policy") from None
+        loop_opts = LoopOptions(n_items=n, exclude_history=not opts.include_history, mode=MODES[opts.mode],
+                                temperature=opts.temperature or 1.0, seed=opts.seed,
+                                max_nodes=opts.max_tree_nodes, drafter=drafter)
+        return n, loop_opts, policy
 
-    async def _generate(self, prompt, opts, policy, context, emit) -> RequestStats:
+    def _filters(self, request, opts: LoopOptions) -> pb.FilterReport | None:
+        """The request's allow/deny filters into the loop's banned items; what was made of them."""
+        if not request.HasField("filters"):
+            return None
+        f = request.filters
+        found = self.catalog.banned_items(list(f.allow_item_ids), list(f.deny_item_ids), list(f.allow_categories),
+                                          list(f.deny_categories))
+        opts.banned = found.banned
+        return pb.FilterReport(eligible_items=found.eligible, unknown_ids=found.unknown_ids)
+
+    def _prompt(self, request) -> tuple[list[int], pb.HistoryReport | None]:
+        """A Generate request's prompt as sent; a Recommend request's from its history (and what was made of it)."""
+        if isinstance(request, pb.GenerateRequest):
+            if not request.prompt:
+                raise RequestInvalid("prompt is empty: send BOS history REC tokens", "prompt")
+            return list(request.prompt), None
+        resolved = self.catalog.prompt(list(request.history), self.config.max_history, request.strict_history)
+        return resolved.prompt, history_report(resolved)
+
+    def _plan(self, request) -> Plan:
+        """The request checked and turned into a plan; a Refusal (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED at the
+        in-flight cap) otherwise. Binds the request's id to the logs and the current span."""
         try:
-            return await self.loop.run(prompt, opts, policy, emit)
-        except TargetInvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}")
-        except TargetOverloaded as e:
-            # Trailing metadata: a stream may already have sent its initial metadata with the first items.
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the target model is at capacity: {e}",
-                                trailing_metadata=(("retry-after-ms", str(e.retry_after_ms)),))
+            request_id = request_id_of(request.request_id)
+        except RequestInvalid as e:
+            refusal = Refusal.invalid(e, "request_id")
+            refusal.request_id = request_id_of("")  # the refusal still gets an id for the logs
+            bind(refusal.request_id)
+            log.info("refused: %s", e)
+            raise refusal from None
+        bind(request_id)
+        try:
+            return self._checked(request, request_id)
+        except Refusal as refusal:
+            refusal.request_id = request_id
+            log.info("refused: %s", refusal)
+            raise
+
+    def _checked(self, request, request_id: str) -> Plan:
+        prompt_field = "prompt" if isinstance(request, pb.GenerateRequest) else "history"
+        try:
+            n, opts, policy = self._options(request)
+            filters = self._filters(request, opts)
+            prompt, history = self._prompt(request)
+            self.catalog.constraint(n, opts.exclude_history, opts.banned).start(prompt)
+            self.catalog.check_fits(prompt, n)
+        except TooFewItems as e:
+            raise Refusal.invalid(ValueError(f"{e}: relax the filters or ask for fewer items"),
+                                  "filters" if opts.banned else "num_items") from None
+        except ValueError as e:  # RequestInvalid and the grammar's ConstraintError (a bad prompt)
+            raise Refusal.invalid(e, prompt_field) from None
+        if self.loop.in_flight >= self.config.max_in_flight:
+            raise Refusal.overloaded(f"{self.loop.in_flight} requests in flight, the cap; retry after "
+                                     f"~{RETRY_AFTER_MS} ms", RETRY_AFTER_MS)
+        return Plan(request_id, prompt, opts, policy, history, filters)
+
+    async def _generate(self, plan: Plan, emit: Emit) -> RequestStats:
+        """Run the plan; a Refusal (with the request's id) when the target refuses or fails."""
+        try:
+            stats = await self.loop.run(plan.prompt, plan.opts, plan.policy, emit)
         except TargetError as e:
-            code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"the target model (Triton) failed: {e}")
-        raise AssertionError("unreachable")
+            refusal = target_refusal(e)
+            refusal.request_id = plan.request_id
+            log.warning("target failed: %s", e)
+            raise refusal from None
+        log.info("done: %d rounds, %d tokens, %.1f ms", stats.rounds, stats.committed, stats.total_s * 1e3)
+        return stats
+
+    def _response(self, plan: Plan, items: list[pb.Item], stats: RequestStats) -> pb.RecommendResponse:
+        return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id(),
+                                    request_id=plan.request_id, history=plan.history, filters=plan.filters,
+                                    total_log_prob=sum(item.log_prob for item in items),
+                                    model_version=self.catalog.version)
+
+    async def _recommend(self, request: pb.RecommendRequest) -> pb.RecommendResponse:
+        plan = self._plan(request)
+        emitter, items = ItemEmitter(self.catalog), []
+
+        async def emit(tokens: list[int], logprobs: list[float]) -> None:
+            items.extend(emitter.feed(tokens, logprobs))
+
+        stats = await self._generate(plan, emit)
+        return self._response(plan, items, stats)
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
                         ) -> pb.RecommendResponse:
-        prompt, opts, policy = await self._validate(request, context)
-        emitter, items = ItemEmitter(self.catalog), []
+        try:
+            return await self._recommend(request)
+        except Refusal as refusal:
+            await abort_refused(context, refusal)
 
-        async def emit(tokens: list[int]) -> None:
-            items.extend(emitter.feed(tokens))
+    async def StreamRecommend(self, request: pb.StreamRecommendRequest, context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[pb.StreamRecommendResponse]:
+        first_item = FirstItemClock(self.loop.metrics.rpcs, "StreamRecommend")
+        try:
+            plan = self._plan(request.request)
+            emitter, items = ItemEmitter(self.catalog), []
 
-        stats = await self._generate(prompt, opts, policy, context, emit)
-        return pb.RecommendResponse(items=items, stats=stats_message(stats), trace_id=current_trace_id(),
-                                    model_version=self.catalog.version)
+            async def emit(tokens: list[int], logprobs: list[float]) -> None:
+                for item in emitter.feed(tokens, logprobs):
+                    first_item.seen()
+                    items.append(item)
+                    await context.write(pb.StreamRecommendResponse(item=item))
 
-    def _first_item_clock(self, method: str) -> FirstItemClock:
-        return FirstItemClock(self.loop.metrics.rpcs, method)
-
-    async def StreamRecommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
-                              ) -> AsyncIterator[pb.RecommendChunk]:
-        first_item = self._first_item_clock("StreamRecommend")
-        prompt, opts, policy = await self._validate(request, context)
-        emitter, items = ItemEmitter(self.catalog), []
-
-        async def emit(tokens: list[int]) -> None:
-            for item in emitter.feed(tokens):
-                first_item.seen()
-                items.append(item)
-                await context.write(pb.RecommendChunk(item=item))
-
-        stats = await self._generate(prompt, opts, policy, context, emit)
-        await context.write(pb.RecommendChunk(done=pb.RecommendResponse(items=items, stats=stats_message(stats),
-                                                                      trace_id=current_trace_id(),
-                                                                      model_version=self.catalog.version)))
+            stats = await self._generate(plan, emit)
+        except Refusal as refusal:  # in the trailers: the first items may already be out
+            await abort_refused(context, refusal)
+        await context.write(pb.StreamRecommendResponse(done=self._response(plan, items, stats)))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[pb.GenerateChunk]:
-        first_tokens = self._first_item_clock("Generate")
-        if not request.prompt:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty: send BOS history REC tokens")
-        prompt, opts, policy = await self._validate(request, context, prompt=list(request.prompt))
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        first_tokens = FirstItemClock(self.loop.metrics.rpcs, "Generate")
+        try:
+            plan = self._plan(request)
 
-        async def emit(tokens: list[int]) -> None:
-            first_tokens.seen()
-            await context.write(pb.GenerateChunk(tokens=tokens))
+            async def emit(tokens: list[int], logprobs: list[float]) -> None:
+                first_tokens.seen()
+                await context.write(pb.GenerateResponse(tokens=tokens, log_probs=logprobs))
 
-        stats = await self._generate(prompt, opts, policy, context, emit)
-        await context.write(pb.GenerateChunk(done=True, stats=stats_message(stats), model_version=self.catalog.version))
+            stats = await self._generate(plan, emit)
+        except Refusal as refusal:
+            await abort_refused(context, refusal)
+        await context.write(pb.GenerateResponse(done=True, stats=stats_message(stats), request_id=plan.request_id,
+                                                model_version=self.catalog.version))
+
+    async def RecommendBatch(self, request: pb.RecommendBatchRequest, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pb.RecommendBatchResponse]:
+        try:
+            width = batch_width(request, self.config.max_in_flight)
+        except RequestInvalid as e:
+            await abort_refused(context, Refusal.invalid(e, "requests"))
+        async for result in fan_out(list(request.requests), width, self._batch_user):
+            yield result
+
+    async def _batch_user(self, index: int, user: pb.RecommendRequest) -> pb.RecommendBatchResponse:
+        """One user's answer or error: what Recommend would answer, with no effect on the batch's other users."""
+        with tracer.start_as_current_span("batch_user", attributes={"specrec.batch_index": index}):
+            try:
+                return pb.RecommendBatchResponse(index=index, response=await self._recommend(user))
+            except Refusal as r:
+                return pb.RecommendBatchResponse(index=index, error=user_error(r))
+            except Exception as e:  # a bug for one user is that user's INTERNAL, not the batch's end
+                log.exception("batch user %d failed", index)
+                return pb.RecommendBatchResponse(index=index, error=pb.UserError(
+                    code=grpc.StatusCode.INTERNAL.name, message=f"{type(e).__name__}: {e}"))
+
+
+def target_refusal(e: TargetError) -> Refusal:
+    """What a client is told when the target refused or failed its request."""
+    if isinstance(e, TargetInvalidArgument):
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"the target refused the request: {e}")
+    if isinstance(e, TargetOverloaded):
+        return Refusal.overloaded(f"the target model is at capacity: {e}", e.retry_after_ms)
+    code = e.code if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) \
+        else grpc.StatusCode.UNAVAILABLE
+    return Refusal(code, f"the target model (Triton) failed: {e}")
 
 
 def build_backends(config: OrchestratorConfig, metrics: OrchestratorMetrics, router: Router | None = None,
@@ -267,7 +344,7 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     # Counting first: it sees what the later interceptors refuse (UNAUTHENTICATED, undecodable requests).
     server = grpc.aio.server(interceptors=[RequestCounting(metrics.rpcs), *server_interceptors(),
                                            *auth_interceptors(config.auth), UndecodableRequests()])
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(config, catalog, loop), server)
+    pb_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -13,6 +13,7 @@ from specrec.data.dataset import InteractionData, Split, sparse_interactions, sp
 from specrec.data.movielens import load_dataset
 from specrec.models.profiles import TargetProfile, target_profile
 from specrec.paths import artifact_dir
+from specrec.semantic_ids.categories import categories_path, save_categories
 from specrec.semantic_ids.codebook import SemanticIds, build_semantic_ids, item_vectors
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.semantic_ids.trie import ItemTrie
@@ -74,6 +75,8 @@ def prepare(dataset: str = "ml-100k", profile: str = "small", seed: int = 0, tra
         log.info("building semantic IDs for %d items", data.n_items)
         sids = build_ids(data, split, seed)
         sids.save(directory)
+    if not categories_path(directory).is_file():  # artifacts from before category filters get them too
+        save_categories(directory, data)
     arts = Artifacts(directory, data, split, sids, ItemTrie(sids), prof)
     if train and not (arts.target_dir / "config.json").is_file():
         log.info("training the %s target (%s) into %s", prof.name, data.name, arts.target_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -19,7 +19,7 @@ MODES = ("greedy", "stochastic", "relaxed")
 # tritonclient sends the correlation id as an int64 request parameter.
 MAX_SEQUENCE_ID = 2**63 - 1
 PROBE_SEQUENCES = 2**61  # version probes use ids in [2**61, 2**62): requests draw 63-bit random ids
-OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES", "MODEL_VERSION")
+OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES", "MODEL_VERSION", "ACCEPTED_LOGPROBS")
 # Busy, not down: Triton's queue is full, or model.py's live-sequence cap is reached (it
 # answers UNAVAILABLE, the only nearby code the Python backend has, with this prefix). Both
 # arrive as UNAVAILABLE, which clients retry at once: mapped to TargetOverloaded instead.
@@ -41,6 +41,8 @@ class VerifyOutcome:
     done:            the list finished with EOS.
     live_sequences:  sequences the serving instance holds state for, after this request.
     model_version:   the identity of the artifacts the target serves (specrec.model_identity).
+    logprobs:        per accepted token, the target's log-probability of it (the grammar-constrained
+                     distribution at temperature 1).
     """
 
     accepted_tokens: list[int]
@@ -48,6 +50,7 @@ class VerifyOutcome:
     done: bool
     live_sequences: int
     model_version: str = ""
+    logprobs: list[float] = field(default_factory=list)
 
 
 class TargetError(Exception):
@@ -113,6 +116,7 @@ class TargetClient:
         relaxed_min_prob: float = 0.1,
         n_items: int = 10,
         exclude_history: bool = True,
+        banned: Sequence[int] = (),
         draft_probs: np.ndarray | None = None,
         timeout_s: float | None = None,
         headers: Mapping[str, str] | None = None,
@@ -120,13 +124,15 @@ class TargetClient:
         """Verify one tree (parents: -1 = child of the root); an empty tree asks for the next token.
 
         `context` (all committed tokens) is required with `start` and after the target lost the
-        sequence; `draft_probs` [n_tree + 1, vocab] only in stochastic mode. `n_items` and
-        `exclude_history` are read at START only.
+        sequence; `draft_probs` [n_tree + 1, vocab] only in stochastic mode. `n_items`,
+        `exclude_history` and `banned` (item indices no list may hold) are read at START only.
         """
         _check_request(self.url, sequence_id, tree_tokens, tree_parents, mode)
         inputs = [_int64("TREE_TOKENS", tree_tokens), _int64("TREE_PARENTS", tree_parents)]
         if context is not None:
             inputs.append(_int64("CONTEXT", context))
+            if len(banned):  # goes with CONTEXT: whenever the target may (re)build the sequence
+                inputs.append(_int64("BANNED_ITEMS", banned))
         if draft_probs is not None:
             inputs.append(_tensor("DRAFT_PROBS", np.asarray(draft_probs, dtype=np.float32), "FP32"))
         params: dict[str, str | int | bool] = {
@@ -268,6 +274,7 @@ def _outcome(result: grpcclient.InferResult) -> VerifyOutcome:
         done=bool(row("DONE")[0]),
         live_sequences=int(row("LIVE_SEQUENCES")[0]),
         model_version=_text(row("MODEL_VERSION")[0]),
+        logprobs=row("ACCEPTED_LOGPROBS").tolist(),
     )
 
 

@@ -21,11 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from draft_service.server import DraftConfig, build_server
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import Budget, DraftTree, load_drafter
 from specrec.drafting.offline import eval_users
 from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 from tests.drafter_artifacts import ensure_tiny_drafters
 
 BUDGET = draft_pb2.DraftBudget(depth=6, max_nodes=16, top_k=4)
@@ -271,7 +271,7 @@ async def test_session_cap_and_idle_timeout(artifacts):
 
 _CLIENT = """
 import sys, time, grpc
-from specrec.v1 import draft_pb2, draft_pb2_grpc
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 def requests():
     context = [int(t) for t in sys.argv[2].split(",")]
     budget = draft_pb2.DraftBudget(depth=4, max_nodes=8)
@@ -315,7 +315,7 @@ async def test_retrieval_and_hybrid_and_probs(svc, artifacts):
 
 async def test_health_and_reflection(svc):
     health = health_pb2_grpc.HealthStub(svc.channel)
-    for service in ("", "specrec.v1.DraftService"):
+    for service in ("", "specrec.draft.v1.DraftService"):
         resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     refl = reflection_pb2_grpc.ServerReflectionStub(svc.channel)
@@ -323,7 +323,7 @@ async def test_health_and_reflection(svc):
     await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
     resp = await call.read()
     names = {s.name for s in resp.list_services_response.service}
-    assert "specrec.v1.DraftService" in names
+    assert "specrec.draft.v1.DraftService" in names
     call.cancel()
 
 

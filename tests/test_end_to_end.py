@@ -9,15 +9,17 @@ import concurrent.futures as cf
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from harness.stack import LocalStack, StackConfig
 from orchestrator.config import OrchestratorConfig
 from orchestrator.loop import LoopOptions
 from orchestrator.server import build_server
 from specrec.decoding.plain import decode
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.speculation.policy import NO_SPECULATION, Budget, RequestState, RoundStats
 from specrec.training.examples import encode_prompt
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -57,29 +59,40 @@ def plain_stack(tiny_artifacts):
 
 def test_target_only_stack_equals_plain_greedy(plain_stack, tiny_artifacts, reference):
     with grpc.insecure_channel(plain_stack.orchestrator_addr) as ch:
-        got = recommend_all(pb_grpc.RecommenderStub(ch), tiny_artifacts, list(reference), "off")
+        got = recommend_all(pb_grpc.RecommenderServiceStub(ch), tiny_artifacts, list(reference), "off")
     assert got == reference
 
 
 @pytest.mark.parametrize("request_, field", [
-    (pb.RecommendRequest(history=[], num_items=10), "history"),
-    (pb.RecommendRequest(history=["no-such-item"], num_items=10), "history[0]"),
-    (pb.RecommendRequest(history=["1"] * 51, num_items=10), "history"),
+    (pb.RecommendRequest(history=[], num_items=10, strict_history=True), "history"),
+    (pb.RecommendRequest(history=["1", "no-such-item"], num_items=10, strict_history=True), "history[1]"),
+    (pb.RecommendRequest(history=["1"] * 51, num_items=10, strict_history=True), "history"),
     (pb.RecommendRequest(history=["1"], num_items=500), "num_items"),
-    (pb.RecommendRequest(history=["1"], num_items=10, options=pb.DecodingOptions(policy="fixed:x")), "policy"),
+    (pb.RecommendRequest(history=["1"], num_items=10, options=pb.DecodingOptions(policy="fixed:x")),
+     "options.policy"),
+    (pb.RecommendRequest(history=["1"], request_id="has spaces"), "request_id"),
 ])
-def test_bad_requests_get_invalid_argument_naming_the_field(plain_stack, request_, field):
+def test_bad_requests_get_invalid_argument_with_the_field_in_bad_request_details(plain_stack, request_, field):
     with grpc.insecure_channel(plain_stack.orchestrator_addr) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.RecommenderStub(ch).Recommend(request_, timeout=10)
+            pb_grpc.RecommenderServiceStub(ch).Recommend(request_, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in err.value.details()
+    assert field.split("[")[0].split(".")[-1] in err.value.details()
+    status = rpc_status.from_call(err.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad = [d for d in status.details if d.Is(error_details_pb2.BadRequest.DESCRIPTOR)]
+    assert len(bad) == 1
+    violations = error_details_pb2.BadRequest()
+    bad[0].Unpack(violations)
+    assert [v.field for v in violations.field_violations] == [field]
+    assert violations.field_violations[0].description == err.value.details()
 
 
 def test_stream_recommend_streams_items_then_stats(plain_stack, tiny_artifacts, reference):
     with grpc.insecure_channel(plain_stack.orchestrator_addr) as ch:
         req = pb.RecommendRequest(history=history_ids(tiny_artifacts, 0), num_items=10)
-        chunks = list(pb_grpc.RecommenderStub(ch).StreamRecommend(req, timeout=30))
+        chunks = list(pb_grpc.RecommenderServiceStub(ch).StreamRecommend(pb.StreamRecommendRequest(request=req),
+                                                                          timeout=30))
     items = [c.item.item_id for c in chunks if c.WhichOneof("kind") == "item"]
     assert items == reference[0]
     assert chunks[-1].WhichOneof("kind") == "done" and chunks[-1].done.stats.rounds > 0
@@ -99,7 +112,7 @@ def full_stack(tiny_artifacts, tiny_drafter):
 def test_speculative_lists_equal_plain_greedy_under_every_policy(full_stack, tiny_artifacts, reference, policy):
     with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
         fallbacks: list[int] = []
-        got = recommend_all(pb_grpc.RecommenderStub(ch), tiny_artifacts, list(reference), policy, fallbacks)
+        got = recommend_all(pb_grpc.RecommenderServiceStub(ch), tiny_artifacts, list(reference), policy, fallbacks)
     assert got == reference
     assert sum(fallbacks) == 0, "the drafter failed during some rounds (see the draft service's log)"
 
@@ -108,13 +121,13 @@ def test_speculation_accepts_draft_tokens(full_stack, tiny_artifacts):
     with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
         req = pb.RecommendRequest(history=history_ids(tiny_artifacts, 3), num_items=10,
                                   options=pb.DecodingOptions(policy="fixed:3:16"))
-        stats = pb_grpc.RecommenderStub(ch).Recommend(req, timeout=60).stats
+        stats = pb_grpc.RecommenderServiceStub(ch).Recommend(req, timeout=60).stats
     assert stats.fallback_rounds == 0 and stats.accepted_tokens > 0 and stats.tau > 1.0
 
 
 def test_a_drafter_the_service_lacks_costs_only_that_request_its_speculation(full_stack, tiny_artifacts, reference):
     with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
-        stub = pb_grpc.RecommenderStub(ch)
+        stub = pb_grpc.RecommenderServiceStub(ch)
         bad = pb.RecommendRequest(history=history_ids(tiny_artifacts, 4), num_items=10,
                                   options=pb.DecodingOptions(policy="fixed:3:16", drafter="model:drafter-nope"))
         resp = stub.Recommend(bad, timeout=60)
@@ -135,7 +148,7 @@ def test_a_list_that_fills_the_targets_positions_equals_plain_greedy(full_stack,
     with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
         req = pb.RecommendRequest(history=[tiny_artifacts.data.item_ids[i] for i in history], num_items=50,
                                   options=pb.DecodingOptions(policy="fixed:8:32"))
-        resp = pb_grpc.RecommenderStub(ch).Recommend(req, timeout=120)
+        resp = pb_grpc.RecommenderServiceStub(ch).Recommend(req, timeout=120)
     assert [i.item_id for i in resp.items] == [tiny_artifacts.data.item_ids[i] for i in reference]
     assert resp.stats.fallback_rounds == 0
 
@@ -143,7 +156,8 @@ def test_a_list_that_fills_the_targets_positions_equals_plain_greedy(full_stack,
 def test_a_prompt_too_long_for_the_target_is_refused_before_any_token(full_stack, tiny_artifacts):
     prompt = encode_prompt(tiny_artifacts.sids, list(tiny_artifacts.split.train[0][-10:]) * 12)  # 120 items
     with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
-        chunks = pb_grpc.RecommenderStub(ch).Generate(pb.GenerateRequest(prompt=prompt, num_items=10), timeout=30)
+        chunks = pb_grpc.RecommenderServiceStub(ch).Generate(pb.GenerateRequest(prompt=prompt, num_items=10),
+                                                             timeout=30)
         with pytest.raises(grpc.RpcError) as err:
             next(iter(chunks))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -179,7 +193,7 @@ async def test_rounds_without_a_tree_leave_the_drafter_alone_until_a_tree_is_wan
             before = await drafter.Stats(draft_pb2.StatsRequest())
             prompt, tokens = tiny_artifacts.prompt(7), []
 
-            async def emit(committed: list[int]) -> None:
+            async def emit(committed: list[int], logprobs: list[float]) -> None:
                 tokens.extend(committed)
 
             stats = await loop.run(prompt, LoopOptions(n_items=10), PlainThenTrees(plain), emit)
@@ -202,7 +216,7 @@ def test_cancelled_and_expired_requests_leave_no_session_behind(full_stack, tiny
     import time
 
     with grpc.insecure_channel(full_stack.orchestrator_addr) as ch:
-        stub = pb_grpc.RecommenderStub(ch)
+        stub = pb_grpc.RecommenderServiceStub(ch)
         codes = []
         for u in range(8):
             req = pb.RecommendRequest(history=history_ids(tiny_artifacts, u), num_items=10)
@@ -210,7 +224,7 @@ def test_cancelled_and_expired_requests_leave_no_session_behind(full_stack, tiny
                 stub.Recommend(req, timeout=0.02 + 0.01 * u)  # deadlines that expire mid-request
             except grpc.RpcError as e:
                 codes.append(e.code())
-            stream = stub.StreamRecommend(req, timeout=30)
+            stream = stub.StreamRecommend(pb.StreamRecommendRequest(request=req), timeout=30)
             next(stream)  # the first item arrived, then the client walks away
             stream.cancel()
     assert codes and all(c == grpc.StatusCode.DEADLINE_EXCEEDED for c in codes)
@@ -228,7 +242,7 @@ def test_drafter_killed_mid_request_lists_still_equal_plain_greedy(tiny_artifact
         killer = threading.Timer(0.5, stack.procs["draft"].kill)
         killer.start()
         fallbacks: list[int] = []
-        got = recommend_all(pb_grpc.RecommenderStub(ch), tiny_artifacts, list(reference)[:20], "fixed:3:16",
+        got = recommend_all(pb_grpc.RecommenderServiceStub(ch), tiny_artifacts, list(reference)[:20], "fixed:3:16",
                             fallbacks)
         killer.join()
     assert got == {u: reference[u] for u in list(reference)[:20]}

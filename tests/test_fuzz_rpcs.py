@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from harness.stack import LocalStack, StackConfig, grpc_healthy, triton_ready
 from specrec.decoding.plain import decode
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import DraftTree
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -126,7 +126,9 @@ def open_msgs(draw: st.DrawFn, contexts: dict[str, list[int]]) -> draft_pb2.Spec
                     exclude_history=draw(st.booleans()), want_probs=draw(st.booleans()),
                     drafter=draw(st.sampled_from(["", "model", "retrieval", "hybrid", "model:drafter-nope", "MODEL",
                                                   "retrieval:x", "\x00"])),
-                    user_group=draw(st.sampled_from(["", "0", "1", "-1", "999999", "group a"])))
+                    user_group=draw(st.sampled_from(["", "0", "1", "-1", "999999", "group a"])),
+                    banned_items=draw(st.one_of(st.just([]), st.lists(st.integers(-3, 2000), max_size=40),
+                                                st.lists(INT32, max_size=3))))
 
 
 ACTIONS = ["advance_valid", "advance_valid", "advance_random", "open_again", "empty", "open"]
@@ -236,14 +238,20 @@ def test_raw_bytes_and_unknown_fields_on_every_rpc(stack, channels):
     INVALID_ARGUMENT (grpc.aio alone answers UNKNOWN), and the servers stay up."""
     draft, orch = channels
     calls = {
-        "DraftService.Stats": (draft, "/specrec.v1.DraftService/Stats", draft_pb2.StatsRequest(), "unary_unary"),
-        "DraftService.Speculate": (draft, "/specrec.v1.DraftService/Speculate",
+        "DraftService.Stats": (draft, "/specrec.draft.v1.DraftService/Stats", draft_pb2.StatsRequest(), "unary_unary"),
+        "DraftService.Speculate": (draft, "/specrec.draft.v1.DraftService/Speculate",
                                    draft_pb2.SpeculateRequest(advance=draft_pb2.AdvanceSession()), "stream_stream"),
-        "Recommender.Recommend": (orch, "/specrec.v1.Recommender/Recommend", pb.RecommendRequest(history=["1"]),
+        "Recommender.Recommend": (orch, "/specrec.v1.RecommenderService/Recommend", pb.RecommendRequest(history=["1"]),
                                   "unary_unary"),
-        "Recommender.StreamRecommend": (orch, "/specrec.v1.Recommender/StreamRecommend",
-                                        pb.RecommendRequest(history=["1"], num_items=2), "unary_stream"),
-        "Recommender.Generate": (orch, "/specrec.v1.Recommender/Generate", pb.GenerateRequest(prompt=[1]),
+        "Recommender.StreamRecommend": (orch, "/specrec.v1.RecommenderService/StreamRecommend",
+                                        pb.StreamRecommendRequest(request=pb.RecommendRequest(history=["1"],
+                                                                                             num_items=2)),
+                                        "unary_stream"),
+        "Recommender.RecommendBatch": (orch, "/specrec.v1.RecommenderService/RecommendBatch",
+                                       pb.RecommendBatchRequest(requests=[pb.RecommendRequest(history=["1"],
+                                                                                              num_items=2)]),
+                                       "unary_stream"),
+        "Recommender.Generate": (orch, "/specrec.v1.RecommenderService/Generate", pb.GenerateRequest(prompt=[1]),
                                  "unary_stream"),
     }
     seen: Counter[str] = Counter()
@@ -280,7 +288,7 @@ def history_ids(arts, user: int) -> list[str]:
 class RecommendWitness(threading.Thread):
     """Plain Recommend calls made while the fuzz runs; each list must equal plain greedy decoding."""
 
-    def __init__(self, stub: pb_grpc.RecommenderStub, requests: list[pb.RecommendRequest]):
+    def __init__(self, stub: pb_grpc.RecommenderServiceStub, requests: list[pb.RecommendRequest]):
         super().__init__(daemon=True)
         self.stub, self.requests = stub, requests
         self.stop = threading.Event()
@@ -301,7 +309,7 @@ class RecommendWitness(threading.Thread):
 
 wild_options = st.builds(
     pb.DecodingOptions,
-    mode=st.one_of(st.sampled_from([0, 0, 1, 2]), st.integers(-1, 9)),
+    mode=st.one_of(st.sampled_from([0, 0, 1, 2, 3]), st.integers(-1, 9)),
     temperature=st.one_of(st.just(0.0), st.floats(width=32)),
     seed=st.one_of(st.integers(0, 9), st.integers(0, 2**64 - 1)),
     policy=st.sampled_from(["", "adaptive", "heuristic", "off", "fixed:3:16", "fixed:0:0", "fixed:99:999",
@@ -312,7 +320,7 @@ wild_options = st.builds(
 )
 sane_options = st.builds(  # every combination of valid choices, so half the calls decode to the end
     pb.DecodingOptions,
-    mode=st.sampled_from([0, 1, 2]),
+    mode=st.sampled_from([0, 1, 2, 3]),
     temperature=st.one_of(st.just(0.0), st.floats(0.05, 3.0)),
     seed=st.integers(0, 2**63 - 1),
     policy=st.sampled_from(["", "adaptive", "heuristic", "off", "fixed:3:16", "fixed:1:1", "heuristic:4"]),
@@ -324,9 +332,15 @@ options = st.one_of(sane_options, wild_options)
 num_items = st.one_of(st.integers(1, 3), st.integers(0, 3), st.integers(-5, 60), st.sampled_from([-2**31, 2**31 - 1]))
 
 
+request_ids = st.one_of(st.just(""), st.from_regex(r"[\x21-\x7e]{1,128}", fullmatch=True),
+                        st.text(max_size=140))  # well formed, or spaces, control characters, over 128, non-ASCII
+
+
 @st.composite
 def histories(draw: st.DrawFn, item_ids: list[str]) -> list[str]:
-    kind = draw(st.sampled_from(["known", "known", "known", "mixed", "empty", "long", "text"]))
+    kind = draw(st.sampled_from(["known", "known", "known", "mixed", "empty", "long", "text", "very long"]))
+    if kind == "very long":  # far over the history limit: the most recent items are kept
+        return draw(st.lists(st.sampled_from(item_ids), min_size=200, max_size=400))
     known = st.sampled_from(item_ids)
     if kind == "known":
         return draw(st.lists(known, min_size=1, max_size=8))
@@ -335,6 +349,27 @@ def histories(draw: st.DrawFn, item_ids: list[str]) -> list[str]:
     if kind == "long":
         return draw(st.lists(known, min_size=49, max_size=60))
     return [] if kind == "empty" else draw(st.lists(st.text(max_size=40), min_size=1, max_size=3))
+
+
+@st.composite
+def item_filters(draw: st.DrawFn, item_ids: list[str]) -> pb.ItemFilters | None:
+    """No filters, or allow/deny lists of known ids and junk: some leave too few items, some none at all."""
+    ids = st.one_of(st.sampled_from(item_ids), st.text(max_size=8))
+    if draw(st.booleans()):
+        return None
+    genres = st.sampled_from(["Horror", "Comedy", "Drama", "Sci-Fi", "Film-Noir", "", "no-such-genre"])
+    return pb.ItemFilters(allow_item_ids=draw(st.one_of(st.just([]), st.lists(ids, max_size=30))),
+                          deny_item_ids=draw(st.lists(ids, max_size=30)),
+                          allow_categories=draw(st.lists(genres, max_size=2)),
+                          deny_categories=draw(st.lists(genres, max_size=3)))
+
+
+def check_batch(batch: pb.RecommendBatchRequest, results: list[pb.RecommendBatchResponse]) -> None:
+    """Every user answered exactly once; a user's error is a documented status with a message."""
+    assert sorted(r.index for r in results) == list(range(len(batch.requests)))
+    for r in results:
+        if r.WhichOneof("outcome") == "error":
+            assert r.error.code in {c.name for c in DOCUMENTED} and r.error.message.strip(), r.error
 
 
 @st.composite
@@ -365,7 +400,7 @@ def collect(rpc: str, fn) -> str:
 
 def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(stack, channels, tiny_artifacts,
                                                                                tiny_target, contexts):
-    stub = pb_grpc.RecommenderStub(channels[1])
+    stub = pb_grpc.RecommenderServiceStub(channels[1])
     users = [0, 1, 2]
     requests = [pb.RecommendRequest(history=history_ids(tiny_artifacts, u), num_items=5) for u in users]
     ref = decode(tiny_target, tiny_artifacts.constraint(5), [tiny_artifacts.prompt(u) for u in users])
@@ -380,19 +415,31 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
     found = item_ids[:3], valid_prompts[0], 2  # the bugs this fuzz found, kept as fixed examples
 
     @settings(FUZZ, max_examples=int(40 * SCALE))
-    @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1))
-    @example("Generate", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, temperature=math.nan))
-    @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions())
-    @given(st.sampled_from(["Recommend", "StreamRecommend", "Generate"]), histories(item_ids),
-           prompts(valid_prompts, contexts["finished"]), num_items, options)
-    def run(rpc: str, history: list[str], prompt: list[int], n: int, opts: pb.DecodingOptions) -> None:
+    @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1), "", False,
+             None, 0)
+    @example("Generate", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, temperature=math.nan), "",
+             False, None, 0)
+    @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions(), "", False,
+             None, 0)
+    @given(st.sampled_from(["Recommend", "StreamRecommend", "Generate", "RecommendBatch"]), histories(item_ids),
+           prompts(valid_prompts, contexts["finished"]), num_items, options, request_ids, st.booleans(),
+           item_filters(item_ids), st.integers(-2, 40))
+    def run(rpc: str, history: list[str], prompt: list[int], n: int, opts: pb.DecodingOptions, request_id: str,
+            strict: bool, filters: pb.ItemFilters | None, concurrency: int) -> None:
         if rpc == "Generate":
-            req = pb.GenerateRequest(prompt=prompt, num_items=n, options=opts)
+            req = pb.GenerateRequest(prompt=prompt, num_items=n, options=opts, request_id=request_id,
+                                     filters=filters)
             codes[collect(rpc, lambda: list(stub.Generate(req, timeout=120)))] += 1
+        elif rpc == "RecommendBatch":
+            users = [pb.RecommendRequest(history=history, num_items=n, options=opts, request_id=request_id,
+                                         strict_history=strict, filters=filters), requests[0]]
+            batch = pb.RecommendBatchRequest(requests=users, concurrency=concurrency)
+            codes[collect(rpc, lambda: check_batch(batch, list(stub.RecommendBatch(batch, timeout=120))))] += 1
         else:
-            req = pb.RecommendRequest(history=history, num_items=n, options=opts)
+            req = pb.RecommendRequest(history=history, num_items=n, options=opts, request_id=request_id,
+                                      strict_history=strict, filters=filters)
             call = stub.Recommend if rpc == "Recommend" else (lambda r, timeout: list(stub.StreamRecommend(
-                r, timeout=timeout)))
+                pb.StreamRecommendRequest(request=r), timeout=timeout)))
             codes[collect(rpc, lambda: call(req, timeout=120))] += 1
 
     try:
@@ -414,5 +461,5 @@ def test_a_misspelt_drafter_is_the_requests_fault(channels, tiny_artifacts):
     req = pb.RecommendRequest(history=history_ids(tiny_artifacts, 0), num_items=2,
                               options=pb.DecodingOptions(drafter="retreival"))
     with pytest.raises(grpc.RpcError) as err:
-        pb_grpc.RecommenderStub(channels[1]).Recommend(req, timeout=60)
+        pb_grpc.RecommenderServiceStub(channels[1]).Recommend(req, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.drafter" in err.value.details()

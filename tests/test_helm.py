@@ -267,7 +267,8 @@ def test_probes_hit_triton_health_endpoints_and_grpc_health(rendered: dict[str, 
         port = r.values["tls"]["probePort"] if r.values["tls"]["enabled"] else port
         container = r.container(component)
         # the orchestrator is ready only with a Triton pod to send to (its Recommender health service)
-        ready = {"port": port, "service": "specrec.v1.Recommender"} if component == "orchestrator" else {"port": port}
+        ready = {"port": port, "service": "specrec.v1.RecommenderService"} if component == "orchestrator" \
+            else {"port": port}
         assert container["readinessProbe"]["grpc"] == ready
         assert container["livenessProbe"]["grpc"] == {"port": port}
 

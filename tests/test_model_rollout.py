@@ -28,9 +28,9 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.routing import DRAFT, TARGET, Router
 from orchestrator.server import SERVICE, build_server
 from specrec.decoding.plain import decode
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.model_identity import artifact_version
 from specrec.models.llama import Transformer
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 from tests.test_multi_target import inferences, service_env, wait_for
@@ -127,7 +127,7 @@ class Load:
                                           options=pb.DecodingOptions(policy="fixed:3:8"))
             try:
                 async with grpc.aio.insecure_channel(addr) as ch:
-                    resp = await pb_grpc.RecommenderStub(ch).Recommend(request, timeout=60)
+                    resp = await pb_grpc.RecommenderServiceStub(ch).Recommend(request, timeout=60)
                 self.answers.append((addr, user, resp.model_version, [i.item_id for i in resp.items]))
             except grpc.aio.AioRpcError as e:
                 self.errors.append(f"{addr} user {user}: {e.code().name} {e.details()}")

@@ -192,7 +192,7 @@ def drive_traffic(stack: LocalStack, arts) -> None:
     """What an SRE's dashboard sees in a minute: unary and streaming requests, and a bad one."""
     history = [arts.data.item_ids[i] for i in arts.split.train[5][-20:]]
     with grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        stub = pb_grpc.RecommenderStub(ch)
+        stub = pb_grpc.RecommenderServiceStub(ch)
 
         def one(user: int) -> None:
             h = [arts.data.item_ids[i] for i in arts.split.train[user][-20:]]

@@ -119,7 +119,7 @@ def kill_triton(proc: Process, addr: str) -> None:
 
 async def recommend_all(addr: str, arts, users: list[int]) -> dict[int, list[str]]:
     async with grpc.aio.insecure_channel(addr) as ch:
-        stub, gate = pb_grpc.RecommenderStub(ch), asyncio.Semaphore(4)
+        stub, gate = pb_grpc.RecommenderServiceStub(ch), asyncio.Semaphore(4)
 
         async def one(u: int) -> list[str]:
             async with gate:  # concurrent requests, as a client fleet would send them
@@ -198,7 +198,7 @@ def test_requests_on_a_hung_triton_move_to_the_other_after_the_verify_timeout(se
         os.kill(triton_b, signal.SIGSTOP)
         users = list(reference)[:12]
         with grpc.insecure_channel(orch_addr) as ch, cf.ThreadPoolExecutor(4) as pool:
-            stub = pb_grpc.RecommenderStub(ch)
+            stub = pb_grpc.RecommenderServiceStub(ch)
 
             def one(u: int) -> list[str]:
                 return [i.item_id for i in stub.Recommend(request(tiny_artifacts, u, "fixed:3:16"), timeout=60).items]
@@ -221,7 +221,7 @@ def test_static_routing_survives_a_triton_killed_mid_run(services, tiny_artifact
         wait_for(lambda: grpc_healthy(orch_addr), orchestrator, 60)
         start_a = inferences(a)
         with grpc.insecure_channel(orch_addr) as ch, cf.ThreadPoolExecutor(4) as pool:
-            stub = pb_grpc.RecommenderStub(ch)
+            stub = pb_grpc.RecommenderServiceStub(ch)
             futures = {u: pool.submit(lambda u=u: stub.Recommend(request(tiny_artifacts, u, "fixed:3:16"), timeout=60))
                        for u in reference}
             # Kill Triton a as soon as this run's sequences are on it, with most requests still to come.
@@ -238,7 +238,7 @@ def test_static_routing_survives_a_triton_killed_mid_run(services, tiny_artifact
 
 
 async def test_orchestrator_is_ready_only_while_a_triton_pod_of_its_version_is_known(services, tiny_artifacts):
-    # Readiness (service specrec.v1.Recommender) follows the Triton pods that answered the version probe with the
+    # Readiness (service specrec.v1.RecommenderService) follows the Triton pods that answered the version probe with the
     # catalog's version; liveness ("") stays SERVING throughout.
     (triton,) = [addr for addr, proc in services.tritons if proc.alive()]  # a test above kills one
     router = Router(asyncio.get_running_loop())

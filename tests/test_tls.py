@@ -22,8 +22,8 @@ from harness.stack import LocalStack, StackConfig, free_port
 from orchestrator.config import OrchestratorConfig
 from specrec.cli import main as cli_main
 from specrec.decoding.plain import decode
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.security import SecurityConfigError, TlsConfig, TokenSource, add_port, auth_metadata, channel
-from specrec.v1 import draft_pb2, draft_pb2_grpc
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 from tests.test_monitoring import sample, scrape
@@ -85,7 +85,7 @@ def refusal(addr: str, tls: TlsConfig, metadata: tuple = (), arts=None) -> grpc.
     """The status a Recommend call gets (OK when it is served)."""
     with channel(addr, tls) as ch:
         try:
-            pb_grpc.RecommenderStub(ch).Recommend(request(arts, 0), timeout=30, metadata=metadata)
+            pb_grpc.RecommenderServiceStub(ch).Recommend(request(arts, 0), timeout=30, metadata=metadata)
         except grpc.RpcError as err:
             return err.code()
     return grpc.StatusCode.OK
@@ -113,7 +113,7 @@ def triton_refuses(addr: str, tls: TlsConfig, server_name: str = "") -> bool:
 
 def test_lists_over_mtls_with_token_equal_plain_greedy(stack, pki, tiny_artifacts, reference):
     with channel(stack.orchestrator_addr, pki.tls()) as ch:
-        stub = pb_grpc.RecommenderStub(ch)
+        stub = pb_grpc.RecommenderServiceStub(ch)
         for user, expected in reference.items():
             resp = stub.Recommend(request(tiny_artifacts, user), timeout=60, metadata=auth_metadata(pki.token))
             assert [i.item_id for i in resp.items] == expected
@@ -122,11 +122,11 @@ def test_lists_over_mtls_with_token_equal_plain_greedy(stack, pki, tiny_artifact
 
 def test_stream_recommend_needs_the_token_too(stack, pki, tiny_artifacts, reference):
     with channel(stack.orchestrator_addr, pki.tls()) as ch:
-        stub = pb_grpc.RecommenderStub(ch)
+        stub = pb_grpc.RecommenderServiceStub(ch)
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.StreamRecommend(request(tiny_artifacts, 0), timeout=30))
+            list(stub.StreamRecommend(pb.StreamRecommendRequest(request=request(tiny_artifacts, 0)), timeout=30))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        chunks = list(stub.StreamRecommend(request(tiny_artifacts, 0), timeout=60,
+        chunks = list(stub.StreamRecommend(pb.StreamRecommendRequest(request=request(tiny_artifacts, 0)), timeout=60,
                                            metadata=auth_metadata(pki.token)))
     assert [c.item.item_id for c in chunks if c.WhichOneof("kind") == "item"] == reference[0]
 
@@ -167,7 +167,7 @@ def test_peers_are_checked_against_the_name_the_orchestrator_is_told(stack, pki)
 def test_a_missing_or_wrong_token_is_unauthenticated(stack, pki, tiny_artifacts, metadata):
     with channel(stack.orchestrator_addr, pki.tls()) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.RecommenderStub(ch).Recommend(request(tiny_artifacts, 0), timeout=30, metadata=metadata)
+            pb_grpc.RecommenderServiceStub(ch).Recommend(request(tiny_artifacts, 0), timeout=30, metadata=metadata)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "token" in err.value.details() or "Bearer" in err.value.details()
 
@@ -176,7 +176,7 @@ def test_refused_tokens_are_counted_as_unauthenticated(stack, pki, tiny_artifact
     url = stack.metrics_urls()["orchestrator"]
     before = sample(scrape(url), "specrec_requests_total", method="Recommend", code="UNAUTHENTICATED")
     with channel(stack.orchestrator_addr, pki.tls()) as ch, pytest.raises(grpc.RpcError):
-        pb_grpc.RecommenderStub(ch).Recommend(request(tiny_artifacts, 0), timeout=30)
+        pb_grpc.RecommenderServiceStub(ch).Recommend(request(tiny_artifacts, 0), timeout=30)
     after = sample(scrape(url), "specrec_requests_total", method="Recommend", code="UNAUTHENTICATED")
     assert after == before + 1  # the auth interceptor's refusal is counted, though no handler ran
 
@@ -194,7 +194,7 @@ def test_probe_ports_answer_plaintext_health_checks_and_nothing_else(stack, tiny
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING, name
             with pytest.raises(grpc.RpcError) as err:
-                pb_grpc.RecommenderStub(ch).Recommend(request(tiny_artifacts, 0), timeout=10)
+                pb_grpc.RecommenderServiceStub(ch).Recommend(request(tiny_artifacts, 0), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
             with pytest.raises(grpc.RpcError) as err:
                 draft_pb2_grpc.DraftServiceStub(ch).Stats(draft_pb2.StatsRequest(), timeout=10)

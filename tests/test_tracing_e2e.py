@@ -45,7 +45,8 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     stack, receiver, _ = traced
     history = [tiny_artifacts.data.item_ids[i] for i in tiny_artifacts.split.train[0][-20:]]
     with grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5), timeout=60)
+        resp = pb_grpc.RecommenderServiceStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5,
+                                                                         request_id="trace-me-1"), timeout=60)
     trace_id = resp.trace_id
     assert len(trace_id) == 32
 
@@ -55,12 +56,13 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     def complete(spans) -> bool:  # the server span ends last: after the response went out
         ours = [s for s in spans if s["trace_id"] == trace_id]
         return ({"specrec-orchestrator", "specrec-draft", "specrec-target"} <= services(spans)
-                and any(s["name"] == "specrec.v1.Recommender/Recommend" for s in ours))
+                and any(s["name"] == "specrec.v1.RecommenderService/Recommend" for s in ours))
 
     receiver.wait_for(complete, timeout=30)
     spans = [s for s in receiver.spans() if s["trace_id"] == trace_id]
     by_id = {s["span_id"]: s for s in spans}
-    server = next(s for s in spans if s["name"] == "specrec.v1.Recommender/Recommend")
+    server = next(s for s in spans if s["name"] == "specrec.v1.RecommenderService/Recommend")
+    assert server["attributes"]["specrec.request_id"] == resp.request_id == "trace-me-1"
     rounds = [s for s in spans if s["name"] == "speculation_round"]
     assert len(rounds) == resp.stats.rounds  # the opening START carries the first tree: a round too
     for r in rounds:
@@ -75,7 +77,7 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     assert drafter and by_id.get(drafter[0]["parent_span_id"], {}).get("service_name") == "specrec-orchestrator"
     # The drafter stream's CLIENT span: the request closing its stream is no error.
     stream = by_id[drafter[0]["parent_span_id"]]
-    assert (stream["name"], stream["kind"]) == ("specrec.v1.DraftService/Speculate", "client")
+    assert (stream["name"], stream["kind"]) == ("specrec.draft.v1.DraftService/Speculate", "client")
     assert stream["status"] != "error", stream
 
 
@@ -84,7 +86,7 @@ def test_metrics_move_with_the_response_stats(traced, tiny_artifacts):
     before = scrape(port)
     history = [tiny_artifacts.data.item_ids[i] for i in tiny_artifacts.split.train[1][-20:]]
     with grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        stats = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5),
+        stats = pb_grpc.RecommenderServiceStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5),
                                                       timeout=60).stats
     after = scrape(port)
 

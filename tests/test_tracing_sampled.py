@@ -38,8 +38,9 @@ def recommend(stack: LocalStack, arts, user: int, sampled: bool) -> tuple[str, p
     traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-{'01' if sampled else '00'}"
     history = [arts.data.item_ids[i] for i in arts.split.train[user][-20:]]
     with grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        resp = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5), timeout=60,
-                                                     metadata=(("traceparent", traceparent),))
+        request = pb.RecommendRequest(history=history, num_items=5)
+        resp = pb_grpc.RecommenderServiceStub(ch).Recommend(request, timeout=60,
+                                                            metadata=(("traceparent", traceparent),))
     return trace_id, resp
 
 

@@ -367,16 +367,22 @@ _SYNTHETIC_KEYS = {
 
 
 def load_dataset(spec: str) -> InteractionData:
-    """Load data by spec: "ml-100k", "synthetic[:users=2000,items=100000,seed=0,...]", or a GroupLens path."""
+    """Load data by spec: "ml-100k", "synthetic[:users=2000,items=100000,seed=0,...]", a directory of CSV/Parquet
+    tables (specrec.data.tabular), or a GroupLens path."""
     if spec.strip().lower() == "ml-100k":
         return load_movielens_100k()
     if spec.startswith("synthetic"):
         return synthetic(**_synthetic_kwargs(spec))
     if not Path(spec).expanduser().exists():
         raise DataError(
-            f"data spec {spec!r}: expected 'ml-100k', 'synthetic:users=N,items=M,seed=S', "
-            "or an existing GroupLens directory (u.data + u.item, or ratings.dat + movies.dat)"
+            f"data spec {spec!r}: expected 'ml-100k', 'synthetic:users=N,items=M,seed=S', a directory with "
+            "interactions.csv/.parquet (+ items.csv/.parquet), or a GroupLens directory (u.data + u.item, or "
+            "ratings.dat + movies.dat)"
         )
+    from specrec.data.tabular import is_tabular_dataset, load_tabular  # it builds on this module's helpers
+
+    if is_tabular_dataset(Path(spec).expanduser()):
+        return load_tabular(Path(spec))
     return load_grouplens(Path(spec))
 
 

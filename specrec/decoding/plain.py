@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specrec.decoding.select import constrained_argmax, constrained_probs, sample
+from specrec.decoding.select import constrained_argmax, constrained_logprob, constrained_probs, sample
 from specrec.models.llama import KVCache, Transformer
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint, ListState
@@ -17,6 +17,7 @@ class Decoded:
     tokens: list[int]  # generated tokens after REC, ending with EOS
     items: list[int]  # the recommended item indices
     model_steps: int  # forwards this row took part in
+    logprobs: list[float]  # per token: log P under the constrained distribution at T = 1 (forced tokens: 0)
 
 
 def take_forced(constraint: ListConstraint, state: ListState, out: list[int]) -> tuple[ListState, list[int]]:
@@ -40,6 +41,7 @@ def decode(model: Transformer, constraint: ListConstraint, prompts: list[list[in
     cache = KVCache(model.args, len(prompts), max_len or per_row, device=device)
     gens = [torch.Generator().manual_seed(seed + r) for r in range(len(prompts))]
     states, outs, pending, steps = [], [], [], [0] * len(prompts)
+    logprobs: list[list[float]] = []
     for prompt in prompts:
         out: list[int] = []
         state = constraint.start(prompt)
@@ -49,6 +51,7 @@ def decode(model: Transformer, constraint: ListConstraint, prompts: list[list[in
             forced = []
         states.append(state)
         outs.append(out)
+        logprobs.append([0.0] * len(out))
         pending.append(list(prompt) + forced)
     active = [r for r in range(len(prompts)) if not states[r].finished]
     while active:
@@ -66,9 +69,11 @@ def decode(model: Transformer, constraint: ListConstraint, prompts: list[list[in
             nxt = constraint.advance(states[r], tok)
             assert nxt is not None
             outs[r].append(tok)
+            logprobs[r].append(constrained_logprob(last, allowed, tok))
             states[r], pending[r] = nxt, [tok]
             if jump_forward:
                 states[r], forced = take_forced(constraint, states[r], outs[r])
                 pending[r] += forced
+                logprobs[r] += [0.0] * len(forced)
         active = [r for r in active if not states[r].finished]
-    return [Decoded(outs[r], constraint.list_items(outs[r]), steps[r]) for r in range(len(prompts))]
+    return [Decoded(outs[r], constraint.list_items(outs[r]), steps[r], logprobs[r]) for r in range(len(prompts))]

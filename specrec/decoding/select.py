@@ -20,5 +20,15 @@ def constrained_probs(logits: torch.Tensor, allowed: np.ndarray, temperature: fl
     return probs
 
 
+def constrained_logprob(logits: torch.Tensor, allowed: np.ndarray, token: int) -> float:
+    """log P(token) under the target's distribution over the allowed tokens at temperature 1: the score of a
+    committed token. A forced token (one allowed) scores 0 whether or not a model saw it."""
+    idx = torch.as_tensor(allowed, dtype=torch.long)
+    if len(idx) == 1:
+        return 0.0
+    logp = torch.log_softmax(logits[idx].double(), dim=-1)
+    return float(logp[int(torch.nonzero(idx == token)[0])])
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -163,7 +163,7 @@ class DraftTree:
         return out
 
     def to_proto(self) -> Any:
-        from specrec.v1 import tree_pb2
+        from specrec.draft.v1 import tree_pb2
 
         msg = tree_pb2.TokenTree(tokens=self.tokens, parents=self.parents, draft_logprobs=self.logprobs)
         if self.probs is not None:

@@ -1,4 +1,5 @@
 """The list grammar every decoder obeys: N distinct items, each a valid semantic ID then SEP, then EOS.
+Banned items (a request's filters) and, unless included, the history's items are never generated.
 
     BOS  c1 c2 c3 c4 SEP ...  REC  c1 c2 c3 c4 SEP ... EOS
          └─ history ─┘             └─ generated list ─┘
@@ -9,6 +10,7 @@ can branch from any state cheaply.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,10 @@ class ConstraintError(ValueError):
     """A token sequence that the list grammar does not accept."""
 
 
+class TooFewItems(ConstraintError):
+    """The items the history and the filters leave cannot fill the list."""
+
+
 @dataclass(frozen=True)
 class ListState:
     node: Node  # trie node of the item being written (root at an item boundary)
@@ -32,12 +38,19 @@ class ListState:
 
 
 class ListConstraint:
-    def __init__(self, trie: ItemTrie, n_items: int, exclude_history: bool = True):
+    """`banned`: item indices no list may hold (a request's allow/deny filters), taken like used items, so the
+    trie prunes them from every decoder's choices: plain decoding, the drafters' trees and verification."""
+
+    def __init__(self, trie: ItemTrie, n_items: int, exclude_history: bool = True, banned: Sequence[int] = ()):
         if n_items < 1:
             raise ConstraintError(f"n_items must be >= 1, got {n_items}")
         self.trie = trie
         self.n_items = n_items
         self.exclude_history = exclude_history
+        banned = np.asarray(banned, dtype=np.int64).reshape(-1)
+        if len(banned) and not (0 <= banned.min() and banned.max() < trie.sids.n_items):
+            raise ConstraintError(f"banned items must be item indices in 0..{trie.sids.n_items - 1}")
+        self.banned = np.unique(banned)
 
     def parse_history(self, prompt: list[int]) -> list[int]:
         """Items of a prompt `BOS item... REC` (each item: codes then SEP)."""
@@ -64,13 +77,22 @@ class ListConstraint:
             raise ConstraintError("context has no REC token marking where the list starts") from None
         history = self.parse_history(list(context[: rec + 1]))
         used = self.trie.position[history] if self.exclude_history else EMPTY
-        state = ListState(self.trie.root, 0, np.unique(used))
+        state = ListState(self.trie.root, 0, np.union1d(used, self.trie.position[self.banned]))
         for i, token in enumerate(context[rec + 1:]):
             nxt = self.advance(state, int(token))
             if nxt is None:
                 raise ConstraintError(f"context token {rec + 1 + i} ({token}) is not allowed by the list grammar")
             state = nxt
+        self._check_enough(state)
         return state
+
+    def _check_enough(self, state: ListState) -> None:
+        """Refuse up front a list the eligible items cannot fill: decoding would reach a dead end."""
+        wanted = self.n_items - state.n_done  # an item being written is among those left
+        left = self.trie.sids.n_items - len(state.used)
+        if not state.finished and left < wanted:
+            raise TooFewItems(f"only {left} items are eligible (the catalog less the history and the "
+                                  f"filters), fewer than the {wanted} the list still needs")
 
     def allowed(self, state: ListState) -> np.ndarray:
         if state.finished:

@@ -56,6 +56,11 @@ class Proposer(Protocol):
 class Verdict:
     accepted_tokens: list[int]  # the accepted path's tokens, then the bonus token
     accepted_nodes: list[int]  # tree indices of the accepted path
+    logprobs: list[float] = field(default_factory=list)  # the target's score of each accepted token
+
+
+# Where committed tokens go, a round at a time, with their scores (one per token; empty if the verifier has none).
+Emit = Callable[[list[int], list[float]], Awaitable[None]]
 
 
 class Verifier(Protocol):
@@ -111,7 +116,7 @@ class Speculation:
     `max_len`: the target's positions (no tree past them)."""
 
     def __init__(self, prompt: Sequence[int], constraint: ListConstraint, policy: Policy,
-                 proposer: Proposer | None, verifier: Verifier, emit: Callable[[list[int]], Awaitable[None]],
+                 proposer: Proposer | None, verifier: Verifier, emit: Emit,
                  *, max_len: int, max_nodes: int = 0, in_flight: Callable[[], int] = lambda: 1,
                  observer: RoundObserver | None = None):
         self.constraint, self.policy, self.proposer, self.verifier = constraint, policy, proposer, verifier
@@ -212,4 +217,4 @@ class Speculation:
         self.stats.rounds += 1
         self.stats.accepted += len(verdict.accepted_nodes)
         self.stats.committed += len(verdict.accepted_tokens)
-        await self.emit(list(verdict.accepted_tokens))
+        await self.emit(list(verdict.accepted_tokens), list(verdict.logprobs))

@@ -55,8 +55,9 @@ class LocalVerifier:
     """Verifier over a TargetVerifier in this process: one sequence per instance."""
 
     def __init__(self, target: TargetVerifier, n_items: int = 10, exclude_history: bool = True,
-                 params: AcceptParams | None = None):
+                 params: AcceptParams | None = None, banned: Sequence[int] = ()):
         self.target, self.n_items, self.exclude_history = target, n_items, exclude_history
+        self.banned = banned
         self.params = params or AcceptParams()
         self.sequence_id = next(_SEQUENCE_IDS)
 
@@ -64,11 +65,11 @@ class LocalVerifier:
                      start: bool) -> Verdict:
         req = VerifyRequest(self.sequence_id, list(tokens), list(parents), context=list(committed) if start else None,
                             start=start, params=self.params, n_items=self.n_items,
-                            exclude_history=self.exclude_history)
+                            exclude_history=self.exclude_history, banned=list(self.banned))
         result = self.target.verify_batch([req])[0]
         if isinstance(result, VerifyError):
             raise result
-        return Verdict(result.accepted_tokens, result.accepted_nodes)
+        return Verdict(result.accepted_tokens, result.accepted_nodes, result.logprobs)
 
     def close(self) -> None:
         self.target.end(self.sequence_id)
@@ -81,12 +82,12 @@ def speculate(prompt: list[int], constraint: ListConstraint, policy: Policy, tar
     `proposer` replaces the drafter's (e.g. a test's broken one)."""
     out: list[int] = []
 
-    async def emit(tokens: list[int]) -> None:
+    async def emit(tokens: list[int], logprobs: list[float]) -> None:
         out.extend(tokens)
 
     if proposer is None and drafter is not None:
         proposer = LocalProposer(drafter, constraint, ahead_guesses)
-    verifier = LocalVerifier(target, constraint.n_items, constraint.exclude_history)
+    verifier = LocalVerifier(target, constraint.n_items, constraint.exclude_history, banned=constraint.banned)
     try:
         stats = asyncio.run(Speculation(prompt, constraint, policy, proposer, verifier, emit,
                                         max_len=target.cache.max_len).run())

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecrec/v1/recommend.proto\x12\nspecrec.v1\"\xf4\x01\n\x0f\x44\x65\x63odingOptions\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .specrec.v1.DecodingOptions.Mode\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x16\n\x0emax_tree_nodes\x18\x05 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x06 \x01(\t\x12\x17\n\x0finclude_history\x18\x07 \x01(\x08\"<\n\x04Mode\x12\x0f\n\x0bMODE_GREEDY\x10\x00\x12\x11\n\rMODE_SAMPLING\x10\x01\x12\x10\n\x0cMODE_RELAXED\x10\x02\"d\n\x10RecommendRequest\x12\x0f\n\x07history\x18\x01 \x03(\t\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.specrec.v1.DecodingOptions\";\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0bsemantic_id\x18\x03 \x03(\x05\"\xf3\x01\n\x05Stats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x05\x12\x0b\n\x03tau\x18\x04 \x01(\x02\x12\x10\n\x08\x64raft_ms\x18\x05 \x01(\x02\x12\x11\n\tverify_ms\x18\x06 \x01(\x02\x12\x12\n\nnetwork_ms\x18\x07 \x01(\x02\x12\x10\n\x08total_ms\x18\x08 \x01(\x02\x12\x17\n\x0f\x66\x61llback_rounds\x18\t \x01(\x05\x12\x0e\n\x06policy\x18\n \x01(\t\x12\x13\n\x0btree_rounds\x18\x0b \x01(\x05\x12\x13\n\x0bready_trees\x18\x0c \x01(\x05\"\x7f\n\x11RecommendResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.specrec.v1.Item\x12 \n\x05stats\x18\x02 \x01(\x0b\x32\x11.specrec.v1.Stats\x12\x10\n\x08trace_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"i\n\x0eRecommendChunk\x12 \n\x04item\x18\x01 \x01(\x0b\x32\x10.specrec.v1.ItemH\x00\x12-\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1d.specrec.v1.RecommendResponseH\x00\x42\x06\n\x04kind\"b\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x03(\x05\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.specrec.v1.DecodingOptions\"f\n\rGenerateChunk\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12 \n\x05stats\x18\x03 \x01(\x0b\x32\x11.specrec.v1.Stats\x12\x15\n\rmodel_version\x18\x04 \x01(\t2\xec\x01\n\x0bRecommender\x12H\n\tRecommend\x12\x1c.specrec.v1.RecommendRequest\x1a\x1d.specrec.v1.RecommendResponse\x12M\n\x0fStreamRecommend\x12\x1c.specrec.v1.RecommendRequest\x1a\x1a.specrec.v1.RecommendChunk0\x01\x12\x44\n\x08Generate\x12\x1b.specrec.v1.GenerateRequest\x1a\x19.specrec.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecrec/v1/recommend.proto\x12\nspecrec.v1\"\x8a\x02\n\x0f\x44\x65\x63odingOptions\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .specrec.v1.DecodingOptions.Mode\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x16\n\x0emax_tree_nodes\x18\x05 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x06 \x01(\t\x12\x17\n\x0finclude_history\x18\x07 \x01(\x08\"R\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_GREEDY\x10\x01\x12\x11\n\rMODE_SAMPLING\x10\x02\x12\x10\n\x0cMODE_RELAXED\x10\x03\"\xba\x01\n\x10RecommendRequest\x12\x0f\n\x07history\x18\x01 \x03(\t\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.specrec.v1.DecodingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x16\n\x0estrict_history\x18\x05 \x01(\x08\x12(\n\x07\x66ilters\x18\x06 \x01(\x0b\x32\x17.specrec.v1.ItemFilters\"o\n\x0bItemFilters\x12\x16\n\x0e\x61llow_item_ids\x18\x01 \x03(\t\x12\x15\n\rdeny_item_ids\x18\x02 \x03(\t\x12\x18\n\x10\x61llow_categories\x18\x03 \x03(\t\x12\x17\n\x0f\x64\x65ny_categories\x18\x04 \x03(\t\";\n\x0c\x46ilterReport\x12\x16\n\x0e\x65ligible_items\x18\x01 \x01(\x05\x12\x13\n\x0bunknown_ids\x18\x02 \x01(\x05\"\x81\x01\n\rHistoryReport\x12\x12\n\nused_items\x18\x01 \x01(\x05\x12\x15\n\runknown_items\x18\x02 \x01(\x05\x12\x18\n\x10unknown_item_ids\x18\x03 \x03(\t\x12\x17\n\x0ftruncated_items\x18\x04 \x01(\x05\x12\x12\n\ncold_start\x18\x05 \x01(\x08\"M\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0bsemantic_id\x18\x03 \x03(\x05\x12\x10\n\x08log_prob\x18\x04 \x01(\x01\"\xf3\x01\n\x05Stats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x05\x12\x0b\n\x03tau\x18\x04 \x01(\x02\x12\x10\n\x08\x64raft_ms\x18\x05 \x01(\x02\x12\x11\n\tverify_ms\x18\x06 \x01(\x02\x12\x12\n\nnetwork_ms\x18\x07 \x01(\x02\x12\x10\n\x08total_ms\x18\x08 \x01(\x02\x12\x17\n\x0f\x66\x61llback_rounds\x18\t \x01(\x05\x12\x0e\n\x06policy\x18\n \x01(\t\x12\x13\n\x0btree_rounds\x18\x0b \x01(\x05\x12\x13\n\x0bready_trees\x18\x0c \x01(\x05\"\x82\x02\n\x11RecommendResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.specrec.v1.Item\x12 \n\x05stats\x18\x02 \x01(\x0b\x32\x11.specrec.v1.Stats\x12\x10\n\x08trace_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12*\n\x07history\x18\x05 \x01(\x0b\x32\x19.specrec.v1.HistoryReport\x12\x16\n\x0etotal_log_prob\x18\x06 \x01(\x01\x12)\n\x07\x66ilters\x18\x07 \x01(\x0b\x32\x18.specrec.v1.FilterReport\x12\x15\n\rmodel_version\x18\x08 \x01(\t\"\\\n\x15RecommendBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.specrec.v1.RecommendRequest\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\x05\"\x8d\x01\n\x16RecommendBatchResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.specrec.v1.RecommendResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.specrec.v1.UserErrorH\x00\x42\t\n\x07outcome\"e\n\tUserError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"G\n\x16StreamRecommendRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.specrec.v1.RecommendRequest\"r\n\x17StreamRecommendResponse\x12 \n\x04item\x18\x01 \x01(\x0b\x32\x10.specrec.v1.ItemH\x00\x12-\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1d.specrec.v1.RecommendResponseH\x00\x42\x06\n\x04kind\"\xa0\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x03(\x05\x12\x11\n\tnum_items\x18\x02 \x01(\x05\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.specrec.v1.DecodingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x07\x66ilters\x18\x05 \x01(\x0b\x32\x17.specrec.v1.ItemFilters\"\x90\x01\n\x10GenerateResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12 \n\x05stats\x18\x03 \x01(\x0b\x32\x11.specrec.v1.Stats\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tlog_probs\x18\x05 \x03(\x01\x12\x15\n\rmodel_version\x18\x06 \x01(\t2\xe0\x02\n\x12RecommenderService\x12H\n\tRecommend\x12\x1c.specrec.v1.RecommendRequest\x1a\x1d.specrec.v1.RecommendResponse\x12\\\n\x0fStreamRecommend\x12\".specrec.v1.StreamRecommendRequest\x1a#.specrec.v1.StreamRecommendResponse0\x01\x12G\n\x08Generate\x12\x1b.specrec.v1.GenerateRequest\x1a\x1c.specrec.v1.GenerateResponse0\x01\x12Y\n\x0eRecommendBatch\x12!.specrec.v1.RecommendBatchRequest\x1a\".specrec.v1.RecommendBatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,23 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specrec.v1.recommend_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODINGOPTIONS']._serialized_start=43
-  _globals['_DECODINGOPTIONS']._serialized_end=287
+  _globals['_DECODINGOPTIONS']._serialized_end=309
   _globals['_DECODINGOPTIONS_MODE']._serialized_start=227
-  _globals['_DECODINGOPTIONS_MODE']._serialized_end=287
-  _globals['_RECOMMENDREQUEST']._serialized_start=289
-  _globals['_RECOMMENDREQUEST']._serialized_end=389
-  _globals['_ITEM']._serialized_start=391
-  _globals['_ITEM']._serialized_end=450
-  _globals['_STATS']._serialized_start=453
-  _globals['_STATS']._serialized_end=696
-  _globals['_RECOMMENDRESPONSE']._serialized_start=698
-  _globals['_RECOMMENDRESPONSE']._serialized_end=825
-  _globals['_RECOMMENDCHUNK']._serialized_start=827
-  _globals['_RECOMMENDCHUNK']._serialized_end=932
-  _globals['_GENERATEREQUEST']._serialized_start=934
-  _globals['_GENERATEREQUEST']._serialized_end=1032
-  _globals['_GENERATECHUNK']._serialized_start=1034
-  _globals['_GENERATECHUNK']._serialized_end=1136
-  _globals['_RECOMMENDER']._serialized_start=1139
-  _globals['_RECOMMENDER']._serialized_end=1375
+  _globals['_DECODINGOPTIONS_MODE']._serialized_end=309
+  _globals['_RECOMMENDREQUEST']._serialized_start=312
+  _globals['_RECOMMENDREQUEST']._serialized_end=498
+  _globals['_ITEMFILTERS']._serialized_start=500
+  _globals['_ITEMFILTERS']._serialized_end=611
+  _globals['_FILTERREPORT']._serialized_start=613
+  _globals['_FILTERREPORT']._serialized_end=672
+  _globals['_HISTORYREPORT']._serialized_start=675
+  _globals['_HISTORYREPORT']._serialized_end=804
+  _globals['_ITEM']._serialized_start=806
+  _globals['_ITEM']._serialized_end=883
+  _globals['_STATS']._serialized_start=886
+  _globals['_STATS']._serialized_end=1129
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1132
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1390
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=1392
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=1484
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=1487
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=1628
+  _globals['_USERERROR']._serialized_start=1630
+  _globals['_USERERROR']._serialized_end=1731
+  _globals['_STREAMRECOMMENDREQUEST']._serialized_start=1733
+  _globals['_STREAMRECOMMENDREQUEST']._serialized_end=1804
+  _globals['_STREAMRECOMMENDRESPONSE']._serialized_start=1806
+  _globals['_STREAMRECOMMENDRESPONSE']._serialized_end=1920
+  _globals['_GENERATEREQUEST']._serialized_start=1923
+  _globals['_GENERATEREQUEST']._serialized_end=2083
+  _globals['_GENERATERESPONSE']._serialized_start=2086
+  _globals['_GENERATERESPONSE']._serialized_end=2230
+  _globals['_RECOMMENDERSERVICE']._serialized_start=2233
+  _globals['_RECOMMENDERSERVICE']._serialized_end=2585
 # @@protoc_insertion_point(module_scope)

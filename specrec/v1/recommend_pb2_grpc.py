@@ -25,8 +25,10 @@ if _version_not_supported:
     )
 
 
-class RecommenderStub:
-    """Missing associated documentation comment in .proto file."""
+class RecommenderServiceStub:
+    """Every RPC only reads (no side effects), so each is safe to retry on UNAVAILABLE and RESOURCE_EXHAUSTED
+    (protos/specrec/v1/service_config.json); gRPC retries a streaming call only before its first response.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,24 +37,31 @@ class RecommenderStub:
             channel: A grpc.Channel.
         """
         self.Recommend = channel.unary_unary(
-                '/specrec.v1.Recommender/Recommend',
+                '/specrec.v1.RecommenderService/Recommend',
                 request_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendRequest.SerializeToString,
                 response_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendResponse.FromString,
                 _registered_method=True)
         self.StreamRecommend = channel.unary_stream(
-                '/specrec.v1.Recommender/StreamRecommend',
-                request_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendChunk.FromString,
+                '/specrec.v1.RecommenderService/StreamRecommend',
+                request_serializer=specrec_dot_v1_dot_recommend__pb2.StreamRecommendRequest.SerializeToString,
+                response_deserializer=specrec_dot_v1_dot_recommend__pb2.StreamRecommendResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
-                '/specrec.v1.Recommender/Generate',
+                '/specrec.v1.RecommenderService/Generate',
                 request_serializer=specrec_dot_v1_dot_recommend__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=specrec_dot_v1_dot_recommend__pb2.GenerateChunk.FromString,
+                response_deserializer=specrec_dot_v1_dot_recommend__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.RecommendBatch = channel.unary_stream(
+                '/specrec.v1.RecommenderService/RecommendBatch',
+                request_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.SerializeToString,
+                response_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchResponse.FromString,
                 _registered_method=True)
 
 
-class RecommenderServicer:
-    """Missing associated documentation comment in .proto file."""
+class RecommenderServiceServicer:
+    """Every RPC only reads (no side effects), so each is safe to retry on UNAVAILABLE and RESOURCE_EXHAUSTED
+    (protos/specrec/v1/service_config.json); gRPC retries a streaming call only before its first response.
+    """
 
     def Recommend(self, request, context):
         """A whole list at once.
@@ -75,8 +84,17 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendBatch(self, request, context):
+        """Many users in one call, each served as Recommend serves it, side by side (so Triton's batches stay full);
+        each user's result streams back as soon as it is ready, in any order, by index. One user's error is that
+        user's result and does not fail the others; only a malformed batch fails the call (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-def add_RecommenderServicer_to_server(servicer, server):
+
+def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Recommend': grpc.unary_unary_rpc_method_handler(
                     servicer.Recommend,
@@ -85,24 +103,31 @@ def add_RecommenderServicer_to_server(servicer, server):
             ),
             'StreamRecommend': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamRecommend,
-                    request_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendRequest.FromString,
-                    response_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendChunk.SerializeToString,
+                    request_deserializer=specrec_dot_v1_dot_recommend__pb2.StreamRecommendRequest.FromString,
+                    response_serializer=specrec_dot_v1_dot_recommend__pb2.StreamRecommendResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=specrec_dot_v1_dot_recommend__pb2.GenerateRequest.FromString,
-                    response_serializer=specrec_dot_v1_dot_recommend__pb2.GenerateChunk.SerializeToString,
+                    response_serializer=specrec_dot_v1_dot_recommend__pb2.GenerateResponse.SerializeToString,
+            ),
+            'RecommendBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.RecommendBatch,
+                    request_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.FromString,
+                    response_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'specrec.v1.Recommender', rpc_method_handlers)
+            'specrec.v1.RecommenderService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('specrec.v1.Recommender', rpc_method_handlers)
+    server.add_registered_method_handlers('specrec.v1.RecommenderService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Recommender:
-    """Missing associated documentation comment in .proto file."""
+class RecommenderService:
+    """Every RPC only reads (no side effects), so each is safe to retry on UNAVAILABLE and RESOURCE_EXHAUSTED
+    (protos/specrec/v1/service_config.json); gRPC retries a streaming call only before its first response.
+    """
 
     @staticmethod
     def Recommend(request,
@@ -118,7 +143,7 @@ class Recommender:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/specrec.v1.Recommender/Recommend',
+            '/specrec.v1.RecommenderService/Recommend',
             specrec_dot_v1_dot_recommend__pb2.RecommendRequest.SerializeToString,
             specrec_dot_v1_dot_recommend__pb2.RecommendResponse.FromString,
             options,
@@ -145,9 +170,9 @@ class Recommender:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/specrec.v1.Recommender/StreamRecommend',
-            specrec_dot_v1_dot_recommend__pb2.RecommendRequest.SerializeToString,
-            specrec_dot_v1_dot_recommend__pb2.RecommendChunk.FromString,
+            '/specrec.v1.RecommenderService/StreamRecommend',
+            specrec_dot_v1_dot_recommend__pb2.StreamRecommendRequest.SerializeToString,
+            specrec_dot_v1_dot_recommend__pb2.StreamRecommendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,9 +197,36 @@ class Recommender:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/specrec.v1.Recommender/Generate',
+            '/specrec.v1.RecommenderService/Generate',
             specrec_dot_v1_dot_recommend__pb2.GenerateRequest.SerializeToString,
-            specrec_dot_v1_dot_recommend__pb2.GenerateChunk.FromString,
+            specrec_dot_v1_dot_recommend__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/specrec.v1.RecommenderService/RecommendBatch',
+            specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.SerializeToString,
+            specrec_dot_v1_dot_recommend__pb2.RecommendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specrec.decoding.select import constrained_logprob
 from specrec.models.llama import KVCache, Transformer
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.codebook import SemanticIds
@@ -49,6 +50,7 @@ class VerifyRequest:
     seed: int = 0
     n_items: int = 10
     exclude_history: bool = True
+    banned: list[int] = field(default_factory=list)  # item indices no list may hold (read with the context)
     draft_probs: torch.Tensor | None = None  # [n_tree + 1, vocab] or None
 
 
@@ -58,6 +60,7 @@ class VerifyResult:
     accepted_nodes: list[int]
     done: bool
     live_sequences: int
+    logprobs: list[float] = field(default_factory=list)  # per accepted token: the target's score (committed_logprobs)
 
 
 @dataclass
@@ -129,8 +132,8 @@ class TargetVerifier:
         if not 0 <= req.seed <= MAX_SEED:
             raise VerifyError("INVALID_ARGUMENT", f"seed must be in 0..2**64-1, got {req.seed}")
         self._check_tokens("CONTEXT", req.context or [])
-        constraint = ListConstraint(self.trie, req.n_items, req.exclude_history)
         try:
+            constraint = ListConstraint(self.trie, req.n_items, req.exclude_history, req.banned)
             state = constraint.start(list(req.context or []))
         except ConstraintError as e:
             raise VerifyError("INVALID_ARGUMENT", f"CONTEXT is not a valid list prefix: {e}") from None
@@ -262,7 +265,21 @@ class TargetVerifier:
         seq.pending = [bonus] if bonus != NO_BONUS else []
         seq.last_used = time.monotonic()
         self.sequences.move_to_end(req.sequence_id)
-        return VerifyResult(accepted, path, state.finished, self.live_sequences)
+        return VerifyResult(accepted, path, state.finished, self.live_sequences,
+                            committed_logprobs(accepted, path, logits, p.allowed))
+
+
+def committed_logprobs(accepted: list[int], path: list[int], logits: torch.Tensor,
+                       allowed: list[np.ndarray | None]) -> list[float]:
+    """The score of each accepted token (path, then bonus) at the row it was chosen from: node n hangs off the
+    row of its parent, so the path's rows are the root then each accepted node; the bonus follows the last."""
+    rows = [0] + [n + 1 for n in path]
+    scores = []
+    for tok, row in zip(accepted, rows, strict=False):  # no bonus after EOS: one row is left over
+        ok = allowed[row]
+        assert ok is not None, "an accepted token always obeys the grammar"
+        scores.append(constrained_logprob(logits[row].float().cpu(), ok, tok))
+    return scores
 
 
 def _check_params(params: AcceptParams) -> None:

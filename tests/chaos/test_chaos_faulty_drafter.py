@@ -17,9 +17,9 @@ import pytest
 
 from harness.loadgen import Tally, run_requests_sync
 from harness.stack import StackConfig, free_port
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc, tree_pb2
 from specrec.model_identity import artifact_version
 from specrec.semantic_ids.vocab import BOS
-from specrec.v1 import draft_pb2, draft_pb2_grpc, tree_pb2
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ verified in ONE forward pass. Inputs (batch dim implicit, one row per request):
     TREE_TOKENS   INT64 [-1]  draft tree tokens, parents first; may be empty (plain decoding step)
     TREE_PARENTS  INT64 [-1]  parent index per node; -1 = child of the last committed token
     DRAFT_PROBS   FP32  [-1]  optional, stochastic mode; [n_tree + 1, vocab] flattened row-major
+    BANNED_ITEMS  INT64 [-1]  optional, with CONTEXT; item indices no list may hold (the request's filters)
 
 Request parameters (JSON): mode (greedy | stochastic | relaxed), temperature, seed, relaxed_top_k,
 relaxed_min_prob, draft_children (top_k | sampled: how the tree's children were drafted; stochastic mode
@@ -21,6 +22,7 @@ Outputs:
     DONE            BOOL  [1]   the list finished with EOS
     LIVE_SEQUENCES  INT64 [1]   sequences this instance holds state for, after this request
     MODEL_VERSION   BYTES [1]   the identity of the artifacts served (specrec.model_identity)
+    ACCEPTED_LOGPROBS FP64 [-1] per accepted token: log P under the grammar-constrained distribution at T = 1
 
 A bad request gets an error response (INVALID_ARG, or UNAVAILABLE prefixed "RESOURCE_EXHAUSTED:"
 when the live-sequence cap is reached) and changes no state, except that a bad END still ends its
@@ -130,7 +132,7 @@ class TritonPythonModel:
                              start=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START),
                              end=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END),
                              params=accept, seed=seed, n_items=n_items, exclude_history=exclude,
-                             draft_probs=draft_probs)
+                             banned=_ints(request, "BANNED_ITEMS") or [], draft_probs=draft_probs)
 
     def finalize(self):
         self.verifier = None
@@ -180,4 +182,5 @@ def _outputs(res, version):
         pb_utils.Tensor("DONE", np.array([[res.done]], dtype=np.bool_)),
         pb_utils.Tensor("LIVE_SEQUENCES", np.array([[res.live_sequences]], dtype=np.int64)),
         pb_utils.Tensor("MODEL_VERSION", np.array([[version.encode()]], dtype=np.object_)),
+        pb_utils.Tensor("ACCEPTED_LOGPROBS", np.asarray(res.logprobs, dtype=np.float64).reshape(1, -1)),
     ]

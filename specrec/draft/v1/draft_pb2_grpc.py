@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from specrec.v1 import draft_pb2 as specrec_dot_v1_dot_draft__pb2
+from specrec.draft.v1 import draft_pb2 as specrec_dot_draft_dot_v1_dot_draft__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in specrec/v1/draft_pb2_grpc.py depends on'
+        + ' but the generated code in specrec/draft/v1/draft_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -35,14 +35,14 @@ class DraftServiceStub:
             channel: A grpc.Channel.
         """
         self.Speculate = channel.stream_stream(
-                '/specrec.v1.DraftService/Speculate',
-                request_serializer=specrec_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
-                response_deserializer=specrec_dot_v1_dot_draft__pb2.SpeculateResponse.FromString,
+                '/specrec.draft.v1.DraftService/Speculate',
+                request_serializer=specrec_dot_draft_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
+                response_deserializer=specrec_dot_draft_dot_v1_dot_draft__pb2.SpeculateResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
-                '/specrec.v1.DraftService/Stats',
-                request_serializer=specrec_dot_v1_dot_draft__pb2.StatsRequest.SerializeToString,
-                response_deserializer=specrec_dot_v1_dot_draft__pb2.StatsResponse.FromString,
+                '/specrec.draft.v1.DraftService/Stats',
+                request_serializer=specrec_dot_draft_dot_v1_dot_draft__pb2.StatsRequest.SerializeToString,
+                response_deserializer=specrec_dot_draft_dot_v1_dot_draft__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -68,19 +68,19 @@ def add_DraftServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Speculate': grpc.stream_stream_rpc_method_handler(
                     servicer.Speculate,
-                    request_deserializer=specrec_dot_v1_dot_draft__pb2.SpeculateRequest.FromString,
-                    response_serializer=specrec_dot_v1_dot_draft__pb2.SpeculateResponse.SerializeToString,
+                    request_deserializer=specrec_dot_draft_dot_v1_dot_draft__pb2.SpeculateRequest.FromString,
+                    response_serializer=specrec_dot_draft_dot_v1_dot_draft__pb2.SpeculateResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=specrec_dot_v1_dot_draft__pb2.StatsRequest.FromString,
-                    response_serializer=specrec_dot_v1_dot_draft__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=specrec_dot_draft_dot_v1_dot_draft__pb2.StatsRequest.FromString,
+                    response_serializer=specrec_dot_draft_dot_v1_dot_draft__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'specrec.v1.DraftService', rpc_method_handlers)
+            'specrec.draft.v1.DraftService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('specrec.v1.DraftService', rpc_method_handlers)
+    server.add_registered_method_handlers('specrec.draft.v1.DraftService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -101,9 +101,9 @@ class DraftService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/specrec.v1.DraftService/Speculate',
-            specrec_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
-            specrec_dot_v1_dot_draft__pb2.SpeculateResponse.FromString,
+            '/specrec.draft.v1.DraftService/Speculate',
+            specrec_dot_draft_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
+            specrec_dot_draft_dot_v1_dot_draft__pb2.SpeculateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -128,9 +128,9 @@ class DraftService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/specrec.v1.DraftService/Stats',
-            specrec_dot_v1_dot_draft__pb2.StatsRequest.SerializeToString,
-            specrec_dot_v1_dot_draft__pb2.StatsResponse.FromString,
+            '/specrec.draft.v1.DraftService/Stats',
+            specrec_dot_draft_dot_v1_dot_draft__pb2.StatsRequest.SerializeToString,
+            specrec_dot_draft_dot_v1_dot_draft__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-from specrec.v1 import tree_pb2 as _tree_pb2
+from specrec.draft.v1 import tree_pb2 as _tree_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -20,7 +20,7 @@ class DraftBudget(_message.Message):
     def __init__(self, depth: _Optional[int] = ..., max_nodes: _Optional[int] = ..., top_k: _Optional[int] = ..., min_path_prob: _Optional[float] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("context", "n_items", "exclude_history", "budget", "drafter", "want_probs", "user_group")
+    __slots__ = ("context", "n_items", "exclude_history", "budget", "drafter", "want_probs", "user_group", "banned_items")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     N_ITEMS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class OpenSession(_message.Message):
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     WANT_PROBS_FIELD_NUMBER: _ClassVar[int]
     USER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    BANNED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     context: _containers.RepeatedScalarFieldContainer[int]
     n_items: int
     exclude_history: bool
@@ -35,7 +36,8 @@ class OpenSession(_message.Message):
     drafter: str
     want_probs: bool
     user_group: str
-    def __init__(self, context: _Optional[_Iterable[int]] = ..., n_items: _Optional[int] = ..., exclude_history: _Optional[bool] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., drafter: _Optional[str] = ..., want_probs: _Optional[bool] = ..., user_group: _Optional[str] = ...) -> None: ...
+    banned_items: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., n_items: _Optional[int] = ..., exclude_history: _Optional[bool] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., drafter: _Optional[str] = ..., want_probs: _Optional[bool] = ..., user_group: _Optional[str] = ..., banned_items: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AdvanceSession(_message.Message):
     __slots__ = ("committed", "budget", "then_plain")
