@@ -200,10 +200,11 @@ def drive_traffic(stack: LocalStack, arts) -> None:
 
         with cf.ThreadPoolExecutor(4) as pool:  # concurrent: Triton batches trees of several sequences
             list(pool.map(one, range(8)))
-        chunks = list(stub.StreamRecommend(pb.RecommendRequest(history=history, num_items=5), timeout=60))
+        chunks = list(stub.StreamRecommend(pb.StreamRecommendRequest(request=pb.RecommendRequest(history=history,
+                                                                                 num_items=5)), timeout=60))
         assert chunks[-1].HasField("done")
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Recommend(pb.RecommendRequest(history=["no-such-item"], num_items=5), timeout=10)
+            stub.Recommend(pb.RecommendRequest(history=["no-such-item"], num_items=5, strict_history=True), timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
