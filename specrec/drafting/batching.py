@@ -84,7 +84,9 @@ class _Step:
     positions: torch.Tensor
     slots: torch.Tensor
     mask: torch.Tensor  # [1, T, S]
-    done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)  # finished, or asked to lead
+    finished: bool = False
+    promoted: bool = False  # the previous leader handed leadership to this step's thread
     logits: torch.Tensor | None = None
     error: BaseException | None = None
 
@@ -123,14 +125,22 @@ class StepBatcher:
                 lead = not self.leader
                 self.leader = self.leader or lead
             if lead:
-                self._lead()
-            req.done.wait()
+                self._lead(req)
+            while not req.finished:
+                req.wake.wait()
+                req.wake.clear()
+                if req.promoted and not req.finished:
+                    req.promoted = False
+                    self._lead(req)
         if req.error is not None:
             raise req.error
         assert req.logits is not None
         return req.logits
 
-    def _lead(self) -> None:
+    def _lead(self, own: _Step) -> None:
+        """Run what is queued, forward after forward, until this thread's own step is done; then hand leadership
+        to the oldest waiting step's thread, so no session waits on the others' forwards longer than one of its
+        own steps."""
         while True:
             with self.lock:
                 batch, self.queue = self.queue, []
@@ -142,6 +152,15 @@ class StepBatcher:
                 by_page.setdefault(id(req.page), []).append(req)
             for reqs in by_page.values():
                 self._run(sorted(reqs, key=lambda r: r.row))
+            if own.finished:
+                with self.lock:
+                    if not self.queue:
+                        self.leader = False
+                        return
+                    heir = self.queue[0]
+                    heir.promoted = True
+                heir.wake.set()
+                return
 
     def _run(self, reqs: list[_Step]) -> None:
         try:
@@ -159,7 +178,8 @@ class StepBatcher:
                 req.error = err
         finally:
             for req in reqs:
-                req.done.set()
+                req.finished = True
+                req.wake.set()
 
 
 def merge_steps(reqs: list[_Step], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
