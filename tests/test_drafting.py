@@ -489,3 +489,18 @@ def test_child_state_equals_constraint_advance(tiny_artifacts, prompts):
             assert (fast.node, fast.n_done, fast.finished) == (slow.node, slow.n_done, slow.finished)
             assert np.array_equal(fast.used, slow.used)
             state = slow
+
+
+def test_a_drafter_profile_too_big_for_the_target_is_narrowed_before_any_work(tiny_artifacts):
+    """A larger vocabulary grows the drafter's embeddings past 1/10 of a small target: the profile is narrowed to fit
+    (checked before distillation, so nothing is thrown away), kept when it fits, refused at once when nothing fits."""
+    from specrec.training.drafter import drafter_params, fit_profile
+
+    prof, spec = drafter_profile("tiny"), TrainSpec()
+    full = drafter_params(tiny_artifacts, prof, spec)
+    assert fit_profile(prof, tiny_artifacts, spec, 10 * full) is prof
+    narrowed = fit_profile(prof, tiny_artifacts, spec, 6 * full)
+    assert narrowed.dim < prof.dim and narrowed.dim % prof.heads == 0
+    assert drafter_params(tiny_artifacts, narrowed, spec) * 10 <= 6 * full
+    with pytest.raises(ValueError, match="fits within 1/10"):
+        fit_profile(prof, tiny_artifacts, spec, full // 20)

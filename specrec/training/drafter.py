@@ -61,7 +61,8 @@ class DrafterProfile:
     top_k_weight: float = 1.0
 
 
-# Sized to <= 1/10 of the target profile of the same name (checked at training time); steps for CPU.
+# Sized to <= 1/10 of the target profile of the same name (narrowed to fit when a larger vocabulary needs it:
+# fit_profile); steps for CPU.
 DRAFTER_PROFILES = {
     "tiny": DrafterProfile("tiny", dim=24, layers=1, heads=2, intermediate=48, steps=300, batch_size=32, lr=3e-3,
                            windows=800),
@@ -355,6 +356,31 @@ def drafter_config(arts: Artifacts, prof: DrafterProfile, spec: TrainSpec) -> Dr
                          use_step=spec.use_step)
 
 
+def drafter_params(arts: Artifacts, prof: DrafterProfile, spec: TrainSpec) -> int:
+    """Parameters a drafter of this profile would have on these artifacts' vocabulary (built on the meta device)."""
+    with torch.device("meta"):
+        return PadDrafter(drafter_config(arts, prof, spec)).n_params()
+
+
+def fit_profile(prof: DrafterProfile, arts: Artifacts, spec: TrainSpec, n_target: int) -> DrafterProfile:
+    """The profile, or a narrower one (width shrunk in steps of the head count, the MLP in proportion) whose drafter
+    stays within 1/10 of the target's parameters: a larger vocabulary grows the drafter's embeddings faster than a
+    fixed profile allows. ValueError, before any work, when even the narrowest does not fit."""
+    fitted = prof
+    while drafter_params(arts, fitted, spec) * 10 > n_target:
+        dim = fitted.dim - fitted.heads
+        if dim < 2 * fitted.heads:
+            raise ValueError(f"no drafter of {fitted.layers} layers fits within 1/10 of the target's {n_target} "
+                             f"parameters on a vocabulary of {arts.sids.vocab.size} tokens: train a larger target "
+                             "profile, or a drafter profile with fewer layers")
+        fitted = replace(fitted, dim=dim, intermediate=max(fitted.heads, prof.intermediate * dim // prof.dim))
+    if fitted is not prof:
+        log.warning("drafter profile %s (%d parameters) is over 1/10 of the target's %d: training it %d wide "
+                    "(%d parameters) instead", prof.name, drafter_params(arts, prof, spec), n_target, fitted.dim,
+                    drafter_params(arts, fitted, spec))
+    return fitted
+
+
 def train_drafter(arts: Artifacts, spec: TrainSpec = TrainSpec(), profile: DrafterProfile | None = None,
                   seed: int = 0, progress: bool = True, steps: int | None = None) -> Path:
     """Train one variant into <artifacts>/<spec.variant>/ (resumable from <variant>.train/)."""
@@ -364,13 +390,11 @@ def train_drafter(arts: Artifacts, spec: TrainSpec = TrainSpec(), profile: Draft
     target = Transformer.from_pretrained(arts.target_dir)
     for p in target.parameters():
         p.requires_grad_(False)
+    n_target = sum(p.numel() for p in target.parameters())
+    prof = fit_profile(prof, arts, spec, n_target)  # before the distillation data: never a refusal after the work
     data = distill_data(arts, prof, target, seed=seed, progress=progress)
     torch.manual_seed(seed)
     model = PadDrafter(drafter_config(arts, prof, spec))
-    n_target = sum(p.numel() for p in target.parameters())
-    if model.n_params() * 10 > n_target:
-        raise ValueError(f"drafter profile {prof.name} has {model.n_params()} parameters, more than 1/10 of the "
-                         f"target's {n_target}")
     loss_fn = DistillLoss(model, target, data, arts.constraint(), spec, prof)
     out = arts.directory / spec.variant
     work_dir = arts.directory / f"{spec.variant}.train"
