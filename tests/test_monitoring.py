@@ -12,6 +12,7 @@ import copy
 import json
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +227,14 @@ def test_requests_are_counted_by_method_and_status_code(live, tiny_artifacts):
 
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
+
+    # The server counts a call when its handler returns; the client may see the refusal's status a moment before
+    # (one clean-clone run scraped 0 here), so wait briefly for the count rather than race it.
+    deadline = time.monotonic() + 5
+    while delta("specrec_requests_total", method="Recommend", code="INVALID_ARGUMENT") < 1 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = scrape(url)
 
     assert delta("specrec_requests_total", method="Recommend", code="OK") == 8
     assert delta("specrec_requests_total", method="Recommend", code="INVALID_ARGUMENT") == 1
