@@ -64,14 +64,19 @@ def balanced_assign(dist: torch.Tensor, capacity: torch.Tensor | int, groups: to
         near = d[torch.arange(len(todo)), choice]
         order = torch.argsort(near, stable=True)
         order = order[torch.argsort(key[order], stable=True)]  # by (group, code), nearest first within
-        sorted_key = key[order]
-        rank = torch.arange(len(order)) - torch.searchsorted(sorted_key, sorted_key, right=False)
-        take = order[rank < room.view(-1)[sorted_key]]
+        take = _closest_per_key(order, key, room.view(-1))
         assign[todo[take]] = choice[take]
         room.view(-1).sub_(torch.bincount(key[take], minlength=n_groups * k))
         if len(take) < STALLED * len(todo):  # a blob filling one code per round: finish code by code
             _fill_code_by_code(dist, assign, room, groups)
     return assign
+
+
+def _closest_per_key(order: torch.Tensor, key: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """Of the items in `order` (sorted by key, closest first within a key), those within their key's room."""
+    sorted_key = key[order]
+    rank = torch.arange(len(order)) - torch.searchsorted(sorted_key, sorted_key, right=False)
+    return order[rank < room[sorted_key]]
 
 
 def _fill_code_by_code(dist: torch.Tensor, assign: torch.Tensor, room: torch.Tensor, groups: torch.Tensor) -> None:
@@ -86,9 +91,7 @@ def _fill_code_by_code(dist: torch.Tensor, assign: torch.Tensor, room: torch.Ten
             continue
         g = groups[todo]
         order = torch.argsort(g.double() + dist[todo, code].double() / scale)  # by group, closest first within
-        sorted_g = g[order]
-        rank = torch.arange(len(order)) - torch.searchsorted(sorted_g, sorted_g, right=False)
-        take = order[rank < room[sorted_g, code]]
+        take = _closest_per_key(order, g, room[:, code])
         assign[todo[take]] = code
         room[:, code].sub_(torch.bincount(g[take], minlength=room.shape[0]))
         todo = todo[assign[todo] < 0]
