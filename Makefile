@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install proto proto-check proto-release test run lint bench bench-quick clean helm-bin
+.PHONY: install proto proto-check proto-release test run lint bench bench-quick clean helm-bin images docker-deps
 
 install: $(STAMP)
 
@@ -20,9 +20,22 @@ proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
 		$$(find protos -name '*.proto')
 
-test: install proto-check
+test: install proto-check docker-deps
 	.venv/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# Container images specrec/{base,orchestrator,draft,target}:0.1.0 with the tiny profile baked in (train it first:
+# `make run`, or `.venv/bin/python -m harness.demo --train-only`). Builds with the docker daemon that answers, else a
+# private dockerd (root); `--help` for the base image and the artifacts: .venv/bin/python -m harness.containers --help
+images: install docker-deps
+	$(PY) -m harness.containers
+
+# dockerd and debootstrap from Debian's packages (tests/test_images.py builds and runs the images).
+docker-deps:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "installing docker.io and debootstrap (apt-get)"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap \
+	    ca-certificates >/dev/null; }
 
 # The contract's hygiene: buf lint, and no breaking change against the last released API (protos/released.binpb).
 # buf comes from npm (scripts/fetch_buf.sh, pinned). After a release: `make proto-release` records the new baseline.

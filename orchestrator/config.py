@@ -44,6 +44,9 @@ class OrchestratorConfig:
     draft_timeout_ms: float = 200.0  # a tree later than this: the round goes on without it
     verify_timeout_s: float = 10.0
     grace_s: float = 30.0
+    # Clients keep one HTTP/2 connection for good, so replicas added later get no traffic: past this age the
+    # server asks a client to reconnect (GOAWAY, after in-flight calls finish) and its balancer picks again. 0 = never.
+    max_connection_age_s: float = 0.0
     tls: TlsConfig = field(default_factory=TlsConfig)  # listener, and both clients (drafter, Triton)
     auth: AuthConfig = field(default_factory=AuthConfig)  # bearer token on the client API
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
@@ -58,7 +61,8 @@ class OrchestratorConfig:
                        help="artifact directory (semantic_ids/), env SPECREC_ARTIFACTS")
         p.add_argument("--host", default=_env("SPECREC_HOST", "127.0.0.1"), help="bind address (0.0.0.0 in a pod)")
         p.add_argument("--port", type=int, default=int(_env("SPECREC_ORCHESTRATOR_PORT", "50051")))
-        p.add_argument("--metrics-port", type=int, default=int(_env("SPECREC_METRICS_PORT", "9100")),
+        metrics_port = _env("SPECREC_ORCHESTRATOR_METRICS_PORT", _env("SPECREC_METRICS_PORT", "9100"))
+        p.add_argument("--metrics-port", type=int, default=int(metrics_port),
                        help="Prometheus /metrics port, 0 = off")
         p.add_argument("--target-addr", default=_env("SPECREC_TARGET_ADDR", "127.0.0.1:8001"),
                        help="Triton gRPC address, or a comma-separated list: requests spread over them")
@@ -78,6 +82,10 @@ class OrchestratorConfig:
                        help="per-round verification deadline on a Triton pod; past it the request moves to another "
                             "ready pod (a hung one), or fails DEADLINE_EXCEEDED if there is none")
         p.add_argument("--grace-s", type=float, default=float(_env("SPECREC_SHUTDOWN_GRACE_SECONDS", "30")))
+        p.add_argument("--max-connection-age-s", type=float,
+                       default=float(_env("SPECREC_MAX_CONNECTION_AGE_S", "0")),
+                       help="ask clients to reconnect after this long, so new replicas get traffic; calls in flight "
+                            "get --grace-s to finish; 0 = never (env SPECREC_MAX_CONNECTION_AGE_S)")
         add_tls_args(p)
         add_auth_args(p)
         add_probe_port_arg(p)
@@ -97,5 +105,6 @@ class OrchestratorConfig:
                    drafter=a.drafter,
                    max_in_flight=a.max_in_flight, max_history=a.max_history, draft_timeout_ms=a.draft_timeout_ms,
                    verify_timeout_s=a.verify_timeout_s,
-                   grace_s=a.grace_s, tls=tls, auth=auth, probe_port=a.probe_port,
+                   grace_s=a.grace_s, max_connection_age_s=a.max_connection_age_s, tls=tls, auth=auth,
+                   probe_port=a.probe_port,
                    draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name)

@@ -343,7 +343,8 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
         log.info("metrics on http://%s:%d/metrics", config.host, port)
     # Counting first: it sees what the later interceptors refuse (UNAUTHENTICATED, undecodable requests).
     server = grpc.aio.server(interceptors=[RequestCounting(metrics.rpcs), *server_interceptors(),
-                                           *auth_interceptors(config.auth), UndecodableRequests()])
+                                           *auth_interceptors(config.auth), UndecodableRequests()],
+                             options=connection_age_options(config))
     pb_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(config, catalog, loop), server)
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -352,6 +353,13 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = add_port(server, f"{config.host}:{config.port}", config.tls)
     return server, port, loop
+
+
+def connection_age_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
+    if config.max_connection_age_s <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))]
 
 
 async def serve(config: OrchestratorConfig) -> None:

@@ -176,29 +176,46 @@ def trace_args(otlp_url: str | None, rate: int) -> list[str]:
     ]  # fmt: skip
 
 
-def prepare_repository(source: Path, instances: int | None = None, device: str | None = None) -> Path:
-    """The repository to serve: `source` itself, or a copy whose instance_group says `instances` x `device`.
+def prepare_repository(source: Path, instances: int | None = None, device: str | None = None,
+                       max_sequences: int | None = None) -> Path:
+    """The repository to serve: `source` itself, or a copy whose config says `instances` x `device` and holds
+    `max_sequences` per instance.
 
     The source repository stays unchanged, so the same files run in NVIDIA's image.
     """
     source = Path(source)
     if not source.is_dir():
         raise TritonLaunchError(f"model repository {source} does not exist or is not a directory")
-    if instances is None and device is None:
+    if instances is None and device is None and max_sequences is None:
         return source
     copy = Path(tempfile.mkdtemp(prefix="specrec-repo-"))
     shutil.copytree(source, copy, dirs_exist_ok=True, symlinks=True)
     for config in copy.glob("*/config.pbtxt"):
-        _rewrite_instance_group(config, instances, device)
-    log.info("serving a copy of %s at %s (instances=%s, device=%s)", source, copy, instances, device)
+        _rewrite_config(config, instances, device, max_sequences)
+    log.info("serving a copy of %s at %s (instances=%s, device=%s, max_sequences=%s)", source, copy, instances,
+             device, max_sequences)
     return copy
 
 
-def _rewrite_instance_group(config_path: Path, instances: int | None, device: str | None) -> None:
+def _rewrite_config(config_path: Path, instances: int | None, device: str | None, max_sequences: int | None) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+    if instances is not None or device is not None:
+        _rewrite_instance_group(config, instances, device)
+    if max_sequences is not None:
+        # Triton's slots and the model's own cap move together: a slot the model cannot hold state for answers
+        # RESOURCE_EXHAUSTED, a model state Triton gives no slot waits in its backlog (config.pbtxt says why).
+        config.sequence_batching.oldest.max_candidate_sequences = max_sequences
+        if "max_sequences" in config.parameters:
+            config.parameters["max_sequences"].string_value = str(max_sequences)
+    config_path.write_text(text_format.MessageToString(config))
+
+
+def _rewrite_instance_group(config, instances: int | None, device: str | None) -> None:  # noqa: ANN001 - ModelConfig
+    from tritonclient.grpc import model_config_pb2
+
     old = config.instance_group[0] if config.instance_group else None
     group = model_config_pb2.ModelInstanceGroup(count=instances or (old.count if old else 1))
     if device and device.startswith("cuda"):
@@ -211,7 +228,6 @@ def _rewrite_instance_group(config_path: Path, instances: int | None, device: st
         group.kind, group.gpus[:] = old.kind, list(old.gpus)
     del config.instance_group[:]
     config.instance_group.append(group)
-    config_path.write_text(text_format.MessageToString(config))
 
 
 class TritonServer:
@@ -512,7 +528,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=(
             "Environment: SPECREC_TARGET_GRPC_PORT, SPECREC_TARGET_HTTP_PORT, SPECREC_TARGET_METRICS_PORT, "
             "SPECREC_ARTIFACTS (trained model dir, given to the model as SPECREC_TARGET_MODEL_DIR), "
-            "SPECREC_DEVICE, SPECREC_TARGET_INSTANCES, SPECREC_TARGET_TRACE_URL, "
+            "SPECREC_DEVICE, SPECREC_TARGET_INSTANCES, SPECREC_TARGET_MAX_SEQUENCES, SPECREC_TARGET_TRACE_URL, "
             "SPECREC_TLS_CERT, SPECREC_TLS_KEY, SPECREC_TLS_CA, SPECREC_TLS_CLIENT_AUTH."
         ),
     )
@@ -538,8 +554,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "that carry a traceparent are traced whatever N (env SPECREC_TARGET_TRACE_RATE; "
                              "default: %(default)s)")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton --log-verbose level")
+    parser.add_argument("--max-sequences", type=int, default=_env_int("SPECREC_TARGET_MAX_SEQUENCES", None),
+                        help="sequences one instance holds at once (Triton's max_candidate_sequences and the model's "
+                             "max_sequences, rewritten together in a copy; env SPECREC_TARGET_MAX_SEQUENCES)")
     parser.add_argument("--shm-mb", type=int, default=16,
-                        help="Python backend shared memory per instance and growth step, MB (default: 16)")
+                        help="Python backend shared memory per instance, MB (default: 16)")
+    parser.add_argument("--shm-growth-mb", type=int, default=None,
+                        help="step by which that region grows, MB (default: --shm-mb)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for READY")
     parser.add_argument("--exit-timeout", type=int, default=30,
                         help="on SIGTERM, seconds Triton waits for open sequences to end (default: 30)")
@@ -562,7 +583,7 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         env["SPECREC_TARGET_MODEL_DIR"] = str(artifacts)
     if args.device:
         env["SPECREC_DEVICE"] = args.device
-    repository = prepare_repository(args.model_repository, args.instances, args.device)
+    repository = prepare_repository(args.model_repository, args.instances, args.device, args.max_sequences)
     return TritonServer(
         repository,
         grpc_port=args.grpc_port,
@@ -574,7 +595,7 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         extra_args=args.extra,
         env=env,
         shm_default_bytes=args.shm_mb * MB,
-        shm_growth_bytes=args.shm_mb * MB,
+        shm_growth_bytes=(args.shm_growth_mb or args.shm_mb) * MB,
         exit_timeout_s=args.exit_timeout,
         echo_log=True,
         tls=args.tls,

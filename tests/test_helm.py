@@ -22,7 +22,6 @@ KUBE_VERSION = latest_version()
 SCENARIOS = ["default", *sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))]
 # Kinds from CRDs (Prometheus Operator) have no schema in kubernetes-validate.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
-MIB = 1 << 20
 
 
 def test_ci_scenarios_cover_cpu_gpu_and_mig() -> None:
@@ -184,9 +183,8 @@ def test_triton_dev_shm_is_memory_sized_like_the_python_backend_args(
     triton = r.container("triton")
     assert {"name": "dshm", "mountPath": "/dev/shm"} in triton["volumeMounts"]
     args = triton["args"]
-    assert f"--backend-config=python,shm-default-byte-size={shm['pythonDefaultMiB'] * MIB}" in args
-    assert f"--backend-config=python,shm-growth-byte-size={shm['pythonGrowthMiB'] * MIB}" in args
-    assert "--model-repository=/models" in args and f"--load-model={r.values['triton']['modelName']}" in args
+    assert triton["command"] == ["specrec-target"]  # the launcher: it watches the stubs, bare tritonserver does not
+    assert f"--shm-mb={shm['pythonDefaultMiB']}" in args and f"--shm-growth-mb={shm['pythonGrowthMiB']}" in args
 
 
 # Per scenario and component: the extended resource and count in limits, or None for CPU only.
@@ -279,25 +277,23 @@ def test_tracing_is_off_by_default() -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_triton_tracing_flag_is_one_token(rendered: dict[str, Rendered], scenario: str) -> None:
+def test_triton_tracing_flags(rendered: dict[str, Rendered], scenario: str) -> None:
     r = rendered[scenario]
     args = r.container("triton")["args"]
     otel = r.values["otel"]
     env = {e["name"]: e.get("value") for e in r.container("orchestrator")["env"]}
     if otel["tritonEndpoint"]:
-        assert "--trace-config=mode=opentelemetry" in args
-        assert f"--trace-config=opentelemetry,url={otel['tritonEndpoint']}" in args
+        # specrec-target turns these into Triton's --trace-config flags (tests/test_launcher.py).
+        assert f"--trace-url={otel['tritonEndpoint']}" in args
         # Triton starts no trace of its own: it joins the orchestrator's sampled ones.
-        assert f"--trace-config=rate={otel['tritonRate']}" in args and otel["tritonRate"] >= 1000
+        assert f"--trace-rate={otel['tritonRate']}" in args and otel["tritonRate"] >= 1000
     else:
-        assert not any(a.startswith("--trace-config") for a in args)
+        assert not any(a.startswith("--trace") for a in args)
     if otel["endpoint"]:
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == otel["endpoint"]
         assert env["OTEL_TRACES_SAMPLER_ARG"] == str(otel["samplerRatio"])
     else:
         assert env["OTEL_SDK_DISABLED"] == "true" and "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
-    # Never split into "--trace-config" "mode=opentelemetry".
-    assert "--trace-config" not in args and "mode=opentelemetry" not in args
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -356,8 +352,8 @@ def test_pods_are_locked_down_and_drain_on_shutdown(rendered: dict[str, Rendered
             assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": shutdown["preStopSleepSeconds"]}}
         grace = shutdown["preStopSleepSeconds"] + shutdown["drainSeconds"] + 5
         assert pod["terminationGracePeriodSeconds"] == grace
-    assert f"--exit-timeout-secs={shutdown['drainSeconds']}" in r.container("triton")["args"]
-    # Every component has a PDB selecting its pods; the orchestrator scales on CPU.
+    assert f"--exit-timeout={shutdown['drainSeconds']}" in r.container("triton")["args"]
+    # Every component has a PDB selecting its pods.
     for component in ("orchestrator", "draft", "triton"):
         pdb = r.get("PodDisruptionBudget", component)
         assert pdb["spec"]["selector"] == r.get("Deployment", component)["spec"]["selector"]
@@ -370,23 +366,39 @@ def test_pods_are_locked_down_and_drain_on_shutdown(rendered: dict[str, Rendered
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_model_repository_source(rendered: dict[str, Rendered], scenario: str) -> None:
+def test_every_service_is_told_where_to_listen_and_what_to_run_on(rendered: dict[str, Rendered], scenario: str) -> None:
+    """What the programs cannot guess: the pod's address and ports, the device its accelerator gives, Triton's sizes.
+
+    (tests/test_images.py runs the rendered containers; this names what each must carry.)
+    """
     r = rendered[scenario]
-    pod = r.get("Deployment", "triton")["spec"]["template"]["spec"]
-    volume = next(v for v in pod["volumes"] if v["name"] == "model-repository")
-    mount = next(m for m in r.container("triton")["volumeMounts"] if m["name"] == "model-repository")
-    assert mount["mountPath"] == "/models" and mount["readOnly"] is True
-    source = r.values["triton"]["modelRepository"]["source"]
-    if source == "initContainer":
-        assert volume["emptyDir"] == {}
-        (init,) = pod["initContainers"]
-        assert init["image"].startswith("specrec/model-repository:")
-        assert init["volumeMounts"] == [{"name": "model-repository", "mountPath": "/repository"}]
-    elif source == "image":
-        assert volume["image"]["reference"].startswith("specrec/model-repository:")
-        assert mount["subPath"] == "models" and "initContainers" not in pod
-    else:
-        assert volume["persistentVolumeClaim"]["claimName"] == r.values["triton"]["modelRepository"]["existingClaim"]
+    for component, prefix in (("orchestrator", "SPECREC_ORCHESTRATOR"), ("draft", "SPECREC_DRAFT")):
+        env, ports = _env(r.container(component)), r.values[component]["containerPorts"]
+        assert env["SPECREC_HOST"] == "0.0.0.0"  # loopback, the programs' default, is unreachable from the kubelet
+        assert (env[f"{prefix}_PORT"], env[f"{prefix}_METRICS_PORT"]) == (str(ports["grpc"]), str(ports["metrics"]))
+    triton, values = _env(r.container("triton")), r.values["triton"]
+    assert triton["SPECREC_ARTIFACTS"] == r.values["artifacts"]["path"]
+    assert (triton["SPECREC_TARGET_INSTANCES"], triton["SPECREC_TARGET_MAX_SEQUENCES"]) == \
+        (str(values["instances"]), str(values["maxSequences"]))
+    for component in ("draft", "triton"):
+        on_gpu = r.values[component]["accelerator"]["kind"] != "none"
+        assert _env(r.container(component))["SPECREC_DEVICE"] == ("cuda" if on_gpu else "cpu")
+        assert r.get("Deployment", component)["spec"]["strategy"] == r.values[component]["strategy"]
+    orchestrator = r.values["orchestrator"]
+    assert _env(r.container("orchestrator"))["SPECREC_MAX_CONNECTION_AGE_S"] == \
+        str(orchestrator["maxConnectionAgeSeconds"])
+    hpa = r.find("HorizontalPodAutoscaler", "orchestrator")
+    if hpa is not None and orchestrator["autoscaling"]["metric"] == "inFlight":
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["pods"]["metric"]["name"] == "specrec_requests_in_flight"
+        share = orchestrator["autoscaling"]["targetInFlightPercent"] / 100
+        assert metric["pods"]["target"]["averageValue"] == str(int(orchestrator["maxInFlight"] * share))
+
+
+def test_gpu_rollouts_need_no_spare_gpu_by_default(rendered: dict[str, Rendered]) -> None:
+    for component in ("draft", "triton"):
+        strategy = rendered["default"].get("Deployment", component)["spec"]["strategy"]
+        assert strategy["rollingUpdate"]["maxSurge"] == 0
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:
@@ -410,12 +422,13 @@ def test_tls_secrets_are_mounted_and_every_hop_is_told_to_use_them(
         # The component's own Secret, read-only, never world-readable.
         assert volumes["tls"]["secret"] == {"secretName": tls[component]["secretName"], "defaultMode": 0o440}
         assert mounts["tls"] == {"name": "tls", "mountPath": tls["mountPath"], "readOnly": True}
-    triton_args = r.container("triton")["args"]
+    triton_env = _env(r.container("triton"))
     if tls["enabled"]:
         files = {name: f"{tls['mountPath']}/{name}" for name in ("tls.crt", "tls.key", "ca.crt")}
-        assert {"--grpc-use-ssl=true", f"--grpc-server-cert={files['tls.crt']}",
-                f"--grpc-server-key={files['tls.key']}", f"--grpc-root-cert={files['ca.crt']}"} <= set(triton_args)
-        assert ("--grpc-use-ssl-mutual=true" in triton_args) == tls["mutual"]
+        # specrec-target turns these into tritonserver's --grpc-use-ssl[-mutual] flags.
+        assert (triton_env["SPECREC_TLS_CERT"], triton_env["SPECREC_TLS_KEY"], triton_env["SPECREC_TLS_CA"]) == \
+            (files["tls.crt"], files["tls.key"], files["ca.crt"])
+        assert triton_env["SPECREC_TLS_CLIENT_AUTH"] == ("1" if tls["mutual"] else "0")
         for component, client_auth in (("orchestrator", tls["clientAuthOnApi"]), ("draft", tls["mutual"])):
             env = _env(r.container(component))
             assert (env["SPECREC_TLS_CERT"], env["SPECREC_TLS_KEY"], env["SPECREC_TLS_CA"]) == \
@@ -427,7 +440,7 @@ def test_tls_secrets_are_mounted_and_every_hop_is_told_to_use_them(
         assert env["SPECREC_DRAFT_TLS_NAME"] == f"{r.get('Service', 'draft')['metadata']['name']}.{NAMESPACE}.svc"
         assert env["SPECREC_TARGET_TLS_NAME"] == f"{r.get('Service', 'triton')['metadata']['name']}.{NAMESPACE}.svc"
     else:
-        assert not any(a.startswith("--grpc-use-ssl") for a in triton_args)
+        assert not any(k.startswith("SPECREC_TLS") for k in triton_env)
     orchestrator = r.get("Deployment", "orchestrator")["spec"]["template"]["spec"]
     token_volume = next((v for v in orchestrator["volumes"] if v["name"] == "auth-token"), None)
     env = _env(r.container("orchestrator"))

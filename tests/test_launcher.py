@@ -73,6 +73,18 @@ def test_instance_group_is_rewritten_in_a_copy_only(tmp_path: Path) -> None:
     shutil.rmtree(copy)
 
 
+def test_max_sequences_moves_tritons_slots_and_the_models_cap_together(tmp_path: Path) -> None:
+    """The chart's triton.maxSequences: Triton's max_candidate_sequences and the model's own cap stay equal."""
+    source = tmp_path / "repo"
+    shutil.copytree(launch.DEFAULT_REPOSITORY, source)
+    copy = launch.prepare_repository(source, max_sequences=200)
+    config = text_format.Parse((copy / MODEL_NAME / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.sequence_batching.oldest.max_candidate_sequences == 200
+    assert config.parameters["max_sequences"].string_value == "200"
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU  # untouched
+    shutil.rmtree(copy)
+
+
 def test_trace_flags_point_at_the_otlp_http_endpoint() -> None:
     args = launch.trace_args("http://collector:4318", rate=10)
     assert "opentelemetry,url=collector:4318/v1/traces" in args

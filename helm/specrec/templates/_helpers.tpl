@@ -212,13 +212,24 @@ Peers allowed to scrape a component's metrics port (NetworkPolicy "from" entries
 {{- end }}
 
 {{/*
-Python backend shared-memory arguments for Triton, derived from the same values that size the
-/dev/shm emptyDir, so the two cannot drift apart.
+The torch device of a component from its accelerator: a pod holding a GPU or MIG slice must use it.
+Call with .Values.draft.accelerator.
 */}}
-{{- define "specrec.tritonShmArgs" -}}
-{{- $mib := 1048576 -}}
-- --backend-config=python,shm-default-byte-size={{ mul .Values.triton.shm.pythonDefaultMiB $mib }}
-- --backend-config=python,shm-growth-byte-size={{ mul .Values.triton.shm.pythonGrowthMiB $mib }}
+{{- define "specrec.device" -}}
+{{- ternary "cpu" "cuda" (eq .kind "none") }}
+{{- end }}
+
+{{/*
+Where a Python service listens: every interface of the pod (its default, loopback, is unreachable from other pods
+and from the kubelet's probes), on the ports the chart declares. Call with (dict "prefix" "SPECREC_DRAFT" "ports" $v.containerPorts).
+*/}}
+{{- define "specrec.listenEnv" -}}
+- name: SPECREC_HOST
+  value: "0.0.0.0"
+- name: {{ .prefix }}_PORT
+  value: {{ .ports.grpc | toString | quote }}
+- name: {{ .prefix }}_METRICS_PORT
+  value: {{ .ports.metrics | toString | quote }}
 {{- end }}
 
 {{/*
@@ -318,17 +329,19 @@ Call with (dict "ctx" $ "port" .Values.draft.containerPorts.grpc).
 {{- end }}
 
 {{/*
-tritonserver flags for TLS on its gRPC port (mutual when tls.mutual); HTTP stays plaintext for the probes.
+TLS on Triton's gRPC port, for specrec-target (it turns them into --grpc-use-ssl[-mutual] flags); HTTP stays
+plaintext for the probes.
 */}}
-{{- define "specrec.tritonTlsArgs" -}}
+{{- define "specrec.tritonTlsEnv" -}}
 {{- $t := .Values.tls }}
 {{- if $t.enabled }}
-- --grpc-use-ssl=true
-- --grpc-server-cert={{ $t.mountPath }}/tls.crt
-- --grpc-server-key={{ $t.mountPath }}/tls.key
-- --grpc-root-cert={{ $t.mountPath }}/ca.crt
-{{- if $t.mutual }}
-- --grpc-use-ssl-mutual=true
-{{- end }}
+- name: SPECREC_TLS_CERT
+  value: {{ printf "%s/tls.crt" $t.mountPath | quote }}
+- name: SPECREC_TLS_KEY
+  value: {{ printf "%s/tls.key" $t.mountPath | quote }}
+- name: SPECREC_TLS_CA
+  value: {{ printf "%s/ca.crt" $t.mountPath | quote }}
+- name: SPECREC_TLS_CLIENT_AUTH
+  value: {{ ternary "1" "0" $t.mutual | quote }}
 {{- end }}
 {{- end }}
