@@ -106,7 +106,7 @@ class Dockerd:
         return run([docker_cli(), *args], env=self.env, **kwargs)
 
     def stop(self) -> None:
-        """Stop the daemon by its pid, then unmount what it leaves mounted under its exec root."""
+        """Stop the daemon by its pid, then unmount what it leaves mounted under its root."""
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -117,9 +117,9 @@ class Dockerd:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
-        exec_root = str(self.root / "exec")
+        # dockerd re-mounts its data root privately and leaves netns (nsfs) mounts under its exec root.
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(exec_root)]
+                  if line.split()[1].startswith(str(self.root))]
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True)
 

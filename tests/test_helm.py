@@ -492,3 +492,20 @@ def test_dashboard_and_alerts_are_optional(rendered: dict[str, Rendered]) -> Non
     assert r.all("PrometheusRule")[0]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     default = rendered["default"]
     assert default.find("ConfigMap", "dashboard") is None and default.all("PrometheusRule") == []
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_orchestrators_never_admit_more_than_triton_holds(rendered: dict[str, Rendered], scenario: str) -> None:
+    """Admission is per orchestrator pod; past what Triton holds, requests wait out their deadline in its backlog."""
+    o, t = rendered[scenario].values["orchestrator"], rendered[scenario].values["triton"]
+    replicas = o["autoscaling"]["maxReplicas"] if o["autoscaling"]["enabled"] else o["replicaCount"]
+    assert replicas * o["maxInFlight"] <= t["replicaCount"] * t["instances"] * t["maxSequences"]
+
+
+def test_install_warns_when_orchestrators_can_admit_more_than_triton_holds(helm: str) -> None:
+    def notes(*values: str) -> str:
+        return subprocess.run([helm, "install", "--dry-run", RELEASE, str(CHART), *values], check=True,
+                              capture_output=True, text=True, timeout=120).stdout
+
+    assert "WARNING: admission" not in notes()
+    assert "10 orchestrators x maxInFlight 32 = 320" in notes("--set", "orchestrator.autoscaling.maxReplicas=10")
