@@ -85,6 +85,7 @@ class Dockerd:
         if not os.access(dockerd, os.X_OK):
             raise ContainerError("no dockerd: install Debian's docker.io package (apt-get install docker.io)")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._clear_stale_pidfile()
         logfile = open(self.root / "dockerd.log", "ab")  # noqa: SIM115 - lives as long as the daemon
         self.process = subprocess.Popen(
             [dockerd, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
@@ -101,6 +102,17 @@ class Dockerd:
             time.sleep(0.3)
         self.stop()
         raise ContainerError(f"dockerd not ready in {timeout:.0f} s; see {self.root / 'dockerd.log'}")
+
+    def _clear_stale_pidfile(self) -> None:
+        """A daemon killed with its test run leaves its pid file, and dockerd refuses to start over it."""
+        pidfile = self.root / "dockerd.pid"
+        if not pidfile.is_file():
+            return
+        pid = int(pidfile.read_text().strip() or 0)
+        if pid and Path(f"/proc/{pid}").exists() and b"dockerd" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            raise ContainerError(f"a dockerd (pid {pid}) already runs on {self.root}: stop it (kill {pid}) or use "
+                                 f"it (DOCKER_HOST=unix://{self.socket})")
+        pidfile.unlink()
 
     def docker(self, *args: str, **kwargs) -> str:
         return run([docker_cli(), *args], env=self.env, **kwargs)
