@@ -111,3 +111,17 @@ def test_token_packed_batch_equals_padded_and_hf(models):
     assert torch.allclose(packed[0, 11], hf_logits(hf, prefixes[0] + new[0].tokens)[-1], atol=TOL)
     assert torch.allclose(packed[1, 0], hf_logits(hf, prefixes[1] + [11])[-1], atol=TOL)
     assert torch.allclose(packed[2, 2], hf_logits(hf, prefixes[2] + [11, 13])[-1], atol=TOL)
+
+
+def test_a_forward_with_gradients_through_the_cache_backpropagates(models):
+    """Training runs the cached forward with autograd: a view of one layer's cache, saved for backward, must not be
+    overwritten by the next layer's cache write (the bench and small drafters, 2 layers, failed so; tiny has 1)."""
+    _, ours = models
+    tokens = torch.tensor([[1, 7, 9, 3], [22, 41, 5, 8]])
+    cache = KVCache(ours.args, n_rows=2, max_len=8)
+    positions = torch.arange(4).expand(2, 4)
+    mask = torch.ones(4, 4, dtype=torch.bool).tril().expand(2, 4, 4)
+    logits = ours(tokens, positions, cache, torch.arange(2), positions, mask)
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+    ours.zero_grad()

@@ -191,7 +191,8 @@ class Transformer(nn.Module):
         span = mask.shape[-1]
         attn_mask = mask.unsqueeze(1)  # [B, 1, T, S]
         row_idx = rows.unsqueeze(1).expand(bsz, t)
-        rows_view = _as_range(rows)
+        # Under autograd a view would be saved for backward and then overwritten by the next step's cache write.
+        rows_view = None if torch.is_grad_enabled() else _as_range(rows)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             att = layer.self_attn
