@@ -70,6 +70,11 @@ class TritonPythonModel:
                                        max_len=int(_param(config, "max_len", "512")),
                                        idle_timeout_s=idle_us / 1e6)
         self.version = artifact_version(os.path.realpath(model_dir))
+        # Into Triton's own log (a stub's Python logging is not configured): what an operator checks on a GPU node.
+        pb_utils.Logger.log_info(
+            f"specrec_target {args.get('model_instance_name', '')}: device={device}, max_sequences="
+            f"{_param(config, 'max_sequences', '64')}, max_len={_param(config, 'max_len', '512')}, "
+            f"artifacts {model_dir} (version {self.version})")
         self._model_info = _report_version(self.version)
 
 
