@@ -87,12 +87,20 @@ def items(responses: dict[int, pb.RecommendResponse]) -> dict[int, list[str]]:
 
 def test_the_rendered_pods_answer_losslessly_through_both_backends(pods, tiny_artifacts) -> None:
     plain = recommend(pods, tiny_artifacts, "off")
-    speculative = recommend(pods, tiny_artifacts, "adaptive")
-    assert items(speculative) == items(plain)  # lossless: the drafter never changes a list
     assert all(len(r.items) == 10 for r in plain.values())
+    # The orchestrator is ready once it knows a Triton pod; it pairs with the drafter pod (a version probe) on its
+    # own time and decodes without it until then, so allow it a while to find the drafter.
+    deadline = time.monotonic() + 60
+    while True:
+        speculative = recommend(pods, tiny_artifacts, "adaptive")
+        assert items(speculative) == items(plain)  # lossless: the drafter never changes a list
+        stats = [r.stats for r in speculative.values()]
+        if sum(s.tree_rounds for s in stats) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     # The orchestrator found the drafter: trees were drafted and accepted, never a fallback round.
-    stats = [r.stats for r in speculative.values()]
-    assert sum(s.tree_rounds for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0
+    drafted = sum(s.tree_rounds for s in stats) > 0 and sum(s.accepted_tokens for s in stats) > 0
+    assert drafted, pods.logs("orchestrator")
     assert sum(s.fallback_rounds for s in stats) == 0
     versions = {r.model_version for r in [*plain.values(), *speculative.values()]}
     assert len(versions) == 1 and "" not in versions
