@@ -46,10 +46,10 @@ def docker_cli() -> str:
 
 
 def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, quiet: bool = False,
-        timeout: float | None = None, stdin: bytes | None = None) -> str:
+        timeout: float | None = None) -> str:
     """Run a command; on failure raise with its last output lines (the part a person needs)."""
     log.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(list(cmd), env=env, input=stdin, capture_output=True, timeout=timeout)
+    proc = subprocess.run(list(cmd), env=env, capture_output=True, timeout=timeout)
     out = proc.stdout.decode(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join((out + proc.stderr.decode(errors="replace")).strip().splitlines()[-25:])

@@ -304,8 +304,10 @@ names, also when it dials pod IPs. Call with (dict "ctx" $ "component" "draft").
   value: {{ printf "%s/ca.crt" $t.mountPath | quote }}
 - name: SPECREC_TLS_CLIENT_AUTH
   value: {{ ternary $t.clientAuthOnApi $t.mutual (eq .component "orchestrator") | ternary "1" "0" | quote }}
+{{- if ne .component "triton" }}{{/* Triton's probes are HTTP: specrec-target has no probe port */}}
 - name: SPECREC_PROBE_PORT
   value: {{ $t.probePort | toString | quote }}
+{{- end }}
 {{- if eq .component "orchestrator" }}
 - name: SPECREC_DRAFT_TLS_NAME
   value: {{ printf "%s.%s.svc" (include "specrec.componentName" (dict "ctx" .ctx "component" "draft")) $ns | quote }}
@@ -326,22 +328,4 @@ Call with (dict "ctx" $ "port" .Values.draft.containerPorts.grpc).
 */}}
 {{- define "specrec.probePort" -}}
 {{- ternary .ctx.Values.tls.probePort .port .ctx.Values.tls.enabled }}
-{{- end }}
-
-{{/*
-TLS on Triton's gRPC port, for specrec-target (it turns them into --grpc-use-ssl[-mutual] flags); HTTP stays
-plaintext for the probes.
-*/}}
-{{- define "specrec.tritonTlsEnv" -}}
-{{- $t := .Values.tls }}
-{{- if $t.enabled }}
-- name: SPECREC_TLS_CERT
-  value: {{ printf "%s/tls.crt" $t.mountPath | quote }}
-- name: SPECREC_TLS_KEY
-  value: {{ printf "%s/tls.key" $t.mountPath | quote }}
-- name: SPECREC_TLS_CA
-  value: {{ printf "%s/ca.crt" $t.mountPath | quote }}
-- name: SPECREC_TLS_CLIENT_AUTH
-  value: {{ ternary "1" "0" $t.mutual | quote }}
-{{- end }}
 {{- end }}
