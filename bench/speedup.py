@@ -349,7 +349,8 @@ def report(res: dict) -> str:
             f"- profile **{a['profile']}** (target {res['target_params']} parameters), {a['users']} users "
             f"(last 20 training items as history), {a['items']} items per list, {a['repeats']} repeats interleaved "
             f"across configurations, concurrency {a['concurrency']}, drafters {', '.join(res['drafters'])}, "
-            f"per-round draft budget {a['draft_timeout_ms']} ms",
+            f"per-round draft budget {a['draft_timeout_ms']} ms, target in {a.get('target_dtype', 'float32')} "
+            "(plain decoding included)",
             f"- phase order (even repeats ascending, odd descending): {phase_order(res.get('phases', []))}",
             f"- warm-up ({a['warmup']} requests per configuration) excluded; measurement wall time "
             f"{res['measure_s']:.0f} s, total run {res['total_s']:.0f} s",
@@ -511,6 +512,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--draft-timeout-ms", type=int, default=200, help="SPECREC_DRAFT_TIMEOUT_MS")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, s")
+    p.add_argument("--target-dtype", default=os.environ.get("SPECREC_TARGET_DTYPE", "float32"),
+                   choices=["float32", "bfloat16"], help="the target's precision, plain decoding included "
+                   "(SPECREC_TARGET_DTYPE; bfloat16 runs the batch-invariant forward)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 12 users, both cheap drafters")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--note", action="append", default=[], help="a caveat to print in the report (repeatable)")
@@ -569,7 +573,8 @@ def run(a: argparse.Namespace, command: str) -> dict:
     batches: dict = defaultdict(dict)
     phases: list[dict] = []
     cfg = StackConfig(artifacts=arts.directory, policy="adaptive", drafter=drafters[0] if drafters else "model",
-                      extra_env={"SPECREC_DRAFT_TIMEOUT_MS": str(a.draft_timeout_ms)})
+                      extra_env={"SPECREC_DRAFT_TIMEOUT_MS": str(a.draft_timeout_ms),
+                                 "SPECREC_TARGET_DTYPE": a.target_dtype})
     print(f"[speedup] {len(configs)} configurations x {len(concs)} concurrencies x {a.repeats} repeats x "
           f"{len(users)} users; load {mach['loadavg_start']}", flush=True)
     with LocalStack(cfg) as stack, grpc.insecure_channel(stack.orchestrator_addr) as ch:

@@ -528,7 +528,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog=(
             "Environment: SPECREC_TARGET_GRPC_PORT, SPECREC_TARGET_HTTP_PORT, SPECREC_TARGET_METRICS_PORT, "
             "SPECREC_ARTIFACTS (trained model dir, given to the model as SPECREC_TARGET_MODEL_DIR), "
-            "SPECREC_DEVICE, SPECREC_TARGET_INSTANCES, SPECREC_TARGET_MAX_SEQUENCES, SPECREC_TARGET_TRACE_URL, "
+            "SPECREC_DEVICE, SPECREC_TARGET_DTYPE (float32, or bfloat16 with a batch-invariant forward), "
+            "SPECREC_TARGET_INSTANCES, SPECREC_TARGET_MAX_SEQUENCES, SPECREC_TARGET_TRACE_URL, "
             "SPECREC_TLS_CERT, SPECREC_TLS_KEY, SPECREC_TLS_CA, SPECREC_TLS_CLIENT_AUTH."
         ),
     )

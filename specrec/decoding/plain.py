@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from specrec.decoding.select import constrained_argmax, constrained_logprob, constrained_probs, sample
-from specrec.models.llama import KVCache, Transformer
+from specrec.models.llama import Transformer
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 
@@ -38,7 +38,7 @@ def decode(model: Transformer, constraint: ListConstraint, prompts: list[list[in
     """Generate a list for every prompt (`BOS items REC`). temperature 0 = greedy."""
     device = next(model.parameters()).device
     per_row = max(len(p) for p in prompts) + (constraint.n_items * (constraint.trie.depth + 1) + 2)
-    cache = KVCache(model.args, len(prompts), max_len or per_row, device=device)
+    cache = model.new_cache(len(prompts), max_len or per_row)
     gens = [torch.Generator().manual_seed(seed + r) for r in range(len(prompts))]
     states, outs, pending, steps = [], [], [], [0] * len(prompts)
     logprobs: list[list[float]] = []

@@ -145,6 +145,18 @@ class Transformer(nn.Module):
         inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    # > 0: the batch-invariant forward (see `specrec.models.precision`): projections run in chunks of at most this
+    # many tokens, attention one query at a time over a fixed span, logits row by row in float32
+    invariant_rows = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the body (and of its KV cache); the logits are float32 in the batch-invariant forward."""
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, n_rows: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.args, n_rows, max_len, device=self.model.embed_tokens.weight.device, dtype=self.dtype)
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> Transformer:
         directory = Path(directory)
@@ -185,7 +197,7 @@ class Transformer(nn.Module):
         a = self.args
         bsz, t = shape
         cos, sin = self.rope(positions)
-        cos, sin = cos.reshape(bsz * t, 1, -1), sin.reshape(bsz * t, 1, -1)
+        cos, sin = cos.reshape(bsz * t, 1, -1).to(x.dtype), sin.reshape(bsz * t, 1, -1).to(x.dtype)
         if real is not None:
             cos, sin = cos[real], sin[real]
         span = mask.shape[-1]
@@ -193,12 +205,13 @@ class Transformer(nn.Module):
         row_idx = rows.unsqueeze(1).expand(bsz, t)
         # Under autograd a view would be saved for backward and then overwritten by the next step's cache write.
         rows_view = None if torch.is_grad_enabled() else _as_range(rows)
+        invariant = [_KeyPlan.of(m, a.max_len + 1, cache.max_len) for m in mask] if self.invariant_rows else None
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             att = layer.self_attn
-            q = att.q_proj(h).view(-1, a.n_heads, a.head_dim)
-            k = att.k_proj(h).view(-1, a.n_kv_heads, a.head_dim)
-            v = att.v_proj(h).view(-1, a.n_kv_heads, a.head_dim)
+            q = self._proj(att.q_proj, h).view(-1, a.n_heads, a.head_dim)
+            k = self._proj(att.k_proj, h).view(-1, a.n_kv_heads, a.head_dim)
+            v = self._proj(att.v_proj, h).view(-1, a.n_kv_heads, a.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             if real is not None:  # padding gets zeros: written to its own scratch slot, its output dropped
@@ -206,6 +219,10 @@ class Transformer(nn.Module):
             q, k, v = (z.view(bsz, t, z.shape[-2], a.head_dim) for z in (q, k, v))
             cache.k[i, row_idx, slots] = k
             cache.v[i, row_idx, slots] = v
+            if invariant is not None:
+                out = self._attend_one_by_one(q, cache, i, rows, invariant).reshape(bsz * t, -1)
+                x = self._mix(layer, x, out, real)
+                continue
             if rows_view is not None:  # a view, not a gather: copying every row's cache dominated batched steps
                 keys, values = cache.k[i, rows_view, :span], cache.v[i, rows_view, :span]
             else:
@@ -214,10 +231,43 @@ class Transformer(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
                                                  enable_gqa=a.n_kv_heads != a.n_heads)
             out = out.transpose(1, 2).reshape(bsz * t, -1)
-            x = x + att.o_proj(out if real is None else out[real])
-            h = layer.post_attention_layernorm(x)
-            x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+            x = self._mix(layer, x, out, real)
         return x
+
+    def _mix(self, layer: nn.Module, x: torch.Tensor, attended: torch.Tensor,
+             real: torch.Tensor | None) -> torch.Tensor:
+        """The layer after attention: output projection, residual, MLP, residual."""
+        x = x + self._proj(layer.self_attn.o_proj, attended if real is None else attended[real])
+        h = layer.post_attention_layernorm(x)
+        mlp = layer.mlp
+        return x + self._proj(mlp.down_proj, F.silu(self._proj(mlp.gate_proj, h)) * self._proj(mlp.up_proj, h))
+
+    def _proj(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """linear(x); in the batch-invariant forward, in chunks of rows whose kernel computes each row alike."""
+        n = self.invariant_rows
+        if n and x.shape[0] > n:
+            return torch.cat([linear(chunk) for chunk in x.split(n)])
+        return linear(x)
+
+    def _attend_one_by_one(self, q: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor,
+                           plans: list[_KeyPlan]) -> torch.Tensor:
+        """Attention of q [B, T, H, D], each query alone over its visible keys packed in sequence order into a fixed
+        span: a token's output bits then depend on its own keys only, not on the batch, the tree around it or the
+        cache slots its keys sit in (a tree node's ancestors are not contiguous; a chain's are)."""
+        a, span = self.args, self.args.max_len + 1
+        out = []
+        for b, plan in enumerate(plans):
+            keys, values = cache.k[layer, int(rows[b])], cache.v[layer, int(rows[b])]  # [slots, Hkv, D]
+            if plan.gather is None:
+                keys, values = _fit(keys, span), _fit(values, span)
+                keys = keys.transpose(0, 1).unsqueeze(0).expand(len(plan.visible), -1, -1, -1)
+                values = values.transpose(0, 1).unsqueeze(0).expand(len(plan.visible), -1, -1, -1)
+            else:
+                keys, values = keys[plan.gather].transpose(1, 2), values[plan.gather].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[b].unsqueeze(2), keys, values, attn_mask=plan.visible[:, None, None],
+                                               enable_gqa=a.n_kv_heads != a.n_heads)  # [T, H, 1, D]
+            out.append(o[:, :, 0])
+        return torch.stack(out)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
                 slots: torch.Tensor, mask: torch.Tensor, n_real: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,10 +275,49 @@ class Transformer(nn.Module):
         bsz, t = tokens.shape
         real = _real_tokens(n_real, t) if n_real is not None else None
         if real is None:
-            return self.lm_head(self.hidden(self.model.embed_tokens(tokens), positions, cache, rows, slots, mask))
+            h = self.hidden(self.model.embed_tokens(tokens), positions, cache, rows, slots, mask)
+            return self.logits(h.reshape(bsz * t, -1)).view(bsz, t, -1)
         x = self.model.embed_tokens(tokens.reshape(-1)[real])
         h = self.model.norm(self._layers(x, positions, cache, rows, slots, mask, real, (bsz, t)))
-        return _unpack(self.lm_head(h), real, bsz, t)
+        return _unpack(self.logits(h), real, bsz, t)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head over hidden states [N, dim]; in the batch-invariant forward, float32 one row at a time (a
+        single-row product is the same computation whatever the batch, and bfloat16 logits would tie often)."""
+        if not self.invariant_rows:
+            return self.lm_head(h)
+        w = self.lm_head.weight.float()
+        return torch.cat([F.linear(row, w) for row in h.float().split(1)]) if len(h) else h.new_zeros((0, len(w)))
+
+
+@dataclass
+class _KeyPlan:
+    """Where each query of one cache row finds its keys in the batch-invariant attention."""
+
+    visible: torch.Tensor  # [T, span] bool: the first n_t keys of the packed span
+    gather: torch.Tensor | None  # [T, span] cache slots to pack (None: the keys already are the cache's prefix)
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, span: int, slots: int) -> _KeyPlan:
+        """From a row's mask [T, S] over cache slots."""
+        counts = mask.sum(-1)
+        first = torch.arange(span, device=mask.device)
+        visible = first[None, :] < counts[:, None]
+        seen = mask[:, :span] if mask.shape[-1] >= span else F.pad(mask, (0, span - mask.shape[-1]))
+        if bool((seen == visible).all()) and mask.shape[-1] <= span:
+            return cls(visible, None)
+        # stable sort puts each query's visible slots first, in slot order; the rest point at slot 0 (masked)
+        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :span]
+        order = torch.where(visible[:, : order.shape[-1]], order, torch.zeros_like(order))
+        gather = F.pad(order, (0, span - order.shape[-1])) if order.shape[-1] < span else order
+        return cls(visible, gather.clamp(max=slots - 1))
+
+
+def _fit(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n entries of x [slots, ...], zero-padded when there are fewer."""
+    if x.shape[0] >= n:
+        return x[:n]
+    return torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
 
 
 def _real_tokens(n_real: torch.Tensor, t: int) -> torch.Tensor | None:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from specrec.decoding.select import constrained_logprob
-from specrec.models.llama import KVCache, Transformer
+from specrec.models.llama import Transformer
+from specrec.models.precision import parse_dtype, set_precision
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.codebook import SemanticIds
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
@@ -84,14 +85,15 @@ class _Prepared:
 
 class TargetVerifier:
     def __init__(self, artifacts: Path, device: str = "cpu", max_sequences: int = 64, max_len: int = 512,
-                 idle_timeout_s: float = 60.0, target_subdir: str = "target"):
+                 idle_timeout_s: float = 60.0, target_subdir: str = "target", dtype: str = "float32"):
         self.device = torch.device(device)
         self.sids = SemanticIds.load(artifacts)
         self.trie = ItemTrie(self.sids)
-        self.model = Transformer.from_pretrained(Path(artifacts) / target_subdir, device=self.device)
+        model = Transformer.from_pretrained(Path(artifacts) / target_subdir, device=self.device)
+        self.model = set_precision(model, parse_dtype(dtype))
         self.max_len = min(max_len, self.model.args.max_len)  # tokens a sequence may reach
         # one spare slot per row: a full row's padding in a batch writes there (see build_step)
-        self.cache = KVCache(self.model.args, max_sequences, self.max_len + 1, device=self.device)
+        self.cache = self.model.new_cache(max_sequences, self.max_len + 1)
         self.idle_timeout_s = idle_timeout_s
         self.sequences: OrderedDict[int, Sequence] = OrderedDict()  # least recently used first
         self.free_rows = list(range(max_sequences))[::-1]

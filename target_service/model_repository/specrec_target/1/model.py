@@ -40,6 +40,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from specrec.model_identity import artifact_version
+from specrec.models.precision import PrecisionError
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
 
 log = logging.getLogger("specrec.target")
@@ -65,14 +66,19 @@ class TritonPythonModel:
         if threads := os.environ.get("SPECREC_TORCH_THREADS"):
             torch.set_num_threads(int(threads))
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
-        self.verifier = TargetVerifier(model_dir, device=device,
-                                       max_sequences=int(_param(config, "max_sequences", "64")),
-                                       max_len=int(_param(config, "max_len", "512")),
-                                       idle_timeout_s=idle_us / 1e6)
+        dtype = _param(config, "dtype", os.environ.get("SPECREC_TARGET_DTYPE", "")) or "float32"
+        try:
+            self.verifier = TargetVerifier(model_dir, device=device,
+                                           max_sequences=int(_param(config, "max_sequences", "64")),
+                                           max_len=int(_param(config, "max_len", "512")),
+                                           idle_timeout_s=idle_us / 1e6, dtype=dtype)
+        except PrecisionError as e:
+            raise pb_utils.TritonModelException(f"SPECREC_TARGET_DTYPE={dtype}: {e}") from e
         self.version = artifact_version(os.path.realpath(model_dir))
         # Into Triton's own log (a stub's Python logging is not configured): what an operator checks on a GPU node.
         pb_utils.Logger.log_info(
-            f"specrec_target {args.get('model_instance_name', '')}: device={device}, max_sequences="
+            f"specrec_target {args.get('model_instance_name', '')}: device={device}, dtype={dtype} (batch-invariant "
+            f"rows {self.verifier.model.invariant_rows or 'off'}), max_sequences="
             f"{_param(config, 'max_sequences', '64')}, max_len={_param(config, 'max_len', '512')}, "
             f"artifacts {model_dir} (version {self.version})")
         self._model_info = _report_version(self.version)
