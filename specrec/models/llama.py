@@ -205,7 +205,7 @@ class Transformer(nn.Module):
         row_idx = rows.unsqueeze(1).expand(bsz, t)
         # Under autograd a view would be saved for backward and then overwritten by the next step's cache write.
         rows_view = None if torch.is_grad_enabled() else _as_range(rows)
-        invariant = [_KeyPlan.of(m, a.max_len + 1, cache.max_len) for m in mask] if self.invariant_rows else None
+        invariant = [key_groups(m, cache.max_len) for m in mask] if self.invariant_rows else None
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
             att = layer.self_attn
@@ -250,24 +250,25 @@ class Transformer(nn.Module):
         return linear(x)
 
     def _attend_one_by_one(self, q: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor,
-                           plans: list[_KeyPlan]) -> torch.Tensor:
-        """Attention of q [B, T, H, D], each query alone over its visible keys packed in sequence order into a fixed
-        span: a token's output bits then depend on its own keys only, not on the batch, the tree around it or the
-        cache slots its keys sit in (a tree node's ancestors are not contiguous; a chain's are)."""
-        a, span = self.args, self.args.max_len + 1
-        out = []
-        for b, plan in enumerate(plans):
+                           plans: list[list[_KeyGroup]]) -> torch.Tensor:
+        """Attention of q [B, T, H, D], each query alone over its visible keys packed in sequence order into a span
+        fixed by how many keys it sees: a token's output bits then depend on its own keys only, not on the batch,
+        the tree around it or the cache slots its keys sit in (a tree node's ancestors are not contiguous)."""
+        out = q.new_zeros(q.shape)
+        for b, groups in enumerate(plans):
             keys, values = cache.k[layer, int(rows[b])], cache.v[layer, int(rows[b])]  # [slots, Hkv, D]
-            if plan.gather is None:
-                keys, values = _fit(keys, span), _fit(values, span)
-                keys = keys.transpose(0, 1).unsqueeze(0).expand(len(plan.visible), -1, -1, -1)
-                values = values.transpose(0, 1).unsqueeze(0).expand(len(plan.visible), -1, -1, -1)
-            else:
-                keys, values = keys[plan.gather].transpose(1, 2), values[plan.gather].transpose(1, 2)
-            o = F.scaled_dot_product_attention(q[b].unsqueeze(2), keys, values, attn_mask=plan.visible[:, None, None],
-                                               enable_gqa=a.n_kv_heads != a.n_heads)  # [T, H, 1, D]
-            out.append(o[:, :, 0])
-        return torch.stack(out)
+            for g in groups:
+                n = len(g.queries)
+                if g.gather is None:
+                    k = keys[: g.span].transpose(0, 1).unsqueeze(0).expand(n, -1, -1, -1)
+                    v = values[: g.span].transpose(0, 1).unsqueeze(0).expand(n, -1, -1, -1)
+                else:
+                    k, v = keys[g.gather].transpose(1, 2), values[g.gather].transpose(1, 2)  # [n, Hkv, span, D]
+                o = F.scaled_dot_product_attention(q[b, g.queries].unsqueeze(2), k, v,
+                                                   attn_mask=g.visible[:, None, None],
+                                                   enable_gqa=self.args.n_kv_heads != self.args.n_heads)
+                out[b, g.queries] = o[:, :, 0]
+        return out
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
                 slots: torch.Tensor, mask: torch.Tensor, n_real: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,34 +291,40 @@ class Transformer(nn.Module):
         return torch.cat([F.linear(row, w) for row in h.float().split(1)]) if len(h) else h.new_zeros((0, len(w)))
 
 
+SPAN_STEP = 64  # the batch-invariant attention's spans: a query seeing n keys attends over ceil(n / 64) * 64
+
+
 @dataclass
-class _KeyPlan:
-    """Where each query of one cache row finds its keys in the batch-invariant attention."""
+class _KeyGroup:
+    """Queries of one cache row that attend over the same span in the batch-invariant attention."""
 
-    visible: torch.Tensor  # [T, span] bool: the first n_t keys of the packed span
-    gather: torch.Tensor | None  # [T, span] cache slots to pack (None: the keys already are the cache's prefix)
+    queries: torch.Tensor  # indices among the row's T queries
+    span: int
+    visible: torch.Tensor  # [n, span] bool: each query sees the first k of the packed keys
+    gather: torch.Tensor | None  # [n, span] cache slots to pack (None: the keys already are the cache's prefix)
 
-    @classmethod
-    def of(cls, mask: torch.Tensor, span: int, slots: int) -> _KeyPlan:
-        """From a row's mask [T, S] over cache slots."""
-        counts = mask.sum(-1)
-        first = torch.arange(span, device=mask.device)
-        visible = first[None, :] < counts[:, None]
-        seen = mask[:, :span] if mask.shape[-1] >= span else F.pad(mask, (0, span - mask.shape[-1]))
-        if bool((seen == visible).all()) and mask.shape[-1] <= span:
-            return cls(visible, None)
-        # stable sort puts each query's visible slots first, in slot order; the rest point at slot 0 (masked)
-        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :span]
+
+def key_groups(mask: torch.Tensor, slots: int) -> list[_KeyGroup]:
+    """Group a row's queries (mask [T, S] over cache slots) by span; the span depends only on how many keys a query
+    sees, so a token gets the same one whatever forward it is in."""
+    counts = mask.sum(-1)
+    spans = ((counts + SPAN_STEP - 1) // SPAN_STEP).clamp(min=1) * SPAN_STEP
+    groups = []
+    for span in spans.unique().tolist():
+        queries = (spans == span).nonzero().squeeze(1)
+        m, c = mask[queries], counts[queries]
+        visible = torch.arange(span, device=mask.device)[None, :] < c[:, None]
+        width = min(span, m.shape[-1])
+        prefix = bool((m[:, :width] == visible[:, :width]).all()) and not bool(m[:, width:].any()) and span <= slots
+        if prefix:
+            groups.append(_KeyGroup(queries, span, visible, None))
+            continue
+        # a stable sort puts each query's visible slots first, in slot order; the rest point at slot 0 (masked)
+        order = torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices[:, :span]
         order = torch.where(visible[:, : order.shape[-1]], order, torch.zeros_like(order))
         gather = F.pad(order, (0, span - order.shape[-1])) if order.shape[-1] < span else order
-        return cls(visible, gather.clamp(max=slots - 1))
-
-
-def _fit(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The first n entries of x [slots, ...], zero-padded when there are fewer."""
-    if x.shape[0] >= n:
-        return x[:n]
-    return torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
+        groups.append(_KeyGroup(queries, span, visible, gather))
+    return groups
 
 
 def _real_tokens(n_real: torch.Tensor, t: int) -> torch.Tensor | None:
