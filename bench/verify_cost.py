@@ -2,7 +2,7 @@
 
 Runs the verifier library in process (the same code Triton's model.py calls) so the numbers isolate
 the forward pass from transport.
-Usage (repo root): .venv/bin/python -m bench.verify_cost [--profile small] [--repeats 5]
+Usage (repo root): .venv/bin/python -m bench.verify_cost [--profile small] [--repeats 5] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -61,29 +61,37 @@ def main() -> None:
     parser.add_argument("--profile", default="small")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtypes", default="float32", help="target precisions measured side by side, e.g. "
+                        "float32,bfloat16 (bfloat16 runs the batch-invariant forward)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     arts = prepare("ml-100k", args.profile, progress=True)
-    verifier = TargetVerifier(arts.directory, max_sequences=16)
+    dtypes = args.dtypes.split(",")
+    verifiers = {d: TargetVerifier(arts.directory, max_sequences=16, dtype=d) for d in dtypes}
     rng = np.random.default_rng(0)
-    report: dict = {"profile": args.profile, "threads": args.threads, "tree_size_ms": {}, "batching": {}}
-    print(f"## Verify latency vs tree size ({args.profile} target, 1 sequence, median of {args.repeats})")
-    print("| nodes | ms | x one-token step |\n|---|---|---|")
-    base = None
+    report: dict = {"profile": args.profile, "threads": args.threads, "dtypes": dtypes, "tree_size_ms": {},
+                    "batching": {}}
+    print(f"## Verify latency vs tree size ({args.profile} target, 1 sequence, median of {args.repeats}; "
+          "dtypes interleaved per size)")
+    print("| nodes | " + " | ".join(f"{d} ms | x {d} step" for d in dtypes) + " |")
+    print("|---|" + "---|---|" * len(dtypes))
+    base: dict[str, float] = {}
     for n in SIZES:
-        ms = measure(verifier, arts, [1], n, args.repeats, True, rng)
-        base = base or ms
-        report["tree_size_ms"][n] = ms
-        print(f"| {n} | {ms:.2f} | {ms / base:.2f} |")
+        row = {d: measure(v, arts, [1], n, args.repeats, True, rng) for d, v in verifiers.items()}
+        for d, ms in row.items():
+            base.setdefault(d, ms)
+        report["tree_size_ms"][n] = row
+        print(f"| {n} | " + " | ".join(f"{ms:.2f} | {ms / base[d]:.2f}" for d, ms in row.items()) + " |")
     print("\n## Batched vs one-by-one (16-node trees)")
-    print("| sequences | batched ms | one-by-one ms | batched / one-by-one |\n|---|---|---|---|")
+    print("| dtype | sequences | batched ms | one-by-one ms | batched / one-by-one |\n|---|---|---|---|---|")
     for b in BATCHES:
         ids = list(range(1, b + 1))
-        batched = measure(verifier, arts, ids, 16, args.repeats, True, rng)
-        single = measure(verifier, arts, ids, 16, args.repeats, False, rng)
-        report["batching"][b] = {"batched_ms": batched, "one_by_one_ms": single}
-        print(f"| {b} | {batched:.2f} | {single:.2f} | {batched / single:.2f} |")
-    out = Path(__file__).parent / "results" / f"verify_cost-{date.today()}.json"
+        for d, verifier in verifiers.items():
+            batched = measure(verifier, arts, ids, 16, args.repeats, True, rng)
+            single = measure(verifier, arts, ids, 16, args.repeats, False, rng)
+            report["batching"].setdefault(d, {})[b] = {"batched_ms": batched, "one_by_one_ms": single}
+            print(f"| {d} | {b} | {batched:.2f} | {single:.2f} | {batched / single:.2f} |")
+    out = Path(__file__).parent / "results" / f"verify_cost-{args.profile}-{date.today()}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
 
