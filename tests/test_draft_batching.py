@@ -90,3 +90,25 @@ def test_a_forgotten_session_gives_its_row_back(drafter_dir, tiny_artifacts):
     del sessions
     gc.collect()
     assert drafter.pool.rows_in_use == 0
+
+
+def test_draft_ahead_never_grows_a_page_past_its_cap_and_empty_pages_shrink_back(drafter_dir, tiny_artifacts):
+    """Guesses drafted ahead for wide trees once grew every row of a page to thousands of slots for good (the draft
+    service reached 7.7 GB after a few loaded phases); now they fit a capped page, and an empty page shrinks."""
+    from specrec.drafting.model_drafter import AHEAD_PAGE_SLOTS
+
+    constraint = tiny_artifacts.constraint()
+    drafter = load_drafter("model", drafter_dir)
+    prompts = [tiny_artifacts.prompt(u) for u in eval_users(tiny_artifacts, 3)]
+    sessions = [drafter.open(p, constraint) for p in prompts]
+    page = sessions[0].page
+    first = page.cache.max_len
+    drafted = 0
+    for s in sessions:
+        s.draft(Budget(16, 64, 8))
+        drafted += s.prepare_ahead(guesses=8)
+        assert page.cache.max_len <= max(first, AHEAD_PAGE_SLOTS)
+    assert drafted, "draft-ahead must still draft within the cap"
+    for s in sessions:
+        s.close()
+    assert page.cache.max_len == drafter.pool.slots

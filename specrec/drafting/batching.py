@@ -33,12 +33,14 @@ class CachePage:
         self.free = list(range(rows))
         self.lock = threading.Lock()  # held by a forward over the page, and by growth
 
-    def ensure(self, slots: int) -> None:
+    def ensure(self, slots: int, ceiling: int | None = None) -> None:
+        """At least `slots` slots per row; grown by doubling (to amortise the copies), but not past `ceiling`."""
         with self.lock:
             old = self.cache
             if slots <= old.max_len:
                 return
-            grown = KVCache(self.args, self.rows, max(slots, 2 * old.max_len), device=self.device)
+            size = max(slots, min(2 * old.max_len, ceiling or 2 * old.max_len))
+            grown = KVCache(self.args, self.rows, size, device=self.device)
             grown.k[:, :, : old.max_len] = old.k
             grown.v[:, :, : old.max_len] = old.v
             grown.lengths = old.lengths  # the same list: sessions keep updating it
@@ -69,6 +71,13 @@ class CachePool:
             page.cache.lengths[row] = 0
             page.free.append(row)
             page.free.sort()  # low rows first: busy rows stay consecutive, so forwards read them as a view
+            # an empty page that grew goes back to its first size, so memory follows load; not blocking: a session's
+            # finalizer may run this inside a forward that holds the page's lock
+            if len(page.free) == page.rows and page.cache.max_len > self.slots and page.lock.acquire(blocking=False):
+                try:
+                    page.cache = KVCache(self.args, page.rows, self.slots, device=self.device)
+                finally:
+                    page.lock.release()
 
     @property
     def rows_in_use(self) -> int:

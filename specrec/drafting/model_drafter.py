@@ -38,6 +38,7 @@ MODEL_TYPE = "specrec_pad_drafter"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_DIR = "drafter"  # <artifacts>/drafter; variants live in <artifacts>/drafter-<variant>
+AHEAD_PAGE_SLOTS = 2048  # cache slots per row a page may grow to for trees drafted ahead (bench drafter: 4 KB each)
 
 
 @dataclass(frozen=True)
@@ -312,9 +313,9 @@ class ModelSession(DraftSession):
     def length(self) -> int:
         return self.cache.lengths[self.row]
 
-    def _ensure(self, slots: int) -> None:
+    def _ensure(self, slots: int, ceiling: int | None = None) -> None:
         """Grow the page (copying it) so that `slots` slots exist."""
-        self.page.ensure(slots)
+        self.page.ensure(slots, ceiling)
 
     def _keep_path(self, slots: list[int]) -> None:
         with self.page.lock:  # not while the page grows (the copy would miss the move)
@@ -379,8 +380,13 @@ class ModelSession(DraftSession):
         longest = max(len(p.path) for p in points) + 1
         # ahead slots start past where adopting a guess compacts its path to, so compaction never hits them
         start = max(self.scratch_top, self.ahead_top, self.length + longest)
-        bound = len(points) * (longest + 1) + n * scratch_bound(budget, self.per_item)
-        self._ensure(start + bound + 1)
+        tails, per_guess = len(points) * (longest + 1), scratch_bound(budget, self.per_item)
+        # guesses are a bet: they may use the page as it is, or grow it to AHEAD_PAGE_SLOTS, never further (every
+        # row of a page grows with it, and pages are not returned while sessions live on them)
+        n = min(n, (max(self.cache.max_len, AHEAD_PAGE_SLOTS) - start - tails - 1) // per_guess)
+        if n < 1:
+            return []
+        self._ensure(start + tails + n * per_guess + 1, AHEAD_PAGE_SLOTS)
         scratch = Scratch({self.row: start}, self.cache.max_len)
         pending = [self._pending(p, scratch) for p in points]
         tails = [q for q in pending if q.tail]
