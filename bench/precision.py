@@ -1,0 +1,164 @@
+"""The target in float32 vs bfloat16 (batch-invariant forward), two stacks side by side, plain and speculative.
+
+Both stacks run the same models and drafter; only SPECREC_TARGET_DTYPE differs. Every policy runs every user on
+both stacks one after the other (which stack goes first flips every repeat), so drift of a shared machine hits both
+alike. Reported per policy: mean latency on each stack, the bfloat16 / float32 ratio (pairwise median, same user
+and repeat, and on mean latency), speedup against float32 plain decoding (the baseline a user has without this
+option) and against bfloat16 plain decoding (what lossless means in bfloat16: every bfloat16 list must equal
+bfloat16 plain decoding's), per repeat. bfloat16 is a different rounding of the same model: how many users get a
+different list than in float32 is counted, not hidden.
+
+    python -m bench.precision --profile bench --users 12 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.speedup import RESULTS, git_rev, histories, machine, one
+from harness.stack import LocalStack, StackConfig
+from specrec.pipeline import prepare
+from specrec.v1 import recommend_pb2_grpc
+
+DTYPES = ("float32", "bfloat16")
+PLAIN = "off"
+
+
+def measure(stubs: dict, users, configs: list[tuple[str, str]], repeats: int, items: int) -> list[dict]:
+    records = []
+    for rep in range(repeats):
+        order = DTYPES if rep % 2 == 0 else DTYPES[::-1]
+        for pol, drafter in configs[rep % len(configs):] + configs[:rep % len(configs)]:
+            for u, h in users:
+                for dtype in order:
+                    r = one(stubs[dtype], h, pol, drafter, items, 60.0)
+                    records.append(r | {"user": u, "repeat": rep, "policy": pol, "drafter": drafter or "-",
+                                        "dtype": dtype})
+        print(f"[precision] repeat {rep} done", flush=True)
+    return records
+
+
+def _key(r: dict) -> tuple:
+    return r["user"], r["repeat"]
+
+
+def summarize(records: list[dict], configs: list[tuple[str, str]], repeats: int) -> list[dict]:
+    by = {(r["policy"], r["dtype"]): {} for r in records}
+    for r in records:
+        by[(r["policy"], r["dtype"])][_key(r)] = r
+    base32, base16 = by[(PLAIN, "float32")], by[(PLAIN, "bfloat16")]
+    rows = []
+    for pol, drafter in configs:
+        a, b = by[(pol, "float32")], by[(pol, "bfloat16")]
+        row = {"policy": pol, "drafter": drafter or "-", "per_repeat": []}
+        for rep in [None, *range(repeats)]:
+            keys = [k for k in a if rep is None or k[1] == rep]
+            lat = {d: [x[k]["latency_ms"] for k in keys] for d, x in (("float32", a), ("bfloat16", b))}
+            fig = {"mean_ms_float32": statistics.fmean(lat["float32"]),
+                   "mean_ms_bfloat16": statistics.fmean(lat["bfloat16"]),
+                   "bf16_vs_fp32_pairwise": statistics.median(a[k]["latency_ms"] / b[k]["latency_ms"] for k in keys),
+                   "bf16_vs_fp32_mean": statistics.fmean(lat["float32"]) / statistics.fmean(lat["bfloat16"]),
+                   "speedup_fp32_vs_fp32_plain": statistics.fmean(base32[k]["latency_ms"] for k in keys)
+                   / statistics.fmean(lat["float32"]),
+                   "speedup_bf16_vs_fp32_plain": statistics.fmean(base32[k]["latency_ms"] for k in keys)
+                   / statistics.fmean(lat["bfloat16"]),
+                   "speedup_bf16_vs_bf16_plain": statistics.fmean(base16[k]["latency_ms"] for k in keys)
+                   / statistics.fmean(lat["bfloat16"]),
+                   "tau_float32": sum(a[k]["committed"] for k in keys) / sum(a[k]["rounds"] for k in keys),
+                   "tau_bfloat16": sum(b[k]["committed"] for k in keys) / sum(b[k]["rounds"] for k in keys),
+                   "verify_ms_per_round_float32": sum(a[k]["verify_ms"] for k in keys)
+                   / sum(a[k]["rounds"] for k in keys),
+                   "verify_ms_per_round_bfloat16": sum(b[k]["verify_ms"] for k in keys)
+                   / sum(b[k]["rounds"] for k in keys),
+                   "mismatches_bfloat16": sum(b[k]["items"] != base16[k]["items"] for k in keys),
+                   "mismatches_float32": sum(a[k]["items"] != base32[k]["items"] for k in keys),
+                   "lists_differing_between_dtypes": sum(a[k]["items"] != b[k]["items"] for k in keys),
+                   "n": len(keys)}
+            if rep is None:
+                row.update(fig)
+            else:
+                row["per_repeat"].append(fig | {"repeat": rep})
+        rows.append(row)
+    return rows
+
+
+def report(res: dict) -> str:
+    m = res["machine"]
+    out = [f"# Target precision: float32 vs bfloat16 (batch-invariant) — {res['date']}", "",
+           f"- CPU: {m['cpu_model']}; load average at start {', '.join(f'{x:.2f}' for x in m['loadavg_start'])}",
+           f"- command: `{res['command']}`; code at `{res['git']}`",
+           f"- profile **{res['args']['profile']}**, {res['args']['users']} users x {res['args']['repeats']} "
+           "repeats, concurrency 1; two stacks side by side, each request on both stacks one after the other "
+           "(order flips every repeat); measurement wall time " f"{res['measure_s']:.0f} s", "",
+           "| policy | drafter | mean ms fp32 | mean ms bf16 | bf16 faster (pairwise median) | bf16 faster (mean) "
+           "| speedup vs fp32 plain: fp32 / bf16 | bf16 vs bf16 plain | tau fp32 / bf16 | verify ms per round "
+           "fp32 / bf16 | bf16 lists != bf16 plain | lists fp32 != bf16 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        out.append(f"| {r['policy']} | {r['drafter']} | {r['mean_ms_float32']:.1f} | {r['mean_ms_bfloat16']:.1f} | "
+                   f"{r['bf16_vs_fp32_pairwise']:.2f}x | {r['bf16_vs_fp32_mean']:.2f}x | "
+                   f"{r['speedup_fp32_vs_fp32_plain']:.2f}x / {r['speedup_bf16_vs_fp32_plain']:.2f}x | "
+                   f"{r['speedup_bf16_vs_bf16_plain']:.2f}x | {r['tau_float32']:.2f} / {r['tau_bfloat16']:.2f} | "
+                   f"{r['verify_ms_per_round_float32']:.1f} / {r['verify_ms_per_round_bfloat16']:.1f} | "
+                   f"{r['mismatches_bfloat16']} of {r['n']} | {r['lists_differing_between_dtypes']} of {r['n']} |")
+    out += ["", "Per repeat (bf16 faster pairwise / on mean; speedup vs fp32 plain fp32 / bf16):", ""]
+    for r in res["rows"]:
+        reps = "; ".join(f"repeat {p['repeat']}: {p['bf16_vs_fp32_pairwise']:.2f}x / {p['bf16_vs_fp32_mean']:.2f}x, "
+                         f"{p['speedup_fp32_vs_fp32_plain']:.2f}x / {p['speedup_bf16_vs_fp32_plain']:.2f}x"
+                         for p in r["per_repeat"])
+        out.append(f"- {r['policy']}/{r['drafter']}: {reps}")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="bench")
+    p.add_argument("--users", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--items", type=int, default=10)
+    p.add_argument("--configs", default="off/-,adaptive/model,chain:16/model,chain:8/model")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    configs = [(c.split("/")[0], "" if c.split("/")[1] == "-" else c.split("/")[1]) for c in a.configs.split(",")]
+    if configs[0][0] != PLAIN:
+        configs.insert(0, (PLAIN, ""))
+    arts = prepare("ml-100k", a.profile, train=False, progress=False)
+    users = histories(arts, a.users)
+    mach = machine()
+    stacks = {d: LocalStack(StackConfig(artifacts=arts.directory, policy="adaptive", drafter="model",
+                                        extra_env={"SPECREC_TARGET_DTYPE": d})) for d in DTYPES}
+    try:
+        for s in stacks.values():
+            s.start()
+        channels = {d: grpc.insecure_channel(s.orchestrator_addr) for d, s in stacks.items()}
+        stubs = {d: recommend_pb2_grpc.RecommenderServiceStub(c) for d, c in channels.items()}
+        measure(stubs, users[:2], configs, 1, a.items)  # warm-up, excluded
+        t0 = time.perf_counter()
+        records = measure(stubs, users, configs, a.repeats, a.items)
+        measure_s = time.perf_counter() - t0
+    finally:
+        for s in stacks.values():
+            s.stop()
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    res = {"date": date, "machine": mach, "git": git_rev(), "command": " ".join(["python -m bench.precision",
+                                                                                 *sys.argv[1:]]),
+           "args": {**vars(a), "out": str(a.out)}, "measure_s": measure_s,
+           "rows": summarize(records, configs, a.repeats), "records": records}
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = a.out / f"precision-{date}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(report(res))
+    print(report(res))
+    print(f"[precision] wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
