@@ -146,7 +146,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     # > 0: the batch-invariant forward (see `specrec.models.precision`): projections run in chunks of at most this
-    # many tokens, attention one query at a time over a fixed span, logits row by row in float32
+    # many tokens, attention one query at a time over a span set by its key count, logits row by row in float32
     invariant_rows = 0
 
     @property
