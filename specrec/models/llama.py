@@ -292,8 +292,8 @@ class Transformer(nn.Module):
         single-row product is the same computation whatever the batch, and bfloat16 logits would tie often)."""
         if not self.invariant_rows:
             return self.lm_head(h)
-        w = self.lm_head.weight.float()
-        return torch.cat([F.linear(row, w) for row in h.float().split(1)]) if len(h) else h.new_zeros((0, len(w)))
+        w = self.lm_head.weight  # float32: set_precision keeps it
+        return torch.cat([F.linear(row, w) for row in h.float().split(1)]) if len(h) else w.new_zeros((0, len(w)))
 
 
 MIN_ROWS = 8  # the batch-invariant forward pads projections to this many rows (see `_proj`)

@@ -10,10 +10,10 @@ token's logits come out bit for bit the same in a batch as alone.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from specrec.models.llama import KVCache, Transformer
+from specrec.models.steps import Block, build_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHUNK_ROWS = (32, 16, 8)  # projection chunk sizes tried, largest (fastest) first
@@ -68,19 +68,18 @@ def _chain_matches_steps(model: Transformer, rows: int) -> bool:
     """One forward over a chain longer than a chunk gives the same logits as feeding its tokens one at a time."""
     gen = torch.Generator().manual_seed(1)
     prefix, n = 7, rows + 3
-    tokens = torch.randint(0, model.args.vocab_size, (1, prefix + n), generator=gen)
+    tokens = torch.randint(0, model.args.vocab_size, (prefix + n,), generator=gen).tolist()
     caches = [model.new_cache(1, prefix + n + 1) for _ in range(2)]
     for cache in caches:
-        _feed(model, cache, tokens[:, :prefix], 0)
-    together = _feed(model, caches[0], tokens[:, prefix:], prefix)
-    alone = torch.cat([_feed(model, caches[1], tokens[:, prefix + j: prefix + j + 1], prefix + j)
-                       for j in range(n)], dim=1)
+        _feed(model, cache, tokens[:prefix])
+    together = _feed(model, caches[0], tokens[prefix:])
+    alone = torch.cat([_feed(model, caches[1], [tok]) for tok in tokens[prefix:]], dim=1)
     return torch.equal(together, alone)
 
 
-def _feed(model: Transformer, cache: KVCache, tokens: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits of a chain appended to a row that holds `start` tokens in slots 0..start-1."""
-    t = tokens.shape[1]
-    positions = torch.arange(start, start + t)[None]
-    mask = F.pad(torch.ones(t, t, dtype=torch.bool).tril(), (start, 0), value=True)[None]
-    return model(tokens, positions, cache, torch.tensor([0]), positions, mask)
+def _feed(model: Transformer, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+    """Logits of a chain appended to row 0 (then committed)."""
+    step = build_step(cache, [Block.chain(0, tokens)], cache.k.device)
+    logits = model(step.tokens, step.positions, cache, step.rows, step.slots, step.mask)
+    cache.lengths[0] += len(tokens)
+    return logits
