@@ -24,6 +24,7 @@ import grpc
 from orchestrator.backends import Backends
 from orchestrator.catalog import Catalog
 from orchestrator.draft_client import DraftClient, DraftLate, DraftSession, DraftUnavailable
+from specrec.decoding.beam import BeamRun, Expansion, beam_retrieve, draft_shape
 from specrec.speculation.engine import Emit, Proposal, RequestStats, Speculation, Verdict
 from specrec.speculation.policy import Budget, Policy
 from specrec.target_client import (
@@ -44,12 +45,13 @@ OPEN_TIMEOUT_FACTOR = 20  # an Open also prefills the drafter with the whole con
 class LoopOptions:
     n_items: int = 10
     exclude_history: bool = True
-    mode: str = "greedy"  # target verification mode: greedy | stochastic | relaxed
+    mode: str = "greedy"  # target verification mode: greedy | stochastic | relaxed | beam
     temperature: float = 1.0
     seed: int = 0
     max_nodes: int = 0  # cap on tree size, 0 = the policy's choice
     drafter: str = ""
     banned: tuple[int, ...] = ()  # item indices the request's filters rule out (grammar-enforced everywhere)
+    beam_width: int = 0  # beam mode (Retrieve): children the target answers per row
 
 
 class SpeculationLoop:
@@ -100,6 +102,32 @@ class SpeculationLoop:
             self.in_flight -= 1
         observer.observe_request(time.perf_counter() - t0, stats.rounds, stats.committed)
         return stats
+
+    async def retrieve(self, prompt: list[int], opts: LoopOptions, speculative: bool, tree_nodes: int = 0,
+                       metadata: tuple = ()) -> BeamRun:
+        """Top-`opts.n_items` items after `prompt` by beam search of `opts.beam_width` (mode "beam"); with
+        `speculative`, a tree from a draft pod rides along with the prefill. Raises TargetError."""
+        self.in_flight += 1
+        key_id = secrets.randbits(63) or 1
+        proposer = DraftStream(self, self.backends.draft(f"{key_id:016x}") if speculative else None, opts, metadata)
+        target = TritonSequence(self, key_id, opts, metadata)
+        constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned)
+        budget = Budget(*draft_shape(opts.beam_width, constraint.trie.depth, tree_nodes))
+
+        async def score(tokens: list[int], parents: list[int], start: bool) -> list[Expansion | None]:
+            return (await target.outcome(tokens, parents, prompt, start)).expansions
+
+        async def draft() -> tuple[list[int], list[int]] | None:
+            tree = await proposer.propose(prompt, [], budget)
+            return None if tree is None else (tree.tokens, tree.parents)
+
+        try:
+            with self.metrics.requests_in_flight.track_inprogress():
+                return await beam_retrieve(constraint, prompt, opts.beam_width, opts.n_items, score,
+                                           draft if proposer.available else None)
+        finally:
+            await asyncio.shield(asyncio.gather(proposer.close(), target.close()))
+            self.in_flight -= 1
 
 
 class DraftStream:
@@ -169,6 +197,11 @@ class TritonSequence:
 
     async def verify(self, tokens: list[int], parents: list[int], committed: Sequence[int],
                      start: bool) -> Verdict:
+        outcome = await self.outcome(tokens, parents, committed, start)
+        return Verdict(outcome.accepted_tokens, outcome.accepted_nodes, outcome.logprobs)
+
+    async def outcome(self, tokens: list[int], parents: list[int], committed: Sequence[int],
+                      start: bool) -> VerifyOutcome:
         """Verify on the request's Triton pod; if the pod is gone, move to the next one and rebuild there."""
         self.committed = committed
         if start:
@@ -204,12 +237,13 @@ class TritonSequence:
                                             grpc.StatusCode.UNAVAILABLE)
                 continue
             self.loop.metrics.set_target_live_sequences(outcome.live_sequences)
-            return Verdict(outcome.accepted_tokens, outcome.accepted_nodes, outcome.logprobs)
+            return outcome
         raise AssertionError("unreachable")
 
     async def _verify_on(self, target: TargetClient, tokens: list[int], parents: list[int],
                          start: bool) -> VerifyOutcome:
         kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
+                  beam_width=self.opts.beam_width,
                   n_items=self.opts.n_items, exclude_history=self.opts.exclude_history, banned=self.opts.banned,
                   timeout_s=self.loop.verify_timeout_s, headers=dict(sampled_metadata(self.metadata)) or None)
         context = list(self.committed)

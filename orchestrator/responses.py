@@ -25,6 +25,12 @@ def history_report(resolved: ResolvedHistory) -> pb.HistoryReport:
                             truncated_items=resolved.truncated, cold_start=resolved.cold_start)
 
 
+def item_message(catalog: Catalog, item: int, log_prob: float) -> pb.Item:
+    sids = catalog.sids
+    return pb.Item(item_id=sids.item_ids[item], title=sids.titles[item], semantic_id=[int(c) for c in sids.codes[item]],
+                   log_prob=log_prob)
+
+
 class ItemEmitter:
     """Turns committed tokens into items: an item is out once its SEP is committed."""
 
@@ -40,10 +46,7 @@ class ItemEmitter:
             if tok == SEP:
                 item = self.catalog.item_of(self.partial)
                 if item is not None:
-                    sids = self.catalog.sids
-                    items.append(pb.Item(item_id=sids.item_ids[item], title=sids.titles[item],
-                                         semantic_id=[int(c) for c in sids.codes[item]],
-                                         log_prob=self.partial_logprob))
+                    items.append(item_message(self.catalog, item, self.partial_logprob))
                 self.partial, self.partial_logprob = [], 0.0
             else:
                 self.partial.append(tok)

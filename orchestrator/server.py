@@ -8,8 +8,9 @@ import math
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,8 +25,9 @@ from orchestrator.draft_client import DraftClient
 from orchestrator.errors import RETRY_AFTER_MS, Refusal, RequestInvalid, abort_refused
 from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.request_ids import bind, request_id_of
-from orchestrator.responses import ItemEmitter, history_report, stats_message, user_error
+from orchestrator.responses import ItemEmitter, history_report, item_message, stats_message, user_error
 from orchestrator.routing import DRAFT, TARGET, Router
+from specrec.decoding.beam import MAX_BEAM_WIDTH
 from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
@@ -45,6 +47,7 @@ from specrec.telemetry import (
     shutdown_tracing,
     start_metrics_server,
 )
+from specrec.tree_shape import MAX_TREE_NODES
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
 
@@ -139,9 +142,10 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         resolved = self.catalog.prompt(list(request.history), self.config.max_history, request.strict_history)
         return resolved.prompt, history_report(resolved)
 
-    def _plan(self, request) -> Plan:
-        """The request checked and turned into a plan; a Refusal (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED at the
-        in-flight cap) otherwise. Binds the request's id to the logs and the current span."""
+    def _plan(self, request, check: Callable[[Any, str], Plan] | None = None) -> Plan:
+        """The request checked (by `check`, default `_checked`) and turned into a plan; a Refusal
+        (INVALID_ARGUMENT, or RESOURCE_EXHAUSTED at the in-flight cap) otherwise. Binds the request's id to the
+        logs and the current span."""
         try:
             request_id = request_id_of(request.request_id)
         except RequestInvalid as e:
@@ -152,7 +156,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             raise refusal from None
         bind(request_id)
         try:
-            return self._checked(request, request_id)
+            return (check or self._checked)(request, request_id)
         except Refusal as refusal:
             refusal.request_id = request_id
             log.info("refused: %s", refusal)
@@ -171,10 +175,69 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                                   "filters" if opts.banned else "num_items") from None
         except ValueError as e:  # RequestInvalid and the grammar's ConstraintError (a bad prompt)
             raise Refusal.invalid(e, prompt_field) from None
+        self._admit()
+        return Plan(request_id, prompt, opts, policy, history, filters)
+
+    def _admit(self) -> None:
         if self.loop.in_flight >= self.config.max_in_flight:
             raise Refusal.overloaded(f"{self.loop.in_flight} requests in flight, the cap; retry after "
                                      f"~{RETRY_AFTER_MS} ms", RETRY_AFTER_MS)
-        return Plan(request_id, prompt, opts, policy, history, filters)
+
+    def _retrieve_options(self, request: pb.RetrieveRequest) -> LoopOptions:
+        k = request.k or 10
+        if not 1 <= k <= MAX_BEAM_WIDTH:
+            raise RequestInvalid(f"k = {k} is out of range 1..{MAX_BEAM_WIDTH}", "k")
+        width = request.beam_width or k
+        if not k <= width <= MAX_BEAM_WIDTH:
+            raise RequestInvalid(f"beam_width = {width} must be in k..{MAX_BEAM_WIDTH} (k = {k}; 0 takes k)",
+                                 "beam_width")
+        if not 0 <= request.max_tree_nodes <= MAX_TREE_NODES:
+            raise RequestInvalid(f"max_tree_nodes = {request.max_tree_nodes} is out of range 0..{MAX_TREE_NODES}",
+                                 "max_tree_nodes")
+        if request.drafter and not DRAFTER_NAME.fullmatch(request.drafter):
+            raise RequestInvalid(f"drafter = {request.drafter!r} is not a drafter: use model, retrieval or hybrid, "
+                                 "or leave it empty", "drafter")
+        return LoopOptions(n_items=k, exclude_history=not request.include_history, mode="beam",
+                           drafter=request.drafter or self.config.drafter, beam_width=width)
+
+    def _checked_retrieve(self, request: pb.RetrieveRequest, request_id: str) -> Plan:
+        opts = LoopOptions()
+        try:
+            opts = self._retrieve_options(request)
+            filters = self._filters(request, opts)
+            prompt, history = self._prompt(request)
+            self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned).start(prompt)
+            self.catalog.check_fits(prompt, 1)
+        except TooFewItems as e:
+            raise Refusal.invalid(ValueError(f"{e}: relax the filters or ask for a smaller k"),
+                                  "filters" if opts.banned else "k") from None
+        except ValueError as e:
+            raise Refusal.invalid(e, "history") from None
+        self._admit()
+        return Plan(request_id, prompt, opts, self.policies.get("off", opts.drafter, "greedy"), history, filters)
+
+    async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.RetrieveResponse:
+        try:
+            plan = self._plan(request, self._checked_retrieve)
+            try:
+                run = await self.loop.retrieve(plan.prompt, plan.opts, not request.plain, request.max_tree_nodes)
+            except TargetError as e:
+                refusal = target_refusal(e)
+                refusal.request_id = plan.request_id
+                log.warning("target failed: %s", e)
+                raise refusal from None
+        except Refusal as refusal:
+            await abort_refused(context, refusal)
+        s = run.stats
+        log.info("retrieved %d items: %d rounds, %d tree nodes, %.1f ms", len(run.results), s.rounds, s.tree_nodes,
+                 s.total_s * 1e3)
+        return pb.RetrieveResponse(
+            items=[item_message(self.catalog, r.item, r.score) for r in run.results],
+            stats=pb.RetrieveStats(rounds=s.rounds, tree_nodes=s.tree_nodes, drafted_nodes=s.drafted,
+                                   draft_ms=s.draft_s * 1e3, verify_ms=s.score_s * 1e3, total_ms=s.total_s * 1e3),
+            request_id=plan.request_id, history=plan.history, filters=plan.filters,
+            model_version=self.catalog.version, trace_id=current_trace_id())
 
     async def _generate(self, plan: Plan, emit: Emit) -> RequestStats:
         """Run the plan; a Refusal (with the request's id) when the target refuses or fails."""

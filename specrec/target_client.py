@@ -11,15 +11,17 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from specrec.decoding.beam import Expansion, unpack_expansions
 from specrec.security import TlsConfig
 from specrec.semantic_ids.vocab import BOS, REC
 
 MODEL_NAME = "specrec_target"
-MODES = ("greedy", "stochastic", "relaxed")
+MODES = ("greedy", "stochastic", "relaxed", "beam")
 # tritonclient sends the correlation id as an int64 request parameter.
 MAX_SEQUENCE_ID = 2**63 - 1
 PROBE_SEQUENCES = 2**61  # version probes use ids in [2**61, 2**62): requests draw 63-bit random ids
-OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES", "MODEL_VERSION", "ACCEPTED_LOGPROBS")
+OUTPUTS = ("ACCEPTED_TOKENS", "ACCEPTED_NODES", "DONE", "LIVE_SEQUENCES", "MODEL_VERSION", "ACCEPTED_LOGPROBS",
+           "BEAM_TOKENS", "BEAM_LOGPROBS")
 # Busy, not down: Triton's queue is full, or model.py's live-sequence cap is reached (it
 # answers UNAVAILABLE, the only nearby code the Python backend has, with this prefix). Both
 # arrive as UNAVAILABLE, which clients retry at once: mapped to TargetOverloaded instead.
@@ -43,6 +45,7 @@ class VerifyOutcome:
     model_version:   the identity of the artifacts the target serves (specrec.model_identity).
     logprobs:        per accepted token, the target's log-probability of it (the grammar-constrained
                      distribution at temperature 1).
+    expansions:      beam mode: per row (the root, then each tree node) the target's best children.
     """
 
     accepted_tokens: list[int]
@@ -51,6 +54,7 @@ class VerifyOutcome:
     live_sequences: int
     model_version: str = ""
     logprobs: list[float] = field(default_factory=list)
+    expansions: list[Expansion | None] = field(default_factory=list)
 
 
 class TargetError(Exception):
@@ -118,13 +122,14 @@ class TargetClient:
         exclude_history: bool = True,
         banned: Sequence[int] = (),
         draft_probs: np.ndarray | None = None,
+        beam_width: int = 0,
         timeout_s: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> VerifyOutcome:
         """Verify one tree (parents: -1 = child of the root); an empty tree asks for the next token.
 
         `context` (all committed tokens) is required with `start` and after the target lost the
-        sequence; `draft_probs` [n_tree + 1, vocab] only in stochastic mode. `n_items`,
+        sequence; `draft_probs` [n_tree + 1, vocab] only in stochastic mode; `beam_width` in beam mode. `n_items`,
         `exclude_history` and `banned` (item indices no list may hold) are read at START only.
         """
         _check_request(self.url, sequence_id, tree_tokens, tree_parents, mode)
@@ -142,6 +147,8 @@ class TargetClient:
             "relaxed_top_k": int(relaxed_top_k),
             "relaxed_min_prob": str(float(relaxed_min_prob)),
         }
+        if mode == "beam":
+            params["beam_width"] = int(beam_width)
         start_params = {"n_items": int(n_items), "exclude_history": bool(exclude_history)}
         if start:
             params.update(start_params)
@@ -154,7 +161,7 @@ class TargetClient:
             # model rebuilds its state from CONTEXT. The deadline applies to each attempt.
             params.update(start_params)
             result = await self._infer(sequence_id, inputs, True, end, params, timeout_s, headers)
-        return _outcome(result)
+        return _outcome(result, len(tree_tokens) + 1)
 
     async def model_version(self) -> str:
         """The identity of the artifacts this target serves, from a throwaway sequence: START on a two-token
@@ -264,9 +271,11 @@ def _tensor(name: str, values: np.ndarray, dtype: str) -> grpcclient.InferInput:
     return tensor
 
 
-def _outcome(result: grpcclient.InferResult) -> VerifyOutcome:
+def _outcome(result: grpcclient.InferResult, n_rows: int) -> VerifyOutcome:
     def row(name: str) -> np.ndarray:
         return result.as_numpy(name).reshape(-1)
+
+    beam_tokens = row("BEAM_TOKENS")
 
     return VerifyOutcome(
         accepted_tokens=row("ACCEPTED_TOKENS").tolist(),
@@ -275,6 +284,7 @@ def _outcome(result: grpcclient.InferResult) -> VerifyOutcome:
         live_sequences=int(row("LIVE_SEQUENCES")[0]),
         model_version=_text(row("MODEL_VERSION")[0]),
         logprobs=row("ACCEPTED_LOGPROBS").tolist(),
+        expansions=unpack_expansions(beam_tokens, row("BEAM_LOGPROBS"), n_rows) if len(beam_tokens) else [],
     )
 
 

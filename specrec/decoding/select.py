@@ -32,3 +32,14 @@ def constrained_logprob(logits: torch.Tensor, allowed: np.ndarray, token: int) -
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_children(logits: torch.Tensor, allowed: np.ndarray, width: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The `width` allowed tokens of highest log-probability (as constrained_logprob scores them), best first,
+    lower token first on ties: one beam's expansion."""
+    idx = torch.as_tensor(allowed, dtype=torch.long)
+    if len(idx) == 1:
+        return (int(idx[0]),), (0.0,)
+    logp = torch.log_softmax(logits[idx].double(), dim=-1)
+    order = torch.sort(logp, descending=True, stable=True).indices[:width]  # allowed is sorted: ties keep token order
+    return tuple(int(t) for t in idx[order]), tuple(float(v) for v in logp[order])

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 
+from specrec.decoding.beam import BeamRun, Expansion, beam_retrieve, draft_shape
 from specrec.drafting.base import Budget as DraftBudget
 from specrec.drafting.base import Drafter, DraftSession
 from specrec.semantic_ids.constraint import ListConstraint
@@ -94,3 +95,35 @@ def speculate(prompt: list[int], constraint: ListConstraint, policy: Policy, tar
     finally:
         verifier.close()
     return out, stats
+
+
+def retrieve(prompt: list[int], constraint: ListConstraint, width: int, target: TargetVerifier,
+             drafter: Drafter | None = None, tree_nodes: int = 0) -> BeamRun:
+    """Top-`constraint.n_items` items after `prompt` by beam search of `width` in this process: plain without a
+    drafter, speculative with one (a tree of `tree_nodes`, 0 = draft_shape's default)."""
+    sequence_id = next(_SEQUENCE_IDS)
+    params = AcceptParams(mode="beam", beam_width=width)
+
+    async def score(tokens: list[int], parents: list[int], start: bool) -> list[Expansion | None]:
+        req = VerifyRequest(sequence_id, tokens, parents, context=list(prompt) if start else None, start=start,
+                            params=params, n_items=constraint.n_items, exclude_history=constraint.exclude_history,
+                            banned=list(constraint.banned))
+        result = target.verify_batch([req])[0]
+        if isinstance(result, VerifyError):
+            raise result
+        return result.expansions
+
+    async def draft() -> tuple[list[int], list[int]] | None:
+        assert drafter is not None
+        session = drafter.open(list(prompt), constraint)
+        try:
+            tree = session.draft(DraftBudget(*draft_shape(width, constraint.trie.depth, tree_nodes)))
+        finally:
+            session.close()
+        return list(tree.tokens), list(tree.parents)
+
+    try:
+        return asyncio.run(beam_retrieve(constraint, prompt, width, constraint.n_items, score,
+                                         draft if drafter is not None else None))
+    finally:
+        target.end(sequence_id)

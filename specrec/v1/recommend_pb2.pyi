@@ -220,3 +220,61 @@ class GenerateResponse(_message.Message):
     log_probs: _containers.RepeatedScalarFieldContainer[float]
     model_version: str
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., request_id: _Optional[str] = ..., log_probs: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("history", "k", "beam_width", "plain", "max_tree_nodes", "drafter", "include_history", "request_id", "strict_history", "filters")
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STRICT_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    history: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    beam_width: int
+    plain: bool
+    max_tree_nodes: int
+    drafter: str
+    include_history: bool
+    request_id: str
+    strict_history: bool
+    filters: ItemFilters
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., beam_width: _Optional[int] = ..., plain: _Optional[bool] = ..., max_tree_nodes: _Optional[int] = ..., drafter: _Optional[str] = ..., include_history: _Optional[bool] = ..., request_id: _Optional[str] = ..., strict_history: _Optional[bool] = ..., filters: _Optional[_Union[ItemFilters, _Mapping]] = ...) -> None: ...
+
+class RetrieveStats(_message.Message):
+    __slots__ = ("rounds", "tree_nodes", "drafted_nodes", "draft_ms", "verify_ms", "total_ms")
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_NODES_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    rounds: int
+    tree_nodes: int
+    drafted_nodes: int
+    draft_ms: float
+    verify_ms: float
+    total_ms: float
+    def __init__(self, rounds: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., drafted_nodes: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class RetrieveResponse(_message.Message):
+    __slots__ = ("items", "stats", "request_id", "history", "filters", "model_version", "trace_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    stats: RetrieveStats
+    request_id: str
+    history: HistoryReport
+    filters: FilterReport
+    model_version: str
+    trace_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., stats: _Optional[_Union[RetrieveStats, _Mapping]] = ..., request_id: _Optional[str] = ..., history: _Optional[_Union[HistoryReport, _Mapping]] = ..., filters: _Optional[_Union[FilterReport, _Mapping]] = ..., model_version: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...

@@ -56,6 +56,11 @@ class RecommenderServiceStub:
                 request_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.SerializeToString,
                 response_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchResponse.FromString,
                 _registered_method=True)
+        self.Retrieve = channel.unary_unary(
+                '/specrec.v1.RecommenderService/Retrieve',
+                request_serializer=specrec_dot_v1_dot_recommend__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=specrec_dot_v1_dot_recommend__pb2.RetrieveResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -93,6 +98,15 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Retrieve(self, request, context):
+        """Top-K retrieval: the k items beam search over the target ranks best after the history, best first, with
+        their scores. Speculative by default: a drafted tree rides along with the prompt's prefill, and every beam
+        level it covers needs no target forward of its own; the items and scores are plain beam search's either way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +129,11 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.RecommendBatch,
                     request_deserializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.FromString,
                     response_serializer=specrec_dot_v1_dot_recommend__pb2.RecommendBatchResponse.SerializeToString,
+            ),
+            'Retrieve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retrieve,
+                    request_deserializer=specrec_dot_v1_dot_recommend__pb2.RetrieveRequest.FromString,
+                    response_serializer=specrec_dot_v1_dot_recommend__pb2.RetrieveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +246,33 @@ class RecommenderService:
             '/specrec.v1.RecommenderService/RecommendBatch',
             specrec_dot_v1_dot_recommend__pb2.RecommendBatchRequest.SerializeToString,
             specrec_dot_v1_dot_recommend__pb2.RecommendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specrec.v1.RecommenderService/Retrieve',
+            specrec_dot_v1_dot_recommend__pb2.RetrieveRequest.SerializeToString,
+            specrec_dot_v1_dot_recommend__pb2.RetrieveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specrec.decoding.select import constrained_logprob
+from specrec.decoding.beam import MAX_BEAM_WIDTH, Expansion
+from specrec.decoding.select import constrained_logprob, top_children
 from specrec.models.llama import Transformer
 from specrec.models.precision import parse_dtype, set_precision
 from specrec.models.steps import Block, build_step
@@ -62,6 +63,7 @@ class VerifyResult:
     done: bool
     live_sequences: int
     logprobs: list[float] = field(default_factory=list)  # per accepted token: the target's score (committed_logprobs)
+    expansions: list[Expansion | None] = field(default_factory=list)  # beam mode: per row (root, then each node)
 
 
 @dataclass
@@ -245,8 +247,24 @@ class TargetVerifier:
         step = build_step(self.cache, blocks, self.device)
         # token-packed: a plain step batched with a large tree, or with a prefill, costs its own tokens only
         logits = self.model(step.tokens, step.positions, self.cache, step.rows, step.slots, step.mask, step.n_real)
-        return [self._commit(p, logits[b, len(p.seq.pending) - 1: len(p.seq.pending) + len(p.req.tree_tokens)])
+        rows = [logits[b, len(p.seq.pending) - 1: len(p.seq.pending) + len(p.req.tree_tokens)]
                 for b, p in enumerate(batch)]
+        return [self._expand(p, r) if p.req.params.mode == "beam" else self._commit(p, r)
+                for p, r in zip(batch, rows, strict=True)]
+
+    def _expand(self, p: _Prepared, logits: torch.Tensor) -> VerifyResult:
+        """Beam mode: every row's best children; nothing is committed. The cache keeps the context but its last
+        token, which stays pending: every tree hangs off it and row 0 (the root's expansion) is always answered."""
+        seq, width = p.seq, p.req.params.beam_width
+        base = self.cache.lengths[seq.row]
+        self.cache.keep_path(seq.row, [base + i for i in range(len(seq.pending) - 1)])
+        seq.pending = seq.pending[-1:]
+        seq.last_used = time.monotonic()
+        self.sequences.move_to_end(p.req.sequence_id)
+        rows = logits.float().cpu()
+        expansions = [None if ok is None or not len(ok) else Expansion(*top_children(rows[r], ok, width))
+                      for r, ok in enumerate(p.allowed)]
+        return VerifyResult([], [], False, self.live_sequences, expansions=expansions)
 
     def _commit(self, p: _Prepared, logits: torch.Tensor) -> VerifyResult:
         seq, req = p.seq, p.req
@@ -297,5 +315,7 @@ def _check_params(params: AcceptParams) -> None:
         problem = f"relaxed_min_prob must be in 0..1, got {params.relaxed_min_prob}"
     elif params.draft_children not in DRAFT_CHILDREN:
         problem = f"draft_children {params.draft_children!r} unknown; use one of {', '.join(DRAFT_CHILDREN)}"
+    elif params.mode == "beam" and not 1 <= params.beam_width <= MAX_BEAM_WIDTH:
+        problem = f"beam_width must be in 1..{MAX_BEAM_WIDTH} in beam mode, got {params.beam_width}"
     if problem:
         raise VerifyError("INVALID_ARGUMENT", problem)

@@ -17,6 +17,8 @@ Modes:
   tests/test_verify_exact.py computes both rules' exact output distributions.)
 - relaxed (DARE, lossy): accept a child whose token is in the target's top-k with P >= min_prob
   (else only the argmax counts); the longest such branch wins; bonus = argmax.
+- beam: nothing is accepted; the target answers every row's `beam_width` best children (specrec.decoding.beam)
+  and keeps only the context: top-K retrieval by (speculative) beam search.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from specrec.decoding.select import constrained_argmax, constrained_probs, sample
 
-MODES = ("greedy", "stochastic", "relaxed")
+MODES = ("greedy", "stochastic", "relaxed", "beam")
 DRAFT_CHILDREN = ("top_k", "sampled")  # how a tree's children were chosen: the stochastic rule depends on it
 NO_BONUS = -1  # the accepted path ended the list (EOS): nothing follows
 
@@ -41,6 +43,7 @@ class AcceptParams:
     relaxed_top_k: int = 2
     relaxed_min_prob: float = 0.1
     draft_children: str = "top_k"
+    beam_width: int = 0  # beam mode: children answered per row, 1..MAX_BEAM_WIDTH
 
 
 class Draws(Protocol):

@@ -11,9 +11,9 @@ verified in ONE forward pass. Inputs (batch dim implicit, one row per request):
     DRAFT_PROBS   FP32  [-1]  optional, stochastic mode; [n_tree + 1, vocab] flattened row-major
     BANNED_ITEMS  INT64 [-1]  optional, with CONTEXT; item indices no list may hold (the request's filters)
 
-Request parameters (JSON): mode (greedy | stochastic | relaxed), temperature, seed, relaxed_top_k,
-relaxed_min_prob, draft_children (top_k | sampled: how the tree's children were drafted; stochastic mode
-applies the matching rule, and DRAFT_PROBS are used only for sampled children), n_items and
+Request parameters (JSON): mode (greedy | stochastic | relaxed | beam), beam_width (beam mode), temperature,
+seed, relaxed_top_k, relaxed_min_prob, draft_children (top_k | sampled: how the tree's children were drafted;
+stochastic mode applies the matching rule, and DRAFT_PROBS are used only for sampled children), n_items and
 exclude_history (read when the sequence starts or is rebuilt).
 
 Outputs:
@@ -23,6 +23,9 @@ Outputs:
     LIVE_SEQUENCES  INT64 [1]   sequences this instance holds state for, after this request
     MODEL_VERSION   BYTES [1]   the identity of the artifacts served (specrec.model_identity)
     ACCEPTED_LOGPROBS FP64 [-1] per accepted token: log P under the grammar-constrained distribution at T = 1
+    BEAM_TOKENS     INT64 [-1]  beam mode: per row (root, then each node) its beam_width best children,
+                                (nodes + 1) x beam_width flattened, -1 where there are fewer (else empty)
+    BEAM_LOGPROBS   FP64  [-1]  beam mode: their log-probabilities, as ACCEPTED_LOGPROBS scores tokens
 
 A bad request gets an error response (INVALID_ARG, or UNAVAILABLE prefixed "RESOURCE_EXHAUSTED:"
 when the live-sequence cap is reached) and changes no state, except that a bad END still ends its
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from specrec.decoding.beam import pack_expansions
 from specrec.model_identity import artifact_version
 from specrec.models.precision import PrecisionError
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
@@ -102,9 +106,9 @@ class TritonPythonModel:
             for _, req in parsed:
                 if req.end:
                     self.verifier.end(req.sequence_id)
-        for (i, _), res in zip(parsed, results, strict=True):
+        for (i, req), res in zip(parsed, results, strict=True):
             responses[i] = _error(res) if isinstance(res, VerifyError) else pb_utils.InferenceResponse(
-                output_tensors=_outputs(res, self.version))
+                output_tensors=_outputs(res, self.version, req.params.beam_width if res.expansions else 0))
         return responses
 
     def _end_if_flagged(self, request):
@@ -122,7 +126,8 @@ class TritonPythonModel:
                               temperature=_number(params, "temperature", float, 1.0),
                               relaxed_top_k=_number(params, "relaxed_top_k", int, 2),
                               relaxed_min_prob=_number(params, "relaxed_min_prob", float, 0.1),
-                              draft_children=str(params.get("draft_children", "top_k")))
+                              draft_children=str(params.get("draft_children", "top_k")),
+                              beam_width=_number(params, "beam_width", int, 0))
         seed, n_items = _number(params, "seed", int, 0), _number(params, "n_items", int, 10)
         exclude = str(params.get("exclude_history", True)).lower() not in ("false", "0")
         sequence_id = request.correlation_id()
@@ -186,8 +191,11 @@ def _error(e):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(prefix + str(e), code))
 
 
-def _outputs(res, version):
+def _outputs(res, version, width):
+    tokens, logprobs = pack_expansions(res.expansions, width)
     return [
+        pb_utils.Tensor("BEAM_TOKENS", tokens.reshape(1, -1)),
+        pb_utils.Tensor("BEAM_LOGPROBS", logprobs.reshape(1, -1)),
         pb_utils.Tensor("ACCEPTED_TOKENS", np.asarray(res.accepted_tokens, dtype=np.int64).reshape(1, -1)),
         pb_utils.Tensor("ACCEPTED_NODES", np.asarray(res.accepted_nodes, dtype=np.int64).reshape(1, -1)),
         pb_utils.Tensor("DONE", np.array([[res.done]], dtype=np.bool_)),

@@ -1,0 +1,211 @@
+"""Beam search over one item's semantic ID (top-K retrieval), and the bookkeeping that lets one drafted tree
+answer several beam steps in a single target forward while committing exactly what plain beam search commits.
+
+Beam search needs, at each level, the target's top children of every beam (an *expansion*: the `width` best
+tokens the grammar allows there, with their log-probabilities). Plain beam search gets them one level per target
+forward. A drafted tree lets the target expand nodes *before* they become beams: when the next level's beams are
+all among the tree's nodes, their expansions are already known and the search moves on without a forward.
+Expansions are a function of the node's path only, so the committed beams and scores are plain beam search's
+whatever the tree held; a good tree only saves forwards.
+
+KV design: the target caches the prompt once (the sequence's START prefill); every later forward sends a tree
+that hangs off the prompt and holds the needed beams' whole paths (items are a few tokens deep, so recomputing
+their ancestors costs a few rows) and keeps none of it. Beams are never rows of their own: B beams cost B tree
+nodes, not B cache rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from specrec.semantic_ids.constraint import ListConstraint, ListState
+from specrec.tree_shape import MAX_TREE_NODES
+
+MAX_BEAM_WIDTH = 64
+Path = tuple[int, ...]  # tokens of a node below the retrieval root (the prompt's last token)
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """The target's best children of one node, best first (ties: lower token first)."""
+
+    tokens: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    item: int
+    tokens: tuple[int, ...]  # the item's semantic-ID tokens
+    score: float  # sum of the target's log-probabilities of its tokens (grammar-constrained, T = 1)
+
+
+@dataclass
+class BeamStats:
+    rounds: int = 0  # target forwards (the first one is the prompt's prefill)
+    tree_nodes: int = 0  # nodes the target scored, over all rounds
+    drafted: int = 0  # nodes of the drafted tree
+    levels_per_round: list[int] = field(default_factory=list)  # beam steps each forward let the search take
+    draft_s: float = 0.0
+    score_s: float = 0.0
+    total_s: float = 0.0
+
+
+class BeamSearch:
+    """One retrieval's beams. `learn` what a forward computed, `advance` as far as the known expansions allow,
+    `next_tree` for what is still missing; `done` once the beams are whole items."""
+
+    def __init__(self, constraint: ListConstraint, prompt: Sequence[int], width: int, k: int):
+        if not 1 <= width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"beam width must be in 1..{MAX_BEAM_WIDTH}, got {width}")
+        if not 1 <= k <= width:
+            raise ValueError(f"k must be in 1..beam width ({width}), got {k}")
+        self.constraint, self.width, self.k = constraint, width, k
+        self.root = constraint.start(list(prompt))
+        self.beams: list[tuple[Path, float, ListState]] = [((), 0.0, self.root)]
+        self.known: dict[Path, Expansion] = {}
+        self.level = 0
+
+    @property
+    def done(self) -> bool:
+        return self.level == self.constraint.trie.depth
+
+    def learn(self, tokens: Sequence[int], parents: Sequence[int], rows: Sequence[Expansion | None]) -> None:
+        """Expansions of one forward: rows[0] at the root, rows[i + 1] at tree node i (None: nothing allowed)."""
+        paths: list[Path] = []
+        for tok, par in zip(tokens, parents, strict=True):
+            paths.append((paths[par] if par >= 0 else ()) + (int(tok),))
+        for path, row in zip([()] + paths, rows, strict=True):
+            if row is not None:
+                self.known.setdefault(path, row)
+
+    def advance(self) -> int:
+        """Take every beam step the known expansions allow; returns how many."""
+        taken = 0
+        while not self.done and not self.missing():
+            candidates = [(score + lp, path + (tok,), state)
+                          for path, score, state in self.beams
+                          for tok, lp in zip(self.known[path].tokens, self.known[path].logprobs, strict=True)]
+            candidates.sort(key=lambda c: (-c[0], c[1]))
+            self.beams = [(path, score, self._step(state, path[-1])) for score, path, state in candidates[:self.width]]
+            self.level += 1
+            taken += 1
+        return taken
+
+    def _step(self, state: ListState, token: int) -> ListState:
+        nxt = self.constraint.advance(state, token)
+        assert nxt is not None, "expansions hold only tokens the grammar allows"
+        return nxt
+
+    def missing(self) -> list[Path]:
+        """Beams whose expansion no forward has given yet; a node the grammar forces expands without one."""
+        out = []
+        for path, _score, state in self.beams:
+            if path in self.known:
+                continue
+            forced = self.constraint.forced(state)
+            if forced is not None:
+                self.known[path] = Expansion((forced,), (0.0,))
+            else:
+                out.append(path)
+        return out
+
+    def next_tree(self, max_nodes: int = MAX_TREE_NODES) -> tuple[list[int], list[int]]:
+        """A tree holding the paths of as many missing beams as fit in max_nodes (at least one)."""
+        index: dict[Path, int] = {}
+        tokens: list[int] = []
+        parents: list[int] = []
+        for path in self.missing():
+            new = [p for p in (path[:d] for d in range(1, len(path) + 1)) if p not in index]
+            if tokens and len(tokens) + len(new) > max_nodes:
+                break
+            for p in new:
+                index[p] = len(tokens)
+                tokens.append(p[-1])
+                parents.append(index[p[:-1]] if len(p) > 1 else -1)
+        return tokens, parents
+
+    def results(self) -> list[Retrieved]:
+        assert self.done
+        trie = self.constraint.trie
+        return [Retrieved(trie.item_at(state.node), path, score) for path, score, state in self.beams[:self.k]]
+
+
+def pack_expansions(rows: Sequence[Expansion | None], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expansions as two flat arrays of len(rows) x width (token -1: no child there), for the wire."""
+    tokens = np.full((len(rows), width), -1, dtype=np.int64)
+    logprobs = np.zeros((len(rows), width), dtype=np.float64)
+    for r, row in enumerate(rows):
+        if row is not None:
+            tokens[r, :len(row.tokens)] = row.tokens
+            logprobs[r, :len(row.tokens)] = row.logprobs
+    return tokens.reshape(-1), logprobs.reshape(-1)
+
+
+def unpack_expansions(tokens: np.ndarray, logprobs: np.ndarray, n_rows: int) -> list[Expansion | None]:
+    """pack_expansions undone: n_rows = tree nodes + 1."""
+    if n_rows < 1 or len(tokens) % n_rows or len(tokens) != len(logprobs):
+        raise ValueError(f"{len(tokens)} beam tokens and {len(logprobs)} log-probabilities do not make {n_rows} rows")
+    out: list[Expansion | None] = []
+    for toks, lps in zip(tokens.reshape(n_rows, -1), logprobs.reshape(n_rows, -1), strict=True):
+        keep = toks >= 0
+        out.append(Expansion(tuple(int(t) for t in toks[keep]), tuple(float(v) for v in lps[keep]))
+                   if keep.any() else None)
+    return out
+
+
+def draft_shape(width: int, depth: int, nodes: int = 0) -> tuple[int, int, int]:
+    """(depth, max_nodes, top_k) of the tree drafted for a beam search of `width` over items `depth` tokens deep.
+    Nodes at the last level are never expanded (a whole item is followed by SEP), so the tree stops one short;
+    by default it holds about three beams' worth of nodes per level it spans (nodes > 0 overrides)."""
+    levels = max(1, depth - 1)
+    max_nodes = nodes or min(MAX_TREE_NODES, 3 * width + 16)
+    return levels, max(levels, min(max_nodes, MAX_TREE_NODES)), min(width, 16)
+
+
+# A forward of the target: (tree tokens, parents, start) -> rows as in BeamSearch.learn.
+Score = Callable[[list[int], list[int], bool], Awaitable[list[Expansion | None]]]
+# The drafter's tree after the prompt, or None (no drafter, or it failed): (tokens, parents).
+Draft = Callable[[], Awaitable[tuple[list[int], list[int]] | None]]
+
+
+@dataclass
+class BeamRun:
+    results: list[Retrieved]
+    stats: BeamStats = field(default_factory=BeamStats)
+
+
+async def beam_retrieve(constraint: ListConstraint, prompt: Sequence[int], width: int, k: int, score: Score,
+                        draft: Draft | None = None) -> BeamRun:
+    """Top-k items after `prompt` by beam search of width `width`: plain when `draft` is None, else the drafted
+    tree rides along with the prefill and every expansion it holds saves a forward. Same results either way."""
+    t0 = time.perf_counter()
+    search, stats = BeamSearch(constraint, prompt, width, k), BeamStats()
+    tokens: list[int] = []
+    parents: list[int] = []
+    if draft is not None:
+        t = time.perf_counter()
+        tree = await draft()
+        stats.draft_s += time.perf_counter() - t
+        if tree is not None:
+            tokens, parents = tree
+            stats.drafted = len(tokens)
+    start = True
+    while True:
+        t = time.perf_counter()
+        rows = await score(tokens, parents, start)
+        stats.score_s += time.perf_counter() - t
+        stats.rounds += 1
+        stats.tree_nodes += len(tokens)
+        search.learn(tokens, parents, rows)
+        stats.levels_per_round.append(search.advance())
+        if search.done:
+            break
+        tokens, parents = search.next_tree()
+        start = False
+    stats.total_s = time.perf_counter() - t0
+    return BeamRun(search.results(), stats)
