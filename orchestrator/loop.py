@@ -112,7 +112,7 @@ class SpeculationLoop:
         proposer = DraftStream(self, self.backends.draft(f"{key_id:016x}") if speculative else None, opts, metadata)
         target = TritonSequence(self, key_id, opts, metadata)
         constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned)
-        budget = Budget(*draft_shape(opts.beam_width, constraint.trie.depth, tree_nodes))
+        budget = Budget(*draft_shape(opts.beam_width, constraint.trie.branching_depth, tree_nodes))
 
         async def score(tokens: list[int], parents: list[int], start: bool) -> list[Expansion | None]:
             return (await target.outcome(tokens, parents, prompt, start)).expansions

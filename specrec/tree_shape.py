@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 MAX_TREE_DEPTH = 16  # levels below the root (DraftBudget.depth)
+MAX_TREE_TOP_K = 16  # children per node and frontier nodes per level (DraftBudget.top_k)
 MAX_TREE_NODES = 128  # nodes per tree (DraftBudget.max_nodes), and the most the target verifies at once
 
 

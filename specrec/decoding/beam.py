@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from specrec.semantic_ids.constraint import ListConstraint, ListState
-from specrec.tree_shape import MAX_TREE_NODES
+from specrec.tree_shape import MAX_TREE_NODES, MAX_TREE_TOP_K
 
 MAX_BEAM_WIDTH = 64
 Path = tuple[int, ...]  # tokens of a node below the retrieval root (the prompt's last token)
@@ -158,13 +158,14 @@ def unpack_expansions(tokens: np.ndarray, logprobs: np.ndarray, n_rows: int) -> 
     return out
 
 
-def draft_shape(width: int, depth: int, nodes: int = 0) -> tuple[int, int, int]:
-    """(depth, max_nodes, top_k) of the tree drafted for a beam search of `width` over items `depth` tokens deep.
-    Nodes at the last level are never expanded (a whole item is followed by SEP), so the tree stops one short;
-    by default it holds about three beams' worth of nodes per level it spans (nodes > 0 overrides)."""
-    levels = max(1, depth - 1)
-    max_nodes = nodes or min(MAX_TREE_NODES, 3 * width + 16)
-    return levels, max(levels, min(max_nodes, MAX_TREE_NODES)), min(width, 16)
+def draft_shape(width: int, branching_depth: int, nodes: int = 0) -> tuple[int, int, int]:
+    """(depth, max_nodes, top_k) of the tree drafted for a beam search of `width`. Only nodes down to the trie's
+    branching depth ever need a forward (below it every token is forced), so the tree stops there; every child
+    of a node may be drafted (top_k at its cap: a level of a few dozen codes is covered whole), and by default the
+    tree holds about three beams' worth of nodes per level past the first (nodes > 0 overrides)."""
+    depth = max(1, branching_depth)
+    max_nodes = nodes or 3 * width + 16
+    return depth, max(depth, min(max_nodes, MAX_TREE_NODES)), MAX_TREE_TOP_K
 
 
 # A forward of the target: (tree tokens, parents, start) -> rows as in BeamSearch.learn.

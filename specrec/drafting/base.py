@@ -24,9 +24,9 @@ import numpy as np
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
 from specrec.tree_shape import MAX_TREE_DEPTH as MAX_DEPTH
 from specrec.tree_shape import MAX_TREE_NODES as MAX_NODES
+from specrec.tree_shape import MAX_TREE_TOP_K as MAX_TOP_K
 from specrec.tree_shape import node_depths, path_scores
 
-MAX_TOP_K = 16
 DEFAULT_TOP_K = 8
 AHEAD_LOOSENING = 0.5  # a tree drafted ahead keeps nodes down to this fraction of the asked min_path_prob
 

@@ -6,6 +6,7 @@ some depth; a node is named by (depth, lo, hi). Children are computed once per n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,17 @@ class ItemTrie:
     @property
     def depth(self) -> int:
         return self.sids.n_levels
+
+    @functools.cached_property
+    def branching_depth(self) -> int:
+        """The deepest depth at which some node has more than one child (0 = only the root branches): below it
+        every token is forced. A code level that only resolves no collision never branches."""
+        deepest = 0
+        for d in range(1, self.depth):
+            same_prefix = np.all(self.sorted_tokens[1:, :d] == self.sorted_tokens[:-1, :d], axis=1)
+            if np.any(same_prefix & (self.sorted_tokens[1:, d] != self.sorted_tokens[:-1, d])):
+                deepest = d
+        return deepest
 
     def children(self, node: Node) -> Children:
         cached = self._children.get(node)

@@ -117,7 +117,7 @@ def retrieve(prompt: list[int], constraint: ListConstraint, width: int, target: 
         assert drafter is not None
         session = drafter.open(list(prompt), constraint)
         try:
-            tree = session.draft(DraftBudget(*draft_shape(width, constraint.trie.depth, tree_nodes)))
+            tree = session.draft(DraftBudget(*draft_shape(width, constraint.trie.branching_depth, tree_nodes)))
         finally:
             session.close()
         return list(tree.tokens), list(tree.parents)
