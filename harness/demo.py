@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from specrec.cli import add_common_args, recommend_for_user, run_command
+from specrec.cli import add_common_args, recommend_for_user, retrieve_for_user, run_command
 
 log = logging.getLogger("specrec")
 
@@ -121,9 +121,12 @@ def serve(args: argparse.Namespace, arts, stop, training: BackgroundTraining | N
         for user in args.users.split(","):
             recommend_for_user(arts, stack.orchestrator_addr, user.strip(), args.n)
             print(flush=True)
+        retrieve_for_user(arts, stack.orchestrator_addr, args.users.split(",")[0].strip(), args.n, plain=plain)
+        print(flush=True)
         if args.no_wait:
             return
         print(f"Try: specrec recommend --profile {arts.profile.name} --user 7 --addr {stack.orchestrator_addr}")
+        print(f"     specrec retrieve --profile {arts.profile.name} --user 7 --k 20 --addr {stack.orchestrator_addr}")
         print("Ctrl-C stops all three services.", flush=True)
         if training is not None:
             training.start()

@@ -111,6 +111,27 @@ def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", tim
           f"network and the rest {s.network_ms:.0f} ms; model version {resp.model_version or '-'}")
 
 
+def retrieve_for_user(arts, addr: str, user: str, k: int, width: int = 0, plain: bool = False,
+                      timeout: float = 60.0, tls=None, token: str = "") -> None:
+    """Call the orchestrator's Retrieve (top-k by beam search) for a dataset user and print items and scores."""
+    from specrec.security import TlsConfig, auth_metadata, channel
+    from specrec.v1 import recommend_pb2 as pb
+    from specrec.v1 import recommend_pb2_grpc as pb_grpc
+
+    u = _user_index(arts, user)
+    history = [arts.data.item_ids[i] for i in arts.split.train[u][-arts.profile.max_history:]]
+    with channel(addr, tls or TlsConfig()) as ch:
+        resp = pb_grpc.RecommenderServiceStub(ch).Retrieve(
+            pb.RetrieveRequest(history=history, k=k, beam_width=width, plain=plain),
+            timeout=timeout, metadata=auth_metadata(token))
+    print(f"user {user}: top {k} by {'plain' if plain else 'speculative'} beam search (width {width or k})")
+    for rank, item in enumerate(resp.items, 1):
+        print(f"  {rank:2d}. {item.log_prob:7.3f}  {item.title or item.item_id}")
+    s = resp.stats
+    print(f"  {s.rounds} target forwards, {s.tree_nodes} nodes scored ({s.drafted_nodes} drafted), "
+          f"{s.total_ms:.0f} ms total: drafting {s.draft_ms:.0f} ms, verification {s.verify_ms:.0f} ms")
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     import grpc
 
@@ -123,9 +144,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise SystemExit(f"specrec recommend: {err}") from None
     arts = prepare(args.dataset, args.profile, seed=args.seed, train=False)
     try:
-        recommend_for_user(arts, args.addr, args.user, args.n, args.policy, tls=tls, token=token)
+        if args.command == "retrieve":
+            retrieve_for_user(arts, args.addr, args.user, args.k, args.beam_width, args.plain, tls=tls, token=token)
+        else:
+            recommend_for_user(arts, args.addr, args.user, args.n, args.policy, tls=tls, token=token)
     except grpc.RpcError as err:  # refused (UNAUTHENTICATED), unreachable, bad input: say which, no traceback
-        raise SystemExit(f"specrec recommend: {err.code().name}: {err.details()}") from None
+        raise SystemExit(f"specrec {args.command}: {err.code().name}: {err.details()}") from None
     return 0
 
 
@@ -176,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="42", help="user id as the dataset knows it")
     p.add_argument("--n", type=int, default=10, help="items to recommend")
     p.add_argument("--policy", default="", help="adaptive | heuristic | off | fixed:DEPTH:NODES (default: server's)")
+    p.add_argument("--addr", default=os.environ.get("SPECREC_ORCHESTRATOR_ADDR", "127.0.0.1:50051"),
+                   help="orchestrator address (env SPECREC_ORCHESTRATOR_ADDR)")
+    add_tls_args(p, client_only=True)
+    add_auth_args(p)
+    p.set_defaults(func=cmd_recommend)
+    p = sub.add_parser("retrieve", help="ask a running orchestrator for one user's top-k items by beam search")
+    add_common_args(p)
+    p.add_argument("--user", default="42", help="user id as the dataset knows it")
+    p.add_argument("--k", type=int, default=10, help="items to retrieve (1..64)")
+    p.add_argument("--beam-width", type=int, default=0, help="beams kept per level, k..64 (0 = k)")
+    p.add_argument("--plain", action="store_true", help="plain beam search (no drafted tree; same items)")
     p.add_argument("--addr", default=os.environ.get("SPECREC_ORCHESTRATOR_ADDR", "127.0.0.1:50051"),
                    help="orchestrator address (env SPECREC_ORCHESTRATOR_ADDR)")
     add_tls_args(p, client_only=True)
