@@ -66,8 +66,8 @@ class Plan:
     request_id: str
     prompt: list[int]
     opts: LoopOptions
-    policy: Policy
-    history: pb.HistoryReport | None  # Recommend and StreamRecommend only
+    policy: Policy | None  # None: Retrieve (beam search drafts one tree, no policy)
+    history: pb.HistoryReport | None  # Recommend, StreamRecommend and Retrieve only
     filters: pb.FilterReport | None = None
 
 
@@ -214,7 +214,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         except ValueError as e:
             raise Refusal.invalid(e, "history") from None
         self._admit()
-        return Plan(request_id, prompt, opts, self.policies.get("off", opts.drafter, "greedy"), history, filters)
+        return Plan(request_id, prompt, opts, None, history, filters)
 
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext
                        ) -> pb.RetrieveResponse:
@@ -242,6 +242,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
     async def _generate(self, plan: Plan, emit: Emit) -> RequestStats:
         """Run the plan; a Refusal (with the request's id) when the target refuses or fails."""
         try:
+            assert plan.policy is not None
             stats = await self.loop.run(plan.prompt, plan.opts, plan.policy, emit)
         except TargetError as e:
             refusal = target_refusal(e)
