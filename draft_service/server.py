@@ -8,7 +8,9 @@ and the bonus token the target may add there, likeliest first by the drafter's q
 for the likeliest guesses while the target verifies, all guesses in one forward per level (the model
 drafter), stopping between levels when the commit arrives. A right guess whose tree was complete makes the
 next answer immediate (draft_ahead_hit), also when the next budget is stricter than the one drafted
-ahead; a right guess stopped half-way is finished on demand.
+ahead; a right guess stopped half-way is finished on demand. A session opened for one tree only
+(OpenSession.single_tree: top-K retrieval) drafts nothing ahead, and a stream that ends stops its
+draft-ahead after the current level.
 
 Errors end the stream with a status: INVALID_ARGUMENT for input the session cannot act on (with the
 reason), RESOURCE_EXHAUSTED past the session cap, DEADLINE_EXCEEDED after the idle timeout.
@@ -182,6 +184,7 @@ class _Stream:
         self.sid: int | None = None
         self.session: DraftSession | None = None
         self.want_probs = False
+        self.single_tree = False  # the client asked for one tree only (OpenSession.single_tree): no draft-ahead
         self.work: asyncio.Future | None = None  # commit/draft running in the pool
         self.ahead: asyncio.Future | None = None  # draft-ahead running in the pool
         self.commit_arrived = threading.Event()  # tells draft-ahead to stop after its current level
@@ -231,11 +234,13 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 except Exception as err:
                     log.exception("drafting failed")
                     await context.abort(grpc.StatusCode.INTERNAL, f"drafting failed: {type(err).__name__}: {err}")
-                if self.config.draft_ahead and stream.session is not None and not stream.session.finished:
+                if self.config.draft_ahead and stream.session is not None and not stream.session.finished \
+                        and not stream.single_tree:
                     stream.commit_arrived.clear()
                     stream.ahead = asyncio.get_running_loop().run_in_executor(
                         self.pool, _prepare_ahead, stream.session, self.config.ahead_guesses, stream.commit_arrived)
         finally:
+            stream.commit_arrived.set()  # no commit will come: draft-ahead stops after its current level
             self._retire(stream)
 
     async def _answer(self, stream: _Stream, req: draft_pb2.SpeculateRequest) -> draft_pb2.SpeculateResponse:
@@ -255,7 +260,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 raise DraftError(f"banned_items: {e}") from None
             stream.sid = self.table.acquire()
             self.metrics.session_opened()
-            stream.want_probs = o.want_probs
+            stream.want_probs, stream.single_tree = o.want_probs, o.single_tree
             stream.session = await self._run(stream, drafter.open, list(o.context), constraint, o.user_group)
             tree = await self._run(stream, stream.session.draft, budget, o.want_probs)
         elif kind == "advance":

@@ -151,7 +151,7 @@ class DraftStream:
                 self.loop.draft_sessions_open += 1
                 tree = await self.session.open(list(committed), self.opts.n_items, self.opts.exclude_history, budget,
                                                self.opts.drafter, self.drafts.timeout_s * OPEN_TIMEOUT_FACTOR,
-                                               self.opts.banned)
+                                               self.opts.banned, single_tree=self.opts.mode == "beam")
             else:
                 first, *plain = news or [[]]
                 tree = await self.session.advance(first, budget, [t for r in plain for t in r])
