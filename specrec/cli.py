@@ -4,6 +4,7 @@ orchestrator. The demo that starts the whole stack (`make run`) is `specrec-demo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,10 +36,18 @@ def cmd_fetch_data(args: argparse.Namespace) -> int:
 
 def cmd_train_target(args: argparse.Namespace) -> int:
     from specrec.pipeline import prepare
+    from specrec.quality_guard import REPORT, QualityVerdict, check_quality
 
     t0 = time.perf_counter()
     arts = prepare(args.dataset, args.profile, seed=args.seed)
     print(f"target ready in {arts.target_dir} ({time.perf_counter() - t0:.0f} s)")
+    report = arts.target_dir / REPORT
+    if report.is_file():  # checked right after training
+        saved = json.loads(report.read_text())
+        verdict = QualityVerdict(**{k: v for k, v in saved.items() if k != "beats_popularity"})
+    else:  # trained before the guard existed
+        verdict = check_quality(arts, seed=args.seed)
+    print(verdict.message(arts.profile.name))
     return 0
 
 

@@ -81,4 +81,7 @@ def prepare(dataset: str = "ml-100k", profile: str = "small", seed: int = 0, tra
     if train and not (arts.target_dir / "config.json").is_file():
         log.info("training the %s target (%s) into %s", prof.name, data.name, arts.target_dir)
         train_target(sids, split.train, prof, directory, seed=seed, progress=progress)
+        from specrec.quality_guard import check_quality  # evaluation imports this module
+
+        check_quality(arts, seed=seed)
     return arts
