@@ -26,6 +26,7 @@ import grpc
 
 from bench.speedup import RESULTS, git_rev, machine
 from harness.stack import LocalStack, StackConfig
+from orchestrator.config import BEAM_DRAFT_MODES
 from specrec.drafting.offline import eval_users
 from specrec.pipeline import prepare
 from specrec.v1 import recommend_pb2 as pb
@@ -113,7 +114,8 @@ def report(res: dict) -> str:
     lines = [f"# Speculative vs plain beam search (Retrieve), {res['date']}", "",
              f"`{res['command']}` at {res['git']}; {res['machine']['cpu_model']}, {res['machine']['nproc']} cores; "
              f"profile {res['args']['profile']}, {res['users']} held-out users, {res['args']['repeats']} repeats, "
-             f"target dtype {res['args']['target_dtype']}.", "",
+             f"target dtype {res['args']['target_dtype']}, drafted tree with the {res['args']['beam_draft']} "
+             f"(SPECREC_BEAM_DRAFT).", "",
              "Ratios are plain / speculative: **pairwise** = median over (user, repeat) pairs, **mean** = ratio of "
              "mean latencies, **per repeat** = (pairwise, mean) of each repeat, **throughput** = plain / speculative "
              "wall time of the whole phase. Rounds = target forwards per request (the prefill counts as one).", "",
@@ -139,6 +141,8 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--tree-nodes", type=int, default=0, help="nodes of the drafted tree (0 = the server's choice)")
     p.add_argument("--target-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--beam-draft", default="prefill", choices=BEAM_DRAFT_MODES,
+                   help="the orchestrator's SPECREC_BEAM_DRAFT: the tree rides with the prefill, or overlaps it")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     shapes = [tuple(int(x) for x in s.split(":")) for s in a.shapes.split(",")]
@@ -149,7 +153,8 @@ def main() -> None:
              for u in eval_users(arts, a.users)]
     mach = machine()
     stack = LocalStack(StackConfig(artifacts=arts.directory, drafter="model",
-                                   extra_env={"SPECREC_TARGET_DTYPE": a.target_dtype}))
+                                   extra_env={"SPECREC_TARGET_DTYPE": a.target_dtype,
+                                              "SPECREC_BEAM_DRAFT": a.beam_draft}))
     try:
         stack.start()
         with grpc.insecure_channel(stack.orchestrator_addr) as ch:

@@ -19,6 +19,7 @@ from specrec.security import (
 
 # How the orchestrator finds its Triton and draft pods (orchestrator.routing); "" = by environment.
 ROUTING_MODES = ("static", "endpointslices")
+BEAM_DRAFT_MODES = ("prefill", "overlap")
 
 
 def _env(name: str, default: str) -> str:
@@ -52,6 +53,9 @@ class OrchestratorConfig:
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
     draft_tls_name: str = ""  # name on the drafters' certificate, when not the dialled host
     target_tls_name: str = ""  # name on Triton's certificate, when not the dialled host
+    # Retrieve: "prefill" = the drafted tree rides along with the prompt's prefill (one forward at best);
+    # "overlap" = drafted while Triton prefills, sent with the first level's beams (drafting off the critical path)
+    beam_draft: str = "prefill"
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -93,6 +97,10 @@ class OrchestratorConfig:
                        help="name the drafters' TLS certificate carries, if not the dialled host (pod IPs)")
         p.add_argument("--target-tls-name", default=_env("SPECREC_TARGET_TLS_NAME", ""),
                        help="name Triton's TLS certificate carries, if not the dialled host (pod IPs)")
+        p.add_argument("--beam-draft", default=_env("SPECREC_BEAM_DRAFT", "prefill"), choices=BEAM_DRAFT_MODES,
+                       help="Retrieve's drafted tree: 'prefill' rides along with the prompt's prefill (one target "
+                            "forward when it covers every beam), 'overlap' is drafted while Triton prefills and "
+                            "goes out with the first level's beams (env SPECREC_BEAM_DRAFT)")
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")
@@ -107,4 +115,4 @@ class OrchestratorConfig:
                    verify_timeout_s=a.verify_timeout_s,
                    grace_s=a.grace_s, max_connection_age_s=a.max_connection_age_s, tls=tls, auth=auth,
                    probe_port=a.probe_port,
-                   draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name)
+                   draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name, beam_draft=a.beam_draft)

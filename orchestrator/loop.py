@@ -104,9 +104,10 @@ class SpeculationLoop:
         return stats
 
     async def retrieve(self, prompt: list[int], opts: LoopOptions, speculative: bool, tree_nodes: int = 0,
-                       metadata: tuple = ()) -> BeamRun:
+                       overlap: bool = False, metadata: tuple = ()) -> BeamRun:
         """Top-`opts.n_items` items after `prompt` by beam search of `opts.beam_width` (mode "beam"); with
-        `speculative`, a tree from a draft pod rides along with the prefill. Raises TargetError."""
+        `speculative`, a tree from a draft pod rides along with the prefill (or, `overlap`, is drafted while
+        Triton prefills: specrec.decoding.beam.beam_retrieve). Raises TargetError."""
         self.in_flight += 1
         key_id = secrets.randbits(63) or 1
         proposer = DraftStream(self, self.backends.draft(f"{key_id:016x}") if speculative else None, opts, metadata)
@@ -124,7 +125,7 @@ class SpeculationLoop:
         try:
             with self.metrics.requests_in_flight.track_inprogress():
                 return await beam_retrieve(constraint, prompt, opts.beam_width, opts.n_items, score,
-                                           draft if proposer.available else None)
+                                           draft if proposer.available else None, overlap)
         finally:
             await asyncio.shield(asyncio.gather(proposer.close(), target.close()))
             self.in_flight -= 1

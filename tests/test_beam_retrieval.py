@@ -37,15 +37,16 @@ def same_results(a: BeamRun, b: BeamRun) -> bool:
             and all(abs(x.score - y.score) <= 1e-4 for x, y in zip(a.results, b.results, strict=True)))
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["tree-with-prefill", "tree-overlaps-prefill"])
 @pytest.mark.parametrize(("width", "k"), SHAPES)
 def test_speculative_beam_search_returns_plain_beam_searchs_items_and_scores(tiny_artifacts, tiny_drafter, verifier,
-                                                                            width, k):
+                                                                            width, k, overlap):
     drafter = load_drafter("model", tiny_drafter)
     plain_rounds = spec_rounds = 0
     for user in range(300, 312):
         constraint = ListConstraint(verifier.trie, k)
         plain = retrieve(tiny_artifacts.prompt(user), constraint, width, verifier)
-        spec = retrieve(tiny_artifacts.prompt(user), constraint, width, verifier, drafter=drafter)
+        spec = retrieve(tiny_artifacts.prompt(user), constraint, width, verifier, drafter=drafter, overlap=overlap)
         assert same_results(plain, spec), f"user {user}, width {width}, k {k}"
         assert len(plain.results) == k and len({r.item for r in plain.results}) == k
         assert [r.score for r in plain.results] == sorted((r.score for r in plain.results), reverse=True)

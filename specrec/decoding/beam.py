@@ -16,6 +16,7 @@ nodes, not B cache rows.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class BeamStats:
     tree_nodes: int = 0  # nodes the target scored, over all rounds
     drafted: int = 0  # nodes of the drafted tree
     levels_per_round: list[int] = field(default_factory=list)  # beam steps each forward let the search take
+    round_s: list[float] = field(default_factory=list)  # each forward's time, as the caller saw it
     draft_s: float = 0.0
     score_s: float = 0.0
     total_s: float = 0.0
@@ -76,10 +78,7 @@ class BeamSearch:
 
     def learn(self, tokens: Sequence[int], parents: Sequence[int], rows: Sequence[Expansion | None]) -> None:
         """Expansions of one forward: rows[0] at the root, rows[i + 1] at tree node i (None: nothing allowed)."""
-        paths: list[Path] = []
-        for tok, par in zip(tokens, parents, strict=True):
-            paths.append((paths[par] if par >= 0 else ()) + (int(tok),))
-        for path, row in zip([()] + paths, rows, strict=True):
+        for path, row in zip([()] + tree_paths(tokens, parents), rows, strict=True):
             if row is not None:
                 self.known.setdefault(path, row)
 
@@ -114,19 +113,32 @@ class BeamSearch:
                 out.append(path)
         return out
 
-    def next_tree(self, max_nodes: int = MAX_TREE_NODES) -> tuple[list[int], list[int]]:
-        """A tree holding the paths of as many missing beams as fit in max_nodes (at least one)."""
+    def next_tree(self, drafted: Sequence[Path] = (), max_nodes: int = MAX_TREE_NODES) -> tuple[list[int], list[int]]:
+        """A tree holding the paths of as many missing beams as fit in max_nodes (at least one), then the drafted
+        nodes (paths, parents first) that descend from one of those beams, as many as fit."""
         index: dict[Path, int] = {}
         tokens: list[int] = []
         parents: list[int] = []
+
+        def add(p: Path) -> None:
+            index[p] = len(tokens)
+            tokens.append(p[-1])
+            parents.append(index[p[:-1]] if len(p) > 1 else -1)
+
+        sent = []
         for path in self.missing():
             new = [p for p in (path[:d] for d in range(1, len(path) + 1)) if p not in index]
             if tokens and len(tokens) + len(new) > max_nodes:
                 break
             for p in new:
-                index[p] = len(tokens)
-                tokens.append(p[-1])
-                parents.append(index[p[:-1]] if len(p) > 1 else -1)
+                add(p)
+            sent.append(path)
+        level, under = self.level, set(sent)
+        for p in drafted:
+            if len(tokens) >= max_nodes:
+                break
+            if len(p) > level and p[:level] in under and p not in index and p[:-1] in index:
+                add(p)
         return tokens, parents
 
     def results(self) -> list[Retrieved]:
@@ -180,15 +192,28 @@ class BeamRun:
     stats: BeamStats = field(default_factory=BeamStats)
 
 
+def tree_paths(tokens: Sequence[int], parents: Sequence[int]) -> list[Path]:
+    paths: list[Path] = []
+    for tok, par in zip(tokens, parents, strict=True):
+        paths.append((paths[par] if par >= 0 else ()) + (int(tok),))
+    return paths
+
+
 async def beam_retrieve(constraint: ListConstraint, prompt: Sequence[int], width: int, k: int, score: Score,
-                        draft: Draft | None = None) -> BeamRun:
-    """Top-k items after `prompt` by beam search of width `width`: plain when `draft` is None, else the drafted
-    tree rides along with the prefill and every expansion it holds saves a forward. Same results either way."""
+                        draft: Draft | None = None, overlap: bool = False) -> BeamRun:
+    """Top-k items after `prompt` by beam search of width `width`: plain when `draft` is None. With a drafter the
+    drafted tree rides along with the prefill (one forward if it covers every beam), or, with `overlap`, is drafted
+    while the target prefills and then only its nodes under the first level's real beams go out with them (two
+    forwards at best, the drafting hidden). Every expansion a tree holds saves a forward; same results either way."""
     t0 = time.perf_counter()
     search, stats = BeamSearch(constraint, prompt, width, k), BeamStats()
     tokens: list[int] = []
     parents: list[int] = []
-    if draft is not None:
+    drafted: list[Path] = []
+    pending: asyncio.Future | None = None
+    if draft is not None and overlap:
+        pending = asyncio.ensure_future(draft())
+    elif draft is not None:
         t = time.perf_counter()
         tree = await draft()
         stats.draft_s += time.perf_counter() - t
@@ -196,17 +221,30 @@ async def beam_retrieve(constraint: ListConstraint, prompt: Sequence[int], width
             tokens, parents = tree
             stats.drafted = len(tokens)
     start = True
-    while True:
-        t = time.perf_counter()
-        rows = await score(tokens, parents, start)
-        stats.score_s += time.perf_counter() - t
-        stats.rounds += 1
-        stats.tree_nodes += len(tokens)
-        search.learn(tokens, parents, rows)
-        stats.levels_per_round.append(search.advance())
-        if search.done:
-            break
-        tokens, parents = search.next_tree()
-        start = False
+    try:
+        while True:
+            t = time.perf_counter()
+            rows = await score(tokens, parents, start)
+            stats.round_s.append(time.perf_counter() - t)
+            stats.score_s += stats.round_s[-1]
+            stats.rounds += 1
+            stats.tree_nodes += len(tokens)
+            search.learn(tokens, parents, rows)
+            stats.levels_per_round.append(search.advance())
+            if search.done:
+                break
+            if pending is not None:  # the prefill is back: the tree the drafter made meanwhile
+                t = time.perf_counter()
+                tree = await pending
+                stats.draft_s += time.perf_counter() - t
+                pending = None
+                if tree is not None:
+                    drafted = tree_paths(*tree)
+                    stats.drafted = len(drafted)
+            tokens, parents = search.next_tree(drafted)
+            start = False
+    finally:
+        if pending is not None:
+            pending.cancel()
     stats.total_s = time.perf_counter() - t0
     return BeamRun(search.results(), stats)

@@ -98,7 +98,7 @@ def speculate(prompt: list[int], constraint: ListConstraint, policy: Policy, tar
 
 
 def retrieve(prompt: list[int], constraint: ListConstraint, width: int, target: TargetVerifier,
-             drafter: Drafter | None = None, tree_nodes: int = 0) -> BeamRun:
+             drafter: Drafter | None = None, tree_nodes: int = 0, overlap: bool = False) -> BeamRun:
     """Top-`constraint.n_items` items after `prompt` by beam search of `width` in this process: plain without a
     drafter, speculative with one (a tree of `tree_nodes`, 0 = draft_shape's default)."""
     sequence_id = next(_SEQUENCE_IDS)
@@ -124,6 +124,6 @@ def retrieve(prompt: list[int], constraint: ListConstraint, width: int, target: 
 
     try:
         return asyncio.run(beam_retrieve(constraint, prompt, width, constraint.n_items, score,
-                                         draft if drafter is not None else None))
+                                         draft if drafter is not None else None, overlap))
     finally:
         target.end(sequence_id)
