@@ -170,7 +170,7 @@ def main() -> None:
            "command": " ".join(["python -m bench.beam", *sys.argv[1:]]), "args": {**vars(a), "out": str(a.out)},
            "measure_s": measure_s, "rows": summarize(records, walls, a.repeats), "walls": walls, "records": records}
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"beam-{date}"
+    stem = a.out / (f"beam-{date}" + ("" if a.beam_draft == "prefill" else f"-{a.beam_draft}"))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     stem.with_suffix(".md").write_text(report(res))
     print(report(res))

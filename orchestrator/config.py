@@ -19,7 +19,7 @@ from specrec.security import (
 
 # How the orchestrator finds its Triton and draft pods (orchestrator.routing); "" = by environment.
 ROUTING_MODES = ("static", "endpointslices")
-BEAM_DRAFT_MODES = ("prefill", "overlap")
+BEAM_DRAFT_MODES = ("prefill", "overlap", "off")
 
 
 def _env(name: str, default: str) -> str:
@@ -54,7 +54,8 @@ class OrchestratorConfig:
     draft_tls_name: str = ""  # name on the drafters' certificate, when not the dialled host
     target_tls_name: str = ""  # name on Triton's certificate, when not the dialled host
     # Retrieve: "prefill" = the drafted tree rides along with the prompt's prefill (one forward at best);
-    # "overlap" = drafted while Triton prefills, sent with the first level's beams (drafting off the critical path)
+    # "overlap" = drafted while Triton prefills, sent with the first level's beams (drafting off the critical path);
+    # "off" = plain beam search for every request (where a tree's nodes cost more than the forwards they save)
     beam_draft: str = "prefill"
 
     @classmethod
@@ -100,7 +101,9 @@ class OrchestratorConfig:
         p.add_argument("--beam-draft", default=_env("SPECREC_BEAM_DRAFT", "prefill"), choices=BEAM_DRAFT_MODES,
                        help="Retrieve's drafted tree: 'prefill' rides along with the prompt's prefill (one target "
                             "forward when it covers every beam), 'overlap' is drafted while Triton prefills and "
-                            "goes out with the first level's beams (env SPECREC_BEAM_DRAFT)")
+                            "goes out with the first level's beams, 'off' runs plain beam search for every request "
+                            "(on a CPU target a tree's nodes cost about what the forwards they save do: README) "
+                            "(env SPECREC_BEAM_DRAFT)")
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")

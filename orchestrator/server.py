@@ -221,7 +221,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         try:
             plan = self._plan(request, self._checked_retrieve)
             try:
-                run = await self.loop.retrieve(plan.prompt, plan.opts, not request.plain, request.max_tree_nodes,
+                speculative = not request.plain and self.config.beam_draft != "off"
+                run = await self.loop.retrieve(plan.prompt, plan.opts, speculative, request.max_tree_nodes,
                                                overlap=self.config.beam_draft == "overlap")
             except TargetError as e:
                 refusal = target_refusal(e)
