@@ -95,9 +95,15 @@ def test_beam_scores_are_the_items_log_probabilities_and_skip_history_and_banned
 # -- through the real stack ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def stub(tiny_artifacts, tiny_drafter):
+def stack(tiny_artifacts, tiny_drafter):
     config = StackConfig(artifacts=tiny_artifacts.directory, extra_env={"SPECREC_DRAFT_TIMEOUT_MS": "5000"})
-    with LocalStack(config) as running, grpc.insecure_channel(running.orchestrator_addr) as ch:
+    with LocalStack(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    with grpc.insecure_channel(stack.orchestrator_addr) as ch:
         yield pb_grpc.RecommenderServiceStub(ch)
 
 
@@ -146,3 +152,15 @@ def _unpacked(detail) -> error_details_pb2.BadRequest:
     out = error_details_pb2.BadRequest()
     detail.Unpack(out)
     return out
+
+
+def test_retrieve_goes_on_by_plain_beam_search_when_the_draft_service_dies(stack, stub, tiny_artifacts):
+    """Last in this module: it kills the module's draft service."""
+    history = [tiny_artifacts.data.item_ids[i] for i in history_of(tiny_artifacts, 370)]
+    before = stub.Retrieve(pb.RetrieveRequest(history=history, k=10), timeout=60)
+    assert before.stats.drafted_nodes > 0
+    stack.procs["draft"].kill()
+    after = stub.Retrieve(pb.RetrieveRequest(history=history, k=10), timeout=60)
+    assert after.stats.drafted_nodes == 0
+    assert [i.item_id for i in after.items] == [i.item_id for i in before.items]
+    assert all(abs(a.log_prob - b.log_prob) <= 1e-4 for a, b in zip(after.items, before.items, strict=True))
