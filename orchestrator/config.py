@@ -19,7 +19,7 @@ from specrec.security import (
 
 # How the orchestrator finds its Triton and draft pods (orchestrator.routing); "" = by environment.
 ROUTING_MODES = ("static", "endpointslices")
-BEAM_DRAFT_MODES = ("prefill", "overlap", "off")
+BEAM_DRAFT_MODES = ("auto", "prefill", "overlap", "off")
 
 
 def _env(name: str, default: str) -> str:
@@ -53,10 +53,11 @@ class OrchestratorConfig:
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
     draft_tls_name: str = ""  # name on the drafters' certificate, when not the dialled host
     target_tls_name: str = ""  # name on Triton's certificate, when not the dialled host
-    # Retrieve: "prefill" = the drafted tree rides along with the prompt's prefill (one forward at best);
+    # Retrieve: "auto" = plain or a tree of a few sizes, whichever has been fastest lately at this width and load
+    # (specrec.speculation.beam_arms); "prefill" = the drafted tree rides along with the prompt's prefill;
     # "overlap" = drafted while Triton prefills, sent with the first level's beams (drafting off the critical path);
     # "off" = plain beam search for every request (where a tree's nodes cost more than the forwards they save)
-    beam_draft: str = "prefill"
+    beam_draft: str = "auto"
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -98,8 +99,10 @@ class OrchestratorConfig:
                        help="name the drafters' TLS certificate carries, if not the dialled host (pod IPs)")
         p.add_argument("--target-tls-name", default=_env("SPECREC_TARGET_TLS_NAME", ""),
                        help="name Triton's TLS certificate carries, if not the dialled host (pod IPs)")
-        p.add_argument("--beam-draft", default=_env("SPECREC_BEAM_DRAFT", "prefill"), choices=BEAM_DRAFT_MODES,
-                       help="Retrieve's drafted tree: 'prefill' rides along with the prompt's prefill (one target "
+        p.add_argument("--beam-draft", default=_env("SPECREC_BEAM_DRAFT", "auto"), choices=BEAM_DRAFT_MODES,
+                       help="Retrieve's drafted tree: 'auto' runs plain or a tree of a few sizes, whichever has "
+                            "been fastest lately at the request's width and load (retrying the others now and then); "
+                            "'prefill' always rides along with the prompt's prefill (one target "
                             "forward when it covers every beam), 'overlap' is drafted while Triton prefills and "
                             "goes out with the first level's beams, 'off' runs plain beam search for every request "
                             "(on a CPU target a tree's nodes cost about what the forwards they save do: README) "

@@ -27,12 +27,13 @@ from orchestrator.loop import LoopOptions, SpeculationLoop
 from orchestrator.request_ids import bind, request_id_of
 from orchestrator.responses import ItemEmitter, history_report, item_message, stats_message, user_error
 from orchestrator.routing import DRAFT, TARGET, Router
-from specrec.decoding.beam import MAX_BEAM_WIDTH
+from specrec.decoding.beam import MAX_BEAM_WIDTH, default_tree_nodes
 from specrec.drafting.base import DRAFTER_NAME
 from specrec.grpc_guard import UndecodableRequests
 from specrec.security import add_port, start_probe_listener
 from specrec.security import server_interceptors as auth_interceptors
 from specrec.semantic_ids.constraint import TooFewItems
+from specrec.speculation.beam_arms import PLAIN, BeamArms
 from specrec.speculation.engine import Emit, RequestStats
 from specrec.speculation.policy import Policy, PolicyRegistry
 from specrec.target_client import TargetClient, TargetError, TargetInvalidArgument, TargetOverloaded
@@ -91,6 +92,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self.loop = loop
         # policies of one drafter and mode learn from each other's rounds; near the in-flight cap speculation shrinks
         self.policies = PolicyRegistry(config.policy, max_in_flight=config.max_in_flight)
+        self.beam_arms = BeamArms()  # Retrieve with SPECREC_BEAM_DRAFT=auto: plain or a tree, by measured latency
 
     def _options(self, request) -> tuple[int, LoopOptions, Policy]:
         """The request's list length, loop options and policy; RequestInvalid naming the field at fault."""
@@ -216,14 +218,26 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         self._admit()
         return Plan(request_id, prompt, opts, None, history, filters)
 
+    def _beam_arm(self, request: pb.RetrieveRequest, width: int, in_flight: int) -> int:
+        """The tree size this Retrieve runs with (PLAIN = none): asked, fixed by SPECREC_BEAM_DRAFT, or chosen."""
+        mode = self.config.beam_draft
+        if request.plain or mode == "off":
+            return PLAIN
+        if request.max_tree_nodes or mode != "auto":
+            return request.max_tree_nodes or default_tree_nodes(width)
+        return self.beam_arms.choose(width, in_flight)
+
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext
                        ) -> pb.RetrieveResponse:
         try:
             plan = self._plan(request, self._checked_retrieve)
             try:
-                speculative = not request.plain and self.config.beam_draft != "off"
-                run = await self.loop.retrieve(plan.prompt, plan.opts, speculative, request.max_tree_nodes,
+                width, in_flight = plan.opts.beam_width, self.loop.in_flight
+                arm = self._beam_arm(request, width, in_flight)
+                run = await self.loop.retrieve(plan.prompt, plan.opts, arm != PLAIN, arm,
                                                overlap=self.config.beam_draft == "overlap")
+                if self.config.beam_draft == "auto" and arm in self.beam_arms.arms(width):
+                    self.beam_arms.observe(width, in_flight, arm, run.stats.total_s)
             except TargetError as e:
                 refusal = target_refusal(e)
                 refusal.request_id = plan.request_id
@@ -237,7 +251,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         return pb.RetrieveResponse(
             items=[item_message(self.catalog, r.item, r.score) for r in run.results],
             stats=pb.RetrieveStats(rounds=s.rounds, tree_nodes=s.tree_nodes, drafted_nodes=s.drafted,
-                                   draft_ms=s.draft_s * 1e3, verify_ms=s.score_s * 1e3, total_ms=s.total_s * 1e3),
+                                   draft_ms=s.draft_s * 1e3, verify_ms=s.score_s * 1e3, total_ms=s.total_s * 1e3,
+                                   tree_budget=arm),
             request_id=plan.request_id, history=plan.history, filters=plan.filters,
             model_version=self.catalog.version, trace_id=current_trace_id())
 

@@ -12,12 +12,13 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from harness.stack import LocalStack, StackConfig
-from specrec.decoding.beam import BeamRun
+from specrec.decoding.beam import BeamRun, default_tree_nodes
 from specrec.decoding.plain import decode
 from specrec.decoding.select import constrained_logprob
 from specrec.drafting.base import load_drafter
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint
+from specrec.speculation.beam_arms import PLAIN, BeamArms
 from specrec.speculation.local import retrieve
 from specrec.training.examples import encode_prompt
 from specrec.v1 import recommend_pb2 as pb
@@ -96,7 +97,8 @@ def test_beam_scores_are_the_items_log_probabilities_and_skip_history_and_banned
 
 @pytest.fixture(scope="module")
 def stack(tiny_artifacts, tiny_drafter):
-    config = StackConfig(artifacts=tiny_artifacts.directory, extra_env={"SPECREC_DRAFT_TIMEOUT_MS": "5000"})
+    config = StackConfig(artifacts=tiny_artifacts.directory, extra_env={"SPECREC_DRAFT_TIMEOUT_MS": "5000",
+                                                                        "SPECREC_BEAM_DRAFT": "prefill"})
     with LocalStack(config) as running:
         yield running
 
@@ -122,7 +124,8 @@ def test_retrieve_through_the_stack_is_exactly_plain_beam_search(stub, tiny_arti
         plain = stub.Retrieve(req, timeout=60)
         assert [i.item_id for i in spec.items] == [i.item_id for i in plain.items]
         assert all(abs(a.log_prob - b.log_prob) <= 1e-4 for a, b in zip(spec.items, plain.items, strict=True))
-        assert len(spec.items) == k and plain.stats.drafted_nodes == 0
+        assert len(spec.items) == k and plain.stats.drafted_nodes == 0 and plain.stats.tree_budget == 0
+        assert spec.stats.tree_budget == default_tree_nodes(width)
         tree_rounds += spec.stats.drafted_nodes > 0
         # and both are what the library's plain beam search computes in process
         local = retrieve(encode_prompt(tiny_artifacts.sids, history), ListConstraint(verifier.trie, k), width, verifier)
@@ -164,3 +167,25 @@ def test_retrieve_goes_on_by_plain_beam_search_when_the_draft_service_dies(stack
     assert after.stats.drafted_nodes == 0
     assert [i.item_id for i in after.items] == [i.item_id for i in before.items]
     assert all(abs(a.log_prob - b.log_prob) <= 1e-4 for a, b in zip(after.items, before.items, strict=True))
+
+
+def test_auto_takes_the_arm_that_has_been_fastest_and_keeps_retrying_the_others():
+    arms = BeamArms(explore=8)
+    width, plain, small, big = 10, *BeamArms.arms(10)
+    assert (plain, small, big) == (PLAIN, 26, 46)
+    cost = {plain: 0.100, small: 0.090, big: 0.120}
+    picks = []
+    for _ in range(64):
+        arm = arms.choose(width, in_flight=1)
+        picks.append(arm)
+        arms.observe(width, 1, arm, cost[arm])
+    assert picks[:3] == [plain, small, big]  # each arm is measured once first
+    assert picks[3:].count(small) >= 52 and {plain, big} <= set(picks[3:])  # the fastest, the others retried
+    cost[plain] = 0.050  # e.g. the load went away and plain got cheaper: noticed at its next retry
+    later = []
+    for _ in range(64):
+        arm = arms.choose(width, in_flight=1)
+        later.append(arm)
+        arms.observe(width, 1, arm, cost[arm])
+    assert later[-32:].count(plain) >= 26
+    assert arms.choose(width, in_flight=40) == plain  # another load bucket learns on its own, from scratch

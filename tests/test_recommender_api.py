@@ -354,3 +354,16 @@ def test_a_catalog_without_categories_refuses_category_filters_by_name(tiny_arti
     with pytest.raises(RequestInvalid) as err:
         catalog.banned_items([], [], allow_categories=["Horror"])
     assert err.value.field == "filters" and "no item categories" in str(err.value)
+
+
+def test_retrieve_by_default_chooses_its_tree_and_always_answers_plain_beam_searchs_items(stub, tiny_artifacts):
+    """The server's default (SPECREC_BEAM_DRAFT=auto) picks plain or a tree per request: the items never change."""
+    history = ids(tiny_artifacts, tiny_artifacts.split.train[5][-10:])
+    plain = stub.Retrieve(pb.RetrieveRequest(history=history, k=10, plain=True), timeout=60)
+    budgets = set()
+    for _ in range(5):
+        auto = stub.Retrieve(pb.RetrieveRequest(history=history, k=10), timeout=60)
+        budgets.add(auto.stats.tree_budget)
+        assert [i.item_id for i in auto.items] == [i.item_id for i in plain.items]
+        assert all(abs(a.log_prob - b.log_prob) <= 1e-4 for a, b in zip(auto.items, plain.items, strict=True))
+    assert budgets == {0, 26, 46}  # every arm is measured once before any is preferred

@@ -170,13 +170,18 @@ def unpack_expansions(tokens: np.ndarray, logprobs: np.ndarray, n_rows: int) -> 
     return out
 
 
+def default_tree_nodes(width: int) -> int:
+    """About three beams' worth of nodes per level past the first, whole first level included."""
+    return min(MAX_TREE_NODES, 3 * width + 16)
+
+
 def draft_shape(width: int, branching_depth: int, nodes: int = 0) -> tuple[int, int, int]:
     """(depth, max_nodes, top_k) of the tree drafted for a beam search of `width`. Only nodes down to the trie's
     branching depth ever need a forward (below it every token is forced), so the tree stops there; every child
     of a node may be drafted (top_k at its cap: a level of a few dozen codes is covered whole), and by default the
     tree holds about three beams' worth of nodes per level past the first (nodes > 0 overrides)."""
     depth = max(1, branching_depth)
-    max_nodes = nodes or 3 * width + 16
+    max_nodes = nodes or default_tree_nodes(width)
     return depth, max(depth, min(max_nodes, MAX_TREE_NODES)), MAX_TREE_TOP_K
 
 

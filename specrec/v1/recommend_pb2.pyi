@@ -246,20 +246,22 @@ class RetrieveRequest(_message.Message):
     def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., beam_width: _Optional[int] = ..., plain: _Optional[bool] = ..., max_tree_nodes: _Optional[int] = ..., drafter: _Optional[str] = ..., include_history: _Optional[bool] = ..., request_id: _Optional[str] = ..., strict_history: _Optional[bool] = ..., filters: _Optional[_Union[ItemFilters, _Mapping]] = ...) -> None: ...
 
 class RetrieveStats(_message.Message):
-    __slots__ = ("rounds", "tree_nodes", "drafted_nodes", "draft_ms", "verify_ms", "total_ms")
+    __slots__ = ("rounds", "tree_nodes", "drafted_nodes", "draft_ms", "verify_ms", "total_ms", "tree_budget")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_NODES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TREE_BUDGET_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     tree_nodes: int
     drafted_nodes: int
     draft_ms: float
     verify_ms: float
     total_ms: float
-    def __init__(self, rounds: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., drafted_nodes: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    tree_budget: int
+    def __init__(self, rounds: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., drafted_nodes: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tree_budget: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("items", "stats", "request_id", "history", "filters", "model_version", "trace_id")
