@@ -237,7 +237,8 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 run = await self.loop.retrieve(plan.prompt, plan.opts, arm != PLAIN, arm,
                                                overlap=self.config.beam_draft == "overlap")
                 if self.config.beam_draft == "auto" and arm in self.beam_arms.arms(width):
-                    self.beam_arms.observe(width, in_flight, arm, run.stats.total_s)
+                    # the load it ran under: a request that started alone as a burst arrived was queued behind it
+                    self.beam_arms.observe(width, max(in_flight, self.loop.in_flight), arm, run.stats.total_s)
             except TargetError as e:
                 refusal = target_refusal(e)
                 refusal.request_id = plan.request_id
