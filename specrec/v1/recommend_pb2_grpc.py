@@ -100,8 +100,9 @@ class RecommenderServiceServicer:
 
     def Retrieve(self, request, context):
         """Top-K retrieval: the k items beam search over the target ranks best after the history, best first, with
-        their scores. Speculative by default: a drafted tree rides along with the prompt's prefill, and every beam
-        level it covers needs no target forward of its own; the items and scores are plain beam search's either way.
+        their scores. Speculative where it pays: a drafted tree rides along with the prompt's prefill, and every beam
+        level it covers needs no target forward of its own (the server runs plain or a tree, whichever has been
+        faster: RetrieveStats.tree_budget); the items and scores are plain beam search's either way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
