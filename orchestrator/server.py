@@ -108,11 +108,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         if opts.seed > MAX_SEED:
             raise RequestInvalid(f"options.seed = {opts.seed} is over 2**63-1, the largest seed the target takes",
                                  "options.seed")
-        if opts.drafter and not DRAFTER_NAME.fullmatch(opts.drafter):  # else the drafter's refusal backs
-            # every request off the drafter for a while, as if the service were down
-            raise RequestInvalid(f"options.drafter = {opts.drafter!r} is not a drafter: use model, retrieval "
-                                 "or hybrid (model and hybrid may add :drafter-<variant>), or leave it empty",
-                                 "options.drafter")
+        _check_drafter(opts.drafter, "options.drafter")
         if opts.max_tree_nodes < 0 or opts.max_tree_nodes > 128:
             raise RequestInvalid("options.max_tree_nodes must be in 0..128", "options.max_tree_nodes")
         drafter = opts.drafter or self.config.drafter
@@ -196,9 +192,7 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         if not 0 <= request.max_tree_nodes <= MAX_TREE_NODES:
             raise RequestInvalid(f"max_tree_nodes = {request.max_tree_nodes} is out of range 0..{MAX_TREE_NODES}",
                                  "max_tree_nodes")
-        if request.drafter and not DRAFTER_NAME.fullmatch(request.drafter):
-            raise RequestInvalid(f"drafter = {request.drafter!r} is not a drafter: use model, retrieval or hybrid, "
-                                 "or leave it empty", "drafter")
+        _check_drafter(request.drafter, "drafter")
         return LoopOptions(n_items=k, exclude_history=not request.include_history, mode="beam",
                            drafter=request.drafter or self.config.drafter, beam_width=width)
 
@@ -347,6 +341,13 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
                 log.exception("batch user %d failed", index)
                 return pb.RecommendBatchResponse(index=index, error=pb.UserError(
                     code=grpc.StatusCode.INTERNAL.name, message=f"{type(e).__name__}: {e}"))
+
+
+def _check_drafter(name: str, field: str) -> None:
+    # refused here: else the drafter's refusal backs every request off the drafter for a while, as if it were down
+    if name and not DRAFTER_NAME.fullmatch(name):
+        raise RequestInvalid(f"{field} = {name!r} is not a drafter: use model, retrieval or hybrid (model and hybrid "
+                             "may add :drafter-<variant>), or leave it empty", field)
 
 
 def target_refusal(e: TargetError) -> Refusal:

@@ -50,7 +50,6 @@ class BeamStats:
     rounds: int = 0  # target forwards (the first one is the prompt's prefill)
     tree_nodes: int = 0  # nodes the target scored, over all rounds
     drafted: int = 0  # nodes of the drafted tree
-    levels_per_round: list[int] = field(default_factory=list)  # beam steps each forward let the search take
     round_s: list[float] = field(default_factory=list)  # each forward's time, as the caller saw it
     draft_s: float = 0.0
     score_s: float = 0.0
@@ -82,9 +81,8 @@ class BeamSearch:
             if row is not None:
                 self.known.setdefault(path, row)
 
-    def advance(self) -> int:
-        """Take every beam step the known expansions allow; returns how many."""
-        taken = 0
+    def advance(self) -> None:
+        """Take every beam step the known expansions allow."""
         while not self.done and not self.missing():
             candidates = [(score + lp, path + (tok,), state)
                           for path, score, state in self.beams
@@ -92,8 +90,6 @@ class BeamSearch:
             candidates.sort(key=lambda c: (-c[0], c[1]))
             self.beams = [(path, score, self._step(state, path[-1])) for score, path, state in candidates[:self.width]]
             self.level += 1
-            taken += 1
-        return taken
 
     def _step(self, state: ListState, token: int) -> ListState:
         nxt = self.constraint.advance(state, token)
@@ -235,7 +231,7 @@ async def beam_retrieve(constraint: ListConstraint, prompt: Sequence[int], width
             stats.rounds += 1
             stats.tree_nodes += len(tokens)
             search.learn(tokens, parents, rows)
-            stats.levels_per_round.append(search.advance())
+            search.advance()
             if search.done:
                 break
             if pending is not None:  # the prefill is back: the tree the drafter made meanwhile
