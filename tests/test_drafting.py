@@ -499,8 +499,12 @@ def test_a_drafter_profile_too_big_for_the_target_is_narrowed_before_any_work(ti
     prof, spec = drafter_profile("tiny"), TrainSpec()
     full = drafter_params(tiny_artifacts, prof, spec)
     assert fit_profile(prof, tiny_artifacts, spec, 10 * full) is prof
-    narrowed = fit_profile(prof, tiny_artifacts, spec, 6 * full)
-    assert narrowed.dim < prof.dim and narrowed.dim % prof.heads == 0
-    assert drafter_params(tiny_artifacts, narrowed, spec) * 10 <= 6 * full
+    narrowed = fit_profile(prof, tiny_artifacts, spec, 7 * full)  # the old rule gave 18 wide: 2 heads of 9
+    assert narrowed.dim < prof.dim and narrowed.dim % (2 * prof.heads) == 0  # rotary needs an even head width
+    assert drafter_params(tiny_artifacts, narrowed, spec) * 10 <= 7 * full
+    tokens = torch.tensor([[1, 5, 6, 3, 4]])
+    logits = PadDrafter(drafter_config(tiny_artifacts, narrowed, spec)).sequence_logits(
+        tokens, torch.zeros_like(tokens), torch.tensor([5]))
+    assert logits.shape[:2] == (1, 5)  # the narrowed drafter runs (an odd head width failed in its first step)
     with pytest.raises(ValueError, match="fits within 1/10"):
         fit_profile(prof, tiny_artifacts, spec, full // 20)

@@ -363,13 +363,15 @@ def drafter_params(arts: Artifacts, prof: DrafterProfile, spec: TrainSpec) -> in
 
 
 def fit_profile(prof: DrafterProfile, arts: Artifacts, spec: TrainSpec, n_target: int) -> DrafterProfile:
-    """The profile, or a narrower one (width shrunk in steps of the head count, the MLP in proportion) whose drafter
-    stays within 1/10 of the target's parameters: a larger vocabulary grows the drafter's embeddings faster than a
-    fixed profile allows. ValueError, before any work, when even the narrowest does not fit."""
+    """The profile, or a narrower one (width shrunk in steps of twice the head count, so a head's width stays even as
+    rotary embeddings need, the MLP in proportion) whose drafter stays within 1/10 of the target's parameters: a
+    larger vocabulary grows the drafter's embeddings faster than a fixed profile allows. ValueError, before any work,
+    when even the narrowest does not fit."""
     fitted = prof
+    step = 2 * prof.heads
     while drafter_params(arts, fitted, spec) * 10 > n_target:
-        dim = fitted.dim - fitted.heads
-        if dim < 2 * fitted.heads:
+        dim = (fitted.dim - 1) // step * step
+        if dim < step:
             raise ValueError(f"no drafter of {fitted.layers} layers fits within 1/10 of the target's {n_target} "
                              f"parameters on a vocabulary of {arts.sids.vocab.size} tokens: train a larger target "
                              "profile, or a drafter profile with fewer layers")
