@@ -80,11 +80,16 @@ def cmd_plain(args: argparse.Namespace) -> int:
     ms = (time.perf_counter() - t0) * 1000
     print(f"user {arts.data.user_ids[user]}: recently watched")
     for item in arts.split.train[user][-5:]:
-        print(f"    {arts.data.titles[item] or arts.data.item_ids[item]}")
+        print(f"    {_item_name(arts, item)}")
     print(f"recommended ({len(result.items)} items, plain greedy decoding, {result.model_steps} steps, {ms:.0f} ms):")
     for rank, item in enumerate(result.items, 1):
-        print(f"  {rank:2d}. {arts.data.titles[item] or arts.data.item_ids[item]}")
+        print(f"  {rank:2d}. {_item_name(arts, item)}")
     return 0
+
+
+def _item_name(arts, item: int) -> str:
+    """An item's title, or its id where the data has no titles (synthetic data, interactions-only tables)."""
+    return arts.data.titles[item] or arts.data.item_ids[item]
 
 
 def _user_index(arts, user: str) -> int:
@@ -110,7 +115,7 @@ def recommend_for_user(arts, addr: str, user: str, n: int, policy: str = "", tim
         resp = pb_grpc.RecommenderServiceStub(ch).Recommend(
             pb.RecommendRequest(history=history, num_items=n, options=pb.DecodingOptions(policy=policy)),
             timeout=timeout, metadata=auth_metadata(token))
-    print(f"user {user}: recently watched " + "; ".join(arts.data.titles[i] for i in arts.split.train[u][-3:]))
+    print(f"user {user}: recently watched " + "; ".join(_item_name(arts, i) for i in arts.split.train[u][-3:]))
     for rank, item in enumerate(resp.items, 1):
         print(f"  {rank:2d}. {item.title or item.item_id}")
     s = resp.stats

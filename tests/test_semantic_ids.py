@@ -50,6 +50,40 @@ def test_trie_allows_exactly_the_unused_valid_continuations(used, item, depth):
     assert allowed == expected
 
 
+def test_the_trie_holds_a_bounded_cache_and_every_node_keeps_exact_children(monkeypatch):
+    """A service walks many nodes over its life: the children it keeps are capped (caching every node a 1M-item
+    catalog has held ~730 MB per process), and a node evicted and asked again gets the same children."""
+    import specrec.semantic_ids.trie as trie_module
+
+    monkeypatch.setattr(trie_module, "CHILDREN_CACHE", 8)
+    trie = ItemTrie(small_trie.sids)
+    tokens = [small_trie.sids.item_tokens(i) for i in range(small_trie.sids.n_items)]
+    for _ in range(2):  # the second walk finds most nodes evicted
+        nodes = [trie.root]
+        while nodes:
+            node = nodes.pop()
+            if node[0] == trie.depth:
+                continue
+            kids = trie.children(node)
+            below = [trie.order[p] for p in range(node[1], node[2])]
+            assert list(kids.tokens) == sorted({tokens[i][node[0]] for i in below})
+            assert int(kids.hi[-1]) == node[2] and list(kids.lo[1:]) == list(kids.hi[:-1])
+            nodes += [(node[0] + 1, int(lo), int(hi)) for lo, hi in zip(kids.lo, kids.hi, strict=True)]
+            assert trie.children.cache_info().currsize <= 8
+
+
+def test_a_token_tuple_that_is_no_item_is_refused():
+    sids = small_trie.sids
+    assert sids.item_of_tokens(sids.item_tokens(7)) == 7
+    assert sids.item_of_tokens(sids.item_tokens(7)[:-1]) is None  # too short
+    assert sids.item_of_tokens([SEP] * sids.n_levels) is None  # not code tokens
+    assert sids.item_of_tokens(list(reversed(sids.item_tokens(7)))) is None  # codes from the wrong levels
+    taken = {tuple(c) for c in sids.codes}
+    free = next((*c[:-1], last) for c in sids.codes for last in range(sids.vocab.level_sizes[-1])
+                if (*c[:-1], last) not in taken)  # a valid code on every level, no item's tuple
+    assert sids.item_of_tokens([sids.vocab.token(lv, int(c)) for lv, c in enumerate(free)]) is None
+
+
 @settings(max_examples=40, deadline=None)
 @given(n_items=st.integers(1, 6), seed=st.integers(0, 10_000))
 def test_any_walk_the_grammar_allows_yields_n_distinct_items_then_eos(n_items, seed):
