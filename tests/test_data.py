@@ -265,3 +265,13 @@ def test_synthetic_tiny_catalog_still_valid() -> None:
     data = synthetic(n_users=20, n_items=3, seed=0, n_genres=0)
     assert data.genres.shape == (3, 0)
     assert all(1 <= len(s) <= 3 and len(set(s.tolist())) == len(s) for s in data.sequences)
+
+
+def test_training_windows_are_every_cut_a_full_list_follows() -> None:
+    from specrec.training.examples import window_index
+
+    rng = np.random.default_rng(3)
+    sequences = [np.arange(n) for n in rng.integers(0, 30, size=40)] + [np.arange(0)]
+    windows = window_index(sequences, 10)
+    expected = [(u, t) for u, seq in enumerate(sequences) for t in range(len(seq) - 9)]
+    assert windows.dtype == np.int64 and [tuple(w) for w in windows.tolist()] == expected

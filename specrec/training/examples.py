@@ -27,9 +27,12 @@ def encode_example(sids: SemanticIds, history: np.ndarray, target: np.ndarray) -
 
 
 def window_index(sequences: list[np.ndarray], list_len: int) -> np.ndarray:
-    """All (user, cut) pairs where a full list of list_len items follows the cut. [n, 2]."""
-    pairs = [(u, t) for u, seq in enumerate(sequences) for t in range(0, len(seq) - list_len + 1)]
-    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    """All (user, cut) pairs where a full list of list_len items follows the cut. [n, 2]. Built with array ops: 16
+    bytes a window (10M interactions: ~150 MB, where a list of tuples took over 1 GB on the way)."""
+    counts = np.maximum(np.array([len(seq) for seq in sequences], dtype=np.int64) - list_len + 1, 0)
+    users = np.repeat(np.arange(len(sequences), dtype=np.int64), counts)
+    cuts = np.arange(len(users), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([users, cuts], axis=1)
 
 
 def make_example(sids: SemanticIds, sequences: list[np.ndarray], user: int, cut: int, max_history: int,
