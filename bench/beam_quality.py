@@ -13,16 +13,9 @@ import json
 import time
 
 from bench.speedup import RESULTS, git_rev
-from specrec.evaluation import eval_users, popularity_lists, recall_ndcg, target_lists
+from specrec.evaluation import beam_lists, eval_users, popularity_lists, recall_ndcg, target_lists
 from specrec.pipeline import prepare
-from specrec.semantic_ids.constraint import ListConstraint
-from specrec.speculation.local import retrieve
 from specrec.verify import TargetVerifier
-
-
-def beam_lists(arts, verifier: TargetVerifier, users: list[int], k: int, width: int) -> list[list[int]]:
-    constraint = ListConstraint(verifier.trie, k)
-    return [[r.item for r in retrieve(arts.prompt(u), constraint, width, verifier).results] for u in users]
 
 
 def main() -> None:
@@ -41,7 +34,7 @@ def main() -> None:
         t0 = time.perf_counter()
         lists = {"popularity": popularity_lists(arts, users, k),
                  f"greedy list of {k}": target_lists(arts, verifier.model, users, k),
-                 f"beam search, width {k}": beam_lists(arts, verifier, users, k, k)}
+                 f"beam search, width {k}": beam_lists(arts, verifier, users, k)}
         for name, recs in lists.items():
             q = recall_ndcg(recs, truths, k)
             rows.append({"k": k, "method": name, "recall": q.recall, "ndcg": q.ndcg, "users": q.users})

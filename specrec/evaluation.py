@@ -10,6 +10,9 @@ import torch
 from specrec.decoding.plain import decode
 from specrec.models.llama import Transformer
 from specrec.pipeline import Artifacts, popularity
+from specrec.semantic_ids.constraint import ListConstraint
+from specrec.speculation.local import retrieve
+from specrec.verify import TargetVerifier
 
 
 @dataclass
@@ -35,12 +38,40 @@ def recall_ndcg(recs: list[list[int]], truths: list[np.ndarray], k: int = 10) ->
 
 def popularity_lists(arts: Artifacts, users: list[int], k: int) -> list[list[int]]:
     """Most popular training items, skipping what the user has seen (the same rule the model obeys)."""
-    ranked = np.argsort(-popularity(arts.split.train, arts.data.n_items), kind="stable")
+    # the k + max_history most popular hold every list: at most max_history of them are seen (1M items: no
+    # per-user pass over the whole catalog)
+    ranked = np.argsort(-popularity(arts.split.train, arts.data.n_items), kind="stable")[:k + arts.profile.max_history]
     out = []
     for u in users:
         seen = set(int(i) for i in arts.split.train[u][-arts.profile.max_history:])
         out.append([int(i) for i in ranked if int(i) not in seen][:k])
     return out
+
+
+def transition_lists(arts: Artifacts, users: list[int], k: int) -> list[list[int]]:
+    """A plain sequence baseline: the items that most often came right after the user's last item in the training
+    sequences, then popularity; skipping what the user has seen. How much sequential signal the data holds beyond
+    popularity, at one pass over the interactions."""
+    last = {int(arts.split.train[u][-1]) for u in users}
+    pairs = [np.stack([seq[:-1], seq[1:]], axis=1) for seq in arts.split.train if len(seq) > 1]
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+    pairs = pairs[np.isin(pairs[:, 0], list(last))]
+    followers: dict[int, list[int]] = {}
+    for item in last:
+        nxt, counts = np.unique(pairs[pairs[:, 0] == item, 1], return_counts=True)
+        followers[item] = [int(i) for i in nxt[np.argsort(-counts, kind="stable")]]
+    out = []
+    for u, fallback in zip(users, popularity_lists(arts, users, k), strict=True):
+        seen = set(int(i) for i in arts.split.train[u][-arts.profile.max_history:])
+        ranked = [i for i in followers[int(arts.split.train[u][-1])] if i not in seen]
+        out.append((ranked + [i for i in fallback if i not in ranked])[:k])
+    return out
+
+
+def beam_lists(arts: Artifacts, verifier: TargetVerifier, users: list[int], k: int) -> list[list[int]]:
+    """Top-k items by beam search of width k (what the Retrieve RPC answers), plain, in this process."""
+    constraint = ListConstraint(verifier.trie, k)
+    return [[r.item for r in retrieve(arts.prompt(u), constraint, k, verifier).results] for u in users]
 
 
 def eval_users(arts: Artifacts, limit: int | None = None) -> list[int]:

@@ -87,11 +87,13 @@ class _Prepared:
 
 class TargetVerifier:
     def __init__(self, artifacts: Path, device: str = "cpu", max_sequences: int = 64, max_len: int = 512,
-                 idle_timeout_s: float = 60.0, target_subdir: str = "target", dtype: str = "float32"):
+                 idle_timeout_s: float = 60.0, target_subdir: str = "target", dtype: str = "float32",
+                 model: Transformer | None = None):
+        """`model`: verify with this model instead of the artifacts' (the quality guard checks candidates)."""
         self.device = torch.device(device)
         self.sids = SemanticIds.load(artifacts)
         self.trie = ItemTrie(self.sids)
-        model = Transformer.from_pretrained(Path(artifacts) / target_subdir, device=self.device)
+        model = model or Transformer.from_pretrained(Path(artifacts) / target_subdir, device=self.device)
         self.model = set_precision(model, parse_dtype(dtype))
         self.max_len = min(max_len, self.model.args.max_len)  # tokens a sequence may reach
         # one spare slot per row: a full row's padding in a batch writes there (see build_step)
