@@ -131,8 +131,8 @@ def report(rows: list[dict], command: str) -> str:
     served = [r for r in rows if "round_p50_ms" in r]
     if served:
         lines += ["", "Serving, tiny profile (plain = policy off, one target step per round; round p50 = median of "
-                  "latency / rounds over plain requests; vs smallest = round p50 / the smallest catalog's; RSS after the "
-                  "requests):", "",
+                  "latency / rounds over plain requests; vs smallest = round p50 / the smallest catalog's; RSS "
+                  "after the requests):", "",
                   "| items | train target + drafter s (peak MB) | target params | vocab | round p50 ms | vs smallest | "
                   "plain p50 ms | adaptive p50 ms | adaptive tau | RSS MB: Triton / draft / orchestrator |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

@@ -12,6 +12,7 @@ import numpy as np
 
 from specrec.evaluation import beam_lists, eval_users, popularity_lists, recall_ndcg, target_lists, transition_lists
 from specrec.models.llama import Transformer
+from specrec.models.profiles import TARGET_PROFILES
 from specrec.pipeline import Artifacts
 from specrec.training.examples import window_index
 from specrec.verify import TargetVerifier
@@ -44,26 +45,30 @@ class QualityVerdict:
         if self.beats_popularity:
             return f"the {profile} target beats popularity: {figures}"
         return (f"THE TRAINED TARGET IS NOT BETTER THAN POPULARITY: {figures}. Lists from this target are worse "
-                "than the most popular items. Why: " + " ".join(self.reasons()))
+                "than the most popular items. Why: " + " ".join(self.reasons(profile)))
 
-    def reasons(self) -> list[str]:
+    def reasons(self, profile: str) -> list[str]:
         """What the figures say about the causes, each with what to try."""
+        names = list(TARGET_PROFILES)
+        larger = names[names.index(profile) + 1:] if profile in names else []
+        bigger = f"a larger profile ({' or '.join(f'--profile {n}' for n in larger)})" if larger else \
+            "a larger model (no larger profile ships: a profile of your own)"
         out = []
         if self.beam_ndcg > self.popularity_ndcg:
-            out.append(f"top-{self.k} by beam search from the same model does beat popularity (NDCG "
+            out.append(f"Top-{self.k} by beam search from the same model does beat popularity (NDCG "
                        f"{self.beam_ndcg:.4f}): greedy list generation commits to one code at a time and misses the "
                        "items the model ranks best; ask the Retrieve RPC for top-K lists.")
         if self.transition_ndcg < WEAK_SIGNAL * self.popularity_ndcg:
-            out.append(f"the data holds little to learn beyond popularity: the items that most often came next after "
+            out.append(f"The data holds little to learn beyond popularity: the items that most often came next after "
                        f"a user's last item score {self.transition_ndcg:.4f}, under {WEAK_SIGNAL}x popularity; on such "
                        "data popularity is hard to beat.")
         if self.epochs < 1:
-            out.append(f"training saw {self.epochs:.2g} epochs of the data's training windows: train longer or a "
-                       "larger profile (--profile small or bench).")
+            out.append(f"Training saw {self.epochs:.2g} epochs of the data's training windows: train {bigger}, or "
+                       "longer.")
         else:
-            out.append(f"training saw {self.epochs:.2g} epochs, so more of the same steps is unlikely to help: try a "
-                       "larger profile (--profile small or bench), and check the data (items with very few "
-                       "interactions get semantic IDs the model cannot learn).")
+            out.append(f"Training saw {self.epochs:.2g} epochs, so more of the same steps is unlikely to help: try "
+                       f"{bigger}, and check the data (items with very few interactions get semantic IDs the model "
+                       "cannot learn).")
         return out
 
 

@@ -45,10 +45,12 @@ def test_the_verdict_says_which_cause_the_figures_point_to():
     greedy_loses = QualityVerdict(target_ndcg=0.064, popularity_ndcg=0.123, users=300, k=10, epochs=0.76,
                                   beam_ndcg=0.131, transition_ndcg=0.144)
     text = greedy_loses.message("tiny")
-    assert "Retrieve" in text and "little to learn beyond popularity" in text and "train longer" in text
+    assert "Retrieve" in text and "little to learn beyond popularity" in text and "or longer" in text
+    assert "--profile small or --profile bench" in text
     overtrained = QualityVerdict(0.05, 0.12, 300, 10, epochs=11.3, beam_ndcg=0.07, transition_ndcg=0.30)
-    text = overtrained.message("tiny")
+    text = overtrained.message("small")
     assert "Retrieve" not in text and "little to learn" not in text and "unlikely to help" in text
+    assert "--profile bench" in text and "--profile small" not in text
     assert QualityVerdict(0.2, 0.1, 300, 10, 1.0).message("tiny").startswith("the tiny target beats popularity")
 
 
