@@ -366,4 +366,6 @@ def test_retrieve_by_default_chooses_its_tree_and_always_answers_plain_beam_sear
         budgets.add(auto.stats.tree_budget)
         assert [i.item_id for i in auto.items] == [i.item_id for i in plain.items]
         assert all(abs(a.log_prob - b.log_prob) <= 1e-4 for a, b in zip(auto.items, plain.items, strict=True))
-    assert budgets == {0, 26, 46}  # every arm is measured once before any is preferred
+    # every arm is measured before any is preferred: the trees by auto requests, plain by them or by the plain=True
+    # request (a plain run is a plain arm's sample too, when it is booked under the same load bucket: timing decides)
+    assert {26, 46} <= budgets <= {0, 26, 46}
