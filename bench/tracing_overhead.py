@@ -2,9 +2,11 @@
 
 Both stacks run the same models, policy and users. The traced one exports every span of all three services
 (orchestrator and drafter by OTLP/gRPC, Triton by OTLP/HTTP) to a local OTLP receiver; the other has no
-endpoint configured, i.e. the no-op tracer. Requests alternate between the stacks user by user (the order
-flips every repeat), so drift of a shared machine hits both alike; the overhead is the median of per-pair
-latency ratios (same user, same repeat).
+endpoint configured, i.e. the no-op tracer. The receiver runs in a process of its own (in production the
+collector is another machine; in the measuring process its work held the client's GIL). Requests alternate
+between the stacks user by user (the order flips every repeat), so drift of a shared machine hits both alike; the
+overhead is the median of per-pair latency ratios (same user, same repeat), reported beside the mean-latency
+ratio and per repeat. Goal: < 3% at 100% sampling, < 1% at 10% or less.
 
     python -m bench.tracing_overhead --profile tiny --users 40 --repeats 3
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -21,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import psutil
 
 from bench.speedup import RESULTS, git_rev, histories, machine
 from harness.otlp_receiver import OtlpReceiver
@@ -28,21 +32,52 @@ from harness.stack import LocalStack, StackConfig
 from specrec.pipeline import prepare
 from specrec.v1 import recommend_pb2, recommend_pb2_grpc
 
-GOAL = 0.03  # issue 6: tracing at 100% costs under 3% of end-to-end latency
+GOAL = 0.03  # tracing at 100% costs under 3% of end-to-end latency
+GOAL_SAMPLED = 0.01  # and under 1% at 10% sampling (issue 18)
 CONTROL_NOTE = "**CONTROL RUN: tracing off in both stacks** (the difference is the noise floor); "
 
 
-def traced_env(receiver: OtlpReceiver, target: bool = True, ratio: float = 1.0) -> dict[str, str]:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
+def traced_env(endpoints: tuple[str, str], target: bool = True, ratio: float = 1.0) -> dict[str, str]:
+    """Environment of the traced stack; `endpoints`: the receiver's (OTLP/gRPC, OTLP/HTTP traces URL)."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoints[0], "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
     # Triton traces every request that carries a trace context (the orchestrator sends one only for sampled
     # requests) and 1 in SPECREC_TARGET_TRACE_RATE of the others: high, so it traces exactly the sampled ones.
-    triton = {"SPECREC_TARGET_TRACE_URL": receiver.http_endpoint, "SPECREC_TARGET_TRACE_RATE": "1000000"}
+    triton = {"SPECREC_TARGET_TRACE_URL": endpoints[1], "SPECREC_TARGET_TRACE_RATE": "1000000"}
     return env | (triton if target else {})
 
 
-def spans_per_request(spans: list[dict], requests: int) -> dict[str, float]:
+def _receive(conn) -> None:  # type: ignore[no-untyped-def]
+    """The receiver's process: endpoints out, then on request the span count by service and name."""
+    with OtlpReceiver() as receiver:
+        conn.send((receiver.grpc_endpoint, receiver.http_endpoint))
+        conn.recv()  # the measurement is over
+        spans = receiver.spans()
+        conn.send((len(spans), Counter(f"{s['service_name']}: {s['name']}" for s in spans)))
+
+
+class ReceiverProcess:
+    """An OtlpReceiver in a process of its own."""
+
+    def __enter__(self) -> ReceiverProcess:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_receive, args=(child,), daemon=True)
+        self.proc.start()
+        self.endpoints: tuple[str, str] = self.conn.recv()
+        return self
+
+    def span_counts(self, settle_s: float = 6.0) -> tuple[int, Counter]:
+        time.sleep(settle_s)  # the services' batch exporters flush every 5 s
+        self.conn.send("done")
+        return self.conn.recv()
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.join(5)
+
+
+def spans_per_request(counts: Counter, requests: int) -> dict[str, float]:
     """Spans per request by service and span name (events on spans not counted)."""
-    counts = Counter(f"{s['service_name']}: {s['name']}" for s in spans)
     return {k: n / requests for k, n in counts.most_common()}
 
 
@@ -70,13 +105,30 @@ def measure(stubs: dict[str, object], users, repeats: int, warmup: int, n_items:
     return {"latency_ms": out, "mismatches": mismatches}
 
 
-def summarize(lat: dict[str, list[float]]) -> dict:
+def cpu_seconds(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds (user + system) each service has used: where traced requests spend what they cost."""
+    def used(procs) -> float:  # type: ignore[no-untyped-def]
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    out = {name: used([psutil.Process(stack.procs[name].proc.pid)]) for name in ("orchestrator", "draft")}
+    launcher = psutil.Process(stack.procs["target"].proc.pid)
+    out["triton"] = used([p for p in launcher.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE])
+    return out
+
+
+def summarize(lat: dict[str, list[float]], goal: float, repeats: int) -> dict:
     ratios = [t / o for t, o in zip(lat["traced"], lat["off"], strict=True)]
     med_ratio = statistics.median(ratios)
     mean_ratio = statistics.fmean(lat["traced"]) / statistics.fmean(lat["off"])
+    per = len(ratios) // repeats
+    per_repeat = [{"pairwise_median_pct": 100 * (statistics.median(ratios[r * per:(r + 1) * per]) - 1),
+                   "mean_pct": 100 * (statistics.fmean(lat["traced"][r * per:(r + 1) * per])
+                                      / statistics.fmean(lat["off"][r * per:(r + 1) * per]) - 1)}
+                  for r in range(repeats)]
     return {mode: {"mean_ms": statistics.fmean(v), "p50_ms": statistics.median(v)} for mode, v in lat.items()} | {
-        "pairwise_median_ratio": med_ratio, "mean_ratio": mean_ratio, "pairs": len(ratios),
-        "overhead_pct": 100 * (med_ratio - 1), "goal_met": med_ratio - 1 < GOAL}
+        "pairwise_median_ratio": med_ratio, "mean_ratio": mean_ratio, "pairs": len(ratios), "goal_pct": 100 * goal,
+        "overhead_pct": 100 * (med_ratio - 1), "goal_met": med_ratio - 1 < goal and mean_ratio - 1 < goal,
+        "per_repeat": per_repeat}
 
 
 def report(res: dict) -> str:
@@ -90,7 +142,8 @@ def report(res: dict) -> str:
         f"{res['repeats']} repeats, {res['items']} items per list; warm-up excluded",
         f"- traced stack: {100 * res['sampling_ratio']:g}% sampling (parent-based) in orchestrator and drafter, every "
         f"request in Triton, exported to a local OTLP receiver "
-        f"({res['spans']} spans received){'' if res['target_tracing'] else '; Triton tracing OFF in both'}; "
+        f"in a process of its own ({res['spans']} spans received)"
+        f"{'' if res['target_tracing'] else '; Triton tracing OFF in both'}; "
         f"{CONTROL_NOTE if res['control'] else ''}"
         f"off: no endpoint (no-op tracer)", "",
         "| mode | mean ms | p50 ms |", "|---|---|---|",
@@ -98,8 +151,13 @@ def report(res: dict) -> str:
         f"| traced ({100 * res['sampling_ratio']:g}%) | {s['traced']['mean_ms']:.1f} "
         f"| {s['traced']['p50_ms']:.1f} |", "",
         f"Overhead: **{s['overhead_pct']:+.1f}%** (median of {s['pairs']} pairwise ratios; "
-        f"{100 * (s['mean_ratio'] - 1):+.1f}% on mean latency). Goal < {100 * GOAL:.0f}%: "
+        f"{100 * (s['mean_ratio'] - 1):+.1f}% on mean latency). Goal < {s['goal_pct']:.0f}% on both: "
         f"{'met' if s['goal_met'] else 'MISSED'}. Lists differing between the stacks: {res['mismatches']}.", "",
+        "Per repeat (pairwise median / mean latency): " + "; ".join(
+            f"{r['pairwise_median_pct']:+.1f}% / {r['mean_pct']:+.1f}%" for r in s["per_repeat"]), "",
+        "CPU seconds over the measured requests, traced / off: " + ", ".join(
+            f"{k} {res['cpu_seconds']['traced'][k]:.1f} / {res['cpu_seconds']['off'][k]:.1f}"
+            for k in res["cpu_seconds"]["off"]), "",
         "Spans per request: " + ", ".join(f"{k} {v:.1f}" for k, v in res["spans_per_request"].items()), ""])
 
 
@@ -124,27 +182,32 @@ def main(argv: list[str] | None = None) -> int:
     arts = prepare("ml-100k", a.profile, progress=True)
     users = histories(arts, a.users)
     mach = machine()
-    with OtlpReceiver() as receiver:
+    with ReceiverProcess() as receiver:
         base = dict(artifacts=arts.directory, drafter=a.drafter, policy=a.policy)
-        env = {} if a.control else traced_env(receiver, not a.no_target_tracing, a.sampling_ratio)
+        env = {} if a.control else traced_env(receiver.endpoints, not a.no_target_tracing, a.sampling_ratio)
         with LocalStack(StackConfig(**base, extra_env=env)) as traced, \
                 LocalStack(StackConfig(**base)) as off:
             chans = {"traced": grpc.insecure_channel(traced.orchestrator_addr),
                      "off": grpc.insecure_channel(off.orchestrator_addr)}
             stubs = {k: recommend_pb2_grpc.RecommenderServiceStub(c) for k, c in chans.items()}
+            before = {"traced": cpu_seconds(traced), "off": cpu_seconds(off)}
             res = measure(stubs, users, a.repeats, a.warmup, a.items, a.timeout)
+            cpu = {mode: {k: round(v - before[mode][k], 2) for k, v in cpu_seconds(stack).items()}
+                   for mode, stack in (("traced", traced), ("off", off))}
             for c in chans.values():
                 c.close()
-        spans = receiver.spans()
+        n_spans, counts = receiver.span_counts()
     requests = len(users) * a.repeats + min(a.warmup, len(users))
     date = dt.date.today().isoformat()
     args = " ".join(sys.argv[1:] if argv is None else argv)
     out = {"date": date, "command": f"python -m bench.tracing_overhead {args}", "git": git_rev(),
            "machine": mach, "profile": a.profile, "policy": a.policy, "drafter": a.drafter, "users": len(users),
-           "repeats": a.repeats, "items": a.items, "spans": len(spans), "target_tracing": not a.no_target_tracing,
+           "repeats": a.repeats, "items": a.items, "spans": n_spans, "target_tracing": not a.no_target_tracing,
            "sampling_ratio": a.sampling_ratio, "control": a.control,
-           "spans_per_request": spans_per_request(spans, requests), "mismatches": res["mismatches"],
-           "summary": summarize(res["latency_ms"]), "latency_ms": res["latency_ms"]}
+           "spans_per_request": spans_per_request(counts, requests), "mismatches": res["mismatches"],
+           "summary": summarize(res["latency_ms"], GOAL if a.sampling_ratio > 0.1 else GOAL_SAMPLED, a.repeats),
+           "cpu_seconds": cpu,
+           "latency_ms": res["latency_ms"]}
     a.out.mkdir(parents=True, exist_ok=True)
     ratio = "" if a.sampling_ratio == 1.0 else f"-ratio{a.sampling_ratio:g}"
     variant = "-control" if a.control else ("-no-target" if a.no_target_tracing else "") + ratio
