@@ -59,8 +59,8 @@ def test_triton_traces_only_sampled_requests(traced, tiny_artifacts):
     # Every Triton span belongs to the one sampled request: none for the 3 unsampled ones (each ran >= 2 rounds).
     assert {s["trace_id"] for s in triton_spans(spans)} == {sampled_id}
     assert not [s for s in spans if s["trace_id"] in {trace_id for trace_id, _ in unsampled}]
-    verifies = [s for s in spans if s["trace_id"] == sampled_id and s["name"] == "verify"]
-    assert len(verifies) == sampled_resp.stats.rounds
+    rounds = [s for s in spans if s["trace_id"] == sampled_id and s["name"] == "speculation_round"]
+    assert len(rounds) == sampled_resp.stats.rounds
 
 
 def test_service_logs_carry_trace_and_request_fields(traced):
