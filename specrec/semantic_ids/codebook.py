@@ -26,7 +26,7 @@ class SemanticIds:
     titles: list[str]
     vocab: Vocabulary = field(init=False)
     # items by code tuple as sorted integer keys (mixed radix over the level sizes): 16 bytes an item, where a dict
-    # of tuples held ~200 per item (200 MB in every service at 1M items)
+    # keyed by tuples held 135 MB at 1M items (tracemalloc), in every service
     _keys: np.ndarray = field(init=False, repr=False)
     _items_by_key: np.ndarray = field(init=False, repr=False)
     _levels: tuple[tuple[int, int], ...] = field(init=False, repr=False)  # (first token, size) per level

@@ -137,8 +137,8 @@ class Speculation:
         try:
             start = True
             while start or not self.state.finished:
-                # one span a round, drafting and verification in its attributes and a "drafted" event: a span of
-                # their own each tripled the orchestrator's spans (CPU for spans is most of what tracing costs)
+                # one span a round, drafting and verification in its attributes and a "drafted" event: spans are
+                # what tracing costs the orchestrator's CPU, and a span each for them tripled its spans
                 with tracer.start_as_current_span("speculation_round") as span:
                     stats = await self.round(start)
                     if span.is_recording():
