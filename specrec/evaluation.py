@@ -53,8 +53,8 @@ def transition_lists(arts: Artifacts, users: list[int], k: int) -> list[list[int
     sequences, then popularity; skipping what the user has seen. How much sequential signal the data holds beyond
     popularity, at one pass over the interactions."""
     last = {int(arts.split.train[u][-1]) for u in users}
-    pairs = [np.stack([seq[:-1], seq[1:]], axis=1) for seq in arts.split.train if len(seq) > 1]
-    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+    steps = [np.stack([seq[:-1], seq[1:]], axis=1) for seq in arts.split.train if len(seq) > 1]
+    pairs = np.concatenate(steps) if steps else np.zeros((0, 2), dtype=np.int64)
     pairs = pairs[np.isin(pairs[:, 0], list(last))]
     followers: dict[int, list[int]] = {}
     for item in last:
