@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from specrec.artifacts import Artifacts  # noqa: E402
 from specrec.drafting.base import Budget, DraftSession  # noqa: E402
 from specrec.drafting.model_drafter import DEFAULT_DIR, ModelDrafter, PadDrafter  # noqa: E402
 from specrec.drafting.offline import eval_users  # noqa: E402
-from specrec.pipeline import Artifacts, prepare  # noqa: E402
+from specrec.pipeline import prepare  # noqa: E402
 from specrec.training.drafter import TrainSpec, drafter_config, drafter_profile  # noqa: E402
 
 THREADS = {True: 64, False: 2}  # drafting threads per mode: the service's default now, and before batching

@@ -31,10 +31,11 @@ from transformers.utils import logging as hf_logging
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from specrec.artifacts import Artifacts  # noqa: E402
 from specrec.decoding.plain import decode  # noqa: E402
 from specrec.drafting.model_drafter import PadDrafter  # noqa: E402
 from specrec.models.llama import Transformer  # noqa: E402
-from specrec.pipeline import Artifacts, prepare  # noqa: E402
+from specrec.pipeline import prepare  # noqa: E402
 from specrec.semantic_ids.constraint import ListConstraint, ListState  # noqa: E402
 from specrec.semantic_ids.vocab import EOS, PAD  # noqa: E402
 

@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from harness.loadgen import Tally, closed_loop, recommend_request  # noqa: E402
 from harness.stack import LocalStack, StackConfig  # noqa: E402
+from specrec.artifacts import Artifacts  # noqa: E402
 from specrec.decoding.plain import decode  # noqa: E402
 from specrec.models.llama import Transformer  # noqa: E402
-from specrec.pipeline import Artifacts, prepare  # noqa: E402
+from specrec.pipeline import prepare  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TIMEOUT_S = 120.0

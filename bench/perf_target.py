@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.stack import LocalStack, StackConfig  # noqa: E402
-from specrec.pipeline import Artifacts, prepare  # noqa: E402
+from specrec.artifacts import Artifacts  # noqa: E402
+from specrec.pipeline import prepare  # noqa: E402
 
 FETCH = ROOT / "bench" / "fetch_perf_analyzer.sh"
 

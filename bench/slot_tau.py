@@ -18,10 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from specrec.artifacts import Artifacts  # noqa: E402
 from specrec.drafting.base import load_drafter  # noqa: E402
 from specrec.drafting.offline import EvalConfig, evaluate, target_truths  # noqa: E402
 from specrec.models.llama import Transformer  # noqa: E402
-from specrec.pipeline import Artifacts, prepare  # noqa: E402
+from specrec.pipeline import prepare  # noqa: E402
 
 COLUMNS = EvalConfig(chain_depths=(4,), tree_sizes=(16,), tree_depth=8, top_k=8)
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from specrec.artifacts import Artifacts
+from specrec.data.dataset import popularity
 from specrec.decoding.plain import decode
 from specrec.models.llama import Transformer
-from specrec.pipeline import Artifacts, popularity
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.speculation.local import retrieve
 from specrec.verify import TargetVerifier

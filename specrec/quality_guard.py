@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from specrec.artifacts import Artifacts
 from specrec.evaluation import beam_lists, eval_users, popularity_lists, recall_ndcg, target_lists, transition_lists
 from specrec.models.llama import Transformer
 from specrec.models.profiles import TARGET_PROFILES
-from specrec.pipeline import Artifacts
 from specrec.training.examples import window_index
 from specrec.verify import TargetVerifier
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from specrec.artifacts import Artifacts
 from specrec.models.llama import Transformer
-from specrec.pipeline import Artifacts, prepare
+from specrec.pipeline import prepare
 
 # Tests share 2 cores with servers they start; one thread each keeps timings sane.
 torch.set_num_threads(1)

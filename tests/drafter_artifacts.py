@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from specrec.artifacts import Artifacts
 from specrec.drafting.commands import build_retrieval
 from specrec.drafting.retrieval import POOL_DIR
-from specrec.pipeline import Artifacts
 from specrec.training.drafter import TrainSpec, train_drafter, trained
 
 

@@ -9,11 +9,11 @@ import threading
 import numpy as np
 import pytest
 
+from specrec.artifacts import Artifacts
 from specrec.drafting.base import Budget, load_drafter
 from specrec.drafting.batching import PAGE_ROWS
 from specrec.drafting.model_drafter import ModelDrafter
 from specrec.drafting.offline import eval_users
-from specrec.pipeline import Artifacts
 from tests.drafter_artifacts import ensure_tiny_drafters
 from tests.test_drafting import assert_same_tree, random_commit
 

@@ -21,10 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from draft_service.server import DraftConfig, build_server
+from specrec.artifacts import Artifacts
 from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import Budget, DraftTree, load_drafter
 from specrec.drafting.offline import eval_users
-from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint
 from tests.drafter_artifacts import ensure_tiny_drafters
 

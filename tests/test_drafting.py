@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from specrec.artifacts import Artifacts
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftTree, load_drafter
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, matches, replay
 from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, masked
 from specrec.models.llama import Transformer
-from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import EOS, SEP
 from specrec.training.drafter import (

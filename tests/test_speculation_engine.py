@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from specrec.artifacts import Artifacts
 from specrec.decoding import decode
 from specrec.drafting.base import Drafter, load_drafter
 from specrec.drafting.offline import eval_users
 from specrec.drafting.random_tree import random_tree
 from specrec.models.llama import Transformer
-from specrec.pipeline import Artifacts
 from specrec.speculation.engine import Proposal
 from specrec.speculation.local import LocalProposer, speculate
 from specrec.speculation.policy import Budget, RequestState, RoundStats, make_policy

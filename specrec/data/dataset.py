@@ -102,6 +102,14 @@ def split_holdout(data: InteractionData, n_holdout: int = 10, min_train: int = 5
     return Split(train=train, test=test)
 
 
+def popularity(sequences: list[np.ndarray], n_items: int) -> np.ndarray:
+    """Interactions per item."""
+    counts = np.zeros(n_items, dtype=np.int64)
+    for seq in sequences:
+        np.add.at(counts, seq, 1)
+    return counts
+
+
 def sparse_interactions(sequences: list[np.ndarray], n_items: int) -> sparse.csr_matrix:
     """The 0/1 user x item matrix, sparse (float32): memory grows with the interactions, not users x items."""
     lengths = [len(s) for s in sequences]

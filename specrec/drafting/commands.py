@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from specrec.artifacts import Artifacts
 from specrec.drafting.base import load_drafter
 from specrec.drafting.model_drafter import DEFAULT_DIR
 from specrec.drafting.offline import EvalConfig, eval_users, evaluate, markdown, target_truths
 from specrec.drafting.retrieval import POOL_DIR, pool_for
 from specrec.models.llama import Transformer
-from specrec.pipeline import Artifacts, prepare
+from specrec.pipeline import prepare
 from specrec.training.drafter import ABLATIONS, DIVERGENCES, TrainSpec, distill_data, drafter_profile, train_drafter
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from specrec.artifacts import Artifacts
 from specrec.decoding.plain import decode
 from specrec.drafting.base import Budget, Drafter, DraftTree
 from specrec.models.llama import Transformer
-from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint
 
 EVAL_EVERY = 5  # users u with u % EVAL_EVERY == 0 are held out of drafter training and pools

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specrec.artifacts import Artifacts
 from specrec.data.dataset import sparse_interactions
 from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, register
 from specrec.drafting.tree import CandidateTree, Node, TreeRoot, select
-from specrec.pipeline import Artifacts
 from specrec.semantic_ids.codebook import item_vectors
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import REC, SEP

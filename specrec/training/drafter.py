@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from specrec.artifacts import Artifacts
 from specrec.decoding.plain import decode
 from specrec.drafting.model_drafter import DEFAULT_DIR, DrafterConfig, PadDrafter, causal_inputs
 from specrec.drafting.offline import is_eval_user
 from specrec.models.llama import KVCache, Transformer
-from specrec.pipeline import Artifacts
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import PAD, REC
 from specrec.training.examples import encode_prompt
