@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from orchestrator.errors import RequestInvalid
 from specrec.model_identity import artifact_version
 from specrec.models.profiles import TargetProfile
@@ -104,22 +106,29 @@ class Catalog:
             raise RequestInvalid("this catalog has no item categories: filter by item ids", "filters")
         unknown = sum(item_id not in self.index for item_id in (*allow, *deny))
         unknown += sum(name not in self.categories for name in (*allow_categories, *deny_categories))
-        banned = {self.index[i] for i in deny if i in self.index} | self._in_categories(deny_categories)
-        everything = set(range(self.sids.n_items))
+        keep = np.ones(self.sids.n_items, dtype=bool)  # arrays, not sets: an allow-list at 10^6 items rules out ~10^6
+        keep[[self.index[i] for i in deny if i in self.index]] = False
+        keep[self._in_categories(deny_categories)] = False
         if allow:
-            banned |= everything - _some({self.index[i] for i in allow if i in self.index}, "allow_item_ids")
+            keep &= self._only(_some([self.index[i] for i in allow if i in self.index], "allow_item_ids"))
         if allow_categories:
-            banned |= everything - _some(self._in_categories(allow_categories), "allow_categories")
-        return ItemFilter(tuple(sorted(banned)), unknown, self.sids.n_items - len(banned))
+            keep &= self._only(_some(self._in_categories(allow_categories), "allow_categories"))
+        banned = np.flatnonzero(~keep)
+        return ItemFilter(tuple(banned.tolist()), unknown, self.sids.n_items - len(banned))
 
-    def _in_categories(self, names: Sequence[str]) -> set[int]:
-        return {int(i) for name in names for i in self.categories.get(name, ())}
+    def _in_categories(self, names: Sequence[str]) -> list[int]:
+        return [int(i) for name in names for i in self.categories.get(name, ())]
+
+    def _only(self, items: list[int]) -> np.ndarray:
+        only = np.zeros(self.sids.n_items, dtype=bool)
+        only[items] = True
+        return only
 
     def item_of(self, tokens: list[int]) -> int | None:
         return self.sids.item_of_tokens(tokens)
 
 
-def _some(allowed: set[int], field: str) -> set[int]:
+def _some(allowed: list[int], field: str) -> list[int]:
     """An allow-list that names no item of the catalog would leave nothing to recommend: say which one."""
     if not allowed:
         raise RequestInvalid(f"filters.{field} names no item of this catalog: no item could be recommended",

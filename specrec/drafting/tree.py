@@ -151,12 +151,12 @@ def child_state(constraint: ListConstraint, state: ListState, token: int) -> Lis
     """constraint.advance(state, token) for a token taken from constraint.allowed(state), without
     deriving that allowed set a second time (the hot path of tree building)."""
     if token == EOS:
-        return ListState(state.node, state.n_done, state.used, True)
+        return state.ended()
     if token == SEP:
-        return ListState(constraint.trie.root, state.n_done + 1, np.union1d(state.used, [state.node[1]]))
+        return state.item_written(constraint.trie.root)
     child = constraint.trie.child(state.node, token)
     assert child is not None, "a draft node left the grammar"
-    return ListState(child, state.n_done, state.used)
+    return ListState(child, state.n_done, state.excluded, state.generated)
 
 
 def masked(logprobs: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:

@@ -33,8 +33,23 @@ class TooFewItems(ConstraintError):
 class ListState:
     node: Node  # trie node of the item being written (root at an item boundary)
     n_done: int  # items completed in the list
-    used: np.ndarray  # sorted trie positions of items that may not be generated again
+    # Sorted trie positions of items that may not be generated: those the request rules out (history, filters)
+    # and those the list already holds. Kept apart because an allow-list can rule out nearly the whole catalog,
+    # and merging a million positions at every item written cost ~7 ms an item at 10^6 items.
+    excluded: np.ndarray
+    generated: np.ndarray
     finished: bool = False
+
+    @property
+    def n_taken(self) -> int:
+        return len(self.excluded) + len(self.generated)  # disjoint: an excluded item is never generated
+
+    def item_written(self, root: Node) -> ListState:
+        """The state after the SEP that closes the item at this (leaf) node."""
+        return ListState(root, self.n_done + 1, self.excluded, np.union1d(self.generated, [self.node[1]]))
+
+    def ended(self) -> ListState:
+        return ListState(self.node, self.n_done, self.excluded, self.generated, True)
 
 
 class ListConstraint:
@@ -51,6 +66,7 @@ class ListConstraint:
         if len(banned) and not (0 <= banned.min() and banned.max() < trie.sids.n_items):
             raise ConstraintError(f"banned items must be item indices in 0..{trie.sids.n_items - 1}")
         self.banned = np.unique(banned)
+        self.banned_positions = np.sort(trie.position[self.banned])
 
     def parse_history(self, prompt: list[int]) -> list[int]:
         """Items of a prompt `BOS item... REC` (each item: codes then SEP)."""
@@ -77,7 +93,7 @@ class ListConstraint:
             raise ConstraintError("context has no REC token marking where the list starts") from None
         history = self.parse_history(list(context[: rec + 1]))
         used = self.trie.position[history] if self.exclude_history else EMPTY
-        state = ListState(self.trie.root, 0, np.union1d(used, self.trie.position[self.banned]))
+        state = ListState(self.trie.root, 0, np.union1d(used, self.banned_positions), EMPTY)
         for i, token in enumerate(context[rec + 1:]):
             nxt = self.advance(state, int(token))
             if nxt is None:
@@ -89,7 +105,7 @@ class ListConstraint:
     def _check_enough(self, state: ListState) -> None:
         """Refuse up front a list the eligible items cannot fill: decoding would reach a dead end."""
         wanted = self.n_items - state.n_done  # an item being written is among those left
-        left = self.trie.sids.n_items - len(state.used)
+        left = self.trie.sids.n_items - state.n_taken
         if not state.finished and left < wanted:
             raise TooFewItems(f"only {left} items are eligible (the catalog less the history and the "
                                   f"filters), fewer than the {wanted} the list still needs")
@@ -99,7 +115,7 @@ class ListConstraint:
             return EMPTY
         if state.node == self.trie.root and state.n_done >= self.n_items:
             return np.array([EOS], dtype=np.int64)
-        return self.trie.allowed(state.node, state.used)
+        return self.trie.allowed(state.node, state.excluded, state.generated)
 
     def forced(self, state: ListState) -> int | None:
         """The only legal next token, if there is exactly one."""
@@ -112,20 +128,19 @@ class ListConstraint:
             return None
         if token == EOS:
             ok = state.node == self.trie.root and state.n_done >= self.n_items
-            return ListState(state.node, state.n_done, state.used, True) if ok else None
+            return state.ended() if ok else None
         if token == SEP:
             if state.node[0] != self.trie.depth:
                 return None
-            used = np.union1d(state.used, [state.node[1]])
-            return ListState(self.trie.root, state.n_done + 1, used)
+            return state.item_written(self.trie.root)
         if state.node == self.trie.root and state.n_done >= self.n_items:
             return None
         if state.node[0] >= self.trie.depth:
             return None
         child = self.trie.child(state.node, token)
-        if child is None or not np.isin(token, self.trie.allowed(state.node, state.used)):
+        if child is None or not np.isin(token, self.allowed(state)):
             return None
-        return ListState(child, state.n_done, state.used)
+        return ListState(child, state.n_done, state.excluded, state.generated)
 
     def list_items(self, generated: list[int]) -> list[int]:
         """Items of a generated token list (what follows REC), in order."""

@@ -70,18 +70,19 @@ class ItemTrie:
         child_hi = starts[first + 1:last + 1]
         return Children(self.sorted_tokens[child_lo, depth].astype(np.int64), child_lo, child_hi)
 
-    def allowed(self, node: Node, used_positions: np.ndarray) -> np.ndarray:
-        """Tokens that may follow `node` when the sorted positions in `used_positions` (sorted) are taken.
+    def allowed(self, node: Node, *taken: np.ndarray) -> np.ndarray:
+        """Tokens that may follow `node` when the positions in `taken` (disjoint sorted arrays) are taken.
 
         A leaf (a whole semantic ID) is followed by SEP.
         """
         if node[0] == self.depth:
             return np.array([SEP], dtype=np.int64)
         ch = self.children(node)
-        if len(used_positions) == 0:
-            return ch.tokens
-        taken = np.searchsorted(used_positions, ch.hi) - np.searchsorted(used_positions, ch.lo)
-        return ch.tokens[taken < ch.hi - ch.lo]
+        free = ch.hi - ch.lo
+        for positions in taken:
+            if len(positions):
+                free = free - (np.searchsorted(positions, ch.hi) - np.searchsorted(positions, ch.lo))
+        return ch.tokens[free > 0]
 
     def child(self, node: Node, token: int) -> Node | None:
         """The node reached from `node` by `token`, or None if no item continues that way."""
