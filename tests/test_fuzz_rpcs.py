@@ -10,7 +10,6 @@ drafted, and Recommend calls made while the fuzz runs return the plain greedy li
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 from collections import Counter
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from harness.stack import LocalStack, StackConfig, grpc_healthy, triton_ready
@@ -28,10 +27,8 @@ from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import DraftTree
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
+from tests.fuzzing import FUZZ, campaign, enough, examples
 
-SCALE = float(os.environ.get("SPECREC_FUZZ_SCALE", "1"))  # more examples for a deeper run, e.g. 10
-FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                     HealthCheck.data_too_large])
 DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 INT32 = st.integers(-2**31, 2**31 - 1)
 UNKNOWN_FIELD = b"\x98\x06\x01"  # field 99, varint 1: a field this server's messages do not have
@@ -184,11 +181,9 @@ def test_fuzzed_speculate_streams_get_clear_statuses_and_leave_a_witness_alone(s
     constraint = tiny_artifacts.constraint()
     picks = [(3, 0), (0, 1), (7, 0), (2, 2)]
     ref_trees, ref_commits = draft_reference(stub, constraint, contexts["prompt2"], picks)
-    witness = Stream(stub)  # opened before the fuzz, continued after it
-    assert same_tree(DraftTree.from_proto(witness.ask(open_msg(contexts["prompt2"])).tree), ref_trees[0])
     codes: Counter[str] = Counter()
 
-    @settings(FUZZ, max_examples=int(60 * SCALE))
+    @settings(FUZZ, max_examples=examples(60))
     @given(scripts(contexts))
     def run(script: list[tuple[str, object]]) -> None:
         s = Stream(stub)
@@ -223,10 +218,16 @@ def test_fuzzed_speculate_streams_get_clear_statuses_and_leave_a_witness_alone(s
             s.close()
         EXAMPLES["DraftService.Speculate (streams)"] += 1
 
-    run()
-    for commit, want in zip(ref_commits, ref_trees[1:], strict=True):
-        assert same_tree(DraftTree.from_proto(witness.ask(advance_msg(commit)).tree), want)
-    witness.close()
+    def run_beside_a_witness() -> None:
+        """A stream opened before the fuzz and continued after it (one per run: the service ends idle streams)."""
+        witness = Stream(stub)
+        assert same_tree(DraftTree.from_proto(witness.ask(open_msg(contexts["prompt2"])).tree), ref_trees[0])
+        run()
+        for commit, want in zip(ref_commits, ref_trees[1:], strict=True):
+            assert same_tree(DraftTree.from_proto(witness.ask(advance_msg(commit)).tree), want)
+        witness.close()
+
+    campaign(run_beside_a_witness, EXAMPLES, ["DraftService.Speculate (messages)"])
     stats = stub.Stats(draft_pb2.StatsRequest(), timeout=10)
     assert stats.invalid_requests > 0 and codes["INVALID_ARGUMENT"] > 0 and codes["OK"] > 0
     print(f"\nSpeculate statuses: {dict(codes)}")
@@ -253,12 +254,16 @@ def test_raw_bytes_and_unknown_fields_on_every_rpc(stack, channels):
                                        "unary_stream"),
         "Recommender.Generate": (orch, "/specrec.v1.RecommenderService/Generate", pb.GenerateRequest(prompt=[1]),
                                  "unary_stream"),
+        "Recommender.Retrieve": (orch, "/specrec.v1.RecommenderService/Retrieve",
+                                 pb.RetrieveRequest(history=["1"], k=2), "unary_unary"),
     }
     seen: Counter[str] = Counter()
 
-    @settings(FUZZ, max_examples=int(40 * SCALE))
+    @settings(FUZZ, max_examples=examples(40))
     @given(st.sampled_from(sorted(calls)), st.binary(max_size=64), st.booleans())
     def run(name: str, junk: bytes, as_extra_field: bool) -> None:
+        if enough(EXAMPLES, f"{name} (raw bytes)"):
+            return
         channel, method, base, kind = calls[name]
         body = base.SerializeToString() + (UNKNOWN_FIELD if as_extra_field else junk)
         call = getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
@@ -272,7 +277,7 @@ def test_raw_bytes_and_unknown_fields_on_every_rpc(stack, channels):
         except grpc.RpcError as err:
             seen[status_of(err).name] += 1
 
-    run()
+    campaign(run, EXAMPLES, [f"{name} (raw bytes)" for name in calls])
     print(f"\nraw bytes statuses: {dict(seen)}")
     assert seen["INVALID_ARGUMENT"] > 0
     assert_alive(stack)
@@ -330,6 +335,8 @@ sane_options = st.builds(  # every combination of valid choices, so half the cal
 )
 options = st.one_of(sane_options, wild_options)
 num_items = st.one_of(st.integers(1, 3), st.integers(0, 3), st.integers(-5, 60), st.sampled_from([-2**31, 2**31 - 1]))
+beam_widths = st.one_of(st.just(0), st.integers(1, 12), st.integers(-3, 80), st.sampled_from([-2**31, 2**31 - 1]))
+RECOMMENDER_RPCS = ["Recommend", "StreamRecommend", "Generate", "RecommendBatch", "Retrieve"]
 
 
 request_ids = st.one_of(st.just(""), st.from_regex(r"[\x21-\x7e]{1,128}", fullmatch=True),
@@ -414,19 +421,27 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
     sampling = pb.DecodingOptions.MODE_SAMPLING
     found = item_ids[:3], valid_prompts[0], 2  # the bugs this fuzz found, kept as fixed examples
 
-    @settings(FUZZ, max_examples=int(40 * SCALE))
+    @settings(FUZZ, max_examples=examples(40))
     @example("Recommend", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, seed=2**64 - 1), "", False,
-             None, 0)
+             None, 0, 0)
     @example("Generate", found[0], found[1], found[2], pb.DecodingOptions(mode=sampling, temperature=math.nan), "",
-             False, None, 0)
+             False, None, 0, 0)
     @example("Generate", found[0], contexts["finished"], found[2], pb.DecodingOptions(), "", False,
-             None, 0)
-    @given(st.sampled_from(["Recommend", "StreamRecommend", "Generate", "RecommendBatch"]), histories(item_ids),
+             None, 0, 0)
+    @given(st.sampled_from(RECOMMENDER_RPCS), histories(item_ids),
            prompts(valid_prompts, contexts["finished"]), num_items, options, request_ids, st.booleans(),
-           item_filters(item_ids), st.integers(-2, 40))
+           item_filters(item_ids), st.integers(-2, 40), beam_widths)
     def run(rpc: str, history: list[str], prompt: list[int], n: int, opts: pb.DecodingOptions, request_id: str,
-            strict: bool, filters: pb.ItemFilters | None, concurrency: int) -> None:
-        if rpc == "Generate":
+            strict: bool, filters: pb.ItemFilters | None, concurrency: int, beam_width: int) -> None:
+        if enough(EXAMPLES, f"Recommender.{rpc}"):
+            return
+        if rpc == "Retrieve":  # the beam knobs from the drawn options: plain for the sampling modes' half
+            req = pb.RetrieveRequest(history=history, k=n, beam_width=beam_width, plain=opts.mode % 2 == 1,
+                                     max_tree_nodes=opts.max_tree_nodes, drafter=opts.drafter,
+                                     include_history=opts.include_history, request_id=request_id,
+                                     strict_history=strict, filters=filters)
+            codes[collect(rpc, lambda: stub.Retrieve(req, timeout=120))] += 1
+        elif rpc == "Generate":
             req = pb.GenerateRequest(prompt=prompt, num_items=n, options=opts, request_id=request_id,
                                      filters=filters)
             codes[collect(rpc, lambda: list(stub.Generate(req, timeout=120)))] += 1
@@ -443,7 +458,7 @@ def test_fuzzed_recommender_calls_get_clear_statuses_and_witnesses_stay_greedy(s
             codes[collect(rpc, lambda: call(req, timeout=120))] += 1
 
     try:
-        run()
+        campaign(run, EXAMPLES, [f"Recommender.{rpc}" for rpc in RECOMMENDER_RPCS])
     finally:
         witness.stop.set()
         witness.join(300)

@@ -9,14 +9,14 @@ the real Triton: an INVALID_ARGUMENT-class status each, Triton alive, and its wi
 from __future__ import annotations
 
 import math
-import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
@@ -27,15 +27,13 @@ from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import EOS
 from specrec.verify import AcceptParams, TargetVerifier, VerifyError, VerifyRequest
 from specrec.verify.rules import MODES
+from tests.fuzzing import FUZZ, campaign, examples
 
-SCALE = float(os.environ.get("SPECREC_FUZZ_SCALE", "1"))  # more examples for a deeper run, e.g. 10
-EXAMPLES_IN_PROCESS = int(150 * SCALE)
-EXAMPLES_TRITON = int(40 * SCALE)
+EXAMPLES_IN_PROCESS = examples(150)
+EXAMPLES_TRITON = examples(40)
 CODES = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}  # what model.py turns into INVALID_ARG / UNAVAILABLE
 WITNESS = 4242
 POOL = [1, 2, 3, 4, 5, 6, 7]  # fuzzed sequence ids come mostly from here, so they collide and reuse state
-FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                     HealthCheck.data_too_large])
 I64 = st.integers(-2**63, 2**63 - 1)
 FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
@@ -144,13 +142,15 @@ def fuzz_requests(draw: st.DrawFn, vocab: int, contexts: dict[str, list[int]]) -
 def test_fuzzed_batches_never_raise_and_leave_a_live_sequence_alone(witness, contexts):
     verifier = witness.fuzzed
     vocab = verifier.vocab_size
-    examples = []
+    sizes: list[int] = []
+    counts: Counter[str] = Counter()
 
     @settings(FUZZ, max_examples=EXAMPLES_IN_PROCESS)
     @given(st.lists(fuzz_requests(vocab, contexts), min_size=1, max_size=4), st.integers(0, 4),
            st.integers(0, 2**32 - 1), st.integers(0, 12))
     def run(fuzz: list[VerifyRequest], at: int, seed: int, n_nodes: int) -> None:
-        examples.append(len(fuzz))
+        sizes.append(len(fuzz))
+        counts["verifier batches"] += 1
         mine = witness.request(np.random.default_rng(seed), n_nodes)
         batch = fuzz[:at] + [mine] + fuzz[at:]
         results = verifier.verify_batch(batch)  # never raises
@@ -163,8 +163,8 @@ def test_fuzzed_batches_never_raise_and_leave_a_live_sequence_alone(witness, con
         assert len(verifier.free_rows) + verifier.live_sequences == verifier.cache.n_rows
         assert len(set(verifier.free_rows)) == len(verifier.free_rows)
 
-    run()
-    print(f"\nverifier fuzz: {len(examples)} batches, {sum(examples)} fuzzed requests, "
+    campaign(run, counts, ["verifier batches"])
+    print(f"\nverifier fuzz: {len(sizes)} batches, {sum(sizes)} fuzzed requests, "
           f"witness {len(witness.steps)} steps / {witness.lists_done} whole lists")
     assert witness.lists_done >= 2, "the witness finished no greedy and sampled list: the check compared too little"
 
@@ -235,17 +235,25 @@ def test_raw_triton_tensors_get_invalid_argument_and_triton_lives(triton, tiny_a
     reference = decode(tiny_target, constraint, [prompt])[0].tokens
     client = grpcclient.InferenceServerClient(triton.target_addr)
     vocab = tiny_artifacts.sids.vocab.size
-    committed: list[int] = []
+    committed: list[int] = []  # the witness's list so far; it restarts on the same prompt when done
+    lists_done = 0
 
-    def witness_step(start: bool = False) -> None:
+    def witness_step() -> None:
+        nonlocal lists_done
+        start = not committed
         inputs = [_int64("TREE_TOKENS", []), _int64("TREE_PARENTS", [])]
         if start:
             inputs.append(_int64("CONTEXT", prompt))
         res = client.infer("specrec_target", inputs, sequence_id=WITNESS, sequence_start=start,
                            parameters={"n_items": constraint.n_items} if start else None, client_timeout=30)
         committed.extend(res.as_numpy("ACCEPTED_TOKENS").reshape(-1).tolist())
+        if committed[-1] == EOS:
+            assert committed == reference, "the witness sequence's list changed beside the fuzz"
+            lists_done += 1
+            committed.clear()
+            _end(client, WITNESS)
 
-    witness_step(start=True)
+    witness_step()
     codes: list[str] = []
     messages: set[str] = set()
 
@@ -274,21 +282,22 @@ def test_raw_triton_tensors_get_invalid_argument_and_triton_lives(triton, tiny_a
             messages.add(e.message()[:90])
         if not end:  # as the orchestrator does on every exit: END frees Triton's slot (64 per instance)
             _end(client, sequence_id)
-        if committed[-1] != EOS:
-            witness_step()
+        counts["Triton ModelInfer (raw tensors)"] += 1
+        witness_step()
 
+    counts: Counter[str] = Counter()
     try:
-        run()
-        while committed[-1] != EOS:
+        campaign(run, counts, ["Triton ModelInfer (raw tensors)"])
+        while committed:
             witness_step()
     finally:
         for sid in [*POOL, WITNESS]:  # Triton's shutdown waits for open sequences
             _end(client, sid)
-    print(f"\ntriton fuzz: {len(codes)} infer calls: "
+    print(f"\ntriton fuzz: {len(codes)} infer calls, witness {lists_done} whole lists: "
           + ", ".join(f"{c} x{codes.count(c)}" for c in sorted(set(codes))))
     print("\n".join(sorted(messages)))
     assert client.is_server_live() and client.is_model_ready("specrec_target")
-    assert committed == reference, "the witness sequence's list changed beside the fuzz"
+    assert lists_done >= 1, "the witness finished no list beside the fuzz"
 
 
 def _end(client: grpcclient.InferenceServerClient, sequence_id: int | str) -> None:
