@@ -220,6 +220,7 @@ def _span_dict(span: trace_pb2.Span, service_name: str, scope: str) -> Span:
         "status": trace_pb2.Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_").lower(),
         "attributes": _attributes(span.attributes),
         "events": [event.name for event in span.events],
+        "event_attributes": [_attributes(event.attributes) for event in span.events],
         "start_ns": span.start_time_unix_nano,
         "end_ns": span.end_time_unix_nano,
     }

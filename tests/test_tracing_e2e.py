@@ -63,17 +63,19 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     by_id = {s["span_id"]: s for s in spans}
     server = next(s for s in spans if s["name"] == "specrec.v1.RecommenderService/Recommend")
     assert server["attributes"]["specrec.request_id"] == resp.request_id == "trace-me-1"
-    rounds = [s for s in spans if s["name"] == "speculation_round"]
+    # a round is an event on the request's span (a span each cost most of tracing's CPU)
+    rounds = [attrs for name, attrs in zip(server["events"], server["event_attributes"], strict=True)
+              if name == "speculation_round"]
     assert len(rounds) == resp.stats.rounds  # the opening START carries the first tree: a round too
+    assert [r["specrec.round"] for r in rounds] == list(range(1, resp.stats.rounds + 1))
     for r in rounds:
-        assert r["parent_span_id"] == server["span_id"]
-        assert {"specrec.round", "specrec.policy", "specrec.depth", "specrec.nodes", "specrec.accepted"} <= set(
-            r["attributes"])
-        assert {"specrec.draft_ms", "specrec.verify_ms"} <= set(r["attributes"])  # a round's parts: attributes
-    assert any("drafted" in r["events"] for r in rounds if r["attributes"]["specrec.depth"])  # when drafting ended
-    round_ids = {r["span_id"] for r in rounds}
-    triton_roots = [s for s in spans if s["service_name"] == "specrec-target" and s["parent_span_id"] in round_ids]
-    assert triton_roots, "Triton's spans join the trace under the round that verified"
+        assert {"specrec.round", "specrec.policy", "specrec.depth", "specrec.nodes", "specrec.accepted",
+                "specrec.draft_ms", "specrec.verify_ms"} <= set(r)
+    assert any(r["specrec.draft_ms"] > 0 for r in rounds if r["specrec.depth"])  # drafting took time: it is there
+    triton = [s for s in spans if s["service_name"] == "specrec-target"]
+    triton_roots = [s for s in triton if by_id.get(s["parent_span_id"], {}).get("service_name") != "specrec-target"]
+    assert triton_roots and all(s["parent_span_id"] == server["span_id"] for s in triton_roots), \
+        "Triton's spans join the trace under the request's span"
     drafter = [s for s in spans if s["service_name"] == "specrec-draft" and s["name"].endswith("Speculate")]
     assert drafter and by_id.get(drafter[0]["parent_span_id"], {}).get("service_name") == "specrec-orchestrator"
     # The drafter stream's CLIENT span: the request closing its stream is no error.
