@@ -255,9 +255,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 raise DraftError(f"n_items must be >= 1 (the list length to generate), got {o.n_items}")
             drafter = await self._run(stream, self.drafters.get, o.drafter or self.config.drafter)
             try:
-                constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history, o.banned_items)
+                constraint = ListConstraint(self.drafters.trie, o.n_items, o.exclude_history, o.banned_items,
+                                            o.allowed_items)
             except ConstraintError as e:
-                raise DraftError(f"banned_items: {e}") from None
+                raise DraftError(f"banned_items / allowed_items: {e}") from None
             stream.sid = self.table.acquire()
             self.metrics.session_opened()
             stream.want_probs, stream.single_tree = o.want_probs, o.single_tree

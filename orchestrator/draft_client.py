@@ -112,10 +112,11 @@ class DraftSession:
         return Proposal(list(tree.tokens), list(tree.parents), list(tree.draft_logprobs), resp.draft_ahead_hit)
 
     async def open(self, context: list[int], n_items: int, exclude_history: bool, budget: Budget,
-                   drafter: str, timeout_s: float, banned: Sequence[int] = (), single_tree: bool = False) -> Proposal:
+                   drafter: str, timeout_s: float, banned: Sequence[int] = (), allowed: Sequence[int] = (),
+                   single_tree: bool = False) -> Proposal:
         req = draft_pb2.SpeculateRequest(open=draft_pb2.OpenSession(
             context=context, n_items=n_items, exclude_history=exclude_history, budget=_budget(budget),
-            drafter=drafter, banned_items=banned, single_tree=single_tree))
+            drafter=drafter, banned_items=banned, allowed_items=allowed, single_tree=single_tree))
         return await self._exchange(req, timeout_s)
 
     async def advance(self, committed: list[int], budget: Budget, then_plain: list[int] = ()) -> Proposal:

@@ -51,6 +51,7 @@ class LoopOptions:
     max_nodes: int = 0  # cap on tree size, 0 = the policy's choice
     drafter: str = ""
     banned: tuple[int, ...] = ()  # item indices the request's filters rule out (grammar-enforced everywhere)
+    allowed: tuple[int, ...] = ()  # if any: the only item indices they leave (whichever form is shorter is sent)
     beam_width: int = 0  # beam mode (Retrieve): children the target answers per row
 
 
@@ -91,7 +92,7 @@ class SpeculationLoop:
         observer = self.metrics.for_request(opts.drafter, policy.name, opts.mode)
         try:
             with self.metrics.requests_in_flight.track_inprogress():
-                constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned)
+                constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned, opts.allowed)
                 speculation = Speculation(prompt, constraint, policy,
                                           proposer, verifier, emit, max_len=self.catalog.max_len,
                                           max_nodes=opts.max_nodes, in_flight=lambda: self.in_flight,
@@ -112,7 +113,7 @@ class SpeculationLoop:
         key_id = secrets.randbits(63) or 1
         proposer = DraftStream(self, self.backends.draft(f"{key_id:016x}") if speculative else None, opts, metadata)
         target = TritonSequence(self, key_id, opts, metadata)
-        constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned)
+        constraint = self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned, opts.allowed)
         budget = Budget(*draft_shape(opts.beam_width, constraint.trie.branching_depth, tree_nodes))
 
         async def score(tokens: list[int], parents: list[int], start: bool) -> list[Expansion | None]:
@@ -152,7 +153,8 @@ class DraftStream:
                 self.loop.draft_sessions_open += 1
                 tree = await self.session.open(list(committed), self.opts.n_items, self.opts.exclude_history, budget,
                                                self.opts.drafter, self.drafts.timeout_s * OPEN_TIMEOUT_FACTOR,
-                                               self.opts.banned, single_tree=self.opts.mode == "beam")
+                                               self.opts.banned, self.opts.allowed,
+                                               single_tree=self.opts.mode == "beam")
             else:
                 first, *plain = news or [[]]
                 tree = await self.session.advance(first, budget, [t for r in plain for t in r])
@@ -246,6 +248,7 @@ class TritonSequence:
         kw = dict(mode=self.opts.mode, temperature=self.opts.temperature, seed=self.opts.seed,
                   beam_width=self.opts.beam_width,
                   n_items=self.opts.n_items, exclude_history=self.opts.exclude_history, banned=self.opts.banned,
+                  allowed=self.opts.allowed,
                   timeout_s=self.loop.verify_timeout_s, headers=dict(sampled_metadata(self.metadata)) or None)
         context = list(self.committed)
         try:

@@ -122,13 +122,13 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
         return n, loop_opts, policy
 
     def _filters(self, request, opts: LoopOptions) -> pb.FilterReport | None:
-        """The request's allow/deny filters into the loop's banned items; what was made of them."""
+        """The request's allow/deny filters into the loop's banned (or allowed) items; what was made of them."""
         if not request.HasField("filters"):
             return None
         f = request.filters
-        found = self.catalog.banned_items(list(f.allow_item_ids), list(f.deny_item_ids), list(f.allow_categories),
-                                          list(f.deny_categories))
-        opts.banned = found.banned
+        found = self.catalog.item_filter(list(f.allow_item_ids), list(f.deny_item_ids), list(f.allow_categories),
+                                         list(f.deny_categories))
+        opts.banned, opts.allowed = found.banned, found.allowed
         return pb.FilterReport(eligible_items=found.eligible, unknown_ids=found.unknown_ids)
 
     def _prompt(self, request) -> tuple[list[int], pb.HistoryReport | None]:
@@ -166,11 +166,11 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             n, opts, policy = self._options(request)
             filters = self._filters(request, opts)
             prompt, history = self._prompt(request)
-            self.catalog.constraint(n, opts.exclude_history, opts.banned).start(prompt)
+            self.catalog.constraint(n, opts.exclude_history, opts.banned, opts.allowed).start(prompt)
             self.catalog.check_fits(prompt, n)
         except TooFewItems as e:
             raise Refusal.invalid(ValueError(f"{e}: relax the filters or ask for fewer items"),
-                                  "filters" if opts.banned else "num_items") from None
+                                  "filters" if opts.banned or opts.allowed else "num_items") from None
         except ValueError as e:  # RequestInvalid and the grammar's ConstraintError (a bad prompt)
             raise Refusal.invalid(e, prompt_field) from None
         self._admit()
@@ -202,11 +202,11 @@ class RecommenderServicer(pb_grpc.RecommenderServiceServicer):
             opts = self._retrieve_options(request)
             filters = self._filters(request, opts)
             prompt, history = self._prompt(request)
-            self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned).start(prompt)
+            self.catalog.constraint(opts.n_items, opts.exclude_history, opts.banned, opts.allowed).start(prompt)
             self.catalog.check_fits(prompt, 1)
         except TooFewItems as e:
             raise Refusal.invalid(ValueError(f"{e}: relax the filters or ask for a smaller k"),
-                                  "filters" if opts.banned else "k") from None
+                                  "filters" if opts.banned or opts.allowed else "k") from None
         except ValueError as e:
             raise Refusal.invalid(e, "history") from None
         self._admit()

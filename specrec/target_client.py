@@ -121,6 +121,7 @@ class TargetClient:
         n_items: int = 10,
         exclude_history: bool = True,
         banned: Sequence[int] = (),
+        allowed: Sequence[int] = (),
         draft_probs: np.ndarray | None = None,
         beam_width: int = 0,
         timeout_s: float | None = None,
@@ -130,7 +131,8 @@ class TargetClient:
 
         `context` (all committed tokens) is required with `start` and after the target lost the
         sequence; `draft_probs` [n_tree + 1, vocab] only in stochastic mode; `beam_width` in beam mode. `n_items`,
-        `exclude_history` and `banned` (item indices no list may hold) are read at START only.
+        `exclude_history`, `banned` (item indices no list may hold) and `allowed` (if any, the only ones it may) are
+        read at START only.
         """
         _check_request(self.url, sequence_id, tree_tokens, tree_parents, mode)
         inputs = [_int64("TREE_TOKENS", tree_tokens), _int64("TREE_PARENTS", tree_parents)]
@@ -138,6 +140,8 @@ class TargetClient:
             inputs.append(_int64("CONTEXT", context))
             if len(banned):  # goes with CONTEXT: whenever the target may (re)build the sequence
                 inputs.append(_int64("BANNED_ITEMS", banned))
+            if len(allowed):
+                inputs.append(_int64("ALLOWED_ITEMS", allowed))
         if draft_probs is not None:
             inputs.append(_tensor("DRAFT_PROBS", np.asarray(draft_probs, dtype=np.float32), "FP32"))
         params: dict[str, str | int | bool] = {

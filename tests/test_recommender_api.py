@@ -350,9 +350,14 @@ def test_a_catalog_without_categories_refuses_category_filters_by_name(tiny_arti
     shutil.copytree(tiny_artifacts.directory / "semantic_ids", tmp_path / "semantic_ids",
                     ignore=shutil.ignore_patterns("categories.json"))
     catalog = Catalog(tmp_path)
-    assert catalog.banned_items(["1"], []).eligible == 1
+    one = catalog.item_filter(["1"], [])  # sent the short way: the one item allowed, not every other banned
+    assert one.eligible == 1 and one.allowed == (catalog.index["1"],) and one.banned == ()
+    most = catalog.item_filter([], ["1", "2"])
+    assert most.eligible == catalog.sids.n_items - 2 and most.banned == tuple(sorted(catalog.index[i] for i in "12"))
+    none = catalog.item_filter(["1"], ["1"])  # nothing eligible: everything banned (no allowed item = no allow rule)
+    assert none.eligible == 0 and none.allowed == () and len(none.banned) == catalog.sids.n_items
     with pytest.raises(RequestInvalid) as err:
-        catalog.banned_items([], [], allow_categories=["Horror"])
+        catalog.item_filter([], [], allow_categories=["Horror"])
     assert err.value.field == "filters" and "no item categories" in str(err.value)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,6 +100,38 @@ def test_any_walk_the_grammar_allows_yields_n_distinct_items_then_eos(n_items, s
     items = constraint.list_items(out)
     assert out[-1] == EOS and len(items) == n_items and len(set(items)) == n_items
     assert not set(items) & set(history)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_items=st.integers(1, 4), n_allowed=st.integers(1, 12), n_banned=st.integers(0, 4),
+       seed=st.integers(0, 10_000))
+def test_an_allow_list_is_the_grammar_its_banned_complement_is(n_items, n_allowed, n_banned, seed):
+    """A filter sent as the items allowed (the short form of an allow-list) gives, at every step of any walk, the
+    same choices as the same filter sent as every other item banned; history items inside and outside the
+    allow-list, banned items inside it, and the too-few-items refusal included."""
+    rng = np.random.default_rng(seed)
+    n = small_trie.sids.n_items
+    allowed = [int(i) for i in rng.choice(n, size=n_allowed, replace=False)]
+    banned = [int(i) for i in rng.choice(allowed, size=min(n_banned, n_allowed), replace=False)]
+    history = [int(i) for i in rng.choice(allowed, size=min(2, n_allowed), replace=False)] + \
+        [int(i) for i in rng.choice(n, size=2, replace=False)]
+    prompt = [1] + sum((small_trie.sids.item_tokens(i) + [SEP] for i in history), []) + [4]
+    short = ListConstraint(small_trie, n_items, exclude_history=True, banned=banned, allowed=allowed)
+    long = ListConstraint(small_trie, n_items, exclude_history=True,
+                          banned=sorted(set(range(n)) - set(allowed) | set(banned)))
+    try:
+        want = long.start(prompt)
+    except ConstraintError:
+        with pytest.raises(ConstraintError):
+            short.start(prompt)
+        return
+    got = short.start(prompt)
+    while not want.finished:
+        choices = long.allowed(want)
+        assert np.array_equal(short.allowed(got), choices)
+        tok = int(rng.choice(choices))
+        want, got = long.advance(want, tok), short.advance(got, tok)
+    assert got.finished
 
 
 def test_grammar_rejects_broken_contexts_clearly(tiny_artifacts):

@@ -509,7 +509,8 @@ def test_receiver_decodes_otlp_http_json_ids(receiver: OtlpReceiver, encode):
         "trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "0101010101010101", "parent_span_id": "ab" * 8,
         "name": "specrec_target", "service_name": "triton", "scope": "triton-server", "kind": "server",
         "status": "unset", "attributes": {"triton.model_version": 1, "triton.model_name": "specrec_target"},
-        "events": ["COMPUTE_START"], "event_attributes": [{}], "start_ns": 1700000000000000000, "end_ns": 1700000000001000000,
+        "events": ["COMPUTE_START"], "event_attributes": [{}],
+        "start_ns": 1700000000000000000, "end_ns": 1700000000001000000,
     }
     assert receiver.exports["http/json"] >= 1
 

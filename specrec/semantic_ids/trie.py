@@ -70,15 +70,16 @@ class ItemTrie:
         child_hi = starts[first + 1:last + 1]
         return Children(self.sorted_tokens[child_lo, depth].astype(np.int64), child_lo, child_hi)
 
-    def allowed(self, node: Node, *taken: np.ndarray) -> np.ndarray:
-        """Tokens that may follow `node` when the positions in `taken` (disjoint sorted arrays) are taken.
+    def allowed(self, node: Node, *taken: np.ndarray, only: np.ndarray | None = None) -> np.ndarray:
+        """Tokens that may follow `node` when the positions in `taken` (disjoint sorted arrays) are taken and, if
+        `only` (sorted) is given, no position outside it may be (then every taken position lies in `only`).
 
         A leaf (a whole semantic ID) is followed by SEP.
         """
         if node[0] == self.depth:
             return np.array([SEP], dtype=np.int64)
         ch = self.children(node)
-        free = ch.hi - ch.lo
+        free = ch.hi - ch.lo if only is None else np.searchsorted(only, ch.hi) - np.searchsorted(only, ch.lo)
         for positions in taken:
             if len(positions):
                 free = free - (np.searchsorted(positions, ch.hi) - np.searchsorted(positions, ch.lo))

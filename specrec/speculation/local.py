@@ -56,9 +56,9 @@ class LocalVerifier:
     """Verifier over a TargetVerifier in this process: one sequence per instance."""
 
     def __init__(self, target: TargetVerifier, n_items: int = 10, exclude_history: bool = True,
-                 params: AcceptParams | None = None, banned: Sequence[int] = ()):
+                 params: AcceptParams | None = None, banned: Sequence[int] = (), allowed: Sequence[int] = ()):
         self.target, self.n_items, self.exclude_history = target, n_items, exclude_history
-        self.banned = banned
+        self.banned, self.allowed = banned, allowed
         self.params = params or AcceptParams()
         self.sequence_id = next(_SEQUENCE_IDS)
 
@@ -66,7 +66,8 @@ class LocalVerifier:
                      start: bool) -> Verdict:
         req = VerifyRequest(self.sequence_id, list(tokens), list(parents), context=list(committed) if start else None,
                             start=start, params=self.params, n_items=self.n_items,
-                            exclude_history=self.exclude_history, banned=list(self.banned))
+                            exclude_history=self.exclude_history, banned=list(self.banned),
+                            allowed=list(self.allowed))
         result = self.target.verify_batch([req])[0]
         if isinstance(result, VerifyError):
             raise result
@@ -88,7 +89,8 @@ def speculate(prompt: list[int], constraint: ListConstraint, policy: Policy, tar
 
     if proposer is None and drafter is not None:
         proposer = LocalProposer(drafter, constraint, ahead_guesses)
-    verifier = LocalVerifier(target, constraint.n_items, constraint.exclude_history, banned=constraint.banned)
+    verifier = LocalVerifier(target, constraint.n_items, constraint.exclude_history, banned=constraint.banned.tolist(),
+                             allowed=constraint.allowed_items.tolist())
     try:
         stats = asyncio.run(Speculation(prompt, constraint, policy, proposer, verifier, emit,
                                         max_len=target.cache.max_len).run())
@@ -107,7 +109,7 @@ def retrieve(prompt: list[int], constraint: ListConstraint, width: int, target: 
     async def score(tokens: list[int], parents: list[int], start: bool) -> list[Expansion | None]:
         req = VerifyRequest(sequence_id, tokens, parents, context=list(prompt) if start else None, start=start,
                             params=params, n_items=constraint.n_items, exclude_history=constraint.exclude_history,
-                            banned=list(constraint.banned))
+                            banned=constraint.banned.tolist(), allowed=constraint.allowed_items.tolist())
         result = target.verify_batch([req])[0]
         if isinstance(result, VerifyError):
             raise result

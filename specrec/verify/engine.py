@@ -53,6 +53,7 @@ class VerifyRequest:
     n_items: int = 10
     exclude_history: bool = True
     banned: list[int] = field(default_factory=list)  # item indices no list may hold (read with the context)
+    allowed: list[int] = field(default_factory=list)  # if any: the only item indices a list may hold (likewise)
     draft_probs: torch.Tensor | None = None  # [n_tree + 1, vocab] or None
 
 
@@ -139,7 +140,7 @@ class TargetVerifier:
             raise VerifyError("INVALID_ARGUMENT", f"seed must be in 0..2**64-1, got {req.seed}")
         self._check_tokens("CONTEXT", req.context or [])
         try:
-            constraint = ListConstraint(self.trie, req.n_items, req.exclude_history, req.banned)
+            constraint = ListConstraint(self.trie, req.n_items, req.exclude_history, req.banned, req.allowed)
             state = constraint.start(list(req.context or []))
         except ConstraintError as e:
             raise VerifyError("INVALID_ARGUMENT", f"CONTEXT is not a valid list prefix: {e}") from None

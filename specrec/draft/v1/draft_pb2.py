@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specrec.draft.v1 import tree_pb2 as specrec_dot_draft_dot_v1_dot_tree__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspecrec/draft/v1/draft.proto\x12\x10specrec.draft.v1\x1a\x1bspecrec/draft/v1/tree.proto\"U\n\x0b\x44raftBudget\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x11\n\tmax_nodes\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\rmin_path_prob\x18\x04 \x01(\x02\"\xdb\x01\n\x0bOpenSession\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x0f\n\x07n_items\x18\x02 \x01(\x05\x12\x17\n\x0f\x65xclude_history\x18\x03 \x01(\x08\x12-\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x1d.specrec.draft.v1.DraftBudget\x12\x0f\n\x07\x64rafter\x18\x05 \x01(\t\x12\x12\n\nwant_probs\x18\x06 \x01(\x08\x12\x12\n\nuser_group\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x61nned_items\x18\x08 \x03(\x05\x12\x13\n\x0bsingle_tree\x18\t \x01(\x08\"f\n\x0e\x41\x64vanceSession\x12\x11\n\tcommitted\x18\x01 \x03(\x05\x12-\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x1d.specrec.draft.v1.DraftBudget\x12\x12\n\nthen_plain\x18\x03 \x03(\x05\"~\n\x10SpeculateRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.specrec.draft.v1.OpenSessionH\x00\x12\x33\n\x07\x61\x64vance\x18\x02 \x01(\x0b\x32 .specrec.draft.v1.AdvanceSessionH\x00\x42\x06\n\x04kind\"i\n\x11SpeculateResponse\x12)\n\x04tree\x18\x01 \x01(\x0b\x32\x1b.specrec.draft.v1.TokenTree\x12\x17\n\x0f\x64raft_ahead_hit\x18\x02 \x01(\x08\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x02\"\x0e\n\x0cStatsRequest\"\x88\x02\n\rStatsResponse\x12\x15\n\rlive_sessions\x18\x01 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\x05\x12\x17\n\x0fsessions_opened\x18\x03 \x01(\x03\x12\x19\n\x11sessions_rejected\x18\x04 \x01(\x03\x12\x18\n\x10sessions_expired\x18\x05 \x01(\x03\x12\x15\n\rtrees_drafted\x18\x06 \x01(\x03\x12\x18\n\x10\x64raft_ahead_hits\x18\x07 \x01(\x03\x12\x1a\n\x12\x64raft_ahead_misses\x18\x08 \x01(\x03\x12\x18\n\x10invalid_requests\x18\t \x01(\x03\x12\x15\n\rmodel_version\x18\n \x01(\t2\xb2\x01\n\x0c\x44raftService\x12X\n\tSpeculate\x12\".specrec.draft.v1.SpeculateRequest\x1a#.specrec.draft.v1.SpeculateResponse(\x01\x30\x01\x12H\n\x05Stats\x12\x1e.specrec.draft.v1.StatsRequest\x1a\x1f.specrec.draft.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspecrec/draft/v1/draft.proto\x12\x10specrec.draft.v1\x1a\x1bspecrec/draft/v1/tree.proto\"U\n\x0b\x44raftBudget\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\x11\n\tmax_nodes\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\rmin_path_prob\x18\x04 \x01(\x02\"\xf2\x01\n\x0bOpenSession\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\x05\x12\x0f\n\x07n_items\x18\x02 \x01(\x05\x12\x17\n\x0f\x65xclude_history\x18\x03 \x01(\x08\x12-\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x1d.specrec.draft.v1.DraftBudget\x12\x0f\n\x07\x64rafter\x18\x05 \x01(\t\x12\x12\n\nwant_probs\x18\x06 \x01(\x08\x12\x12\n\nuser_group\x18\x07 \x01(\t\x12\x14\n\x0c\x62\x61nned_items\x18\x08 \x03(\x05\x12\x13\n\x0bsingle_tree\x18\t \x01(\x08\x12\x15\n\rallowed_items\x18\n \x03(\x05\"f\n\x0e\x41\x64vanceSession\x12\x11\n\tcommitted\x18\x01 \x03(\x05\x12-\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x1d.specrec.draft.v1.DraftBudget\x12\x12\n\nthen_plain\x18\x03 \x03(\x05\"~\n\x10SpeculateRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.specrec.draft.v1.OpenSessionH\x00\x12\x33\n\x07\x61\x64vance\x18\x02 \x01(\x0b\x32 .specrec.draft.v1.AdvanceSessionH\x00\x42\x06\n\x04kind\"i\n\x11SpeculateResponse\x12)\n\x04tree\x18\x01 \x01(\x0b\x32\x1b.specrec.draft.v1.TokenTree\x12\x17\n\x0f\x64raft_ahead_hit\x18\x02 \x01(\x08\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x02\"\x0e\n\x0cStatsRequest\"\x88\x02\n\rStatsResponse\x12\x15\n\rlive_sessions\x18\x01 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\x05\x12\x17\n\x0fsessions_opened\x18\x03 \x01(\x03\x12\x19\n\x11sessions_rejected\x18\x04 \x01(\x03\x12\x18\n\x10sessions_expired\x18\x05 \x01(\x03\x12\x15\n\rtrees_drafted\x18\x06 \x01(\x03\x12\x18\n\x10\x64raft_ahead_hits\x18\x07 \x01(\x03\x12\x1a\n\x12\x64raft_ahead_misses\x18\x08 \x01(\x03\x12\x18\n\x10invalid_requests\x18\t \x01(\x03\x12\x15\n\rmodel_version\x18\n \x01(\t2\xb2\x01\n\x0c\x44raftService\x12X\n\tSpeculate\x12\".specrec.draft.v1.SpeculateRequest\x1a#.specrec.draft.v1.SpeculateResponse(\x01\x30\x01\x12H\n\x05Stats\x12\x1e.specrec.draft.v1.StatsRequest\x1a\x1f.specrec.draft.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTBUDGET']._serialized_start=79
   _globals['_DRAFTBUDGET']._serialized_end=164
   _globals['_OPENSESSION']._serialized_start=167
-  _globals['_OPENSESSION']._serialized_end=386
-  _globals['_ADVANCESESSION']._serialized_start=388
-  _globals['_ADVANCESESSION']._serialized_end=490
-  _globals['_SPECULATEREQUEST']._serialized_start=492
-  _globals['_SPECULATEREQUEST']._serialized_end=618
-  _globals['_SPECULATERESPONSE']._serialized_start=620
-  _globals['_SPECULATERESPONSE']._serialized_end=725
-  _globals['_STATSREQUEST']._serialized_start=727
-  _globals['_STATSREQUEST']._serialized_end=741
-  _globals['_STATSRESPONSE']._serialized_start=744
-  _globals['_STATSRESPONSE']._serialized_end=1008
-  _globals['_DRAFTSERVICE']._serialized_start=1011
-  _globals['_DRAFTSERVICE']._serialized_end=1189
+  _globals['_OPENSESSION']._serialized_end=409
+  _globals['_ADVANCESESSION']._serialized_start=411
+  _globals['_ADVANCESESSION']._serialized_end=513
+  _globals['_SPECULATEREQUEST']._serialized_start=515
+  _globals['_SPECULATEREQUEST']._serialized_end=641
+  _globals['_SPECULATERESPONSE']._serialized_start=643
+  _globals['_SPECULATERESPONSE']._serialized_end=748
+  _globals['_STATSREQUEST']._serialized_start=750
+  _globals['_STATSREQUEST']._serialized_end=764
+  _globals['_STATSRESPONSE']._serialized_start=767
+  _globals['_STATSRESPONSE']._serialized_end=1031
+  _globals['_DRAFTSERVICE']._serialized_start=1034
+  _globals['_DRAFTSERVICE']._serialized_end=1212
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ class DraftBudget(_message.Message):
     def __init__(self, depth: _Optional[int] = ..., max_nodes: _Optional[int] = ..., top_k: _Optional[int] = ..., min_path_prob: _Optional[float] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("context", "n_items", "exclude_history", "budget", "drafter", "want_probs", "user_group", "banned_items", "single_tree")
+    __slots__ = ("context", "n_items", "exclude_history", "budget", "drafter", "want_probs", "user_group", "banned_items", "single_tree", "allowed_items")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     N_ITEMS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class OpenSession(_message.Message):
     USER_GROUP_FIELD_NUMBER: _ClassVar[int]
     BANNED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     SINGLE_TREE_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     context: _containers.RepeatedScalarFieldContainer[int]
     n_items: int
     exclude_history: bool
@@ -39,7 +40,8 @@ class OpenSession(_message.Message):
     user_group: str
     banned_items: _containers.RepeatedScalarFieldContainer[int]
     single_tree: bool
-    def __init__(self, context: _Optional[_Iterable[int]] = ..., n_items: _Optional[int] = ..., exclude_history: _Optional[bool] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., drafter: _Optional[str] = ..., want_probs: _Optional[bool] = ..., user_group: _Optional[str] = ..., banned_items: _Optional[_Iterable[int]] = ..., single_tree: _Optional[bool] = ...) -> None: ...
+    allowed_items: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., n_items: _Optional[int] = ..., exclude_history: _Optional[bool] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., drafter: _Optional[str] = ..., want_probs: _Optional[bool] = ..., user_group: _Optional[str] = ..., banned_items: _Optional[_Iterable[int]] = ..., single_tree: _Optional[bool] = ..., allowed_items: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AdvanceSession(_message.Message):
     __slots__ = ("committed", "budget", "then_plain")

@@ -10,6 +10,7 @@ verified in ONE forward pass. Inputs (batch dim implicit, one row per request):
     TREE_PARENTS  INT64 [-1]  parent index per node; -1 = child of the last committed token
     DRAFT_PROBS   FP32  [-1]  optional, stochastic mode; [n_tree + 1, vocab] flattened row-major
     BANNED_ITEMS  INT64 [-1]  optional, with CONTEXT; item indices no list may hold (the request's filters)
+    ALLOWED_ITEMS INT64 [-1]  optional, with CONTEXT; if given, the only item indices a list may hold
 
 Request parameters (JSON): mode (greedy | stochastic | relaxed | beam), beam_width (beam mode), temperature,
 seed, relaxed_top_k, relaxed_min_prob, draft_children (top_k | sampled: how the tree's children were drafted;
@@ -148,7 +149,8 @@ class TritonPythonModel:
                              start=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START),
                              end=bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END),
                              params=accept, seed=seed, n_items=n_items, exclude_history=exclude,
-                             banned=_ints(request, "BANNED_ITEMS") or [], draft_probs=draft_probs)
+                             banned=_ints(request, "BANNED_ITEMS") or [], allowed=_ints(request, "ALLOWED_ITEMS") or [],
+                             draft_probs=draft_probs)
 
     def finalize(self):
         self.verifier = None
