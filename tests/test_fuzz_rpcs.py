@@ -114,6 +114,9 @@ budgets = st.one_of(st.just(BUDGET), st.builds(draft_pb2.DraftBudget, depth=st.o
                                                top_k=st.one_of(st.integers(-2, 18), INT32)))
 
 
+item_lists = st.one_of(st.just([]), st.lists(st.integers(-3, 2000), max_size=40), st.lists(INT32, max_size=3))
+
+
 @st.composite
 def open_msgs(draw: st.DrawFn, contexts: dict[str, list[int]]) -> draft_pb2.SpeculateRequest:
     kind = draw(st.sampled_from(["random", *contexts]))
@@ -124,8 +127,7 @@ def open_msgs(draw: st.DrawFn, contexts: dict[str, list[int]]) -> draft_pb2.Spec
                     drafter=draw(st.sampled_from(["", "model", "retrieval", "hybrid", "model:drafter-nope", "MODEL",
                                                   "retrieval:x", "\x00"])),
                     user_group=draw(st.sampled_from(["", "0", "1", "-1", "999999", "group a"])),
-                    banned_items=draw(st.one_of(st.just([]), st.lists(st.integers(-3, 2000), max_size=40),
-                                                st.lists(INT32, max_size=3))))
+                    banned_items=draw(item_lists), allowed_items=draw(item_lists))
 
 
 ACTIONS = ["advance_valid", "advance_valid", "advance_random", "open_again", "empty", "open"]

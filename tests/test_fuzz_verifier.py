@@ -111,6 +111,9 @@ def trees(draw: st.DrawFn, vocab: int) -> tuple[list[int], list[int]]:
     return tokens, parents
 
 
+item_lists = st.one_of(st.just([]), st.lists(st.integers(-3, 2000), max_size=40), st.lists(I64, max_size=3))
+
+
 @st.composite
 def fuzz_requests(draw: st.DrawFn, vocab: int, contexts: dict[str, list[int]]) -> VerifyRequest:
     tokens, parents = draw(trees(vocab))
@@ -136,7 +139,8 @@ def fuzz_requests(draw: st.DrawFn, vocab: int, contexts: dict[str, list[int]]) -
                          end=draw(st.booleans()), params=params,
                          seed=draw(st.one_of(st.integers(0, 9), st.integers(-2**70, 2**70))),
                          n_items=draw(st.one_of(st.integers(1, 12), st.integers(-5, 300))),
-                         exclude_history=draw(st.booleans()), draft_probs=probs)
+                         exclude_history=draw(st.booleans()), draft_probs=probs,
+                         banned=draw(item_lists), allowed=draw(item_lists))
 
 
 def test_fuzzed_batches_never_raise_and_leave_a_live_sequence_alone(witness, contexts):
@@ -186,7 +190,7 @@ def triton(tiny_artifacts):
         stack.stop()
 
 
-MUTATIONS = ["dtype", "shape", "drop", "batch2", "probs", "values", "empty_tree"]
+MUTATIONS = ["dtype", "shape", "drop", "batch2", "probs", "values", "empty_tree", "filters"]
 
 
 @st.composite
@@ -212,6 +216,10 @@ def raw_requests(draw: st.DrawFn, vocab: int, prompt: list[int]) -> tuple[list[g
             rows = draw(st.integers(0, n + 2))
             arrays["DRAFT_PROBS"] = np.asarray(draw(st.lists(FLOATS, min_size=rows * vocab, max_size=rows * vocab)))
             dtypes["DRAFT_PROBS"] = "FP32"
+        elif mutation == "filters":  # the request's filters: item indices, in range or not
+            for filter_input in draw(st.sets(st.sampled_from(["BANNED_ITEMS", "ALLOWED_ITEMS"]), min_size=1)):
+                arrays[filter_input] = np.asarray(draw(item_lists), dtype=np.int64)
+                dtypes[filter_input] = "INT64"
         elif mutation == "values":
             arrays[name] = np.asarray(draw(st.lists(st.integers(-2**63, 2**63 - 1), max_size=8)), dtype=np.int64)
         else:
