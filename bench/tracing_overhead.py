@@ -66,6 +66,10 @@ class ReceiverProcess:
         self.endpoints: tuple[str, str] = self.conn.recv()
         return self
 
+    def cpu_seconds(self) -> float:
+        """What receiving has cost so far: it shares the measured machine (a collector would not)."""
+        return sum(psutil.Process(self.proc.pid).cpu_times()[:2])
+
     def span_counts(self, settle_s: float = 6.0) -> tuple[int, Counter]:
         time.sleep(settle_s)  # the services' batch exporters flush every 5 s
         self.conn.send("done")
@@ -157,7 +161,7 @@ def report(res: dict) -> str:
             f"{r['pairwise_median_pct']:+.1f}% / {r['mean_pct']:+.1f}%" for r in s["per_repeat"]), "",
         "CPU seconds over the measured requests, traced / off: " + ", ".join(
             f"{k} {res['cpu_seconds']['traced'][k]:.1f} / {res['cpu_seconds']['off'][k]:.1f}"
-            for k in res["cpu_seconds"]["off"]), "",
+            for k in res["cpu_seconds"]["off"]) + f"; OTLP receiver {res['cpu_seconds'].get('receiver', 0):.1f}", "",
         "Spans per request: " + ", ".join(f"{k} {v:.1f}" for k, v in res["spans_per_request"].items()), ""])
 
 
@@ -191,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                      "off": grpc.insecure_channel(off.orchestrator_addr)}
             stubs = {k: recommend_pb2_grpc.RecommenderServiceStub(c) for k, c in chans.items()}
             before = {"traced": cpu_seconds(traced), "off": cpu_seconds(off)}
+            receiver_before = receiver.cpu_seconds()
             res = measure(stubs, users, a.repeats, a.warmup, a.items, a.timeout)
             cpu = {mode: {k: round(v - before[mode][k], 2) for k, v in cpu_seconds(stack).items()}
                    for mode, stack in (("traced", traced), ("off", off))}
+            cpu["receiver"] = round(receiver.cpu_seconds() - receiver_before, 2)
             for c in chans.values():
                 c.close()
         n_spans, counts = receiver.span_counts()
