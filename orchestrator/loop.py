@@ -192,7 +192,10 @@ class TritonSequence:
     """Verifier over the request's Triton sequence, on the pod its key ranks first (moved when that pod goes)."""
 
     def __init__(self, loop: SpeculationLoop, seq_id: int, opts: LoopOptions, metadata: tuple):
-        self.loop, self.seq_id, self.opts, self.metadata = loop, seq_id, opts, metadata
+        self.loop, self.seq_id, self.opts = loop, seq_id, opts
+        # made once: every round verifies under the request's span (rounds are events on it), so the traceparent
+        # Triton gets (sampled requests only) is the same each round
+        self.headers = dict(sampled_metadata(metadata)) or None
         self.key = f"{seq_id:016x}"  # places the request on pods (rendezvous hashing)
         self.pod: str | None = None  # the Triton pod holding the sequence
         self.started = False
@@ -249,7 +252,7 @@ class TritonSequence:
                   beam_width=self.opts.beam_width,
                   n_items=self.opts.n_items, exclude_history=self.opts.exclude_history, banned=self.opts.banned,
                   allowed=self.opts.allowed,
-                  timeout_s=self.loop.verify_timeout_s, headers=dict(sampled_metadata(self.metadata)) or None)
+                  timeout_s=self.loop.verify_timeout_s, headers=self.headers)
         context = list(self.committed)
         try:
             return await target.verify(self.seq_id, tokens, parents, start=start, context=context if start else None,
