@@ -105,8 +105,8 @@ class Catalog:
 
     def item_filter(self, allow: Sequence[str], deny: Sequence[str], allow_categories: Sequence[str] = (),
                      deny_categories: Sequence[str] = ()) -> ItemFilter:
-        """Item indices a request's filters rule out: outside the allow-list (empty: every item) or outside every
-        allowed category (empty: any), or in the deny-list or a denied category. Ids and category names the
+        """The items a request's filters leave: in the allow-list (empty: every item) and in an allowed category
+        (none named: any), and not in the deny-list nor a denied category. Ids and category names the
         catalog does not know are counted, not refused (a filter built from a feed may name items not trained)."""
         if (allow_categories or deny_categories) and not self.categories:
             raise RequestInvalid("this catalog has no item categories: filter by item ids", "filters")
