@@ -104,7 +104,7 @@ class Catalog:
         return ListConstraint(self.trie, n_items, exclude_history, banned, allowed)
 
     def item_filter(self, allow: Sequence[str], deny: Sequence[str], allow_categories: Sequence[str] = (),
-                     deny_categories: Sequence[str] = ()) -> ItemFilter:
+                    deny_categories: Sequence[str] = ()) -> ItemFilter:
         """The items a request's filters leave: in the allow-list (empty: every item) and in an allowed category
         (none named: any), and not in the deny-list nor a denied category. Ids and category names the
         catalog does not know are counted, not refused (a filter built from a feed may name items not trained)."""
