@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,9 +43,12 @@ def inputs_per_rpc(log: str) -> dict[str, int]:
 
 
 def markdown(date: str, command: str, code: int, summary: str, minutes: float, log: str) -> str:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
     counts = inputs_per_rpc(log)
     lines = [ln.strip() for ln in log.splitlines() if ln.strip().startswith(SUMMARY_LINES)]
-    out = [f"# Fuzz campaign, {date}", "", f"Command: `{command}` ({minutes:.0f} min, {os.cpu_count()} cores)", "",
+    out = [f"# Fuzz campaign, {date}", "",
+           f"Command: `{command}` ({minutes:.0f} min, {os.cpu_count()} cores; code `{rev}`)", "",
            f"Result: **{'passed' if code == 0 else 'FAILED'}** ({summary})", "",
            "| RPC | inputs |", "|---|---|", *(f"| {name} | {n:,} |" for name, n in sorted(counts.items())), "",
            "Statuses and witnesses, as the fuzzers print them:", "", *(f"- {ln}" for ln in lines)]
