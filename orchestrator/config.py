@@ -20,6 +20,7 @@ from specrec.security import (
 # How the orchestrator finds its Triton and draft pods (orchestrator.routing); "" = by environment.
 ROUTING_MODES = ("static", "endpointslices")
 BEAM_DRAFT_MODES = ("auto", "prefill", "overlap", "off")
+TRACE_TARGET_ROUNDS = ("start", "all")
 
 
 def _env(name: str, default: str) -> str:
@@ -58,6 +59,9 @@ class OrchestratorConfig:
     # "overlap" = drafted while Triton prefills, sent with the first level's beams (drafting off the critical path);
     # "off" = plain beam search for every request (where a tree's nodes cost more than the forwards they save)
     beam_draft: str = "auto"
+    # Which verifications of a sampled request Triton traces: "start" (the prefill with the first tree, and a
+    # rebuild), or "all" (every round: three Triton spans a round, ~2% more latency on the small profile)
+    trace_target_rounds: str = "start"
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -107,6 +111,12 @@ class OrchestratorConfig:
                             "goes out with the first level's beams, 'off' runs plain beam search for every request "
                             "(on a CPU target a tree's nodes cost about what the forwards they save do: README) "
                             "(env SPECREC_BEAM_DRAFT)")
+        p.add_argument("--trace-target-rounds", default=_env("SPECREC_TRACE_TARGET_ROUNDS", "start"),
+                       choices=TRACE_TARGET_ROUNDS,
+                       help="which verifications of a sampled request carry its trace context to Triton (which "
+                            "traces what carries one): 'start', the prefill with the first tree (every round is an "
+                            "event with its verify_ms on the request's span anyway), or 'all' rounds "
+                            "(env SPECREC_TRACE_TARGET_ROUNDS)")
         a = p.parse_args(argv)
         if not a.artifacts:
             p.error("--artifacts (or SPECREC_ARTIFACTS) is required: the directory holding semantic_ids/")
@@ -121,4 +131,5 @@ class OrchestratorConfig:
                    verify_timeout_s=a.verify_timeout_s,
                    grace_s=a.grace_s, max_connection_age_s=a.max_connection_age_s, tls=tls, auth=auth,
                    probe_port=a.probe_port,
-                   draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name, beam_draft=a.beam_draft)
+                   draft_tls_name=a.draft_tls_name, target_tls_name=a.target_tls_name, beam_draft=a.beam_draft,
+                   trace_target_rounds=a.trace_target_rounds)

@@ -59,8 +59,9 @@ class SpeculationLoop:
     """What the requests of one orchestrator share: catalog, backends, metrics, and in-flight counts."""
 
     def __init__(self, catalog: Catalog, backends: Backends, verify_timeout_s: float,
-                 metrics: OrchestratorMetrics | None = None):
+                 metrics: OrchestratorMetrics | None = None, trace_target_rounds: str = "start"):
         self.catalog = catalog
+        self.trace_every_round = trace_target_rounds == "all"  # else Triton traces a sampled request's START
         self.metrics = metrics or OrchestratorMetrics()
         self.backends = backends
         self.verify_timeout_s = verify_timeout_s
@@ -195,7 +196,7 @@ class TritonSequence:
         self.loop, self.seq_id, self.opts = loop, seq_id, opts
         # made once: every round verifies under the request's span (rounds are events on it), so the traceparent
         # Triton gets (sampled requests only) is the same each round
-        self.headers = dict(sampled_metadata(metadata)) or None
+        self.trace_headers = dict(sampled_metadata(metadata)) or None
         self.key = f"{seq_id:016x}"  # places the request on pods (rendezvous hashing)
         self.pod: str | None = None  # the Triton pod holding the sequence
         self.started = False
@@ -252,15 +253,19 @@ class TritonSequence:
                   beam_width=self.opts.beam_width,
                   n_items=self.opts.n_items, exclude_history=self.opts.exclude_history, banned=self.opts.banned,
                   allowed=self.opts.allowed,
-                  timeout_s=self.loop.verify_timeout_s, headers=self.headers)
+                  timeout_s=self.loop.verify_timeout_s)
+        # Triton traces what carries a trace context; three spans a round cost ~2% on the small profile (tracing
+        # bench), so by default only the START (and a rebuild) does
+        traced = kw | {"headers": self.trace_headers}
+        this_round = traced if start or self.loop.trace_every_round else kw
         context = list(self.committed)
         try:
             return await target.verify(self.seq_id, tokens, parents, start=start, context=context if start else None,
-                                       **kw)
+                                       **this_round)
         except TargetSequenceUnknown:
             # evicted, expired or a restarted Triton: rebuild the sequence from everything committed
             log.info("sequence %d lost by the target; rebuilding from %d tokens", self.seq_id, len(context))
-            return await target.verify(self.seq_id, tokens, parents, start=True, context=context, **kw)
+            return await target.verify(self.seq_id, tokens, parents, start=True, context=context, **traced)
 
     async def _end_on(self, pod: str, timeout_s: float | None = None) -> None:
         """END the sequence on `pod` if its client is still open; the sequence also expires on its own."""

@@ -420,7 +420,7 @@ async def build_server(config: OrchestratorConfig, router: Router | None = None,
     metrics.model.set_version(catalog.version)
     backends = build_backends(config, metrics, router, model_version=catalog.version)
     await backends.start()
-    loop = SpeculationLoop(catalog, backends, config.verify_timeout_s, metrics)
+    loop = SpeculationLoop(catalog, backends, config.verify_timeout_s, metrics, config.trace_target_rounds)
     if config.metrics_port:
         port = start_metrics_server(config.metrics_port, metrics.registry)
         log.info("metrics on http://%s:%d/metrics", config.host, port)

@@ -44,25 +44,31 @@ def scrape(port: int) -> dict[str, float]:
 def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_artifacts):
     stack, receiver, _ = traced
     history = [tiny_artifacts.data.item_ids[i] for i in tiny_artifacts.split.train[0][-20:]]
-    with grpc.insecure_channel(stack.orchestrator_addr) as ch:
-        resp = pb_grpc.RecommenderServiceStub(ch).Recommend(pb.RecommendRequest(history=history, num_items=5,
-                                                                         request_id="trace-me-1"), timeout=60)
-    trace_id = resp.trace_id
-    assert len(trace_id) == 32
+    # Triton leaves about 1 in 30 requests that carry a trace context untraced (seen with plain tritonclient calls
+    # too: 58-60 of 60 STARTs traced; cause not found), and by default it gets the context on the START only: a
+    # request whose START Triton did not trace is sent again, twice at most.
+    for attempt in range(1, 4):
+        with grpc.insecure_channel(stack.orchestrator_addr) as ch:
+            request = pb.RecommendRequest(history=history, num_items=5, request_id=f"trace-me-{attempt}")
+            resp = pb_grpc.RecommenderServiceStub(ch).Recommend(request, timeout=60)
+        trace_id = resp.trace_id
+        assert len(trace_id) == 32
 
-    def services(spans):
-        return {s["service_name"] for s in spans if s["trace_id"] == trace_id}
+        def complete(spans, trace_id: str = trace_id) -> bool:  # the server span ends last, after the response
+            ours = [s for s in spans if s["trace_id"] == trace_id]
+            return ({"specrec-orchestrator", "specrec-draft", "specrec-target"} <= {s["service_name"] for s in ours}
+                    and any(s["name"] == "specrec.v1.RecommenderService/Recommend" for s in ours))
 
-    def complete(spans) -> bool:  # the server span ends last: after the response went out
-        ours = [s for s in spans if s["trace_id"] == trace_id]
-        return ({"specrec-orchestrator", "specrec-draft", "specrec-target"} <= services(spans)
-                and any(s["name"] == "specrec.v1.RecommenderService/Recommend" for s in ours))
-
-    receiver.wait_for(complete, timeout=30)
+        try:
+            receiver.wait_for(complete, timeout=10)
+            break
+        except TimeoutError:
+            if attempt == 3:
+                raise
     spans = [s for s in receiver.spans() if s["trace_id"] == trace_id]
     by_id = {s["span_id"]: s for s in spans}
     server = next(s for s in spans if s["name"] == "specrec.v1.RecommenderService/Recommend")
-    assert server["attributes"]["specrec.request_id"] == resp.request_id == "trace-me-1"
+    assert server["attributes"]["specrec.request_id"] == resp.request_id == f"trace-me-{attempt}"
     # a round is an event on the request's span (a span each cost most of tracing's CPU)
     rounds = [attrs for name, attrs in zip(server["events"], server["event_attributes"], strict=True)
               if name == "speculation_round"]
@@ -76,6 +82,8 @@ def test_one_trace_spans_all_three_services_with_round_attributes(traced, tiny_a
     triton_roots = [s for s in triton if by_id.get(s["parent_span_id"], {}).get("service_name") != "specrec-target"]
     assert triton_roots and all(s["parent_span_id"] == server["span_id"] for s in triton_roots), \
         "Triton's spans join the trace under the request's span"
+    # by default (SPECREC_TRACE_TARGET_ROUNDS=start) Triton traces the START only: three spans a round cost ~2%
+    assert [s["name"] for s in triton_roots] == ["InferRequest"]
     drafter = [s for s in spans if s["service_name"] == "specrec-draft" and s["name"].endswith("Speculate")]
     assert drafter and by_id.get(drafter[0]["parent_span_id"], {}).get("service_name") == "specrec-orchestrator"
     # The drafter stream's CLIENT span: the request closing its stream is no error.

@@ -27,7 +27,8 @@ def traced(tiny_artifacts, tiny_drafter):
     with OtlpReceiver() as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint, "OTEL_TRACES_SAMPLER_ARG": "1.0",
                "OTEL_BSP_SCHEDULE_DELAY": "200", "SPECREC_TARGET_TRACE_URL": receiver.http_endpoint,
-               "SPECREC_TARGET_TRACE_RATE": str(TRITON_RATE)}
+               "SPECREC_TARGET_TRACE_RATE": str(TRITON_RATE),
+               "SPECREC_TRACE_TARGET_ROUNDS": "all"}  # every round of a sampled request: the most Triton traces
         config = StackConfig(artifacts=tiny_artifacts.directory, policy="fixed:3:8", extra_env=env)
         with LocalStack(config) as stack:
             yield stack, receiver
@@ -53,7 +54,13 @@ def test_triton_traces_only_sampled_requests(traced, tiny_artifacts):
     def triton_spans(spans):
         return [s for s in spans if s["service_name"] == "specrec-target"]
 
-    receiver.wait_for(lambda spans: any(s["trace_id"] == sampled_id for s in triton_spans(spans)), timeout=30)
+    def infers(spans):  # Triton's root span per inference request
+        return [s for s in triton_spans(spans) if s["name"] == "InferRequest" and s["trace_id"] == sampled_id]
+
+    # every round of the sampled request carries its context (SPECREC_TRACE_TARGET_ROUNDS=all), not just the START.
+    # Not "== rounds": Triton leaves about 1 request in 15 that carried a context untraced (all three spans absent,
+    # the rest of the batch exported; cause not found), so only "more than the START" is Triton's to keep.
+    receiver.wait_for(lambda spans: len(infers(spans)) >= 2, timeout=30)
     time.sleep(1.5)  # batches of the unsampled requests, had there been any, would have arrived by now
     spans = receiver.spans()
     # Every Triton span belongs to the one sampled request: none for the 3 unsampled ones (each ran >= 2 rounds).
