@@ -78,6 +78,15 @@ def load_rows(ld: dict) -> list[str]:
     return rows
 
 
+def campaign_note() -> str:
+    """The last long fuzz campaign (bench/fuzz_campaign.py), which this report does not rerun."""
+    reports = sorted(RESULTS.glob("fuzz-campaign-*.md"))
+    if not reports:
+        return ""
+    result = next((ln for ln in reports[-1].read_text().splitlines() if ln.startswith("Result:")), "Result: ?")
+    return f"; long campaign ({reports[-1].name}): {result.removeprefix('Result: ')}"
+
+
 def markdown(report: dict) -> str:
     c, ld, fz = report["chaos"], report["load"], report["fuzz"]
     soak = ld.get("soak")
@@ -88,7 +97,7 @@ def markdown(report: dict) -> str:
            "| check | result |", "|---|---|", *load_rows(ld),
            f"| faults survived | {survived}/{len(c['rows'])} scenarios lost nothing; "
            f"pytest tests/chaos: {c['summary']} |",
-           f"| inputs fuzzed | {fz['summary']} |",
+           f"| inputs fuzzed | {fz['summary']}{campaign_note()} |",
            f"| requests lost (must be 0) | **{lost}** |", "",
            "## Faults", "",
            "| scenario | sent | completed (= reference) | clear errors | cancelled | hung | wrong | lost |",
