@@ -124,10 +124,11 @@ class Catalog:
             return ItemFilter((), tuple(eligible.tolist()), unknown, len(eligible))
         return ItemFilter(tuple(np.flatnonzero(~keep).tolist()), (), unknown, len(eligible))
 
-    def _in_categories(self, names: Sequence[str]) -> list[int]:
-        return [int(i) for name in names for i in self.categories.get(name, ())]
+    def _in_categories(self, names: Sequence[str]) -> np.ndarray:
+        found = [self.categories[name] for name in names if name in self.categories]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
-    def _only(self, items: list[int]) -> np.ndarray:
+    def _only(self, items: Sequence[int] | np.ndarray) -> np.ndarray:
         only = np.zeros(self.sids.n_items, dtype=bool)
         only[items] = True
         return only
@@ -136,9 +137,9 @@ class Catalog:
         return self.sids.item_of_tokens(tokens)
 
 
-def _some(allowed: list[int], field: str) -> list[int]:
+def _some(allowed: list[int] | np.ndarray, field: str) -> list[int] | np.ndarray:
     """An allow-list that names no item of the catalog would leave nothing to recommend: say which one."""
-    if not allowed:
+    if len(allowed) == 0:
         raise RequestInvalid(f"filters.{field} names no item of this catalog: no item could be recommended",
                              f"filters.{field}")
     return allowed

@@ -256,16 +256,16 @@ class TritonSequence:
                   timeout_s=self.loop.verify_timeout_s)
         # Triton traces what carries a trace context; three spans a round cost ~2% on the small profile (tracing
         # bench), so by default only the START (and a rebuild) does
-        traced = kw | {"headers": self.trace_headers}
-        this_round = traced if start or self.loop.trace_every_round else kw
+        headers = self.trace_headers if start or self.loop.trace_every_round else None
         context = list(self.committed)
         try:
             return await target.verify(self.seq_id, tokens, parents, start=start, context=context if start else None,
-                                       **this_round)
+                                       headers=headers, **kw)
         except TargetSequenceUnknown:
             # evicted, expired or a restarted Triton: rebuild the sequence from everything committed
             log.info("sequence %d lost by the target; rebuilding from %d tokens", self.seq_id, len(context))
-            return await target.verify(self.seq_id, tokens, parents, start=True, context=context, **traced)
+            return await target.verify(self.seq_id, tokens, parents, start=True, context=context,
+                                       headers=self.trace_headers, **kw)
 
     async def _end_on(self, pod: str, timeout_s: float | None = None) -> None:
         """END the sequence on `pod` if its client is still open; the sequence also expires on its own."""

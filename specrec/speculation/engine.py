@@ -144,7 +144,7 @@ class Speculation:
     def trace_round(self, stats: RoundStats, start: bool, draft_s: float, verify_s: float) -> None:
         """A round is an event on the request's span, not a span of its own: at ~30 rounds a request, spans were
         most of what tracing cost the orchestrator's CPU (1.8 ms a request for 31 round spans, SDK and OTLP encoding
-        alone; 0.55 ms as events). Triton's spans for the round's verification join the request's span."""
+        alone; 0.55 ms as events). Triton's spans (by default the START's only) join the request's span."""
         span = trace.get_current_span()
         if span.is_recording():
             span.add_event("speculation_round", {

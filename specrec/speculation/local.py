@@ -66,8 +66,8 @@ class LocalVerifier:
                      start: bool) -> Verdict:
         req = VerifyRequest(self.sequence_id, list(tokens), list(parents), context=list(committed) if start else None,
                             start=start, params=self.params, n_items=self.n_items,
-                            exclude_history=self.exclude_history, banned=list(self.banned),
-                            allowed=list(self.allowed))
+                            exclude_history=self.exclude_history,  # filters are read with the context only
+                            banned=list(self.banned) if start else [], allowed=list(self.allowed) if start else [])
         result = self.target.verify_batch([req])[0]
         if isinstance(result, VerifyError):
             raise result
