@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.stack import LocalStack, StackConfig  # noqa: E402
+from specrec.draft.v1 import draft_pb2, draft_pb2_grpc  # noqa: E402
 from specrec.pipeline import prepare  # noqa: E402
 from specrec.v1 import recommend_pb2, recommend_pb2_grpc  # noqa: E402
 
@@ -90,9 +91,15 @@ def one(stub, history: list[str], policy: str, drafter: str, n_items: int, timeo
             "tokens": sum(len(it.semantic_id) + 1 for it in resp.items) + 1,  # codes + SEP per item, EOS
             "rounds": s.rounds, "tau": s.tau, "draft_ms": s.draft_ms, "verify_ms": s.verify_ms,
             "network_ms": s.network_ms, "total_ms": s.total_ms, "fallback_rounds": s.fallback_rounds,
-            "tree_rounds": s.tree_rounds, "ready_trees": s.ready_trees,
+            "tree_rounds": s.tree_rounds, "ready_trees": s.ready_trees, "start_trees": s.start_trees,
             "committed": round(s.tau * s.rounds),  # the orchestrator's count (tau = committed / rounds)
             "drafted": s.drafted_tokens, "accepted": s.accepted_tokens}
+
+
+def ahead_outcomes(draft_stub) -> Counter:
+    """The draft service's draft-ahead counts so far: hits, and misses by why (not_drafted, wrong_guess, ...)."""
+    s = draft_stub.Stats(draft_pb2.StatsRequest(), timeout=10)
+    return Counter({"hit": s.draft_ahead_hits, **dict(s.draft_ahead_misses_by_reason)})
 
 
 def run_batch(stub, users, policy, drafter, conc, n_items, timeout) -> tuple[list[dict], float]:
@@ -136,8 +143,10 @@ DEFINITIONS = [
     "**tau** = sum of tokens committed / sum of verification rounds over the row's requests (tokens = codes + SEP "
     "per item + EOS of the returned list; rounds = the orchestrator's rounds, START included); not a mean of "
     "per-request ratios (that one is `tau_request_mean` in the JSON).",
-    "**ready rate** = sum(ready_trees) / sum(tree_rounds): of the rounds that verified a drafted tree, the share "
-    "whose tree was already drafted (ahead) when the loop asked for it; `-` when no tree rounds were reported.",
+    "**ready rate** = sum(ready_trees) / sum(tree_rounds - start_trees): of the rounds that verified a drafted tree "
+    "after an earlier verification (the first tree rides on START, drafted before anything could hide it), the "
+    "share whose tree was already drafted (ahead) when the loop asked for it; `-` when no tree rounds were reported. "
+    "`ready of all tree rounds` in the JSON keeps the START trees in the denominator.",
     "**draft ms / tree round** = sum(draft_ms) / sum(tree_rounds): drafting time left on the critical path "
     "(the loop waiting for a tree) per tree round.",
     "**goodput** = generated tokens / batch wall time, median over repeats, ratio to the baseline's batch in the "
@@ -167,13 +176,16 @@ def figures(recs: list[dict], base: dict) -> dict:
     """Speedups, tau and ready rate of some error-free requests against the baseline's, keyed by (rep, idx)."""
     paired = [(base[(r["rep"], r["idx"])], r) for r in recs if (r["rep"], r["idx"]) in base]
     tree = sum(r.get("tree_rounds", 0) for r in recs)
+    after_verify = tree - sum(r.get("start_trees", 0) for r in recs)
     return {"n": len(recs), "mean_ms": _fmean(r["latency_ms"] for r in recs),
             "speedup_median_pairwise": _median(b["latency_ms"] / r["latency_ms"] for b, r in paired),
             "speedup_mean_latency": _div(_fmean(b["latency_ms"] for b, _ in paired),
                                          _fmean(r["latency_ms"] for _, r in paired)),
             "tau": _div(sum(r["tokens"] for r in recs), sum(r["rounds"] for r in recs)),
             "tree_rounds_total": tree, "ready_trees_total": sum(r.get("ready_trees", 0) for r in recs),
-            "ready_rate": _div(sum(r.get("ready_trees", 0) for r in recs), tree),
+            "ready_rate": _div(sum(r.get("ready_trees", 0) for r in recs), after_verify),
+            "ready_of_all_tree_rounds": _div(sum(r.get("ready_trees", 0) for r in recs), tree),
+            "tree_rounds_after_verify": after_verify,
             "draft_ms_per_tree_round": _div(sum(r["draft_ms"] for r in recs), tree)}
 
 
@@ -223,7 +235,9 @@ def summarize(records: dict, batches: dict, configs, concs, repeats) -> dict:
                 "fallback_rounds": m("fallback_rounds"), "drafted": m("drafted"), "accepted": m("accepted"),
                 "tree_rounds": m("tree_rounds"), "ready_trees": m("ready_trees"),
                 "tree_rounds_total": fig["tree_rounds_total"], "ready_trees_total": fig["ready_trees_total"],
-                "ready_rate": fig["ready_rate"], "draft_ms_per_tree_round": fig["draft_ms_per_tree_round"],
+                "ready_rate": fig["ready_rate"], "ready_of_all_tree_rounds": fig["ready_of_all_tree_rounds"],
+                "tree_rounds_after_verify": fig["tree_rounds_after_verify"],
+                "draft_ms_per_tree_round": fig["draft_ms_per_tree_round"],
                 "by_repeat": by_repeat, "mismatched_users": mism,
                 # requests whose list token count differs from the orchestrator's committed count (expected 0)
                 "tokens_neq_committed": sum(r["tokens"] != r["committed"] for r in recs if "committed" in r),
@@ -334,6 +348,16 @@ def adaptive_vs_best_table(items: list[dict]) -> list[str]:
     return out
 
 
+def ahead_table(ahead: dict[str, dict[str, int]]) -> str:
+    kinds = ["hit", "not_drafted", "plain_round", "wrong_guess", "unfinished", "budget"]
+    lines = ["| policy | drafter | conc | " + " | ".join(kinds) + " | hit share |", "|---" * (len(kinds) + 4) + "|"]
+    for key, counts in ahead.items():
+        total = sum(counts.values())
+        lines.append("| " + " | ".join(key.split("|")) + " | " + " | ".join(str(counts.get(k, 0)) for k in kinds)
+                     + f" | {counts.get('hit', 0) / max(total, 1):.0%} |")
+    return "\n".join(lines)
+
+
 def report(res: dict) -> str:
     m, a, rows = res["machine"], res["args"], res["summary"]["rows"]
     mism = [(r["policy"], r["drafter"], r["concurrency"], r["mismatched_users"]) for r in rows if r["mismatched_users"]]
@@ -375,6 +399,12 @@ def report(res: dict) -> str:
     out += ["## Adaptive vs the best other policy (heuristic, fixed or chain) with the same drafter", ""]
     out += adaptive_vs_best_table(res["adaptive_vs_best"])
     out += ["", "## Where the time goes", "", res["where"], ""]
+    if res.get("draft_ahead"):
+        out += ["## Draft-ahead outcomes", "", "The draft service's count per configuration: trees served ready (hit), "
+                "and misses by why — not_drafted (no guess drafted before the commit came), plain_round (a round "
+                "without a tree in between), wrong_guess (the commit was none of the guesses), unfinished (the "
+                "right guess was still being drafted), budget (the next budget asked for more than the guess "
+                "drafted).", "", ahead_table(res["draft_ahead"]), ""]
     out += ["## Not in this report", "",
             "- Hugging Face assisted generation, perf_analyzer, tau per item slot and plots: `bench/run.py` "
             "(`make bench`) runs them with this script and writes the combined report.", ""]
@@ -397,7 +427,8 @@ def _repeats_txt(r: dict) -> str:
 
 
 def _ready_txt(r: dict) -> str:
-    return (f"{r['ready_trees_total']} ready of {r['tree_rounds_total']} tree rounds"
+    return (f"{r['ready_trees_total']} ready of {r['tree_rounds_after_verify']} tree rounds after a verification, "
+            f"{r['tree_rounds_total']} with the START trees"
             + ("" if r["tree_rounds_total"] else " (tree_rounds = 0: not reported by the orchestrator)")
             + f"; draft {num(r['draft_ms_per_tree_round'], '.2f')} ms per tree round on the critical path")
 
@@ -577,8 +608,11 @@ def run(a: argparse.Namespace, command: str) -> dict:
                                  "SPECREC_TARGET_DTYPE": a.target_dtype})
     print(f"[speedup] {len(configs)} configurations x {len(concs)} concurrencies x {a.repeats} repeats x "
           f"{len(users)} users; load {mach['loadavg_start']}", flush=True)
-    with LocalStack(cfg) as stack, grpc.insecure_channel(stack.orchestrator_addr) as ch:
+    ahead: dict = defaultdict(Counter)  # draft-ahead outcomes per configuration, from the draft service
+    with LocalStack(cfg) as stack, grpc.insecure_channel(stack.orchestrator_addr) as ch, \
+            grpc.insecure_channel(stack.draft_addr) as draft_ch:
         stub = recommend_pb2_grpc.RecommenderServiceStub(ch)
+        draft_stub = draft_pb2_grpc.DraftServiceStub(draft_ch)
         for pol, d in configs:  # warm-up: load drafters, JIT paths, Triton instances; excluded
             for _u, h in users[:a.warmup]:
                 one(stub, h, pol, "" if d == "-" else d, a.items, a.timeout)
@@ -587,7 +621,9 @@ def run(a: argparse.Namespace, command: str) -> dict:
             phases.append({"phase": len(phases), "repeat": rep, "order": order, "concurrency": conc, "after": after})
             rotated = configs[rep % len(configs):] + configs[:rep % len(configs)]  # rotate every repeat
             for pol, d in rotated:
+                before = ahead_outcomes(draft_stub)
                 recs, wall = run_batch(stub, users, pol, "" if d == "-" else d, conc, a.items, a.timeout)
+                ahead[(pol, d, conc)].update(ahead_outcomes(draft_stub) - before)
                 for r in recs:
                     r.update(policy=pol, drafter=d, concurrency=conc, repeat=rep, rep=rep, order=order,
                              phase=len(phases) - 1, after=after)
@@ -607,6 +643,7 @@ def run(a: argparse.Namespace, command: str) -> dict:
            "measure_s": measure_s, "summary": summary,
            "adaptive_vs_best": adaptive_vs_best(rows, concs, drafters), "goals": goals(rows, concs),
            "where": where(rows), "notes": a.note, "phases": phases,
+           "draft_ahead": {f"{k[0]}|{k[1]}|{k[2]}": dict(v) for k, v in ahead.items() if v},
            "batches": {f"{k[0]}|{k[1]}|{k[2]}": {rep: list(tw) for rep, tw in v.items()} for k, v in batches.items()},
            "records": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in records.items()}}
     res["total_s"] = time.perf_counter() - t_start

@@ -277,12 +277,14 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             tree = await self._run(stream, _advance, stream.session, list(req.advance.committed),
                                    list(req.advance.then_plain), budget, stream.want_probs)
             if prepared:
-                hit = stream.session.ahead_hit
-                self.metrics.draft_ahead(hit)
+                hit, reason = stream.session.ahead_hit, stream.session.ahead_miss
+                self.metrics.draft_ahead(hit, reason)
                 if hit:
                     self.table.counters.draft_ahead_hits += 1
                 else:
                     self.table.counters.draft_ahead_misses += 1
+                    by_reason = self.table.counters.draft_ahead_misses_by_reason
+                    by_reason[reason] = by_reason.get(reason, 0) + 1
         else:
             raise DraftError("empty request: set either open or advance")
         seconds = time.perf_counter() - t0

@@ -8,7 +8,7 @@ vanished stream frees its slot the same way.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from specrec.draft.v1 import draft_pb2
 
@@ -27,6 +27,7 @@ class Counters:
     trees_drafted: int = 0
     draft_ahead_hits: int = 0
     draft_ahead_misses: int = 0
+    draft_ahead_misses_by_reason: dict[str, int] = field(default_factory=dict)
     invalid_requests: int = 0
 
 

@@ -16,7 +16,7 @@ def stats_message(s: RequestStats) -> pb.Stats:
                     draft_ms=s.draft_s * 1e3, verify_ms=s.verify_s * 1e3,
                     network_ms=max(0.0, s.total_s - s.draft_s - s.verify_s) * 1e3, total_ms=s.total_s * 1e3,
                     fallback_rounds=s.fallback_rounds, policy=s.policy,
-                    tree_rounds=s.tree_rounds, ready_trees=s.ready_trees)
+                    tree_rounds=s.tree_rounds, ready_trees=s.ready_trees, start_trees=s.start_trees)
 
 
 def history_report(resolved: ResolvedHistory) -> pb.HistoryReport:

@@ -175,6 +175,7 @@ async def test_draft_ahead_hit_and_miss(svc, artifacts):
     assert not resp.draft_ahead_hit
     stats = await svc.stub.Stats(draft_pb2.StatsRequest())
     assert stats.draft_ahead_hits == 1 and stats.draft_ahead_misses == 1
+    assert dict(stats.draft_ahead_misses_by_reason) == {"wrong_guess": 1}  # the commit was none of the guesses
     call.cancel()
 
 

@@ -197,7 +197,7 @@ def test_draft_ahead_hit_and_miss(drafters, prompts, tiny_artifacts, name):
     assert guess is not None and is_stop_commit(tree, guess)
     session.commit(guess)  # the guess comes true: the next tree is ready
     hit = session.draft(budget)
-    assert session.ahead_hit
+    assert session.ahead_hit and session.ahead_miss == ""
     assert_same_tree(hit, drafters[name].open(session.context, constraint).draft(budget))
     assert session.prepare_ahead()
     guess = session.ahead_guess
@@ -205,14 +205,14 @@ def test_draft_ahead_hit_and_miss(drafters, prompts, tiny_artifacts, name):
     other = [int(t) for t in constraint.allowed(st) if t != guess[-1]]
     session.commit(guess[:-1] + other[:1] if other else guess[:1])  # a different bonus: a miss
     miss = session.draft(budget)
-    assert not session.ahead_hit
+    assert not session.ahead_hit and session.ahead_miss == "wrong_guess"
     assert_same_tree(miss, drafters[name].open(session.context, constraint).draft(budget))
     # a hit with a different budget is not used, and still right
     session.prepare_ahead()
     session.commit(session.ahead_guess)
     other_budget = Budget(3, 5, 2)
     tree = session.draft(other_budget)
-    assert not session.ahead_hit
+    assert not session.ahead_hit and session.ahead_miss == "budget"
     assert_same_tree(tree, drafters[name].open(session.context, constraint).draft(other_budget))
 
 

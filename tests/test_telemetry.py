@@ -447,7 +447,7 @@ def test_metrics_endpoint_serves_prometheus_text_with_process_metrics():
     drafter.session_opened()
     drafter.observe_tree(n_nodes=5, seconds=0.0003)
     drafter.draft_ahead(hit=True)
-    drafter.draft_ahead(hit=False)
+    drafter.draft_ahead(hit=False, reason="wrong_guess")
 
     port = start_metrics_server(0, orchestrator.registry, addr="127.0.0.1")
     drafter_port = start_metrics_server(0, drafter.registry, addr="127.0.0.1")

@@ -200,6 +200,8 @@ class DraftSession(ABC):
         self.last_tree: DraftTree | None = None
         self.ahead_hit = False  # the last tree was drafted ahead, completely, before its commit arrived
         self.ahead_reused = False  # the last tree grew from work drafted ahead (complete or finished on demand)
+        # why the last tree was not ready, when draft-ahead ran before it: one of AHEAD_MISSES ("" on a hit)
+        self.ahead_miss = ""
         self._ahead: list[_Ahead] = []  # guesses drafted ahead since the last commit, likeliest first
         self._ready: tuple[Budget, bool, DraftTree, bool] | None = None
         self._last_request: tuple[Budget, bool] | None = None
@@ -266,7 +268,10 @@ class DraftSession(ABC):
             # a tree drafted ahead with a looser budget serves a stricter one: cut, not redrafted
             tree = ready[2] if ready[0] == budget else ready[2].restricted(budget)
             self.ahead_hit, self.ahead_reused, self.last_tree = ready[3], True, tree
+            self.ahead_miss = "" if ready[3] else "unfinished"
             return tree
+        if ready is not None:
+            self.ahead_miss = "budget"
         self.ahead_hit = self.ahead_reused = False
         tree = DraftTree(vocab_size=self.vocab_size) if budget.empty or self.finished \
             else self._draft(budget, want_probs)
@@ -287,6 +292,8 @@ class DraftSession(ABC):
             state = self._follow_grammar(state, later)
         guesses, self._ahead = self._ahead, []
         hit = next((a for a in guesses if not later and a.assumed == tokens), None)
+        self.ahead_miss = "" if hit is not None else \
+            "not_drafted" if not guesses else "plain_round" if later else "wrong_guess"
         for a in guesses:
             if a is not hit:
                 self._drop_ahead(a.work)
@@ -368,6 +375,12 @@ class DraftSession(ABC):
         for a in self._ahead:
             self._drop_ahead(a.work)
         self._ahead, self._ready = [], None
+
+
+# Why a tree drafted ahead could not serve the next request: no guess was drafted before the commit came, tokens
+# committed without a tree came in between, the commit was none of the guesses, the right guess was still being
+# drafted (finished on demand), or the next budget asked for more than the guess's looser budget drafted.
+AHEAD_MISSES = ("not_drafted", "plain_round", "wrong_guess", "unfinished", "budget")
 
 
 @dataclass

@@ -80,6 +80,7 @@ class RequestStats:
     fallback_rounds: int = 0
     tree_rounds: int = 0  # rounds that verified a drafted tree
     ready_trees: int = 0  # of those, trees the proposer had ready when asked (drafted ahead)
+    start_trees: int = 0  # of those, the first tree riding on START: no verification ran before it to hide behind
     policy: str = ""
 
     @property
@@ -204,6 +205,7 @@ class Speculation:
         self.stats.verify_s += verify_s
         self.stats.tree_rounds += drafted
         self.stats.ready_trees += stats.ready
+        self.stats.start_trees += drafted and start
         if self.observer is not None and not start:
             self.observer.observe_round(depth, len(tokens), accepted, stats.accepted_per_depth, draft_s + verify_s)
         await self.commit(verdict)

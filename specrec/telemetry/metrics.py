@@ -195,7 +195,9 @@ class DrafterMetrics:
         self.draft_ahead_hits = Counter("specrec_draft_ahead_hits",
                                         "Trees served from a draft made ahead of the target's answer.", registry=r)
         self.draft_ahead_misses = Counter("specrec_draft_ahead_misses",
-                                          "Drafts made ahead that the target's answer invalidated.", registry=r)
+                                          "Trees drafted at request although draft-ahead ran before them, by why: "
+                                          "not_drafted, plain_round, wrong_guess, unfinished, budget.",
+                                          ["reason"], registry=r)
         self.draft_latency = Histogram("specrec_draft_latency_seconds", "Time to produce one draft tree.",
                                        buckets=DRAFT_BUCKETS, registry=r)
 
@@ -204,8 +206,12 @@ class DrafterMetrics:
         self.tree_nodes.inc(n_nodes)
         self.draft_latency.observe(seconds)
 
-    def draft_ahead(self, hit: bool) -> None:
-        (self.draft_ahead_hits if hit else self.draft_ahead_misses).inc()
+    def draft_ahead(self, hit: bool, reason: str = "") -> None:
+        """`reason`: why a miss missed (specrec.drafting.base.AHEAD_MISSES)."""
+        if hit:
+            self.draft_ahead_hits.inc()
+        else:
+            self.draft_ahead_misses.labels(reason or "unknown").inc()
 
     def watch_batches(self, counts: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Export the drafters' batched forwards, read at scrape time: counts() = {drafter: (forwards, steps)};

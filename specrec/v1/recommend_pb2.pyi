@@ -98,7 +98,7 @@ class Item(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., semantic_id: _Optional[_Iterable[int]] = ..., log_prob: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "tau", "draft_ms", "verify_ms", "network_ms", "total_ms", "fallback_rounds", "policy", "tree_rounds", "ready_trees")
+    __slots__ = ("rounds", "drafted_tokens", "accepted_tokens", "tau", "draft_ms", "verify_ms", "network_ms", "total_ms", "fallback_rounds", "policy", "tree_rounds", "ready_trees", "start_trees")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class Stats(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     TREE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     READY_TREES_FIELD_NUMBER: _ClassVar[int]
+    START_TREES_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted_tokens: int
     accepted_tokens: int
@@ -123,7 +124,8 @@ class Stats(_message.Message):
     policy: str
     tree_rounds: int
     ready_trees: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tau: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fallback_rounds: _Optional[int] = ..., policy: _Optional[str] = ..., tree_rounds: _Optional[int] = ..., ready_trees: _Optional[int] = ...) -> None: ...
+    start_trees: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tau: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fallback_rounds: _Optional[int] = ..., policy: _Optional[str] = ..., tree_rounds: _Optional[int] = ..., ready_trees: _Optional[int] = ..., start_trees: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("items", "stats", "trace_id", "request_id", "history", "total_log_prob", "filters", "model_version")

@@ -76,7 +76,14 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("live_sessions", "max_sessions", "sessions_opened", "sessions_rejected", "sessions_expired", "trees_drafted", "draft_ahead_hits", "draft_ahead_misses", "invalid_requests", "model_version")
+    __slots__ = ("live_sessions", "max_sessions", "sessions_opened", "sessions_rejected", "sessions_expired", "trees_drafted", "draft_ahead_hits", "draft_ahead_misses", "invalid_requests", "model_version", "draft_ahead_misses_by_reason")
+    class DraftAheadMissesByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +94,7 @@ class StatsResponse(_message.Message):
     DRAFT_AHEAD_MISSES_FIELD_NUMBER: _ClassVar[int]
     INVALID_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_MISSES_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     live_sessions: int
     max_sessions: int
     sessions_opened: int
@@ -97,4 +105,5 @@ class StatsResponse(_message.Message):
     draft_ahead_misses: int
     invalid_requests: int
     model_version: str
-    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_rejected: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., trees_drafted: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ..., invalid_requests: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    draft_ahead_misses_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_rejected: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., trees_drafted: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ..., invalid_requests: _Optional[int] = ..., model_version: _Optional[str] = ..., draft_ahead_misses_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
