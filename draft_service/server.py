@@ -263,6 +263,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             self.metrics.session_opened()
             stream.want_probs, stream.single_tree = o.want_probs, o.single_tree
             stream.session = await self._run(stream, drafter.open, list(o.context), constraint, o.user_group)
+            stream.session.acceptance = drafter.acceptance  # draft-ahead ranks guesses by what verification accepts
             tree = await self._run(stream, stream.session.draft, budget, o.want_probs)
         elif kind == "advance":
             if stream.session is None:

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from draft_service.server import DraftConfig, build_server
 from specrec.artifacts import Artifacts
+from specrec.calibration import Calibration
 from specrec.draft.v1 import draft_pb2, draft_pb2_grpc
 from specrec.drafting.base import Budget, DraftTree, load_drafter
 from specrec.drafting.offline import eval_users
@@ -156,6 +157,7 @@ async def test_draft_ahead_hit_and_miss(svc, artifacts):
     constraint = artifacts.constraint()
     context = prompts(artifacts, 2)[1]
     local = load_drafter("model", artifacts.directory).open(context, constraint)  # to know the guess
+    local.acceptance = Calibration()  # learns from the same commits as the server's fresh drafter: same ranking
     budget = Budget(BUDGET.depth, BUDGET.max_nodes, BUDGET.top_k)
     call = svc.stub.Speculate()
     tree = DraftTree.from_proto((await ask(call, open_req(context))).tree)
@@ -167,9 +169,11 @@ async def test_draft_ahead_hit_and_miss(svc, artifacts):
     assert resp.draft_ahead_hit
     local.commit(guess)
     assert DraftTree.from_proto(resp.tree).tokens == local.draft(budget).tokens
-    miss = commit_for(DraftTree.from_proto(resp.tree), constraint, context + guess, -1, bonus_rank=1)
     local.prepare_ahead(guesses=DraftConfig.ahead_guesses)
-    assert miss not in local.ahead_guesses
+    live = DraftTree.from_proto(resp.tree)
+    miss = next(c for node in range(-1, len(live)) for rank in range(1, 64)  # a commit none of the guesses is
+                if (c := commit_for(live, constraint, context + guess, node, rank)) not in local.ahead_guesses
+                and c[-1] not in live.children().get(node, {}))
     await asyncio.sleep(0.5)  # drafted ahead (else it is neither a hit nor a miss)
     resp = await ask(call, advance_req(miss))
     assert not resp.draft_ahead_hit

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from specrec.calibration import Calibration
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
 from specrec.tree_shape import MAX_TREE_DEPTH as MAX_DEPTH
 from specrec.tree_shape import MAX_TREE_NODES as MAX_NODES
@@ -29,6 +31,10 @@ from specrec.tree_shape import node_depths, path_scores
 
 DEFAULT_TOP_K = 8
 AHEAD_LOOSENING = 0.5  # a tree drafted ahead keeps nodes down to this fraction of the asked min_path_prob
+# Guesses are drafted in waves of this many, likeliest wave first: a wave's trees grow together (one forward per
+# level) and are complete before the next wave starts, so more guesses never leave the likeliest ones unfinished.
+AHEAD_WAVE = 8
+_ACCEPTANCE_LOCK = threading.Lock()
 
 
 class DraftError(ValueError):
@@ -187,6 +193,10 @@ class DraftSession(ABC):
     Subclasses implement the four hooks; this class validates input and runs draft-ahead.
     """
 
+    # What verification accepted of its drafter's trees, shared by the drafter's sessions (`Drafter.acceptance`;
+    # set by whoever opens the session for serving): draft-ahead ranks its guesses by it. None: by q alone.
+    acceptance: Calibration | None = None
+
     def __init__(self, constraint: ListConstraint, context: Sequence[int]):
         self.constraint = constraint
         self.vocab_size = constraint.trie.vocab.size
@@ -223,11 +233,12 @@ class DraftSession(ABC):
         return None
 
     def _draft_ahead_batch(self, points: list[StopPoint], n: int, budget: Budget, want_probs: bool,
-                           stop: Callable[[], bool]) -> list[tuple[list[int], Any]]:
-        """Draft ahead for up to n commits ending at these stop points (likeliest first), until stop().
+                           stop: Callable[[], bool], skip: int = 0) -> list[tuple[list[int], Any]]:
+        """Draft ahead for up to n commits ending at these stop points (likeliest first, the `skip` likeliest
+        left out: an earlier wave drafted them), until stop().
         This default drafts one guess per point with `_draft_ahead`; drafters that can batch override it."""
         out: list[tuple[list[int], Any]] = []
-        for point in points[:n]:
+        for point in points[skip:skip + n]:
             if stop():
                 break
             result = self._draft_ahead(point.path, point.state, budget, want_probs)
@@ -290,6 +301,7 @@ class DraftSession(ABC):
         if later:
             check_tokens(later, self.vocab_size, "then_plain")
             state = self._follow_grammar(state, later)
+        self._learn_acceptance(tokens)
         guesses, self._ahead = self._ahead, []
         hit = next((a for a in guesses if not later and a.assumed == tokens), None)
         self.ahead_miss = "" if hit is not None else \
@@ -306,6 +318,14 @@ class DraftSession(ABC):
         self.state = state
         self.last_tree = None
 
+    def _learn_acceptance(self, tokens: list[int]) -> None:
+        """Each node of the last tree, by its path's q: on the committed path or not."""
+        tree = self.last_tree
+        if self.acceptance is None or tree is None or not len(tree):
+            return
+        on_path = set(tree.match(tokens[:-1]))
+        self.acceptance.record(tree.scores(), [i in on_path for i in range(len(tree))])
+
     def prepare_ahead(self, guesses: int = 1, stop: Callable[[], bool] = lambda: False) -> bool:
         """Draft the next tree now for the likeliest commits of the last tree (where verification may stop,
         each with a likely bonus token), until `guesses` are drafted or `stop()` (the commit has arrived).
@@ -316,12 +336,16 @@ class DraftSession(ABC):
             return False
         budget, want_probs = request
         looser = Budget(budget.depth, budget.max_nodes, budget.top_k, budget.min_path_prob * AHEAD_LOOSENING)
-        points = [p for p in stop_points(tree, self.state_after) if not p.state.finished]
-        for assumed, work in self._draft_ahead_batch(points, guesses, looser, want_probs, stop):
-            if all(a.assumed != assumed for a in self._ahead):
-                self._ahead.append(_Ahead(assumed, looser, want_probs, work))
-            else:
-                self._drop_ahead(work)
+        points = [p for p in stop_points(tree, self.state_after, self.acceptance) if not p.state.finished]
+        for skip in range(0, guesses, AHEAD_WAVE):
+            wave = self._draft_ahead_batch(points, min(AHEAD_WAVE, guesses - skip), looser, want_probs, stop, skip)
+            for assumed, work in wave:
+                if all(a.assumed != assumed for a in self._ahead):
+                    self._ahead.append(_Ahead(assumed, looser, want_probs, work))
+                else:
+                    self._drop_ahead(work)
+            if not wave or stop():
+                break
         return bool(self._ahead)
 
     def state_after(self, tokens: list[int]) -> ListState:
@@ -392,21 +416,31 @@ class StopPoint:
     state: ListState  # grammar state after the path
     exclude: frozenset[int]
     logprob: float  # the drafter's log q of the path
-    mass: float  # the drafter's probability that verification stops here: q(path) * (1 - q(children))
+    mass: float  # probability that verification stops here: P(path accepted) * P(no child accepted | path)
+    # log of mass / (1 - q(children | path)): add a bonus token's log q to get the log probability of that commit
+    # (the bonus is the target's token given that no child was, so the drafter's q renormalised without them)
+    rank: float = 0.0
 
 
-def stop_points(tree: DraftTree, state_after: Callable[[list[int]], ListState]) -> list[StopPoint]:
-    """Every place verification of the tree may end, likeliest first by the drafter's own q (ties: the deeper)."""
+def stop_points(tree: DraftTree, state_after: Callable[[list[int]], ListState],
+                acceptance: Calibration | None = None) -> list[StopPoint]:
+    """Every place verification of the tree may end, likeliest first (ties: the deeper). Acceptance by
+    `acceptance` (a path of q accepted with probability f(q)), else by the drafter's own q (f(q) = q)."""
     scores, kids = tree.scores(), tree.children()
+    accepted = acceptance.accepted if acceptance is not None else math.exp
     points = []
     for node in [-1, *range(len(tree))]:
         children = kids.get(node, {})
-        stay = 1.0 - sum(math.exp(tree.logprobs[c]) for c in children.values())
         logprob = scores[node] if node >= 0 else 0.0
-        mass = math.exp(logprob) * max(stay, 0.0)
+        reach = 1.0 if node < 0 else min(accepted(logprob), 1.0)
+        # P(some child accepted | path accepted); a child cannot be likelier than its path
+        taken = sum(min(accepted(scores[c]), reach) for c in children.values()) / max(reach, 1e-12)
+        mass = reach * max(1.0 - taken, 0.0)
         if mass > 1e-9:
+            q_children = sum(math.exp(tree.logprobs[c]) for c in children.values())
             path = tree.path_tokens(node)
-            points.append(StopPoint(path, state_after(path), frozenset(children), logprob, mass))
+            points.append(StopPoint(path, state_after(path), frozenset(children), logprob, mass,
+                                    math.log(mass) - math.log(max(1.0 - q_children, 1e-6))))
     points.sort(key=lambda p: (-p.mass, -len(p.path)))
     return points
 
@@ -429,6 +463,14 @@ class Drafter(ABC):
     """Opens sessions; holds what sessions share (model weights, retrieval pool)."""
 
     name: str = ""
+
+    @property
+    def acceptance(self) -> Calibration:
+        """What verification accepted of this drafter's trees, learnt from every session that was given it."""
+        with _ACCEPTANCE_LOCK:
+            if getattr(self, "_acceptance", None) is None:
+                self._acceptance = Calibration()
+            return self._acceptance
 
     @abstractmethod
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> DraftSession:

@@ -371,10 +371,11 @@ class ModelSession(DraftSession):
 
     @torch.inference_mode()
     def _draft_ahead_batch(self, points: list[StopPoint], n: int, budget: Budget, want_probs: bool,
-                           stop: Callable[[], bool]) -> list[tuple[list[int], AheadWork]]:
-        """The n likeliest (stop point, bonus) commits, ranked by q(path) * q(bonus), drafted together: one
-        forward feeds any path tails the live tree did not expand, one feeds every guessed bonus token, then
-        one per level grows every guess's tree (all in row 0's scratch slots, each guess seeing its own path)."""
+                           stop: Callable[[], bool], skip: int = 0) -> list[tuple[list[int], AheadWork]]:
+        """The n likeliest (stop point, bonus) commits after the `skip` likeliest, ranked by q(path) * q(bonus),
+        drafted together: one forward feeds any path tails the live tree did not expand, one feeds every guessed
+        bonus token, then one per level grows every guess's tree (all in row 0's scratch slots, each guess seeing
+        its own path)."""
         if not points:  # every stop point takes part: a likely bonus can make a less likely stop a top commit
             return []
         longest = max(len(p.path) for p in points) + 1
@@ -394,7 +395,7 @@ class ModelSession(DraftSession):
             outs = self._feed_chains([(q.tail, q.tail_slots, q.slots, len(q.slots) + 1) for q in tails])
             for q, out in zip(tails, outs, strict=True):
                 q.out, q.slots = out[-1], q.slots + q.tail_slots
-        guesses = self._rank_bonuses(pending, n)
+        guesses = self._rank_bonuses(pending, skip + n)[skip:]
         if not guesses or stop():
             return []
         bonus_slots = [scratch.alloc(self.row) for _ in guesses]
@@ -427,14 +428,14 @@ class ModelSession(DraftSession):
         for j, q in enumerate(pending):
             forced = self.constraint.forced(q.point.state)
             if forced is not None:
-                cands.append((q.point.logprob, j, forced, q))
+                cands.append((q.point.rank, j, forced, q))
                 continue
             allowed = [t for t in self.constraint.allowed(q.point.state).tolist() if t not in q.point.exclude]
             if not allowed or q.out is None:
                 continue
             vals = q.out[torch.as_tensor(allowed)]
             top = torch.topk(vals, min(n, len(allowed)))
-            cands += [(q.point.logprob + float(v), j, allowed[int(i)], q)
+            cands += [(q.point.rank + float(v), j, allowed[int(i)], q)
                       for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
         cands.sort(key=lambda c: (-c[0], c[1], c[2]))
         out = []

@@ -42,6 +42,7 @@ class LocalProposer:
     async def propose(self, committed: Sequence[int], news: list[list[int]], budget: Budget) -> Proposal | None:
         if self.session is None:
             self.session = self.drafter.open(list(committed), self.constraint)
+            self.session.acceptance = self.drafter.acceptance  # its guesses ranked by what verification accepts
         else:
             first, *plain = news or [[]]
             self.session.commit(first, [t for r in plain for t in r])

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from specrec.calibration import LOWER_EDGES, N_BINS, Calibration, logq_bin
 from specrec.tree_shape import MAX_TREE_DEPTH, MAX_TREE_NODES
 
 N_SLOTS = 5  # an item is 4 code tokens then SEP; slot = a token's place inside its item
@@ -118,70 +119,8 @@ class Policy(Protocol):
 # Learnt models (shared by all requests of a process); every one forgets by elapsed time
 # ----------------------------------------------------------------------------------------------
 
-# Log q bins: N_BINS equal bins over [LOGQ_MIN, 0) plus a last "sure" bin for paths of q ~ 1 (grammar-forced
-# tokens count q = 1), which verification accepts whenever their parent is.
-N_BINS = 12
-LOGQ_MIN = -8.0
-SURE_LOGQ = -1e-3
-LOWER_EDGES = np.append(np.linspace(LOGQ_MIN, 0.0, N_BINS + 1)[:-1], SURE_LOGQ)  # [N_BINS + 1]
 THRESHOLDS = np.exp(LOWER_EDGES)  # the min_path_prob values the adaptive policy asks for
 THRESHOLDS[0] = 0.0  # the lowest bin holds everything below it too: no stop at all
-BIN_Q = np.append(np.exp(LOWER_EDGES[:-1] + 0.5 * (-LOGQ_MIN / N_BINS)), 0.99)  # bin centres, the prior for f
-
-
-def logq_bin(logq: Any) -> Any:
-    """Bin index of log q values (clamped below LOGQ_MIN)."""
-    x = np.asarray(logq, dtype=float)
-    b = np.clip(np.floor((x - LOGQ_MIN) / (-LOGQ_MIN / N_BINS)), 0, N_BINS - 1).astype(int)
-    return np.where(x >= SURE_LOGQ, N_BINS, b)
-
-
-def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted pool-adjacent-violators: the closest non-decreasing sequence to y."""
-    blocks: list[list[float]] = []  # [mean, weight, length]
-    for yi, wi in zip(y.tolist(), w.tolist(), strict=True):
-        blocks.append([yi, wi, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            m2, w2, n2 = blocks.pop()
-            m1, w1, n1 = blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.concatenate([np.full(int(n), m) for m, _, n in blocks])
-
-
-class Calibration:
-    """f(q) = P(node accepted | path prob q): Beta-prior counts per log-q bin, monotone in q.
-
-    Pooled over slots and depths: q already carries what the drafter knows about the slot and the depth, and
-    pooling keeps every bin's estimate backed by data. The prior is the drafter taken at its word (f = q).
-    """
-
-    def __init__(self, strength: float = 4.0):
-        self.hits = np.zeros(N_BINS + 1)
-        self.trials = np.zeros(N_BINS + 1)
-        self.strength = strength
-        self._f: np.ndarray | None = None
-
-    def record(self, path_logq: Sequence[float], node_accepted: Sequence[bool]) -> None:
-        bins = logq_bin(path_logq)
-        np.add.at(self.trials, bins, 1.0)
-        np.add.at(self.hits, bins, np.asarray(node_accepted, dtype=float))
-        self._f = None
-
-    def scale(self, factor: float) -> None:
-        self.hits *= factor
-        self.trials *= factor
-        self._f = None
-
-    def table(self) -> np.ndarray:
-        """f per bin, shape [N_BINS + 1], non-decreasing."""
-        if self._f is None:
-            k = self.strength
-            raw = (self.hits + k * BIN_Q) / (self.trials + k)
-            self._f = _isotonic(raw, self.trials + k)
-        return self._f
-
-    def __call__(self, q: float) -> float:
-        return float(self.table()[int(logq_bin(math.log(max(q, 1e-300))))])
 
 
 class NodeDensity:
