@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from specrec.artifacts import Artifacts
-from specrec.drafting.base import Budget, Drafter, DraftError, DraftTree, load_drafter
+from specrec.calibration import Calibration
+from specrec.drafting.base import AHEAD_WAVE, Budget, Drafter, DraftError, DraftTree, load_drafter, stop_points
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, matches, replay
 from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, masked
@@ -295,6 +296,53 @@ def test_many_guesses_batched_and_stopped_between_levels_still_equal_fresh_draft
         partial += session.ahead_reused and not session.ahead_hit
         assert_same_tree(tree, drafters["model"].open(session.context, constraint).draft(budget))
     assert hits >= 5 and partial >= 1  # both ready and half-drafted guesses were exercised
+
+
+def test_guesses_past_one_wave_are_drafted_in_a_second_wave_and_serve_exact_trees(drafters, prompts, tiny_artifacts):
+    """More guesses than AHEAD_WAVE: the likeliest wave is drafted whole first, then the next; a guess of either
+    wave that comes true serves at once the tree a fresh session drafts. The ranking learns as it goes."""
+    constraint = tiny_artifacts.constraint()
+    budget = Budget(8, 8, 1)
+    session = drafters["model"].open(prompts[3], constraint)
+    session.acceptance = Calibration()
+    tree, second_wave_hits = session.draft(budget), 0
+    for r in range(8):
+        if session.finished:
+            break
+        session.prepare_ahead(guesses=AHEAD_WAVE + 4)
+        guesses = session.ahead_guesses
+        assert len(guesses) > AHEAD_WAVE and all(is_stop_commit(tree, g) for g in guesses)
+        pick = AHEAD_WAVE + r % 4 if r % 2 == 0 else r % AHEAD_WAVE
+        session.commit(guesses[pick])
+        tree = session.draft(budget)
+        assert session.ahead_hit and session.ahead_miss == ""
+        second_wave_hits += pick >= AHEAD_WAVE
+        assert_same_tree(tree, drafters["model"].open(session.context, constraint).draft(budget))
+    assert second_wave_hits >= 2
+    assert session.acceptance.trials.sum() > 0  # every commit taught it which nodes verification kept
+
+
+def _chain(logprobs: list[float]) -> DraftTree:
+    return DraftTree(list(range(4, 4 + len(logprobs))), list(range(-1, len(logprobs) - 1)), logprobs)
+
+
+def test_stop_points_follow_calibrated_acceptance_not_the_drafters_word():
+    """Where verification likely stops: by q alone, P(stop after k nodes) = q(path_k) * (1 - q(next | path_k));
+    with a calibration that says the drafter is too modest (everything accepted), the end of the chain comes
+    first; with one that says nothing is, the root does."""
+    chain = _chain([math.log(0.5)] * 4)  # path q: 0.5, 0.25, 0.125, 0.0625
+    by_q = stop_points(chain, lambda path: None)
+    assert [len(p.path) for p in by_q][:2] == [0, 1]  # P = 0.5, 0.25, 0.125, 0.0625, 0.0625 (the leaf's)
+    assert by_q[0].mass == pytest.approx(0.5) and by_q[0].rank == pytest.approx(0.0)
+    modest, bold = Calibration(strength=0.1), Calibration(strength=0.1)
+    for _ in range(200):
+        modest.record([math.log(q) for q in (0.5, 0.25, 0.125, 0.0625)], [True] * 4)
+        bold.record([math.log(q) for q in (0.5, 0.25, 0.125, 0.0625)], [False] * 4)
+    assert len(stop_points(chain, lambda path: None, modest)[0].path) == 4
+    assert len(stop_points(chain, lambda path: None, bold)[0].path) == 0
+    # the bonus term: rank + log q(bonus) is the log probability of that commit, q renormalised without the child
+    point = stop_points(chain, lambda path: None, modest)[-1]
+    assert point.rank == pytest.approx(math.log(point.mass) - math.log(0.5))
 
 
 def test_bad_commits_and_budgets_are_refused(drafters, prompts, tiny_artifacts):

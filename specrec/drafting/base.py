@@ -431,13 +431,15 @@ def stop_points(tree: DraftTree, state_after: Callable[[list[int]], ListState],
     points = []
     for node in [-1, *range(len(tree))]:
         children = kids.get(node, {})
+        q_children = sum(math.exp(tree.logprobs[c]) for c in children.values())
+        if q_children > 1.0 - 1e-6:  # a grammar-forced child: verification never stops before it
+            continue
         logprob = scores[node] if node >= 0 else 0.0
         reach = 1.0 if node < 0 else min(accepted(logprob), 1.0)
         # P(some child accepted | path accepted); a child cannot be likelier than its path
         taken = sum(min(accepted(scores[c]), reach) for c in children.values()) / max(reach, 1e-12)
         mass = reach * max(1.0 - taken, 0.0)
         if mass > 1e-9:
-            q_children = sum(math.exp(tree.logprobs[c]) for c in children.values())
             path = tree.path_tokens(node)
             points.append(StopPoint(path, state_after(path), frozenset(children), logprob, mass,
                                     math.log(mass) - math.log(max(1.0 - q_children, 1e-6))))

@@ -428,6 +428,8 @@ class ModelSession(DraftSession):
         for j, q in enumerate(pending):
             forced = self.constraint.forced(q.point.state)
             if forced is not None:
+                if forced in q.point.exclude:  # the tree's own child: verification would have taken it
+                    continue
                 cands.append((q.point.rank, j, forced, q))
                 continue
             allowed = [t for t in self.constraint.allowed(q.point.state).tolist() if t not in q.point.exclude]
