@@ -11,10 +11,19 @@ import torch
 
 from specrec.artifacts import Artifacts
 from specrec.calibration import Calibration
-from specrec.drafting.base import AHEAD_WAVE, Budget, Drafter, DraftError, DraftTree, load_drafter, stop_points
+from specrec.drafting.base import (
+    AHEAD_WAVE,
+    Budget,
+    Drafter,
+    DraftError,
+    DraftTree,
+    learn_acceptance,
+    load_drafter,
+    stop_points,
+)
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, matches, replay
-from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, masked
+from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, masked, merge_trees
 from specrec.models.llama import Transformer
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import EOS, SEP
@@ -343,6 +352,26 @@ def test_stop_points_follow_calibrated_acceptance_not_the_drafters_word():
     # the bonus term: rank + log q(bonus) is the log probability of that commit, q renormalised without the child
     point = stop_points(chain, lambda path: None, modest)[-1]
     assert point.rank == pytest.approx(math.log(point.mass) - math.log(0.5))
+
+
+def test_a_commit_teaches_only_the_nodes_whose_fate_it_decides():
+    tree = DraftTree([5, 6, 7, 8], [-1, 0, 1, 0], [math.log(0.5)] * 4)  # paths [5], [5,6], [5,6,7], [5,8]
+    acceptance = Calibration()
+    learn_acceptance(acceptance, tree, [5, 6])  # the commit: 5 accepted, then the target's own 6
+    # [5] and [5, 6] are prefixes of the commit: accepted; [5, 8] left it: not; [5, 6, 7] is deeper: undecided
+    assert acceptance.trials.sum() == 3 and acceptance.hits.sum() == 2
+
+
+def test_a_calibrated_merge_keeps_the_source_verification_believes():
+    """Two sources that score alike: the one whose paths are accepted wins the merged tree's nodes."""
+    model = DraftTree([4, 5, 6], [-1, 0, 1], [math.log(0.6)] * 3)
+    pool = DraftTree([7, 8, 9], [-1, 0, 1], [math.log(0.9)] * 3)  # more confident by its own word
+    trusted, doubted = Calibration(strength=0.1), Calibration(strength=0.1)
+    for _ in range(100):
+        learn_acceptance(trusted, model, [4, 5, 6, 3])
+        learn_acceptance(doubted, pool, [1])
+    assert merge_trees([model, pool], 3).tokens == [7, 8, 9]  # by raw q the pool's run wins
+    assert merge_trees([model, pool], 3, acceptance=[trusted, doubted]).tokens == [4, 5, 6]
 
 
 def test_bad_commits_and_budgets_are_refused(drafters, prompts, tiny_artifacts):

@@ -320,11 +320,8 @@ class DraftSession(ABC):
 
     def _learn_acceptance(self, tokens: list[int]) -> None:
         """Each node of the last tree, by its path's q: on the committed path or not."""
-        tree = self.last_tree
-        if self.acceptance is None or tree is None or not len(tree):
-            return
-        on_path = set(tree.match(tokens[:-1]))
-        self.acceptance.record(tree.scores(), [i in on_path for i in range(len(tree))])
+        if self.acceptance is not None and self.last_tree is not None:
+            learn_acceptance(self.acceptance, self.last_tree, tokens)
 
     def prepare_ahead(self, guesses: int = 1, stop: Callable[[], bool] = lambda: False) -> bool:
         """Draft the next tree now for the likeliest commits of the last tree (where verification may stop,
@@ -405,6 +402,25 @@ class DraftSession(ABC):
 # committed without a tree came in between, the commit was none of the guesses, the right guess was still being
 # drafted (finished on demand), or the next budget asked for more than the guess's looser budget drafted.
 AHEAD_MISSES = ("not_drafted", "plain_round", "wrong_guess", "unfinished", "budget")
+
+
+def learn_acceptance(acceptance: Calibration, tree: DraftTree, committed: Sequence[int]) -> None:
+    """Teach `acceptance` the nodes of `tree` whose fate `committed` (an accepted path, then the target's own
+    token(s)) decides: a path that is a prefix of it was accepted, one that leaves it within its length was not;
+    deeper paths that follow it all the way are undecided (a tree another source's tree was merged into may hold
+    nodes verification never saw)."""
+    if not len(tree):
+        return
+    known = len(committed)
+    scores, accepted = [], []
+    for i, score in enumerate(tree.scores()):
+        path = tree.path_tokens(i)
+        agrees = list(committed[:len(path)]) == path[:known]
+        if len(path) <= known or not agrees:
+            scores.append(score)
+            accepted.append(agrees and len(path) <= known)
+    if scores:
+        acceptance.record(scores, accepted)
 
 
 @dataclass

@@ -1,17 +1,20 @@
 """Hybrid drafter: the model's and the retrieval pool's trees merged into one.
 
-Both draft with the same budget; the union of their paths is ranked by the better of the two cumulative
-log q (the pool's log q is a log frequency), and the best max_nodes are kept (see tree.merge_trees).
-Both inner sessions follow every commit, so the model keeps its rolled-back cache as usual.
+Both draft with the same budget; the union of their paths is ranked by the better of the two calibrated
+acceptances, and the best max_nodes are kept (see tree.merge_trees). Each source's calibration (how often a path
+it scores q is accepted) is learnt from the commits, for each source's own tree: the pool's log q is a log match
+frequency, and a run backed by a single match scores log 1 = 0, which read as the model's q outranked every model
+node. Both inner sessions follow every commit, so the model keeps its rolled-back cache as usual.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from specrec.drafting.base import Budget, Drafter, DraftSession, DraftTree, register
+from specrec.calibration import Calibration
+from specrec.drafting.base import Budget, Drafter, DraftSession, DraftTree, learn_acceptance, register
 from specrec.drafting.model_drafter import AheadWork, ModelDrafter, ModelSession, load_model_drafter
 from specrec.drafting.retrieval import RetrievalDrafter, RetrievalSession, load_retrieval_drafter, retrieval_tree
 from specrec.drafting.tree import merge_trees
@@ -23,18 +26,26 @@ class HybridDrafter(Drafter):
         self.model = model
         self.retrieval = retrieval
         self.name = name
+        self.sources = (Calibration(), Calibration())  # acceptance of the model's paths, of the pool's
 
     def forward_counts(self) -> tuple[int, int] | None:
         return self.model.forward_counts()
 
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> HybridSession:
-        return HybridSession(self.model.open(context, constraint), self.retrieval.open(context, constraint, user_group))
+        return HybridSession(self.model.open(context, constraint), self.retrieval.open(context, constraint, user_group),
+                             self.sources)
 
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
                     budget: Budget) -> list[DraftTree]:
+        """Each position's merged tree, then the sources learn from its outcome, as serving learns from commits."""
         model = self.model.trees_along(context, constraint, continuation, budget)
         pool = self.retrieval.trees_along(context, constraint, continuation, budget)
-        return [merge_trees([m, p], budget.validated().max_nodes) for m, p in zip(model, pool, strict=True)]
+        out = []
+        for t, pair in enumerate(zip(model, pool, strict=True)):
+            out.append(merge_trees(list(pair), budget.validated().max_nodes, acceptance=self.sources))
+            for calibration, tree in zip(self.sources, pair, strict=True):
+                learn_acceptance(calibration, tree, continuation[t:])
+        return out
 
 
 @dataclass
@@ -47,14 +58,30 @@ class _HybridAhead:
 
 
 class HybridSession(DraftSession):
-    def __init__(self, model: ModelSession, retrieval: RetrievalSession):
+    def __init__(self, model: ModelSession, retrieval: RetrievalSession,
+                 sources: tuple[Calibration, Calibration] | None = None):
         super().__init__(model.constraint, model.context)
         self.model = model
         self.retrieval = retrieval
+        self.sources = sources or (Calibration(), Calibration())
+        self._source_trees: list[DraftTree] = []  # the last merged tree's sources, to learn from its commit
+
+    def _merge(self, trees: list[DraftTree], budget: Budget, want_probs: bool) -> DraftTree:
+        self._source_trees = trees
+        return merge_trees(trees, budget.max_nodes, want_probs, acceptance=self.sources)
 
     def _draft(self, budget: Budget, want_probs: bool) -> DraftTree:
-        trees = [self.model._draft(budget, want_probs), self.retrieval._draft(budget, want_probs)]
-        return merge_trees(trees, budget.max_nodes, want_probs)
+        # the confidence stop applies to the merged, calibrated scores (DraftSession.draft cuts them), not to
+        # each source's own q
+        whole = replace(budget, min_path_prob=0.0)
+        return self._merge([self.model._draft(whole, want_probs), self.retrieval._draft(whole, want_probs)],
+                           budget, want_probs)
+
+    def _learn_acceptance(self, tokens: list[int]) -> None:
+        super()._learn_acceptance(tokens)
+        for calibration, tree in zip(self.sources, self._source_trees, strict=False):
+            learn_acceptance(calibration, tree, tokens)
+        self._source_trees = []
 
     def _advance(self, tokens: list[int]) -> None:
         state = self.model.state_after(tokens)
@@ -78,7 +105,7 @@ class HybridSession(DraftSession):
         self.model.context += work.assumed
         self.model.state = after
         self.retrieval.follow(work.assumed, after)
-        return merge_trees([model_tree, work.pool_tree], work.budget.max_nodes, work.want_probs)
+        return self._merge([model_tree, work.pool_tree], work.budget, work.want_probs)
 
 
 @register("hybrid")

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from specrec.calibration import Calibration
 from specrec.drafting.base import Budget, DraftTree
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import EOS, SEP
@@ -349,15 +350,20 @@ def _probs(tree: CandidateTree, node: Node, vocab: int) -> np.ndarray:
     return probs
 
 
-def merge_trees(trees: list[DraftTree], max_nodes: int, want_probs: bool = False) -> DraftTree:
+def merge_trees(trees: list[DraftTree], max_nodes: int, want_probs: bool = False,
+                acceptance: Sequence[Calibration | None] = ()) -> DraftTree:
     """Union of several drafters' trees (shared paths merged), scored by the best source's cumulative
     log q, cut to the best max_nodes (connected, priority order). Draft probs come from the first tree
-    that expanded a node."""
+    that expanded a node. `acceptance[i]`: tree i's scores read as its calibrated acceptance, log f_i(q), so
+    sources whose q mean different things (a model's softmax, a pool's match frequency) compete fairly."""
     nodes: dict[tuple[int, ...], float] = {}
     dist: dict[tuple[int, ...], np.ndarray] = {}
     vocab = max((t.vocab_size for t in trees), default=0)
-    for tree in trees:
+    for i, tree in enumerate(trees):
         scores = tree.scores()
+        calibration = acceptance[i] if i < len(acceptance) else None
+        if calibration is not None:
+            scores = [math.log(max(calibration.accepted(s), 1e-12)) for s in scores]
         paths = [tuple(tree.path_tokens(i)) for i in range(len(tree))]
         for path, score in zip(paths, scores, strict=True):
             nodes[path] = max(nodes.get(path, -math.inf), score)
