@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.stack import LocalStack, StackConfig  # noqa: E402
 from specrec.draft.v1 import draft_pb2, draft_pb2_grpc  # noqa: E402
+from specrec.drafting.offline import eval_users  # noqa: E402
 from specrec.pipeline import prepare  # noqa: E402
 from specrec.v1 import recommend_pb2, recommend_pb2_grpc  # noqa: E402
 
@@ -73,7 +74,8 @@ def git_rev() -> str:
 # -- requests --------------------------------------------------------------------------------------
 
 def histories(arts, n_users: int) -> list[tuple[int, list[str]]]:
-    users = sorted(u for u in range(len(arts.split.train)) if len(arts.split.train[u]) > 0)
+    """n_users users held out of drafter training (`eval_users`), picked at random, with their last 20 items."""
+    users = eval_users(arts)
     rng = np.random.default_rng(0)
     picked = sorted(rng.choice(users, size=min(n_users, len(users)), replace=False).tolist())
     ids = arts.data.item_ids
@@ -371,8 +373,9 @@ def report(res: dict) -> str:
             f"`{res['git']}` at the end",
             f"- command: `{res['command']}`",
             f"- profile **{a['profile']}** (target {res['target_params']} parameters), {a['users']} users "
-            f"(last 20 training items as history), {a['items']} items per list, {a['repeats']} repeats interleaved "
-            f"across configurations, concurrency {a['concurrency']}, drafters {', '.join(res['drafters'])}, "
+            f"(held out of drafter training, last 20 training items as history), {a['items']} items per list, "
+            f"{a['repeats']} repeats interleaved across configurations, concurrency {a['concurrency']}, "
+            f"drafters {', '.join(res['drafters'])}, "
             f"per-round draft budget {a['draft_timeout_ms']} ms, target in {a.get('target_dtype', 'float32')} "
             "(plain decoding included)",
             f"- phase order (even repeats ascending, odd descending): {phase_order(res.get('phases', []))}",
