@@ -22,7 +22,8 @@ from specrec.drafting.base import (
     stop_points,
 )
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
-from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, matches, replay
+from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, is_eval_user, matches, replay
+from specrec.drafting.retrieval import pool_for
 from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, masked, merge_trees
 from specrec.models.llama import Transformer
 from specrec.semantic_ids.constraint import ListConstraint, ListState
@@ -372,6 +373,21 @@ def test_a_calibrated_merge_keeps_the_source_verification_believes():
         learn_acceptance(doubted, pool, [1])
     assert merge_trees([model, pool], 3).tokens == [7, 8, 9]  # by raw q the pool's run wins
     assert merge_trees([model, pool], 3, acceptance=[trusted, doubted]).tokens == [4, 5, 6]
+
+
+def test_the_pool_never_holds_a_held_out_users_history(tiny_artifacts):
+    """What benchmarks measure (eval users) must not be in what drafts for them: their training sequences and
+    outputs stay out of the retrieval pool."""
+    arts = tiny_artifacts
+    outputs = [(u, [int(t) for t in arts.prompt(u)]) for u in range(6)]
+    pool = pool_for(arts, outputs, held_out=is_eval_user)
+    stream = np.concatenate(pool.streams)
+    for u in range(6):
+        items = arts.split.train[u][-3:]
+        tokens = np.asarray([t for i in items for t in (*arts.sids.item_tokens(int(i)), SEP)], dtype=np.int64)
+        windows = np.lib.stride_tricks.sliding_window_view(stream, len(tokens))
+        found = bool((windows == tokens).all(axis=1).any())
+        assert found != is_eval_user(u), f"user {u} (held out: {is_eval_user(u)}): last items in the pool {found}"
 
 
 def test_bad_commits_and_budgets_are_refused(drafters, prompts, tiny_artifacts):

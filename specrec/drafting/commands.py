@@ -19,7 +19,7 @@ import torch
 from specrec.artifacts import Artifacts
 from specrec.drafting.base import load_drafter
 from specrec.drafting.model_drafter import DEFAULT_DIR
-from specrec.drafting.offline import EvalConfig, eval_users, evaluate, markdown, target_truths
+from specrec.drafting.offline import EvalConfig, eval_users, evaluate, is_eval_user, markdown, target_truths
 from specrec.drafting.retrieval import POOL_DIR, pool_for
 from specrec.models.llama import Transformer
 from specrec.pipeline import prepare
@@ -70,10 +70,10 @@ def _setup(args: argparse.Namespace) -> Artifacts:
 
 
 def build_retrieval(arts: Artifacts, seed: int = 0, progress: bool = True) -> Path:
-    """The pool warmed with the distillation data's target outputs (no evaluation user among them)."""
+    """The pool warmed with the distillation data's target outputs; evaluation users are in neither."""
     data = distill_data(arts, drafter_profile(arts.profile.name), seed=seed, progress=progress)
-    return pool_for(arts, list(zip(data.users, data.sequences, strict=True)), seed=seed).save(
-        arts.directory / POOL_DIR)
+    return pool_for(arts, list(zip(data.users, data.sequences, strict=True)), seed=seed,
+                    held_out=is_eval_user).save(arts.directory / POOL_DIR)
 
 
 def cmd_train_drafter(args: argparse.Namespace) -> int:

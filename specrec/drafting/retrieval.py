@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,22 +173,28 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> tuple[np.nd
 
 
 def build_pool(item_tokens: list[list[int]], sequences: list[np.ndarray], item_vectors: np.ndarray,
-               outputs: Sequence[tuple[int, list[int]]] = (), n_groups: int = 3, seed: int = 0) -> RetrievalPool:
+               outputs: Sequence[tuple[int, list[int]]] = (), n_groups: int = 3, seed: int = 0,
+               held_out: Callable[[int], bool] = lambda user: False) -> RetrievalPool:
     """Pool from users' training sequences (item index lists) and earlier target outputs
-    ((user, tokens) pairs), grouped by user cluster. item_tokens[i] = item i's code tokens."""
+    ((user, tokens) pairs), grouped by user cluster. item_tokens[i] = item i's code tokens.
+    Users for whom `held_out(user)` is true are left out (sequences, outputs and clustering): the benchmarks
+    measure them, and a pool that holds a user's own history would draft it back."""
+    kept = [u for u in range(len(sequences)) if not held_out(u)]
     norm = item_vectors / (np.linalg.norm(item_vectors, axis=1, keepdims=True) + 1e-8)
-    users = np.stack([norm[s].mean(0) if len(s) else np.zeros(norm.shape[1], dtype=np.float32)
-                      for s in sequences]).astype(np.float32)
+    users = np.stack([norm[sequences[u]].mean(0) if len(sequences[u]) else np.zeros(norm.shape[1], dtype=np.float32)
+                      for u in kept]).astype(np.float32)
     users /= np.linalg.norm(users, axis=1, keepdims=True) + 1e-8
     centroids, labels = kmeans(users, n_groups, seed)
+    group = dict(zip(kept, labels.tolist(), strict=True))
     parts: list[list[np.ndarray]] = [[] for _ in range(len(centroids))]
     sep = np.array([SEPARATOR], dtype=np.int64)
-    for u, seq in enumerate(sequences):
-        if len(seq):
-            toks = [t for i in seq for t in (*item_tokens[int(i)], SEP)]
-            parts[labels[u]] += [np.asarray(toks, dtype=np.int64), sep]
+    for u in kept:
+        if len(sequences[u]):
+            toks = [t for i in sequences[u] for t in (*item_tokens[int(i)], SEP)]
+            parts[group[u]] += [np.asarray(toks, dtype=np.int64), sep]
     for u, toks in outputs:
-        parts[labels[u]] += [np.asarray(toks, dtype=np.int64), sep]
+        if u in group:
+            parts[group[u]] += [np.asarray(toks, dtype=np.int64), sep]
     streams = [np.concatenate(p) if p else sep.copy() for p in parts]
     return RetrievalPool(streams, centroids, norm.astype(np.float32))
 
@@ -296,11 +302,11 @@ def load_retrieval_drafter(artifacts: Path, name: str = "retrieval", **_: object
 
 
 def pool_for(arts: Artifacts, outputs: Sequence[tuple[int, list[int]]] = (), n_groups: int = 3, seed: int = 0,
-             context_items: int = 2) -> RetrievalPool:
-    """The pool of a dataset's artifacts: training sequences of all users plus earlier target outputs
-    ((user, prompt + list) pairs), each output kept from `context_items` history items before REC on."""
+             context_items: int = 2, held_out: Callable[[int], bool] = lambda user: False) -> RetrievalPool:
+    """The pool of a dataset's artifacts: training sequences of the users not `held_out` plus earlier target
+    outputs ((user, prompt + list) pairs), each output kept from `context_items` history items before REC on."""
     vectors = item_vectors(arts.data.genres, arts.data.years, sparse_interactions(arts.split.train, arts.data.n_items))
     keep = context_items * arts.sids.tokens_per_item
     trimmed = [(u, toks[max(0, toks.index(REC) - keep):]) for u, toks in outputs]
     item_tokens = [arts.sids.item_tokens(i) for i in range(arts.sids.n_items)]
-    return build_pool(item_tokens, arts.split.train, vectors, trimmed, n_groups, seed)
+    return build_pool(item_tokens, arts.split.train, vectors, trimmed, n_groups, seed, held_out)
