@@ -3,11 +3,13 @@
 Runs the verifier library in process (the same code Triton's model.py calls) so the numbers isolate
 the forward pass from transport.
 Usage (repo root): .venv/bin/python -m bench.verify_cost [--profile small] [--repeats 5] [--dtypes float32,bfloat16]
+The default compares the serving forward (float32, projections on weights packed once for oneDNN) with F.linear.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from specrec.drafting.random_tree import random_tree
+from specrec.models.packed import dense_projections
 from specrec.pipeline import prepare
 from specrec.verify import TargetVerifier, VerifyRequest
 
@@ -56,18 +59,24 @@ def measure(verifier, arts, ids, n_nodes, repeats, batched, rng) -> float:
     return statistics.median(times[1:])
 
 
+def projections(variant: str) -> contextlib.AbstractContextManager:
+    """F.linear throughout for a "-dense" variant, else the serving default (weights packed once where possible)."""
+    return dense_projections() if variant.endswith("-dense") else contextlib.nullcontext()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="small")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtypes", default="float32", help="target precisions measured side by side, e.g. "
-                        "float32,bfloat16 (bfloat16 runs the batch-invariant forward)")
+    parser.add_argument("--dtypes", default="float32,float32-dense",
+                        help="target precisions measured side by side, e.g. float32,bfloat16 (bfloat16 runs the "
+                        "batch-invariant forward); -dense: projections by F.linear, not on weights packed once")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     arts = prepare("ml-100k", args.profile, progress=True)
     dtypes = args.dtypes.split(",")
-    verifiers = {d: TargetVerifier(arts.directory, max_sequences=16, dtype=d) for d in dtypes}
+    verifiers = {d: TargetVerifier(arts.directory, max_sequences=16, dtype=d.removesuffix("-dense")) for d in dtypes}
     rng = np.random.default_rng(0)
     report: dict = {"profile": args.profile, "threads": args.threads, "dtypes": dtypes, "tree_size_ms": {},
                     "batching": {}}
@@ -77,7 +86,10 @@ def main() -> None:
     print("|---|" + "---|---|" * len(dtypes))
     base: dict[str, float] = {}
     for n in SIZES:
-        row = {d: measure(v, arts, [1], n, args.repeats, True, rng) for d, v in verifiers.items()}
+        row = {}
+        for d, v in verifiers.items():
+            with projections(d):
+                row[d] = measure(v, arts, [1], n, args.repeats, True, rng)
         for d, ms in row.items():
             base.setdefault(d, ms)
         report["tree_size_ms"][n] = row
@@ -87,8 +99,9 @@ def main() -> None:
     for b in BATCHES:
         ids = list(range(1, b + 1))
         for d, verifier in verifiers.items():
-            batched = measure(verifier, arts, ids, 16, args.repeats, True, rng)
-            single = measure(verifier, arts, ids, 16, args.repeats, False, rng)
+            with projections(d):
+                batched = measure(verifier, arts, ids, 16, args.repeats, True, rng)
+                single = measure(verifier, arts, ids, 16, args.repeats, False, rng)
             report["batching"].setdefault(d, {})[b] = {"batched_ms": batched, "one_by_one_ms": single}
             print(f"| {d} | {b} | {batched:.2f} | {single:.2f} | {batched / single:.2f} |")
     out = Path(__file__).parent / "results" / f"verify_cost-{args.profile}-{date.today()}.json"

@@ -1,5 +1,6 @@
 """Our flat forward with its explicit KV cache must equal Hugging Face's LlamaForCausalLM."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specrec.models.llama import KVCache, Transformer
+from specrec.models.packed import is_packed, packing_available
 from specrec.models.steps import Block, build_step
 
 TOL = 1e-4
@@ -125,3 +127,50 @@ def test_a_forward_with_gradients_through_the_cache_backpropagates(models):
     logits.logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
     ours.zero_grad()
+
+
+def test_packed_projections_serve_inference_and_follow_weight_changes(models):
+    """Inference runs the projections on weights packed once (the CPU speed-up the services rely on); the packed
+    copy must never go stale: a weight changed after the first forward changes the next forward's logits."""
+    _, ours = models
+    assert packing_available(), "oneDNN's packed linear is missing or wrong on this machine: serving would be slower"
+    seq = [1, 7, 9, 3, 22]
+    cache = KVCache(ours.args, n_rows=1, max_len=64)
+    before = run(ours, cache, [Block.chain(0, seq)])
+    q_proj = ours.model.layers[0].self_attn.q_proj
+    assert is_packed(q_proj), "the no-grad forward did not use packed weights"
+    with torch.no_grad():
+        q_proj.weight.mul_(3.0)
+    try:
+        after = run(ours, KVCache(ours.args, n_rows=1, max_len=64), [Block.chain(0, seq)])
+        dense = ours.lm_head(ours.hidden(ours.model.embed_tokens(torch.tensor([seq])), *_chain_args(ours, seq)))
+    finally:
+        with torch.no_grad():
+            q_proj.weight.div_(3.0)
+    assert not torch.allclose(after, before, atol=TOL)
+    assert torch.allclose(after, dense, atol=TOL), "the packed forward used the old weights"
+
+
+def test_a_model_that_served_can_be_copied(models):
+    """Copies of a served model (the precision check deep-copies one) carry no packed oneDNN tensor."""
+    _, ours = models
+    run(ours, KVCache(ours.args, n_rows=1, max_len=64), [Block.chain(0, [1, 7, 9])])
+    twin = copy.deepcopy(ours)
+    assert torch.equal(twin.lm_head.weight, ours.lm_head.weight) and not is_packed(twin.lm_head)
+
+
+def test_training_forward_takes_gradients_through_the_projections(models):
+    _, ours = models
+    seq = [1, 7, 9, 3]
+    logits = ours.lm_head(ours.hidden(ours.model.embed_tokens(torch.tensor([seq])), *_chain_args(ours, seq)))
+    logits.sum().backward()
+    grad = ours.model.layers[0].mlp.up_proj.weight.grad
+    ours.zero_grad(set_to_none=True)
+    assert grad is not None and bool(grad.abs().sum() > 0)
+
+
+def _chain_args(model: Transformer, seq: list[int]) -> tuple:
+    """hidden()'s arguments after the embedding, for one chain in a fresh cache (autograd on: F.linear throughout)."""
+    cache = KVCache(model.args, n_rows=1, max_len=64)
+    step = build_step(cache, [Block.chain(0, seq)])
+    return step.positions, cache, step.rows, step.slots, step.mask

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from specrec.models.packed import packed_linear
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -247,7 +249,7 @@ class Transformer(nn.Module):
         least MIN_ROWS rows (zero-padded: bfloat16 kernels on the CPU run a few rows faster than one)."""
         n = self.invariant_rows
         if not n:
-            return linear(x)
+            return packed_linear(linear, x)
         if x.shape[0] < MIN_ROWS:
             return linear(torch.cat([x, x.new_zeros((MIN_ROWS - x.shape[0], x.shape[1]))]))[: x.shape[0]]
         if x.shape[0] > n:
@@ -291,7 +293,7 @@ class Transformer(nn.Module):
         """lm_head over hidden states [N, dim]; in the batch-invariant forward, float32 one row at a time (a
         single-row product is the same computation whatever the batch, and bfloat16 logits would tie often)."""
         if not self.invariant_rows:
-            return self.lm_head(h)
+            return packed_linear(self.lm_head, h)
         w = self.lm_head.weight  # float32: set_precision keeps it
         return torch.cat([F.linear(row, w) for row in h.float().split(1)]) if len(h) else w.new_zeros((0, len(w)))
 

@@ -1,0 +1,78 @@
+"""Projection weights pre-packed for oneDNN on the CPU: the float32 inference forward's linear layers.
+
+`F.linear` on the CPU repacks the weight matrix on every call; for the few rows a decode step or a draft tree
+feeds, that repacking is most of the cost (bench-size target, 8 layers, 1 thread: 6.6 ms for one token, 15 ms for
+16, against 3.5 and 6.1 ms packed once). The packed kernel is checked against F.linear once per process; like
+F.linear, it may round a token differently by batch shape (~1e-6 in float32, see `specrec.models.precision`).
+Used only without autograd, on float32 CPU tensors; anything else (training, a GPU, bfloat16) takes `linear(x)`.
+`SPECREC_PACKED_WEIGHTS=off` turns it off (for A/B runs).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# per nn.Linear: (the weight's identity and version it was packed from, the packed weight); kept beside the module,
+# not on it, so that copying or pickling a model never meets an opaque oneDNN tensor
+_packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
+_available: bool | None = None
+_dense = False  # dense_projections() in force
+
+
+def packed_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for x [N, in]; through the weight packed once, when this is float32 inference on the CPU."""
+    w = linear.weight
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32 or w.device.type != "cpu" \
+            or x.dim() != 2 or _dense or not packing_available():
+        return linear(x)
+    packed = _packed.get(linear)
+    stamp = (w.data_ptr(), 0 if w.is_inference() else w._version)  # inference tensors keep no version counter
+    if packed is None or packed[0] != stamp:  # weights replaced or changed in place: repack
+        packed = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+        _packed[linear] = packed
+    bias = None if linear.bias is None else linear.bias.detach()
+    return torch.ops.mkldnn._linear_pointwise(x, packed[1], bias, "none", [], "")
+
+
+def is_packed(linear: nn.Linear) -> bool:
+    """Whether an inference forward has run this layer on packed weights."""
+    return linear in _packed
+
+
+def packing_available() -> bool:
+    """oneDNN's packed linear exists here, is not switched off, and passes the check below (once per process)."""
+    global _available
+    if _available is None:
+        _available = os.environ.get("SPECREC_PACKED_WEIGHTS", "auto").lower() not in ("off", "0", "false") \
+            and torch.backends.mkldnn.is_available() and _packed_matches_dense()
+    return _available
+
+
+@torch.inference_mode()
+def _packed_matches_dense() -> bool:
+    """The packed kernel computes what F.linear computes (to float32 rounding) on this machine; else it is not used."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w, x = torch.randn(96, 64, generator=gen), torch.randn(17, 64, generator=gen)
+        out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none",
+                                                 [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):  # an op this build of torch lacks
+        return False
+    return torch.allclose(out, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@contextmanager
+def dense_projections() -> Iterator[None]:
+    """F.linear for every projection meanwhile (benchmarks measure both ways in one process)."""
+    global _dense
+    _dense, before = True, _dense
+    try:
+        yield
+    finally:
+        _dense = before
