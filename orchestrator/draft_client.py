@@ -41,7 +41,12 @@ SPECULATE_METHOD = f"/{_SPECULATE.containing_service.full_name}/{_SPECULATE.name
 class DraftLate(Exception):
     """No tree this round: the tree asked for is past its deadline, or an earlier late tree is still owed. The round
     goes on without one; the stream stays open, and the late tree is dropped when it comes (the stream answers in
-    order), before the next tree is asked for."""
+    order), before the next tree is asked for. `sent`: the request went out (the drafter has its commit and will
+    draft the late tree from it), so the next request must not send that commit again."""
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 MAX_LATE = 3  # late trees in one request before its stream counts as failed (and the pod backs off)
@@ -71,7 +76,7 @@ class DraftSession:
         if self.closed:
             raise DraftUnavailable("draft stream already closed")
         if self._late is not None and not self._late.done():
-            raise DraftLate("the previous tree is still late")  # no waiting: this round goes without a tree
+            raise DraftLate("the previous tree is still late", sent=False)  # no waiting: this round goes without one
         try:
             if self._late is not None:  # it came meanwhile: drop it (a failed stream fails here)
                 late, self._late = self._late, None
@@ -88,7 +93,7 @@ class DraftSession:
                 if self.late_trees >= MAX_LATE:
                     raise await self._fail(f"no tree within {timeout_s * 1000:.0f} ms, {self.late_trees} times",
                                            grpc.StatusCode.DEADLINE_EXCEEDED)
-                raise DraftLate(f"no tree within {timeout_s * 1000:.0f} ms")
+                raise DraftLate(f"no tree within {timeout_s * 1000:.0f} ms", sent=True)
             resp = read.result()
         except TimeoutError:  # the write
             raise await self._fail(f"could not send to the drafter within {timeout_s * 1000:.0f} ms",

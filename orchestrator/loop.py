@@ -139,6 +139,9 @@ class DraftStream:
     def __init__(self, loop: SpeculationLoop, drafts: DraftClient | None, opts: LoopOptions, metadata: tuple):
         self.loop, self.drafts, self.opts, self.metadata = loop, drafts, opts, metadata
         self.session: DraftSession | None = None
+        # leading entries of the engine's `news` the drafter already has: a request that went out but whose tree
+        # came late carried them, and the engine keeps news until a tree is used
+        self.delivered = 0
 
     @property
     def available(self) -> bool:
@@ -157,9 +160,13 @@ class DraftStream:
                                                self.opts.banned, self.opts.allowed,
                                                single_tree=self.opts.mode == "beam")
             else:
-                first, *plain = news or [[]]
+                # after a late tree the drafter's last tree was never verified: the rounds since ran without one, and
+                # the first of them commits against it as a tree-less round does (forced chain + bonus)
+                first, *plain = news[self.delivered:] or [[]]
                 tree = await self.session.advance(first, budget, [t for r in plain for t in r])
-        except DraftLate:
+        except DraftLate as late:
+            if late.sent:
+                self.delivered = len(news)
             return None  # this round goes without a tree; the stream and the pod stay in use
         except DraftUnavailable as e:
             # A drafter name the service does not have is this request's fault, not the pod's.
@@ -171,6 +178,7 @@ class DraftStream:
             return None
         if self.drafts is not None:
             self.drafts.succeeded()
+        self.delivered = 0  # the engine clears its news now
         return tree
 
     async def drop(self, reason: str | None) -> None:

@@ -2,7 +2,8 @@
 
 The drafter here is a FAULT INJECTOR, not the real draft service: a real gRPC server implementing
 DraftService (protos/specrec/v1/draft.proto) in this test process, answering Open normally and every
-Advance with the fault under test. Real Triton and a real orchestrator process sit behind it.
+Advance with the fault under test. Real Triton and a real orchestrator process sit behind it. In mode
+`late_real` it drafts with the library's model drafter session and checks every commit as the draft service does.
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ from pathlib import Path
 import grpc
 import pytest
 
+from draft_service.server import to_budget
 from harness.loadgen import Tally, run_requests_sync
 from harness.stack import StackConfig, free_port
 from specrec.draft.v1 import draft_pb2, draft_pb2_grpc, tree_pb2
+from specrec.drafting.base import DraftError
+from specrec.drafting.model_drafter import ModelDrafter, load_model_drafter
 from specrec.model_identity import artifact_version
+from specrec.semantic_ids.constraint import ListConstraint
+from specrec.semantic_ids.trie import ItemTrie
 from specrec.semantic_ids.vocab import BOS
 from tests.chaos.conftest import TIMEOUT_S, ChaosStack, record, requests_for
 
@@ -37,6 +43,9 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
         self.mode = "slow"
         self.injected: Counter = Counter()
         self.advances_after_late = 0  # late_once: Advance messages a stream sent after its late tree
+        self.drafter: ModelDrafter | None = None  # late_real: the library's drafter, and the trie its lists follow
+        self.trie: ItemTrie | None = None
+        self.refused_commits: list[str] = []  # late_real: commits the draft service would refuse
 
     def tree(self) -> tree_pb2.TokenTree:
         mode, v = self.mode, self.vocab_size
@@ -53,6 +62,9 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
         return tree_pb2.TokenTree()
 
     def Speculate(self, request_iterator, context):
+        if self.mode == "late_real":
+            yield from self._late_real(request_iterator, context)
+            return
         late_sent = False
         for request in request_iterator:
             if request.WhichOneof("kind") == "open":
@@ -77,6 +89,31 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
 
     def Stats(self, request, context):
         return draft_pb2.StatsResponse(model_version=self.model_version)
+
+    def _late_real(self, request_iterator, context):
+        """Real trees from a real drafting session, the second tree of every stream past the deadline; each commit
+        goes through `DraftSession.commit`, which refuses what the draft service refuses (INVALID_ARGUMENT)."""
+        assert self.drafter is not None and self.trie is not None
+        session, late_sent = None, False
+        for request in request_iterator:
+            if request.WhichOneof("kind") == "open":
+                o = request.open
+                constraint = ListConstraint(self.trie, o.n_items, o.exclude_history, o.banned_items, o.allowed_items)
+                session = self.drafter.open(list(o.context), constraint)
+                yield draft_pb2.SpeculateResponse(tree=session.draft(to_budget(o.budget)).to_proto())
+                continue
+            try:
+                session.commit(list(request.advance.committed), list(request.advance.then_plain))
+            except DraftError as e:
+                self.refused_commits.append(str(e))
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self.advances_after_late += late_sent
+            tree = session.draft(to_budget(request.advance.budget))
+            if not late_sent:
+                self.injected[self.mode] += 1
+                late_sent = True
+                time.sleep(LATE_S)
+            yield draft_pb2.SpeculateResponse(tree=tree.to_proto())
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +165,25 @@ def test_a_late_tree_is_skipped_and_the_stream_goes_on(injector_stack, tiny_arti
     assert injector.injected["late_once"] > 0, "no tree was late: nothing was tested"
     assert tally.completed == tally.sent, tally.summary()
     assert injector.advances_after_late > 0, "every stream was dropped after its late tree"
+
+
+def test_after_a_late_tree_the_next_commit_is_one_the_drafter_accepts(injector_stack, tiny_artifacts, tiny_drafter,
+                                                                       reference):
+    """A late tree was drafted from the commit its request carried, so the next request must not carry that commit
+    again: the rounds since then ran without a tree and commit as such. (Sending it twice made the real draft service
+    refuse the stream, and the pod back off for every request, after each late tree.)"""
+    stack, injector = injector_stack
+    injector.mode = "late_real"
+    injector.drafter = load_model_drafter(Path(tiny_artifacts.directory))
+    injector.trie = ItemTrie(tiny_artifacts.sids)
+    injector.advances_after_late = 0
+    stack.restart_orchestrator()
+    users = list(reference)[:8]
+    outcomes = run_requests_sync(stack.orchestrator_addr, requests_for(tiny_artifacts, users), 2, TIMEOUT_S)
+    tally = Tally.of(outcomes, reference)
+    record(f"real drafting session, late once per stream ({len(users)} requests)", tally,
+           injected=injector.injected["late_real"], refused=len(injector.refused_commits))
+    assert injector.injected["late_real"] > 0, "no tree was late: nothing was tested"
+    assert tally.completed == tally.sent, tally.summary()
+    assert injector.refused_commits == [], injector.refused_commits[:2]
+    assert injector.advances_after_late > 0, "no stream drafted again after its late tree"
