@@ -13,6 +13,8 @@ from torch import nn
 
 from specrec.decoding.plain import decode
 from specrec.drafting.base import load_drafter
+from specrec.models import packed
+from specrec.models.packed import packing_available
 from specrec.models.precision import PrecisionError, set_precision
 from specrec.speculation.local import speculate
 from specrec.speculation.policy import make_policy
@@ -68,17 +70,29 @@ def test_bfloat16_speculation_with_a_drafter_commits_plain_bfloat16_output(tiny_
     assert bf16.live_sequences == 0
 
 
-def test_kernels_that_depend_on_the_batch_are_refused(tiny_target, monkeypatch):
+@pytest.mark.parametrize("kernel", ["packed", "F.linear"])
+def test_kernels_that_depend_on_the_batch_are_refused(tiny_target, monkeypatch, kernel):
     """A projection whose result depends on how many rows share it (as some kernels' blocking does) must stop
-    bfloat16 from starting, not silently break exactness."""
+    bfloat16 from starting, not silently break exactness: the packed kernel the forward uses, or F.linear."""
     model = copy.deepcopy(tiny_target)
-    plain_forward = nn.Linear.forward
+    if kernel == "packed":
+        assert packing_available(torch.bfloat16), "no packed bfloat16 kernel here: the check below would test nothing"
+        plain_op = torch.ops.mkldnn._linear_pointwise
 
-    def batch_dependent(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        out = plain_forward(self, x)
-        return out + (x.shape[0] > 1) * out.abs().mean() * 1e-2
+        def batch_dependent_op(x, *args):
+            out = plain_op(x, *args)
+            return out + (x.shape[0] > 1) * out.abs().mean() * 1e-2
 
-    monkeypatch.setattr(nn.Linear, "forward", batch_dependent)
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", batch_dependent_op)
+    else:
+        plain_forward = nn.Linear.forward
+
+        def batch_dependent(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            out = plain_forward(self, x)
+            return out + (x.shape[0] > 1) * out.abs().mean() * 1e-2
+
+        monkeypatch.setattr(nn.Linear, "forward", batch_dependent)
+        monkeypatch.setattr(packed, "_dense", True)  # every projection through nn.Linear
     with pytest.raises(PrecisionError) as e:
         set_precision(model, torch.bfloat16)
     _refusal_is_clear(e.value)

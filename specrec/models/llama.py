@@ -251,10 +251,10 @@ class Transformer(nn.Module):
         if not n:
             return packed_linear(linear, x)
         if x.shape[0] < MIN_ROWS:
-            return linear(torch.cat([x, x.new_zeros((MIN_ROWS - x.shape[0], x.shape[1]))]))[: x.shape[0]]
+            return packed_linear(linear, torch.cat([x, x.new_zeros((MIN_ROWS - x.shape[0], x.shape[1]))]))[: x.shape[0]]
         if x.shape[0] > n:
-            return torch.cat([linear(chunk) for chunk in x.split(n)])
-        return linear(x)
+            return torch.cat([packed_linear(linear, chunk) for chunk in x.split(n)])
+        return packed_linear(linear, x)
 
     def _attend_one_by_one(self, q: torch.Tensor, cache: KVCache, layer: int, rows: torch.Tensor,
                            plans: list[list[_KeyGroup]]) -> torch.Tensor:

@@ -4,7 +4,9 @@
 feeds, that repacking is most of the cost (bench-size target, 8 layers, 1 thread: 6.6 ms for one token, 15 ms for
 16, against 3.5 and 6.1 ms packed once). The packed kernel is checked against F.linear once per process; like
 F.linear, it may round a token differently by batch shape (~1e-6 in float32, see `specrec.models.precision`).
-Used only without autograd, on float32 CPU tensors; anything else (training, a GPU, bfloat16) takes `linear(x)`.
+Used only without autograd, on float32 or bfloat16 CPU tensors; anything else (training, a GPU) takes `linear(x)`.
+In bfloat16 the batch-invariant forward's projections go through it too, and `specrec.models.precision` checks that
+these kernels give a row the same bits in any batch before bfloat16 is served.
 `SPECREC_PACKED_WEIGHTS=off` turns it off (for A/B runs).
 """
 
@@ -21,15 +23,18 @@ from torch import nn
 # per nn.Linear: (the weight's identity and version it was packed from, the packed weight); kept beside the module,
 # not on it, so that copying or pickling a model never meets an opaque oneDNN tensor
 _packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
-_available: bool | None = None
+_available: dict[torch.dtype, bool] = {}  # per dtype: packing_available()
 _dense = False  # dense_projections() in force
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def packed_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(x) for x [N, in]; through the weight packed once, when this is float32 inference on the CPU."""
+    """linear(x) for x [N, in]; through the weight packed once, when this is float32 or bfloat16 inference on the
+    CPU."""
     w = linear.weight
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32 or w.device.type != "cpu" \
-            or x.dim() != 2 or _dense or not packing_available():
+    if torch.is_grad_enabled() or x.dtype != w.dtype or w.device.type != "cpu" or x.dim() != 2 or _dense \
+            or not packing_available(w.dtype):
         return linear(x)
     packed = _packed.get(linear)
     stamp = (w.data_ptr(), 0 if w.is_inference() else w._version)  # inference tensors keep no version counter
@@ -45,26 +50,29 @@ def is_packed(linear: nn.Linear) -> bool:
     return linear in _packed
 
 
-def packing_available() -> bool:
-    """oneDNN's packed linear exists here, is not switched off, and passes the check below (once per process)."""
-    global _available
-    if _available is None:
-        _available = os.environ.get("SPECREC_PACKED_WEIGHTS", "auto").lower() not in ("off", "0", "false") \
-            and torch.backends.mkldnn.is_available() and _packed_matches_dense()
-    return _available
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's packed linear exists here for `dtype`, is not switched off, and passes the check below (once per
+    process and dtype)."""
+    if dtype not in _available:
+        _available[dtype] = dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available() \
+            and os.environ.get("SPECREC_PACKED_WEIGHTS", "auto").lower() not in ("off", "0", "false") \
+            and _packed_matches_dense(dtype)
+    return _available[dtype]
 
 
 @torch.inference_mode()
-def _packed_matches_dense() -> bool:
-    """The packed kernel computes what F.linear computes (to float32 rounding) on this machine; else it is not used."""
+def _packed_matches_dense(dtype: torch.dtype) -> bool:
+    """The packed kernel computes what F.linear computes (to the dtype's rounding) on this machine; else it is not
+    used."""
     try:
         gen = torch.Generator().manual_seed(0)
-        w, x = torch.randn(96, 64, generator=gen), torch.randn(17, 64, generator=gen)
+        w, x = torch.randn(96, 64, generator=gen).to(dtype), torch.randn(17, 64, generator=gen).to(dtype)
         out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none",
                                                  [], "")
     except (RuntimeError, AttributeError, NotImplementedError):  # an op this build of torch lacks
         return False
-    return torch.allclose(out, x @ w.T, rtol=1e-4, atol=1e-4)
+    tol = _TOLERANCE[dtype]
+    return torch.allclose(out.float(), x.float() @ w.float().T, rtol=tol, atol=tol * 8)
 
 
 @contextmanager

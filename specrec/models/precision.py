@@ -52,14 +52,19 @@ def set_precision(model: Transformer, dtype: torch.dtype) -> Transformer:
 
 @torch.inference_mode()
 def _projections_rowwise(model: Transformer, rows: int) -> bool:
-    """Every projection shape gives each row the same bits for any batch of 1..rows rows."""
+    """Every projection shape gives each row the same bits for any batch of 1..rows rows, computed as the
+    batch-invariant forward computes them (`Transformer._proj`: its kernels, its padding to MIN_ROWS rows)."""
     gen = torch.Generator().manual_seed(0)
     shapes = {tuple(m.weight.shape): m for m in model.model.modules() if isinstance(m, nn.Linear)}
-    for linear in shapes.values():
-        x = torch.randn(rows, linear.in_features, generator=gen).to(linear.weight.dtype)
-        alone = torch.cat([linear(x[i: i + 1]) for i in range(rows)])
-        if any(not torch.equal(linear(x[:m]), alone[:m]) for m in range(2, rows + 1)):
-            return False
+    before, model.invariant_rows = model.invariant_rows, rows
+    try:
+        for linear in shapes.values():
+            x = torch.randn(rows, linear.in_features, generator=gen).to(linear.weight.dtype)
+            alone = torch.cat([model._proj(linear, x[i: i + 1]) for i in range(rows)])
+            if any(not torch.equal(model._proj(linear, x[:m]), alone[:m]) for m in range(2, rows + 1)):
+                return False
+    finally:
+        model.invariant_rows = before
     return True
 
 
