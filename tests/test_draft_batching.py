@@ -94,21 +94,40 @@ def test_a_forgotten_session_gives_its_row_back(drafter_dir, tiny_artifacts):
 
 def test_draft_ahead_never_grows_a_page_past_its_cap_and_empty_pages_shrink_back(drafter_dir, tiny_artifacts):
     """Guesses drafted ahead for wide trees once grew every row of a page to thousands of slots for good (the draft
-    service reached 7.7 GB after a few loaded phases); now they fit a capped page, and an empty page shrinks."""
+    service reached 7.7 GB after a few loaded phases); now they fit a capped page, and an empty page shrinks, but for
+    the first page (the one a quiet service keeps using; at most one page's growth is held)."""
     from specrec.drafting.model_drafter import AHEAD_PAGE_SLOTS
 
     constraint = tiny_artifacts.constraint()
     drafter = load_drafter("model", drafter_dir)
     prompts = [tiny_artifacts.prompt(u) for u in eval_users(tiny_artifacts, 3)]
-    sessions = [drafter.open(p, constraint) for p in prompts]
-    page = sessions[0].page
-    first = page.cache.max_len
+    sessions = [drafter.open(prompts[i % 3], constraint) for i in range(PAGE_ROWS + 1)]  # two pages
+    first = sessions[0].page.cache.max_len
     drafted = 0
-    for s in sessions:
+    for s in sessions[:2] + sessions[-1:]:
         s.draft(Budget(16, 64, 8))
         drafted += s.prepare_ahead(guesses=8)
-        assert page.cache.max_len <= max(first, AHEAD_PAGE_SLOTS)
+        assert s.page.cache.max_len <= max(first, AHEAD_PAGE_SLOTS)
     assert drafted, "draft-ahead must still draft within the cap"
+    pages = drafter.pool.pages
+    assert len(pages) == 2 and all(p.cache.max_len > drafter.pool.slots for p in pages), "both pages should have grown"
     for s in sessions:
         s.close()
-    assert page.cache.max_len == drafter.pool.slots
+    assert pages[1].cache.max_len == drafter.pool.slots
+    assert drafter.pool.slots < pages[0].cache.max_len <= max(first, AHEAD_PAGE_SLOTS)
+
+
+def test_one_request_after_another_does_not_regrow_the_page(drafter_dir, tiny_artifacts):
+    """At concurrency 1 every request's session lands on the first page; it keeps the room draft-ahead grew it to,
+    instead of copying the page again for each request (which held wide trees past their deadline)."""
+    constraint = tiny_artifacts.constraint()
+    drafter = load_drafter("model", drafter_dir)
+    caches = []
+    for u in eval_users(tiny_artifacts, 3):
+        session = drafter.open(tiny_artifacts.prompt(u), constraint)
+        session.draft(Budget(16, 64, 8))
+        session.prepare_ahead(guesses=8)
+        caches.append(session.page.cache)
+        session.close()
+    assert len(drafter.pool.pages) == 1
+    assert caches[1] is caches[2], "the second and third requests grew (copied) the page again"

@@ -71,9 +71,12 @@ class CachePool:
             page.cache.lengths[row] = 0
             page.free.append(row)
             page.free.sort()  # low rows first: busy rows stay consecutive, so forwards read them as a view
-            # an empty page that grew goes back to its first size, so memory follows load; not blocking: a session's
+            # an empty page that grew goes back to its first size, so memory follows load; not the first page, which
+            # every quiet period uses: regrowing it for each request's draft-ahead stalled that request (bench
+            # drafter, trees of 8 x 32: 30-60 ms copies, trees past their deadline). Not blocking: a session's
             # finalizer may run this inside a forward that holds the page's lock
-            if len(page.free) == page.rows and page.cache.max_len > self.slots and page.lock.acquire(blocking=False):
+            if len(page.free) == page.rows and page.cache.max_len > self.slots and page is not self.pages[0] \
+                    and page.lock.acquire(blocking=False):
                 try:
                     page.cache = KVCache(self.args, page.rows, self.slots, device=self.device)
                 finally:
