@@ -1,4 +1,4 @@
-"""Projection weights pre-packed for oneDNN on the CPU: the float32 inference forward's linear layers.
+"""Projection weights pre-packed for oneDNN on the CPU: the inference forward's linear layers (float32, bfloat16).
 
 `F.linear` on the CPU repacks the weight matrix on every call; for the few rows a decode step or a draft tree
 feeds, that repacking is most of the cost (bench-size target, 8 layers, 1 thread: 6.6 ms for one token, 15 ms for
