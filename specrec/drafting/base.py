@@ -45,6 +45,9 @@ class DraftError(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
+    """How big the next draft tree may be: what a speculation policy plans and a drafter drafts. depth 0 = no
+    speculation (one plain target step). Built from a client's message it is checked by `validated()`."""
+
     depth: int  # levels below the root, 0..MAX_DEPTH
     max_nodes: int  # nodes kept, 0..MAX_NODES
     top_k: int = 0  # frontier nodes expanded per level and children per node; 0 = DEFAULT_TOP_K

@@ -11,19 +11,14 @@ import itertools
 from collections.abc import Sequence
 
 from specrec.decoding.beam import BeamRun, Expansion, beam_retrieve, draft_shape
-from specrec.drafting.base import Budget as DraftBudget
-from specrec.drafting.base import Drafter, DraftSession
+from specrec.drafting.base import Budget, Drafter, DraftSession
 from specrec.semantic_ids.constraint import ListConstraint
 from specrec.speculation.engine import Proposal, Proposer, RequestStats, Speculation, Verdict
-from specrec.speculation.policy import Budget, Policy
+from specrec.speculation.policy import Policy
 from specrec.verify.engine import TargetVerifier, VerifyError, VerifyRequest
 from specrec.verify.rules import AcceptParams
 
 _SEQUENCE_IDS = itertools.count(1)
-
-
-def draft_budget(budget: Budget) -> DraftBudget:
-    return DraftBudget(budget.depth, budget.max_nodes, budget.top_k, budget.min_path_prob)
 
 
 class LocalProposer:
@@ -46,7 +41,7 @@ class LocalProposer:
         else:
             first, *plain = news or [[]]
             self.session.commit(first, [t for r in plain for t in r])
-        tree = self.session.draft(draft_budget(budget))
+        tree = self.session.draft(budget)
         ready = self.session.ahead_hit
         if self.ahead_guesses and not self.session.finished:
             self.session.prepare_ahead(self.ahead_guesses)
@@ -120,7 +115,7 @@ def retrieve(prompt: list[int], constraint: ListConstraint, width: int, target: 
         assert drafter is not None
         session = drafter.open(list(prompt), constraint)
         try:
-            tree = session.draft(DraftBudget(*draft_shape(width, constraint.trie.branching_depth, tree_nodes)))
+            tree = session.draft(Budget(*draft_shape(width, constraint.trie.branching_depth, tree_nodes)))
         finally:
             session.close()
         return list(tree.tokens), list(tree.parents)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from specrec.calibration import LOWER_EDGES, N_BINS, Calibration, logq_bin
+from specrec.drafting.base import Budget  # the one budget: what a policy plans is what a drafter drafts
 from specrec.tree_shape import MAX_TREE_DEPTH, MAX_TREE_NODES
 
 N_SLOTS = 5  # an item is 4 code tokens then SEP; slot = a token's place inside its item
@@ -44,27 +45,6 @@ HF_START_DEPTH = 5  # transformers' num_assistant_tokens when "heuristic" was it
 # where a 32-node tree of width 8 ran 1.46x with more tokens per round (9.56 vs 9.00); the tree left 30 ms of
 # drafting per round on the critical path, the chain 17 ms (bench/results/speedup-2026-12-05b.md).
 ADAPTIVE_TOP_K = 1
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How big the next draft tree may be. depth 0 = no speculation: one plain target step."""
-
-    depth: int
-    max_nodes: int  # 0 when depth == 0
-    top_k: int = 0  # frontier nodes expanded per level and children per node; 1 = a chain, 0 = the drafter's default
-    min_path_prob: float = 0.0  # confidence stop: the drafter drops candidates whose path probability is below this
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.depth <= MAX_DEPTH:
-            raise ValueError(f"depth must be in 0..{MAX_DEPTH}, got {self.depth}")
-        if self.depth == 0 and self.max_nodes != 0:
-            raise ValueError(f"max_nodes must be 0 when depth is 0, got {self.max_nodes}")
-        if self.depth > 0 and not self.depth <= self.max_nodes <= MAX_NODES:
-            raise ValueError(f"max_nodes must be in {self.depth}..{MAX_NODES} for depth {self.depth}, "
-                             f"got {self.max_nodes}")
-        if not 0.0 <= self.min_path_prob <= 1.0:
-            raise ValueError(f"min_path_prob must be in 0..1, got {self.min_path_prob}")
 
 
 NO_SPECULATION = Budget(0, 0)
@@ -427,12 +407,27 @@ def plan_round(shared: SharedStats, next_slot: int, in_flight: int, max_nodes: i
 # ----------------------------------------------------------------------------------------------
 
 
+def _planned(budget: Budget) -> Budget:
+    """A budget a policy may plan with (ValueError naming the field otherwise): depth 0 = no speculation and no
+    nodes; else at least one node per level, within the tree limits every hop agrees on."""
+    if not 0 <= budget.depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be in 0..{MAX_DEPTH}, got {budget.depth}")
+    if budget.depth == 0 and budget.max_nodes != 0:
+        raise ValueError(f"max_nodes must be 0 when depth is 0, got {budget.max_nodes}")
+    if budget.depth > 0 and not budget.depth <= budget.max_nodes <= MAX_NODES:
+        raise ValueError(f"max_nodes must be in {budget.depth}..{MAX_NODES} for depth {budget.depth}, "
+                         f"got {budget.max_nodes}")
+    if not 0.0 <= budget.min_path_prob <= 1.0:
+        raise ValueError(f"min_path_prob must be in 0..1, got {budget.min_path_prob}")
+    return budget
+
+
 class FixedPolicy:
     """The same budget every round; Budget(0, 0) is "off" (plain decoding on the target)."""
 
     def __init__(self, depth: int, nodes: int, *, top_k: int = 0, min_path_prob: float = 0.0,
                  name: str | None = None, shared: SharedStats | None = None):
-        self.budget = Budget(depth, nodes, top_k, min_path_prob)
+        self.budget = _planned(Budget(depth, nodes, top_k, min_path_prob))
         self.name = name or ("off" if depth == 0 else f"fixed:{depth}:{nodes}")
         self.shared = shared
 
