@@ -74,10 +74,10 @@ class LocalVerifier:
 
 
 def speculate(prompt: list[int], constraint: ListConstraint, policy: Policy, target: TargetVerifier,
-              drafter: Drafter | None, ahead_guesses: int = 0,
-              proposer: Proposer | None = None) -> tuple[list[int], RequestStats]:
+              drafter: Drafter | None, ahead_guesses: int = 0, proposer: Proposer | None = None,
+              params: AcceptParams | None = None) -> tuple[list[int], RequestStats]:
     """Generate after `prompt` in this process; the committed tokens and the request's statistics.
-    `proposer` replaces the drafter's (e.g. a test's broken one)."""
+    `proposer` replaces the drafter's (e.g. a test's broken one); `params`: the acceptance rule (greedy default)."""
     out: list[int] = []
 
     async def emit(tokens: list[int], logprobs: list[float]) -> None:
@@ -85,8 +85,8 @@ def speculate(prompt: list[int], constraint: ListConstraint, policy: Policy, tar
 
     if proposer is None and drafter is not None:
         proposer = LocalProposer(drafter, constraint, ahead_guesses)
-    verifier = LocalVerifier(target, constraint.n_items, constraint.exclude_history, banned=constraint.banned.tolist(),
-                             allowed=constraint.allowed_items.tolist())
+    verifier = LocalVerifier(target, constraint.n_items, constraint.exclude_history, params,
+                             banned=constraint.banned.tolist(), allowed=constraint.allowed_items.tolist())
     try:
         stats = asyncio.run(Speculation(prompt, constraint, policy, proposer, verifier, emit,
                                         max_len=target.cache.max_len).run())
