@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from draft_service.server import to_budget
+from draft_service.server import _advance, to_budget
 from harness.loadgen import Tally, run_requests_sync
 from harness.stack import StackConfig, free_port
 from specrec.draft.v1 import draft_pb2, draft_pb2_grpc, tree_pb2
@@ -91,8 +91,8 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
         return draft_pb2.StatsResponse(model_version=self.model_version)
 
     def _late_real(self, request_iterator, context):
-        """Real trees from a real drafting session, the second tree of every stream past the deadline; each commit
-        goes through `DraftSession.commit`, which refuses what the draft service refuses (INVALID_ARGUMENT)."""
+        """Real trees from a real drafting session, the second tree of every stream past the deadline; each Advance
+        goes through the draft service's own handling, so a commit it would refuse is refused (INVALID_ARGUMENT)."""
         assert self.drafter is not None and self.trie is not None
         session, late_sent = None, False
         for request in request_iterator:
@@ -102,13 +102,14 @@ class FaultInjector(draft_pb2_grpc.DraftServiceServicer):
                 session = self.drafter.open(list(o.context), constraint)
                 yield draft_pb2.SpeculateResponse(tree=session.draft(to_budget(o.budget)).to_proto())
                 continue
-            try:
-                session.commit(list(request.advance.committed), list(request.advance.then_plain))
+            advance = request.advance
+            try:  # what the draft service runs for an Advance: the commit checked, then the next tree
+                tree = _advance(session, list(advance.committed), list(advance.then_plain), to_budget(advance.budget),
+                                False)
             except DraftError as e:
                 self.refused_commits.append(str(e))
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             self.advances_after_late += late_sent
-            tree = session.draft(to_budget(request.advance.budget))
             if not late_sent:
                 self.injected[self.mode] += 1
                 late_sent = True
