@@ -23,7 +23,7 @@ from specrec.drafting.offline import EvalConfig, eval_users, evaluate, is_eval_u
 from specrec.drafting.retrieval import POOL_DIR, pool_for
 from specrec.models.llama import Transformer
 from specrec.pipeline import prepare
-from specrec.training.drafter import ABLATIONS, DIVERGENCES, TrainSpec, distill_data, drafter_profile, train_drafter
+from specrec.training.drafter import ABLATIONS, OBJECTIVES, TrainSpec, distill_data, drafter_profile, train_drafter
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(train)
     train.add_argument("--drafter", choices=("model", "retrieval"), default="model",
                        help="model: a PAD-Rec transformer; retrieval: build the DARE-style pool")
-    train.add_argument("--divergence", choices=DIVERGENCES, default="fkl", help="distillation divergence")
+    train.add_argument("--divergence", choices=OBJECTIVES, default="fkl",
+                       help="distillation divergence (pld: the Plackett-Luce ranking loss)")
     train.add_argument("--no-slot", action="store_true", help="ablation: no item-slot embedding")
     train.add_argument("--no-step", action="store_true", help="ablation: no draft-step embedding and gate")
     train.add_argument("--no-hass", action="store_true", help="ablation: no HASS top-K loss and no unrolling")
+    train.add_argument("--no-hass-objective", action="store_true",
+                       help="ablation: no HASS top-K loss (the unrolled context alignment stays)")
+    train.add_argument("--no-hass-alignment", action="store_true",
+                       help="ablation: no HASS unrolled context alignment (the top-K loss stays)")
     train.add_argument("--ablations", action="store_true",
                        help="train the default and the plain/no-slot/no-step/no-hass variants, and the pool")
     train.add_argument("--steps", type=int, default=None, help="override the profile's training steps")
@@ -87,7 +92,9 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     if args.drafter == "retrieval":
         print(build_retrieval(arts, args.seed, progress))
         return 0
-    spec = TrainSpec(args.divergence, not args.no_slot, not args.no_step, not args.no_hass)
+    spec = TrainSpec(args.divergence, use_slot=not args.no_slot, use_step=not args.no_step,
+                     hass_objective=not (args.no_hass or args.no_hass_objective),
+                     hass_alignment=not (args.no_hass or args.no_hass_alignment))
     print(train_drafter(arts, spec, seed=args.seed, progress=progress, steps=args.steps))
     return 0
 

@@ -6,11 +6,14 @@ at decode time when its drafts are accepted. The target's distribution at every 
 renormalised over the grammar's allowed tokens, is computed once and cached.
 
 Loss at each list position that is not grammar-forced (p = target, q = drafter, both trie-masked):
-- a divergence D(p, q): forward KL, reverse KL, Jensen-Shannon or total variation (DistillSpec);
-- HASS's top-K loss: -sum over the target's top K tokens of p log q (sharpens what acceptance needs);
-- HASS's harmonised multi-step training: for part of each batch, cut the list at a random point, let
-  the drafter draft `unroll` tokens itself (sampled from q), feed them back with their draft-step
-  index, and distil the target's distribution after them. Step embeddings only learn from this.
+- a divergence D(p, q): forward KL, reverse KL, Jensen-Shannon or total variation (DistillSpec), a
+  debiased Sinkhorn divergence (SinKD), entropy-balanced forward/reverse KL (BD-KD) or the Plackett-Luce
+  likelihood of the target's top-K order (PLD);
+- HASS's harmonised objective (`TrainSpec.hass_objective`): -sum over the target's top K tokens of p log q
+  (sharpens what acceptance needs);
+- HASS's harmonised context alignment (`TrainSpec.hass_alignment`): for part of each batch, cut the list at
+  a random point, let the drafter draft `unroll` tokens itself, feed them back with their draft-step index,
+  and distil the target's distribution after them. Step embeddings only learn from this.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import contextlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import InitVar, asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +41,13 @@ from specrec.training.examples import encode_prompt
 from specrec.training.loop import train
 
 log = logging.getLogger(__name__)
-DIVERGENCES = ("fkl", "rkl", "js", "tvd")
+DIVERGENCES = ("fkl", "rkl", "js", "tvd", "sinkhorn", "bdkd")  # true divergences: >= 0, 0 at q = p
+RANKING_LOSSES = ("pld",)  # list-wise: >= 0, lower the better q orders p's top K, but not 0 at q = p
+OBJECTIVES = DIVERGENCES + RANKING_LOSSES  # what TrainSpec.divergence may name
 DATA_DIR = "drafter-data"
+SINKHORN_EPS = 0.1  # entropic regularisation of the Sinkhorn divergence, in units of the 0/1 ground cost
+SINKHORN_ITERS = 20  # log-space Sinkhorn iterations (unrolled: gradients flow through them)
+PLD_TOP_K = 8  # PLD: length of the target's ranking the drafter's scores must reproduce
 
 
 @dataclass(frozen=True)
@@ -82,29 +90,63 @@ def drafter_profile(name: str) -> DrafterProfile:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """What makes one drafter variant: the divergence and which PAD-Rec / HASS parts are on."""
+    """What makes one drafter variant: the divergence and which PAD-Rec / HASS parts are on.
+
+    `hass` is a construction-time shorthand for both HASS switches (`TrainSpec(hass=False)`: no top-K loss and
+    no unrolling, the meaning it had before the two were separate); it is not stored, so `asdict` has the two
+    switches. `from_dict` reads specs saved either way."""
 
     divergence: str = "fkl"
     use_slot: bool = True
     use_step: bool = True
-    hass: bool = True
+    hass_objective: bool = True  # HASS's top-K loss at every distilled position
+    hass_alignment: bool = True  # HASS's unrolled steps on the drafter's own tokens
+    hass: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    def __post_init__(self, hass: bool | None) -> None:
+        if hass is not None:
+            object.__setattr__(self, "hass_objective", bool(hass))
+            object.__setattr__(self, "hass_alignment", bool(hass))
+        if self.divergence not in OBJECTIVES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(OBJECTIVES)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainSpec:
+        """A spec as `asdict` saved it (training.json's "spec"), including specs saved before the HASS switches were
+        split, whose single `hass` switched both."""
+        d = dict(d)
+        both = d.pop("hass", None)
+        if both is not None:
+            d.setdefault("hass_objective", both)
+            d.setdefault("hass_alignment", both)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "hass"})
 
     @property
     def variant(self) -> str:
-        """Directory name: "drafter" for the default, else e.g. "drafter-rkl-no-step"."""
+        """Directory name: "drafter" for the default, else e.g. "drafter-rkl-no-step" ("no-hass" = both HASS parts
+        off, "no-hass-objective" / "no-hass-alignment" = one of them)."""
         default = TrainSpec()
         parts = [] if self.divergence == default.divergence else [self.divergence]
-        parts += [flag for flag, on in (("no-slot", self.use_slot), ("no-step", self.use_step),
-                                         ("no-hass", self.hass)) if not on]
+        parts += [flag for flag, on in (("no-slot", self.use_slot), ("no-step", self.use_step)) if not on]
+        if not (self.hass_objective or self.hass_alignment):
+            parts.append("no-hass")
+        elif not self.hass_objective:
+            parts.append("no-hass-objective")
+        elif not self.hass_alignment:
+            parts.append("no-hass-alignment")
         return "-".join([DEFAULT_DIR, *parts])
 
 
 PLAIN = TrainSpec(use_slot=False, use_step=False, hass=False)  # a plain distilled drafter of the same size
 ABLATIONS = (TrainSpec(), PLAIN, TrainSpec(use_slot=False), TrainSpec(use_step=False), TrainSpec(hass=False))
+
+
+def load_spec(directory: Path) -> TrainSpec | None:
+    """The spec a drafter directory was trained with (its training.json), None when it has none."""
+    path = Path(directory) / "training.json"
+    if not path.is_file():
+        return None
+    return TrainSpec.from_dict(json.loads(path.read_text())["spec"])
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -210,8 +252,79 @@ def distill_data(arts: Artifacts, profile: DrafterProfile, target: Transformer |
 
 # -- losses ----------------------------------------------------------------------------------------
 
+def _softmin_01(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """-eps log sum_j exp(h_j - C_ij / eps) for every i, with the 0/1 cost C (0 on the diagonal): the kernel is
+    exp(-1/eps) everywhere plus (1 - exp(-1/eps)) on the diagonal, so this is O(V) per row, not O(V^2)."""
+    lse = torch.logsumexp(h, dim=-1, keepdim=True)
+    return -eps * torch.logaddexp(lse - 1.0 / eps, math.log1p(-math.exp(-1.0 / eps)) + h)
+
+
+def _entropic_ot(la: torch.Tensor, lb: torch.Tensor, allowed: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """OT_eps(a, b) = min_P <P, C> + eps KL(P | a x b) per row (0/1 cost), by log-space Sinkhorn on the dual
+    potentials f, g; the value is the dual <a, f> + <b, g>. la, lb: masked log-weights (-inf off `allowed`)."""
+    zero = torch.zeros((), dtype=la.dtype)
+    a, b = torch.where(allowed, la.exp(), zero), torch.where(allowed, lb.exp(), zero)
+    g = torch.zeros_like(lb)
+    f = _softmin_01(lb + g / eps, eps)
+    for _ in range(iters):
+        g = _softmin_01(la + f / eps, eps)
+        f = _softmin_01(lb + g / eps, eps)
+    return (a * torch.where(allowed, f, zero)).sum(-1) + (b * torch.where(allowed, g, zero)).sum(-1)
+
+
+def sinkhorn(lp: torch.Tensor, lq: torch.Tensor, allowed: torch.Tensor, eps: float = SINKHORN_EPS,
+             iters: int = SINKHORN_ITERS) -> torch.Tensor:
+    """SinKD's Sinkhorn distance per row, debiased: S = OT_eps(p, q) - (OT_eps(p, p) + OT_eps(q, q)) / 2.
+
+    Tokens have no natural metric, so the ground cost is 0/1 (0 on the diagonal, 1 between different allowed
+    tokens). With this cost the exact OT distance equals the total variation distance (move only the excess mass,
+    at cost 1 per unit); the entropic version smooths it: it gives gradient where TVD's is piecewise constant and
+    tends to TVD as eps -> 0. The debiasing (Feydy et al. 2019) makes it 0 at q = p and >= 0 (the kernel
+    exp(-C/eps) is positive definite); the three terms run the same iterations, so it is exactly 0 at q = p.
+    Differentiable through `iters` unrolled log-space iterations."""
+    la = lp.masked_fill(~allowed, float("-inf"))
+    lb = lq.masked_fill(~allowed, float("-inf"))
+    pq = _entropic_ot(la, lb, allowed, eps, iters)
+    with torch.no_grad():  # constant in q
+        pp = _entropic_ot(la, la, allowed, eps, iters)
+    return pq - 0.5 * pp - 0.5 * _entropic_ot(lb, lb, allowed, eps, iters)
+
+
+def bdkd(lp: torch.Tensor, lq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """BD-KD per row: w_f KL(p || q) + w_r KL(q || p) with w_f = H(q) / (H(p) + H(q)), w_r = H(p) / (H(p) + H(q))
+    (entropies over the allowed tokens, weights detached; equal weights when both are one-hot)."""
+    zero = torch.zeros((), dtype=lq.dtype)
+    p, q = torch.where(allowed, lp.exp(), zero), torch.where(allowed, lq.exp(), zero)
+    lp0, lq0 = torch.where(allowed, lp, zero), torch.where(allowed, lq, zero)
+    with torch.no_grad():
+        hp, hq = -(p * lp0).sum(-1), -(q * lq0).sum(-1)
+        total = hp + hq
+        w_f = torch.where(total > 1e-12, hq / total.clamp_min(1e-12), torch.full_like(total, 0.5))
+    return w_f * (p * (lp0 - lq0)).sum(-1) + (1 - w_f) * (q * (lq0 - lp0)).sum(-1)
+
+
+def pld(lp: torch.Tensor, lq: torch.Tensor, allowed: torch.Tensor, k: int = PLD_TOP_K) -> torch.Tensor:
+    """PLD per row: the Plackett-Luce negative log-likelihood, under the drafter's scores log q, of the target's
+    order of its top-K allowed tokens (K capped at the allowed count): sum over ranks i of
+    -log q[pi_i] + logsumexp_{j >= i} log q[pi_j]. >= 0; 0 only in the limit where q separates the K in the
+    target's order; tokens outside the target's top K get no gradient from it."""
+    la = lp.masked_fill(~allowed, float("-inf"))
+    vals, idx = la.topk(min(k, la.shape[-1]), dim=-1)
+    ok = torch.isfinite(vals)
+    s = lq.gather(-1, idx).clamp_min(-1e4).masked_fill(~ok, -1e4)  # finite: logcumsumexp of -inf has nan grads
+    tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)  # logsumexp over ranks j >= i
+    return torch.where(ok, tail - s, torch.zeros((), dtype=lq.dtype)).sum(-1)
+
+
 def divergence(kind: str, lp: torch.Tensor, lq: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Per-row divergence between target p and drafter q, both given as masked log-probs [N, V]."""
+    """Per-row divergence (or, for RANKING_LOSSES, list-wise loss) between target p and drafter q, both given as
+    masked log-probs [N, V]."""
+    if kind == "sinkhorn":
+        return sinkhorn(lp, lq, allowed)
+    if kind == "bdkd":
+        return bdkd(lp, lq, allowed)
+    if kind == "pld":
+        return pld(lp, lq, allowed)
     zero = torch.zeros((), dtype=lq.dtype)
     p = torch.where(allowed, lp.exp(), zero)
     q = torch.where(allowed, lq.exp(), zero)
@@ -251,7 +364,7 @@ def position_loss(spec: TrainSpec, prof: DrafterProfile, logits: torch.Tensor,
     logits, lp, allowed = logits[keep], lp[keep].float(), allowed[keep]
     lq = F.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
     loss = divergence(spec.divergence, lp, lq, allowed)
-    if spec.hass:
+    if spec.hass_objective:
         loss = loss + prof.top_k_weight * top_k_loss(lp, lq, prof.top_k)
     return loss.sum(), int(keep.sum())
 
@@ -269,7 +382,7 @@ class DistillLoss:
     def __call__(self, rng: np.random.Generator) -> torch.Tensor:
         picks = rng.integers(len(self.data.sequences), size=self.prof.batch_size)
         loss, n = self.teacher_forced(picks)
-        if self.spec.hass and self.prof.unroll > 0:  # every position weighs the same, drafted or not (as HASS)
+        if self.spec.hass_alignment and self.prof.unroll > 0:  # every position weighs the same, drafted or not (HASS)
             more, m = self.unrolled(picks[: self.prof.unroll_batch], rng)
             loss, n = loss + self.prof.unroll_weight * more, n + m
         return loss / max(n, 1)
@@ -384,8 +497,10 @@ def fit_profile(prof: DrafterProfile, arts: Artifacts, spec: TrainSpec, n_target
 
 
 def train_drafter(arts: Artifacts, spec: TrainSpec = TrainSpec(), profile: DrafterProfile | None = None,
-                  seed: int = 0, progress: bool = True, steps: int | None = None) -> Path:
-    """Train one variant into <artifacts>/<spec.variant>/ (resumable from <variant>.train/)."""
+                  seed: int = 0, progress: bool = True, steps: int | None = None, name: str | None = None,
+                  data_seed: int | None = None) -> Path:
+    """Train one variant into <artifacts>/<name or spec.variant>/ (resumable from <name>.train/). data_seed (default:
+    seed) picks the cached distillation data, so seeds of an ablation can share one data set."""
     prof = profile or drafter_profile(arts.profile.name)
     if steps is not None:
         prof = replace(prof, steps=steps)
@@ -394,18 +509,20 @@ def train_drafter(arts: Artifacts, spec: TrainSpec = TrainSpec(), profile: Draft
         p.requires_grad_(False)
     n_target = sum(p.numel() for p in target.parameters())
     prof = fit_profile(prof, arts, spec, n_target)  # before the distillation data: never a refusal after the work
-    data = distill_data(arts, prof, target, seed=seed, progress=progress)
+    data = distill_data(arts, prof, target, seed=seed if data_seed is None else data_seed, progress=progress)
     torch.manual_seed(seed)
     model = PadDrafter(drafter_config(arts, prof, spec))
     loss_fn = DistillLoss(model, target, data, arts.constraint(), spec, prof)
-    out = arts.directory / spec.variant
-    work_dir = arts.directory / f"{spec.variant}.train"
-    losses = train(model, loss_fn, prof.steps, prof.lr, work_dir, seed=seed, desc=f"{spec.variant}[{prof.name}]",
+    name = name or spec.variant
+    out = arts.directory / name
+    work_dir = arts.directory / f"{name}.train"
+    losses = train(model, loss_fn, prof.steps, prof.lr, work_dir, seed=seed, desc=f"{name}[{prof.name}]",
                    progress=progress)
     model.save(out)
     with contextlib.suppress(OSError):
         work_dir.rmdir()  # empty once training finished (the loop deletes its checkpoint)
-    meta = {"spec": asdict(spec), "profile": asdict(prof), "seed": seed, "params": model.n_params(),
+    meta = {"spec": asdict(spec), "profile": asdict(prof), "seed": seed,
+            "data_seed": seed if data_seed is None else data_seed, "params": model.n_params(),
             "target_params": n_target, "final_loss": float(np.mean(losses[-20:])) if losses else None}
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
