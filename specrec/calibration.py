@@ -58,7 +58,9 @@ class Calibration:
         self._f: np.ndarray | None = None
         self._lock = threading.Lock()
 
-    def record(self, path_logq: Sequence[float], node_accepted: Sequence[bool]) -> None:
+    def record(self, path_logq: Sequence[float], node_accepted: Sequence[bool],
+               depths: Sequence[int] | None = None) -> None:
+        """Count nodes by their path's log q: accepted or not (`depths` is for DepthCalibration; pooled here)."""
         bins = logq_bin(path_logq)
         with self._lock:
             np.add.at(self.trials, bins, 1.0)
@@ -88,3 +90,30 @@ class Calibration:
         """f at a path's log q, interpolated between bin centres in log q: with no counts yet this is ~q
         itself, so ranking by it starts out as ranking by the drafter's own q."""
         return float(np.interp(logq, _LOG_BIN_Q, self.table()))
+
+    def accepted_at(self, logq: float, depth: int) -> float:
+        """f for a path of log q at this depth: pooled over depths here (see DepthCalibration)."""
+        return self.accepted(logq)
+
+
+class DepthCalibration:
+    """f(q) learnt apart for each path depth (deeper than MAX_DEPTH: pooled with it), for scores that do not carry
+    the depth: a retrieval pool scores a run of any length by its match frequency, so its nodes at depth 1 and 8
+    share q; and merging two sources' trees compares their nodes depth by depth."""
+
+    MAX_DEPTH = 16
+
+    def __init__(self, strength: float = 4.0):
+        self.by_depth = [Calibration(strength) for _ in range(self.MAX_DEPTH + 1)]
+
+    def record(self, path_logq: Sequence[float], node_accepted: Sequence[bool],
+               depths: Sequence[int] | None = None) -> None:
+        if depths is None:
+            raise ValueError("DepthCalibration needs each node's depth")
+        d = np.minimum(np.asarray(depths, dtype=int), self.MAX_DEPTH)
+        q, ok = np.asarray(path_logq, dtype=float), np.asarray(node_accepted, dtype=bool)
+        for depth in np.unique(d).tolist():
+            self.by_depth[depth].record(q[d == depth], ok[d == depth])
+
+    def accepted_at(self, logq: float, depth: int) -> float:
+        return self.by_depth[min(depth, self.MAX_DEPTH)].accepted(logq)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specrec.artifacts import Artifacts
-from specrec.calibration import Calibration
+from specrec.calibration import Calibration, DepthCalibration
 from specrec.drafting.base import (
     AHEAD_WAVE,
     Budget,
@@ -21,6 +21,7 @@ from specrec.drafting.base import (
     load_drafter,
     stop_points,
 )
+from specrec.drafting.hybrid import learn_sources
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, is_eval_user, matches, replay
 from specrec.drafting.retrieval import pool_for
@@ -373,6 +374,36 @@ def test_a_calibrated_merge_keeps_the_source_verification_believes():
         learn_acceptance(doubted, pool, [1])
     assert merge_trees([model, pool], 3).tokens == [7, 8, 9]  # by raw q the pool's run wins
     assert merge_trees([model, pool], 3, acceptance=[trusted, doubted]).tokens == [4, 5, 6]
+
+
+def test_a_depth_calibrated_merge_ranks_a_sources_nodes_by_how_deep_they_are():
+    """A pool scores every node of a run alike (its match frequency), however deep: learnt per depth, its deep nodes
+    (rarely accepted) lose their places to the model's shallow alternatives; pooled over depths they keep them."""
+    model = DraftTree([4, 5, 6, 10], [-1] * 4, [math.log(0.25)] * 4)  # four alternatives for the next token
+    pool = DraftTree([7, 8, 9], [-1, 0, 1], [0.0, 0.0, 0.0])  # one run of three, each node "sure" by its score
+    pooled, by_depth = (Calibration(strength=0.1), Calibration(strength=0.1)), \
+        (DepthCalibration(strength=0.1), DepthCalibration(strength=0.1))
+    for _ in range(100):
+        for model_cal, pool_cal in (pooled, by_depth):
+            learn_acceptance(model_cal, model, [4, 1])  # one of the model's four is right
+            learn_acceptance(pool_cal, pool, [7, 1])  # the run's first node is right, its second never
+    assert pooled[1].accepted(0.0) == pytest.approx(1 / 3, abs=0.02)  # one in three of the run's nodes accepted
+    assert pooled[0].accepted(math.log(0.25)) < 0.3
+    assert merge_trees([model, pool], 3, acceptance=pooled).tokens == [7, 8, 9]
+    assert by_depth[1].accepted_at(0.0, 1) > 0.95 and by_depth[1].accepted_at(0.0, 2) < 0.05
+    assert sorted(merge_trees([model, pool], 3, acceptance=by_depth).tokens) == [4, 5, 7]
+
+
+def test_the_pool_learns_only_from_paths_the_models_tree_lacks():
+    """Where the model drafted the same path, the pool's being right adds nothing to the merged tree."""
+    model = DraftTree([5, 6], [-1, 0], [math.log(0.5)] * 2)  # [5], [5, 6]
+    pool = DraftTree([5, 6, 9], [-1, 0, -1], [0.0, 0.0, 0.0])  # [5], [5, 6] as the model's, and [9]
+    sources = (DepthCalibration(), DepthCalibration())
+    learn_sources(sources, [model, pool], [5, 6, 3])
+    model_counts = sum(c.trials.sum() for c in sources[0].by_depth)
+    pool_counts = [(c.trials.sum(), c.hits.sum()) for c in sources[1].by_depth]
+    assert model_counts == 2
+    assert sum(t for t, _ in pool_counts) == 1 and sum(h for _, h in pool_counts) == 0  # [9] alone, not accepted
 
 
 def test_the_pool_never_holds_a_held_out_users_history(tiny_artifacts):

@@ -15,14 +15,14 @@ import math
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from specrec.calibration import Calibration
+from specrec.calibration import Calibration, DepthCalibration
 from specrec.semantic_ids.constraint import ConstraintError, ListConstraint, ListState
 from specrec.tree_shape import MAX_TREE_DEPTH as MAX_DEPTH
 from specrec.tree_shape import MAX_TREE_NODES as MAX_NODES
@@ -409,23 +409,28 @@ class DraftSession(ABC):
 AHEAD_MISSES = ("not_drafted", "plain_round", "wrong_guess", "unfinished", "budget")
 
 
-def learn_acceptance(acceptance: Calibration, tree: DraftTree, committed: Sequence[int]) -> None:
+def learn_acceptance(acceptance: Calibration | DepthCalibration, tree: DraftTree, committed: Sequence[int],
+                     besides: Container[tuple[int, ...]] = ()) -> None:
     """Teach `acceptance` the nodes of `tree` whose fate `committed` (an accepted path, then the target's own
     token(s)) decides: a path that is a prefix of it was accepted, one that leaves it within its length was not;
     deeper paths that follow it all the way are undecided (a tree another source's tree was merged into may hold
-    nodes verification never saw)."""
+    nodes verification never saw). Paths in `besides` are left out: what a source adds to another source's tree is
+    worth only its paths the other lacks."""
     if not len(tree):
         return
     known = len(committed)
-    scores, accepted = [], []
+    scores, accepted, depths = [], [], []
     for i, score in enumerate(tree.scores()):
         path = tree.path_tokens(i)
+        if besides and tuple(path) in besides:
+            continue
         agrees = list(committed[:len(path)]) == path[:known]
         if len(path) <= known or not agrees:
             scores.append(score)
             accepted.append(agrees and len(path) <= known)
+            depths.append(len(path))
     if scores:
-        acceptance.record(scores, accepted)
+        acceptance.record(scores, accepted, depths)
 
 
 @dataclass

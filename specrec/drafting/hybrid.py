@@ -1,10 +1,11 @@
 """Hybrid drafter: the model's and the retrieval pool's trees merged into one.
 
 Both draft with the same budget; the union of their paths is ranked by the better of the two calibrated
-acceptances, and the best max_nodes are kept (see tree.merge_trees). Each source's calibration (how often a path
-it scores q is accepted) is learnt from the commits, for each source's own tree: the pool's log q is a log match
-frequency, and a run backed by a single match scores log 1 = 0, which read as the model's q outranked every model
-node. Both inner sessions follow every commit, so the model keeps its rolled-back cache as usual.
+acceptances, and the best max_nodes are kept (see tree.merge_trees). Each source's calibration (how often a path it
+scores q at depth d is accepted) is learnt from the commits: the model's from its own tree, the pool's from its
+paths the model's tree lacks (`learn_sources`). The pool's log q is a log match frequency, and a run backed by a
+single match scores log 1 = 0, which read as the model's q outranked every model node. Both inner sessions follow
+every commit, so the model keeps its rolled-back cache as usual.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from specrec.calibration import Calibration
+from specrec.calibration import DepthCalibration
 from specrec.drafting.base import Budget, Drafter, DraftSession, DraftTree, learn_acceptance, register
 from specrec.drafting.model_drafter import AheadWork, ModelDrafter, ModelSession, load_model_drafter
 from specrec.drafting.retrieval import RetrievalDrafter, RetrievalSession, load_retrieval_drafter, retrieval_tree
@@ -26,7 +27,7 @@ class HybridDrafter(Drafter):
         self.model = model
         self.retrieval = retrieval
         self.name = name
-        self.sources = (Calibration(), Calibration())  # acceptance of the model's paths, of the pool's
+        self.sources = (DepthCalibration(), DepthCalibration())  # acceptance of the model's paths, of the pool's
 
     def forward_counts(self) -> tuple[int, int] | None:
         return self.model.forward_counts()
@@ -43,9 +44,23 @@ class HybridDrafter(Drafter):
         out = []
         for t, pair in enumerate(zip(model, pool, strict=True)):
             out.append(merge_trees(list(pair), budget.validated().max_nodes, acceptance=self.sources))
-            for calibration, tree in zip(self.sources, pair, strict=True):
-                learn_acceptance(calibration, tree, continuation[t:])
+            learn_sources(self.sources, pair, continuation[t:])
         return out
+
+
+def learn_sources(sources: tuple[DepthCalibration, DepthCalibration], trees: Sequence[DraftTree],
+                  committed: Sequence[int]) -> None:
+    """The model's calibration learns from its whole tree; the pool's from the paths the model's tree lacks. A pool
+    path is worth a place in the merged tree for what it adds: where the model drafted the same path, the pool's
+    run being right says nothing (and the two are right together far more often than apart, so the pool's own
+    acceptance overrated what its nodes add)."""
+    if not trees:
+        return
+    model, *others = trees
+    learn_acceptance(sources[0], model, committed)
+    if others:
+        lacks = {tuple(model.path_tokens(i)) for i in range(len(model))}
+        learn_acceptance(sources[1], others[0], committed, besides=lacks)
 
 
 @dataclass
@@ -59,11 +74,11 @@ class _HybridAhead:
 
 class HybridSession(DraftSession):
     def __init__(self, model: ModelSession, retrieval: RetrievalSession,
-                 sources: tuple[Calibration, Calibration] | None = None):
+                 sources: tuple[DepthCalibration, DepthCalibration] | None = None):
         super().__init__(model.constraint, model.context)
         self.model = model
         self.retrieval = retrieval
-        self.sources = sources or (Calibration(), Calibration())
+        self.sources = sources or (DepthCalibration(), DepthCalibration())
         self._source_trees: list[DraftTree] = []  # the last merged tree's sources, to learn from its commit
 
     def _merge(self, trees: list[DraftTree], budget: Budget, want_probs: bool) -> DraftTree:
@@ -79,8 +94,7 @@ class HybridSession(DraftSession):
 
     def _learn_acceptance(self, tokens: list[int]) -> None:
         super()._learn_acceptance(tokens)
-        for calibration, tree in zip(self.sources, self._source_trees, strict=False):
-            learn_acceptance(calibration, tree, tokens)
+        learn_sources(self.sources, self._source_trees, tokens)
         self._source_trees = []
 
     def _advance(self, tokens: list[int]) -> None:

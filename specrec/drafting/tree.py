@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specrec.calibration import Calibration
+from specrec.calibration import Calibration, DepthCalibration
 from specrec.drafting.base import Budget, DraftTree
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import EOS, SEP
@@ -351,7 +351,7 @@ def _probs(tree: CandidateTree, node: Node, vocab: int) -> np.ndarray:
 
 
 def merge_trees(trees: list[DraftTree], max_nodes: int, want_probs: bool = False,
-                acceptance: Sequence[Calibration | None] = ()) -> DraftTree:
+                acceptance: Sequence[Calibration | DepthCalibration | None] = ()) -> DraftTree:
     """Union of several drafters' trees (shared paths merged), scored by the best source's cumulative
     log q, cut to the best max_nodes (connected, priority order). Draft probs come from the first tree
     that expanded a node. `acceptance[i]`: tree i's scores read as its calibrated acceptance, log f_i(q), so
@@ -362,14 +362,20 @@ def merge_trees(trees: list[DraftTree], max_nodes: int, want_probs: bool = False
     for i, tree in enumerate(trees):
         scores = tree.scores()
         calibration = acceptance[i] if i < len(acceptance) else None
-        if calibration is not None:
-            scores = [math.log(max(calibration.accepted(s), 1e-12)) for s in scores]
         paths = [tuple(tree.path_tokens(i)) for i in range(len(tree))]
+        if calibration is not None:
+            scores = [math.log(max(calibration.accepted_at(s, len(p)), 1e-12)) for s, p in zip(scores, paths,
+                                                                                              strict=True)]
         for path, score in zip(paths, scores, strict=True):
             nodes[path] = max(nodes.get(path, -math.inf), score)
         if tree.probs is not None:
             for j, e in enumerate(tree.expanded):
                 dist.setdefault(() if e < 0 else paths[e], tree.probs[j])
+    # a path is no likelier than its parent: the better source's score for a child can exceed the other source's
+    # for its parent, and a child ranked before its parent would be skipped for good
+    for path in sorted(nodes, key=len):
+        if path[:-1] in nodes:
+            nodes[path] = min(nodes[path], nodes[path[:-1]])
     order = sorted(nodes, key=lambda p: (-nodes[p], len(p), p))
     index: dict[tuple[int, ...], int] = {(): -1}
     tokens: list[int] = []
