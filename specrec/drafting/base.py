@@ -251,13 +251,18 @@ class DraftSession(ABC):
                 out.append(result)
         return out
 
-    def _adopt_ahead(self, work: Any) -> DraftTree:
-        """The guess came true: commit `assumed` using the speculative work, return its tree."""
+    def _adopt_ahead(self, work: Any, budget: Budget) -> DraftTree:
+        """The guess came true: commit `assumed` using the speculative work, return its tree, any of it still to
+        draft drafted within `budget` (as strict as the guess's own budget or stricter)."""
         raise NotImplementedError
 
     def _ahead_complete(self, work: Any) -> bool:
         """Whether the guess's tree was fully drafted when the commit came (else adopting finishes it)."""
         return True
+
+    def _restricted(self, tree: DraftTree, budget: Budget, want_probs: bool) -> DraftTree:
+        """The tree `budget` would have drafted, from one drafted within a budget that covers it."""
+        return tree.restricted(budget)
 
     def _drop_ahead(self, work: Any) -> None:  # noqa: B027 (optional hook)
         """The guess was wrong: forget the speculative work."""
@@ -282,7 +287,7 @@ class DraftSession(ABC):
         ready, self._ready = self._ready, None
         if ready is not None and ready[1] == want_probs and ready[0].covers(budget):
             # a tree drafted ahead with a looser budget serves a stricter one: cut, not redrafted
-            tree = ready[2] if ready[0] == budget else ready[2].restricted(budget)
+            tree = ready[2] if ready[0] == budget else self._restricted(ready[2], budget, want_probs)
             self.ahead_hit, self.ahead_reused, self.last_tree = ready[3], True, tree
             self.ahead_miss = "" if ready[3] else "unfinished"
             return tree
@@ -316,7 +321,14 @@ class DraftSession(ABC):
                 self._drop_ahead(a.work)
         if hit is not None:
             complete = self._ahead_complete(hit.work)
-            self._ready = (hit.budget, hit.want_probs, self._adopt_ahead(hit.work), complete)
+            # The rest of an unfinished guess is drafted while the commit waits: only as far as the last request's
+            # budget (not the looser one drafted ahead with), whose tree it will most likely be cut to anyway.
+            last = self._last_request[0] if self._last_request is not None else hit.budget
+            budget = last if not complete and hit.budget.covers(last) else hit.budget
+            tree = self._adopt_ahead(hit.work, budget)
+            if budget != hit.budget:  # its nodes drafted before the commit came may lie outside `budget`
+                tree = self._restricted(tree, budget, hit.want_probs)
+            self._ready = (budget, hit.want_probs, tree, complete)
         else:
             self._advance(tokens + later)
         self.context += tokens + later

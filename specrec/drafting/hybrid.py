@@ -92,6 +92,13 @@ class HybridSession(DraftSession):
         return self._merge([self.model._draft(whole, want_probs), self.retrieval._draft(whole, want_probs)],
                            budget, want_probs)
 
+    def _restricted(self, tree: DraftTree, budget: Budget, want_probs: bool) -> DraftTree:
+        # Calibrated per depth, the merge may rank a source's nodes otherwise than its own q does, so the merged tree
+        # cut to a stricter budget is not the stricter budget's merge: merge the sources cut to it instead.
+        whole = replace(budget, min_path_prob=0.0)
+        merged = self._merge([t.restricted(whole) for t in self._source_trees], budget, want_probs)
+        return merged.restricted(budget) if budget.min_path_prob > 0 else merged
+
     def _learn_acceptance(self, tokens: list[int]) -> None:
         super()._learn_acceptance(tokens)
         learn_sources(self.sources, self._source_trees, tokens)
@@ -113,9 +120,9 @@ class HybridSession(DraftSession):
                                    self.constraint, budget, want_probs)
         return assumed, _HybridAhead(assumed, model_work, pool_tree, budget, want_probs)
 
-    def _adopt_ahead(self, work: _HybridAhead) -> DraftTree:
+    def _adopt_ahead(self, work: _HybridAhead, budget: Budget) -> DraftTree:
         after = self.model.state_after(work.assumed)
-        model_tree = self.model._adopt_ahead(work.model_work)
+        model_tree = self.model._adopt_ahead(work.model_work, budget)
         self.model.context += work.assumed
         self.model.state = after
         self.retrieval.follow(work.assumed, after)
