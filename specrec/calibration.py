@@ -117,3 +117,12 @@ class DepthCalibration:
 
     def accepted_at(self, logq: float, depth: int) -> float:
         return self.by_depth[min(depth, self.MAX_DEPTH)].accepted(logq)
+
+    def log_accepted(self, logq: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        """log f_d(q) for paths of log q `logq` [n] and lengths `depths` [n] (vectorised accepted_at)."""
+        d = np.minimum(depths, self.MAX_DEPTH)
+        out = np.empty(len(logq))
+        for depth in np.unique(d).tolist():
+            at = d == depth
+            out[at] = np.interp(logq[at], _LOG_BIN_Q, self.by_depth[depth].table())
+        return np.log(np.maximum(out, 1e-12))

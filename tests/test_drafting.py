@@ -367,6 +367,75 @@ def _chain(logprobs: list[float]) -> DraftTree:
     return DraftTree(list(range(4, 4 + len(logprobs))), list(range(-1, len(logprobs) - 1)), logprobs)
 
 
+class FrozenDepthCalibration(DepthCalibration):
+    """A calibration per depth that has learnt and learns no more (so two drafts see the same one)."""
+
+    def record(self, path_logq, node_accepted, depths=None) -> None:
+        pass
+
+
+def deep_nodes_accepted() -> FrozenDepthCalibration:
+    """What verification teaches about the bench drafter, in caricature: a path of q is accepted with probability q
+    at depth 1 and 10 q (at most 1) deeper down (the drafter's q shrinks along a path faster than acceptance)."""
+    cal = FrozenDepthCalibration()
+    rng = np.random.default_rng(0)
+    logq = np.linspace(-7.9, 0.0, 4000)
+    for depth in range(1, DepthCalibration.MAX_DEPTH + 1):
+        rate = np.exp(logq) if depth == 1 else np.minimum(1.0, 10 * np.exp(logq))
+        DepthCalibration.record(cal, logq, rng.random(len(logq)) < rate, [depth] * len(logq))
+    return cal
+
+
+def test_a_calibrated_tree_spends_its_nodes_where_verification_accepts_them(drafters, prompts, tiny_artifacts):
+    """Ranked by acceptance per depth, a tree of n nodes goes deeper than the tree ranked by q (whose depth-1
+    alternatives look likelier than the deep nodes of its best path); its scores are log P(accepted), in priority
+    order, its q_logprobs the drafter's own; the calibration learns from q, not from the calibrated scores."""
+    constraint = tiny_artifacts.constraint()
+    budget = Budget(12, 12, 4)
+    by_q = drafters["model"].open(prompts[1], constraint)
+    calibrated = drafters["model"].open(prompts[1], constraint)
+    calibrated.acceptance = deep_nodes_accepted()
+    plain_tree, tree = by_q.draft(budget), calibrated.draft(budget)
+    check_tree(tree, constraint, calibrated.state, budget)
+    assert max(tree.depths()) > max(plain_tree.depths())
+    assert tree.q_logprobs is not None and plain_tree.q_logprobs is None
+    cal = calibrated.acceptance
+    for node, (score, q) in enumerate(zip(tree.scores(), tree.q_scores(), strict=True)):
+        if tree.q_logprobs[node] != 0.0:  # a forced token is accepted whenever its parent is: its parent's score
+            assert score <= math.log(cal.accepted_at(q, tree.depths()[node] + 1)) + 1e-6  # or its parent's, if lower
+    learnt, by_its_q = DepthCalibration(), DepthCalibration()
+    commit = tree.path_tokens(len(tree) - 1)[:1] + [0]
+    learn_acceptance(learnt, tree, commit)
+    learn_acceptance(by_its_q, DraftTree(tree.tokens, tree.parents, tree.q_logprobs), commit)
+    assert all(np.array_equal(a.trials, b.trials) for a, b in zip(learnt.by_depth, by_its_q.by_depth, strict=True))
+    assert sum(c.trials.sum() for c in learnt.by_depth) > 0
+
+
+def test_calibrated_trees_drafted_ahead_equal_fresh_drafts(drafters, prompts, tiny_artifacts):
+    """With a calibration per depth, a guess drafted ahead (ready or finished on demand) serves the tree a fresh
+    session with the same calibration drafts."""
+    constraint = tiny_artifacts.constraint()
+    cal = deep_nodes_accepted()
+    budget = Budget(12, 16, 2, 0.05)
+    session = drafters["model"].open(prompts[2], constraint)
+    session.acceptance = cal
+    tree, reused = session.draft(budget), 0
+    for r in range(10):
+        if session.finished:
+            break
+        session.prepare_ahead(guesses=4, stop=_stop_after(r % 4 + 3))  # stopped after 0-3 levels of the trees
+        guesses = session.ahead_guesses
+        if not guesses:  # the list's last item: nothing left to guess
+            break
+        session.commit(guesses[r % len(guesses)])
+        tree = session.draft(budget)
+        reused += session.ahead_reused
+        fresh = drafters["model"].open(session.context, constraint)
+        fresh.acceptance = cal
+        assert_same_tree(tree, fresh.draft(budget))
+    assert reused >= 3
+
+
 def test_stop_points_follow_calibrated_acceptance_not_the_drafters_word():
     """Where verification likely stops: by q alone, P(stop after k nodes) = q(path_k) * (1 - q(next | path_k));
     with a calibration that says the drafter is too modest (everything accepted), the end of the chain comes

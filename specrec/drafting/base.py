@@ -92,6 +92,10 @@ class DraftTree:
 
     For stochastic verification `probs[j]` is the drafter's distribution at node `expanded[j]`
     (-1 = the root), over the whole vocabulary, zero outside the grammar's allowed tokens.
+
+    A calibrated tree (the model drafter's, once it has a calibration per depth) is ranked by acceptance: its
+    logprobs sum along a path to the log probability that verification accepts the path, and `q_logprobs` keeps
+    the drafter's own log q of each node, what the calibration learns from. Not sent: the wire carries logprobs.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -100,6 +104,7 @@ class DraftTree:
     expanded: list[int] = field(default_factory=list)
     probs: np.ndarray | None = None  # float32 [len(expanded), vocab_size]
     vocab_size: int = 0
+    q_logprobs: list[float] | None = None  # a calibrated tree's log q per node (else logprobs are log q)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -108,8 +113,12 @@ class DraftTree:
         return node_depths(self.parents)
 
     def scores(self) -> list[float]:
-        """Cumulative log q of each node's path."""
+        """Cumulative log q of each node's path (of a calibrated tree: log P(path accepted))."""
         return path_scores(self.parents, self.logprobs)
+
+    def q_scores(self) -> list[float]:
+        """Cumulative log q of each node's path, as the drafter gave it."""
+        return path_scores(self.parents, self.logprobs if self.q_logprobs is None else self.q_logprobs)
 
     def children(self) -> dict[int, dict[int, int]]:
         """node (-1 = root) -> {token: child node}."""
@@ -153,7 +162,8 @@ class DraftTree:
             expanded, probs = [self.expanded[j] for j in keep], self.probs[keep]
         else:
             expanded, probs = [], None
-        return DraftTree(self.tokens[:n], self.parents[:n], self.logprobs[:n], expanded, probs, self.vocab_size)
+        return DraftTree(self.tokens[:n], self.parents[:n], self.logprobs[:n], expanded, probs, self.vocab_size,
+                         None if self.q_logprobs is None else self.q_logprobs[:n])
 
     def restricted(self, budget: Budget) -> DraftTree:
         """The nodes within budget's depth, confidence stop and size, in priority order (see Budget.covers)."""
@@ -166,7 +176,8 @@ class DraftTree:
                 index[i] = len(index) - 1
         keep = [i for i in index if i >= 0]
         out = DraftTree([self.tokens[i] for i in keep], [index[self.parents[i]] for i in keep],
-                        [self.logprobs[i] for i in keep], vocab_size=self.vocab_size)
+                        [self.logprobs[i] for i in keep], vocab_size=self.vocab_size,
+                        q_logprobs=None if self.q_logprobs is None else [self.q_logprobs[i] for i in keep])
         if self.probs is not None:
             has_kids = set(out.parents)
             rows = [j for j, e in enumerate(self.expanded) if e in index and index[e] in has_kids]
@@ -200,7 +211,7 @@ class DraftSession(ABC):
 
     # What verification accepted of its drafter's trees, shared by the drafter's sessions (`Drafter.acceptance`;
     # set by whoever opens the session for serving): draft-ahead ranks its guesses by it. None: by q alone.
-    acceptance: Calibration | None = None
+    acceptance: Calibration | DepthCalibration | None = None
 
     def __init__(self, constraint: ListConstraint, context: Sequence[int]):
         self.constraint = constraint
@@ -432,7 +443,7 @@ def learn_acceptance(acceptance: Calibration | DepthCalibration, tree: DraftTree
         return
     known = len(committed)
     scores, accepted, depths = [], [], []
-    for i, score in enumerate(tree.scores()):
+    for i, score in enumerate(tree.q_scores()):
         path = tree.path_tokens(i)
         if besides and tuple(path) in besides:
             continue
@@ -461,21 +472,28 @@ class StopPoint:
 
 
 def stop_points(tree: DraftTree, state_after: Callable[[list[int]], ListState],
-                acceptance: Calibration | None = None) -> list[StopPoint]:
+                acceptance: Calibration | DepthCalibration | None = None) -> list[StopPoint]:
     """Every place verification of the tree may end, likeliest first (ties: the deeper). Acceptance by
-    `acceptance` (a path of q accepted with probability f(q)), else by the drafter's own q (f(q) = q)."""
-    scores, kids = tree.scores(), tree.children()
-    accepted = acceptance.accepted if acceptance is not None else math.exp
+    `acceptance` (a path of q at depth d accepted with probability f_d(q)), else by the drafter's own q (f(q) = q);
+    a calibrated tree's scores are already that probability."""
+    q_logprobs = tree.logprobs if tree.q_logprobs is None else tree.q_logprobs
+    scores, q_scores, kids, depths = tree.scores(), tree.q_scores(), tree.children(), tree.depths()
+    if tree.q_logprobs is not None or acceptance is None:
+        def accepted(node: int) -> float:
+            return math.exp(scores[node])
+    else:
+        def accepted(node: int) -> float:
+            return acceptance.accepted_at(q_scores[node], depths[node] + 1)
     points = []
     for node in [-1, *range(len(tree))]:
         children = kids.get(node, {})
-        q_children = sum(math.exp(tree.logprobs[c]) for c in children.values())
+        q_children = sum(math.exp(q_logprobs[c]) for c in children.values())
         if q_children > 1.0 - 1e-6:  # a grammar-forced child: verification never stops before it
             continue
-        logprob = scores[node] if node >= 0 else 0.0
-        reach = 1.0 if node < 0 else min(accepted(logprob), 1.0)
+        logprob = q_scores[node] if node >= 0 else 0.0
+        reach = 1.0 if node < 0 else min(accepted(node), 1.0)
         # P(some child accepted | path accepted); a child cannot be likelier than its path
-        taken = sum(min(accepted(scores[c]), reach) for c in children.values()) / max(reach, 1e-12)
+        taken = sum(min(accepted(c), reach) for c in children.values()) / max(reach, 1e-12)
         mass = reach * max(1.0 - taken, 0.0)
         if mass > 1e-9:
             path = tree.path_tokens(node)
@@ -505,11 +523,12 @@ class Drafter(ABC):
     name: str = ""
 
     @property
-    def acceptance(self) -> Calibration:
-        """What verification accepted of this drafter's trees, learnt from every session that was given it."""
+    def acceptance(self) -> DepthCalibration:
+        """What verification accepted of this drafter's trees, per depth, learnt from every session that was given
+        it; the model drafter ranks its trees' nodes by it."""
         with _ACCEPTANCE_LOCK:
             if getattr(self, "_acceptance", None) is None:
-                self._acceptance = Calibration()
+                self._acceptance = DepthCalibration()
             return self._acceptance
 
     @abstractmethod

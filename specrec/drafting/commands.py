@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--users", type=int, default=100, help="held-out users to replay (0 = all)")
     ev.add_argument("--tree-depth", type=int, default=EvalConfig.tree_depth)
     ev.add_argument("--top-k", type=int, default=EvalConfig.top_k)
+    ev.add_argument("--chain-depths", type=_ints, default=EvalConfig.chain_depths,
+                    help="comma-separated chain lengths to report (default 1..8)")
+    ev.add_argument("--tree-sizes", type=_ints, default=EvalConfig.tree_sizes,
+                    help="comma-separated tree sizes (nodes) to report (default 8,16,32,64)")
     ev.add_argument("--out", type=Path, default=None, help="also write the markdown tables here")
     ev.set_defaults(func=cmd_eval_drafter)
 
@@ -99,6 +103,16 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 1, got {text!r}")
+    return values
+
+
 def available(arts: Artifacts) -> list[str]:
     names = sorted(p.name for p in arts.directory.glob(f"{DEFAULT_DIR}*") if (p / "config.json").is_file())
     if (arts.directory / POOL_DIR / "meta.json").is_file():
@@ -119,7 +133,7 @@ def cmd_eval_drafter(args: argparse.Namespace) -> int:
         print(f"no drafters in {arts.directory}; run `specrec train-drafter --profile {args.profile}` first",
               file=sys.stderr)
         return 1
-    cfg = EvalConfig(tree_depth=args.tree_depth, top_k=args.top_k)
+    cfg = EvalConfig(args.chain_depths, args.tree_sizes, args.tree_depth, args.top_k)
     target = Transformer.from_pretrained(arts.target_dir)
     users = eval_users(arts, args.users or None)
     truths = target_truths(arts, target, users)

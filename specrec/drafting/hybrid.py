@@ -39,7 +39,7 @@ class HybridDrafter(Drafter):
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
                     budget: Budget) -> list[DraftTree]:
         """Each position's merged tree, then the sources learn from its outcome, as serving learns from commits."""
-        model = self.model.trees_along(context, constraint, continuation, budget)
+        model = self.model.trees_along(context, constraint, continuation, budget, calibrated=False)  # as served
         pool = self.retrieval.trees_along(context, constraint, continuation, budget)
         out = []
         for t, pair in enumerate(zip(model, pool, strict=True)):

@@ -26,9 +26,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from specrec.drafting.base import Budget, Drafter, DraftError, DraftSession, DraftTree, StopPoint, register
+from specrec.calibration import DepthCalibration
+from specrec.drafting.base import (
+    Budget,
+    Drafter,
+    DraftError,
+    DraftSession,
+    DraftTree,
+    StopPoint,
+    learn_acceptance,
+    register,
+)
 from specrec.drafting.batching import PAGE_ROWS, CachePool, StepBatcher
-from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, build_trees
+from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, ValueFn, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint, ListState
@@ -215,9 +225,11 @@ class ModelDrafter(Drafter):
 
     @torch.inference_mode()
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
-                    budget: Budget) -> list[DraftTree]:
+                    budget: Budget, calibrated: bool = True) -> list[DraftTree]:
         """All positions' trees in a few batched forwards: one prefill of context + continuation, its cache
-        copied to one row per position, then every tree expanded together."""
+        copied to one row per position, then every tree expanded together. calibrated: nodes ranked by the
+        drafter's calibration per depth (`acceptance`), which then learns from each tree against the continuation,
+        as serving learns from commits (batch by batch, so it lags by up to rows_per_batch positions)."""
         seq = list(context) + list(continuation)
         states = [constraint.start(context)]
         for tok in continuation[:-1]:
@@ -240,8 +252,12 @@ class ModelDrafter(Drafter):
                      for t in range(lo, hi)]
             scratch = Scratch({t - lo: len(context) + t for t in range(lo, hi)}, cache.max_len)
             built = build_trees(self.step_fn(cache), constraint, roots, budget, scratch,
-                                max_step=self.model.config.max_steps)
+                                max_step=self.model.config.max_steps,
+                                value_of=self.acceptance.log_accepted if calibrated else None)
             out += [b.tree for b in built]
+            if calibrated:
+                for t, b in zip(range(lo, hi), built, strict=True):
+                    learn_acceptance(self.acceptance, b.tree, continuation[t:])
         return out
 
 
@@ -341,10 +357,14 @@ class ModelSession(DraftSession):
         root = TreeRoot(self.row, self.length, self.length, self.state, self.root_logprobs)
         scratch = Scratch({self.row: self.length}, self.cache.max_len)
         built = build_trees(self.step, self.constraint, [root], budget, scratch, want_probs,
-                            self.model.config.max_steps)[0]
+                            self.model.config.max_steps, self._value_of())[0]
         self.fed, self.outputs, self.scratch_top = built.fed, built.outputs, scratch.next[self.row]
         self.ahead_top = 0
         return built.tree
+
+    def _value_of(self) -> ValueFn | None:
+        """Nodes ranked by calibrated acceptance per depth, when the session has the drafter's calibration."""
+        return self.acceptance.log_accepted if isinstance(self.acceptance, DepthCalibration) else None
 
     @torch.inference_mode()
     def _advance(self, tokens: list[int]) -> None:
@@ -405,7 +425,7 @@ class ModelSession(DraftSession):
                           extra_slots=q.slots + [slot])
                  for (q, _, after), slot, logq in zip(guesses, bonus_slots, root_logq, strict=True)]
         batch = AheadBatch(TreeBuilder(self.step, self.constraint, roots, budget, scratch,
-                                       self.model.config.max_steps), scratch, want_probs)
+                                       self.model.config.max_steps, self._value_of()), scratch, want_probs)
         batch.builder.run(stop)
         self.ahead_top = scratch.next[self.row]
         return [(q.point.path + [bonus], AheadWork(root.extra_slots, logq[-1], batch, i))

@@ -9,13 +9,20 @@ Forced tokens (the grammar allows exactly one) are inserted without a model call
 keep their parent's score. They still pass through the next forward with the node below them, since
 their children need the drafter's output there.
 
-Confidence stop: a candidate whose cumulative log q falls below log(budget.min_path_prob) is dropped
-(and so never expanded): the tree goes deep where the drafter is sure and stays shallow elsewhere.
+Value: a node is ranked by its value, the cumulative log q of its path, or, given a calibration per depth
+(`TreeBuilder(value_of=...)`), the log of the probability that verification accepts a path of that q at that
+depth (never more than its parent's). The drafter's q is far from that: on the bench profile a path of q ~ 0.1 is
+accepted 2% of the time at depth 1 and 65% at depth 12, so by q alone deep nodes lose their places to shallow
+long shots. Nodes of one depth keep their order by q either way; what changes is which depths the tree spends on.
+The output tree's logprobs are value increments (their sums the values); `DraftTree.q_logprobs` keeps log q.
 
-Selection: the best max_nodes candidates by cumulative log q. Scores never rise along a path, and ties
-go to the shallower node, so the kept set is connected and comes out parents first; the output order
-is the priority order, so `DraftTree.prefix(n)` is the best n-node tree. A kept node whose only legal
-child is forced gets that child too (it costs the target nothing to accept).
+Confidence stop: a candidate whose value falls below log(budget.min_path_prob) is dropped (and so never
+expanded): the tree goes deep where the drafter is sure and stays shallow elsewhere.
+
+Selection: the best max_nodes candidates by value. Values never rise along a path, and ties go to the
+shallower node, so the kept set is connected and comes out parents first; the output order is the priority
+order, so `DraftTree.prefix(n)` is the best n-node tree. A kept node whose only legal child is forced gets that
+child too (it costs the target nothing to accept).
 
 Log q is the drafter's distribution renormalised over the grammar's allowed tokens, the same mask the
 target applies.
@@ -38,19 +45,23 @@ from specrec.semantic_ids.vocab import EOS, SEP
 
 # (tokens, steps, positions, rows, slots, mask) -> logits [B, T, vocab]; see PadDrafter.forward.
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (path log q [n], path lengths [n]) -> node values [n] (e.g. DepthCalibration.log_accepted)
+ValueFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class Node:
     """A candidate tree node. depth 0 = child of the root; the root itself has depth -1."""
 
-    __slots__ = ("token", "parent", "logprob", "score", "depth", "state", "allowed", "slot", "anc", "out", "expanded",
-                 "seq")
+    __slots__ = ("token", "parent", "logprob", "score", "value", "depth", "state", "allowed", "slot", "anc", "out",
+                 "expanded", "seq")
 
-    def __init__(self, token: int, parent: Node | None, logprob: float, score: float, depth: int, seq: int):
+    def __init__(self, token: int, parent: Node | None, logprob: float, score: float, depth: int, seq: int,
+                 value: float | None = None):
         self.token = token
         self.parent = parent
         self.logprob = logprob
-        self.score = score
+        self.score = score  # cumulative log q of the path
+        self.value = score if value is None else value  # what the node is ranked by (see the module doc)
         self.depth = depth
         self.seq = seq  # creation order, the last tie-break
         self.state: ListState | None = None
@@ -132,8 +143,12 @@ class CandidateTree:
             node.allowed = self.constraint.allowed(self.state(node))
         return node.allowed
 
-    def add(self, parent: Node, token: int, logprob: float) -> Node:
-        node = Node(token, parent, logprob, parent.score + logprob, parent.depth + 1, self._seq())
+    def add(self, parent: Node, token: int, logprob: float, value: float | None = None) -> Node:
+        """A child; `value` None: ranked by its path's log q, unless its parent is ranked otherwise (a forced child
+        is accepted whenever its parent is: it takes the parent's value)."""
+        if value is None and parent.value != parent.score:
+            value = parent.value + logprob
+        node = Node(token, parent, logprob, parent.score + logprob, parent.depth + 1, self._seq(), value)
         self.nodes.append(node)
         return node
 
@@ -169,9 +184,10 @@ def masked(logprobs: torch.Tensor, allowed: np.ndarray) -> torch.Tensor:
 
 
 def build_trees(step: StepFn | None, constraint: ListConstraint, roots: list[TreeRoot], budget: Budget,
-                scratch: Scratch, want_probs: bool = False, max_step: int = 16) -> list[BuiltTree]:
+                scratch: Scratch, want_probs: bool = False, max_step: int = 16,
+                value_of: ValueFn | None = None) -> list[BuiltTree]:
     """One dynamic tree per root, expanded together (one drafter forward per round)."""
-    builder = TreeBuilder(step, constraint, roots, budget, scratch, max_step)
+    builder = TreeBuilder(step, constraint, roots, budget, scratch, max_step, value_of)
     builder.run()
     return builder.results(want_probs)
 
@@ -181,8 +197,9 @@ class TreeBuilder:
     arrived), keep only the tree that came true and finish it later."""
 
     def __init__(self, step: StepFn | None, constraint: ListConstraint, roots: list[TreeRoot], budget: Budget,
-                 scratch: Scratch, max_step: int = 16):
+                 scratch: Scratch, max_step: int = 16, value_of: ValueFn | None = None):
         self.step = step
+        self.value_of = value_of
         self.constraint = constraint
         self.budget = budget.validated()
         self.scratch = scratch
@@ -210,7 +227,7 @@ class TreeBuilder:
             raise ValueError(f"{budget} is not within the budget the trees were drafted with, {self.budget}")
         self.budget = budget.validated()
         floor = self.budget.min_logprob
-        self.frontiers = [[n for n in f if n.score >= floor] for f in self.frontiers]
+        self.frontiers = [[n for n in f if n.value >= floor] for f in self.frontiers]
 
     def expand_round(self) -> None:
         budget = self.budget
@@ -239,22 +256,33 @@ class TreeBuilder:
         vals, toks = torch.topk(outs, min(budget.top_k, outs.shape[-1]), dim=-1)
         new_children: dict[int, list[Node]] = {}
         floor = budget.min_logprob
-        for (tree, node), row_vals, row_toks in zip(to_expand, vals.tolist(), toks.tolist(), strict=True):
+        cands = [(tree, node, v, tok) for (tree, node), row_vals, row_toks in
+                 zip(to_expand, vals.tolist(), toks.tolist(), strict=True)
+                 for v, tok in zip(row_vals, row_toks, strict=True) if v > -math.inf]
+        values = self._values(cands)
+        for (_, node) in to_expand:
             node.expanded = True
-            kids = new_children.setdefault(id(tree), [])
-            for v, tok in zip(row_vals, row_toks, strict=True):
-                if v > -math.inf and node.score + v >= floor:  # the confidence stop: below it, never kept
-                    kids.append(tree.add(node, tok, v))
+        for (tree, node, v, tok), value in zip(cands, values, strict=True):
+            if value >= floor:  # the confidence stop: below it, never kept
+                new_children.setdefault(id(tree), []).append(tree.add(node, tok, v, value))
         self.frontiers = []
         for tree in self.trees:
             kids = new_children.get(id(tree), [])
-            kids.sort(key=lambda n: (-n.score, n.seq))
+            kids.sort(key=lambda n: (-n.value, n.seq))
             self.frontiers.append(kids[: budget.top_k])
+
+    def _values(self, cands: list[tuple[CandidateTree, Node, float, int]]) -> list[float]:
+        """Each candidate child's value: its path's log q, or what value_of makes of it (capped by its parent's)."""
+        scores = [node.score + v for _, node, v, _ in cands]
+        if self.value_of is None or not cands:
+            return scores
+        values = self.value_of(np.asarray(scores), np.asarray([node.depth + 2 for _, node, _, _ in cands]))
+        return [min(float(x), node.value) for x, (_, node, _, _) in zip(values, cands, strict=True)]
 
     def results(self, want_probs: bool = False) -> list[BuiltTree]:
         if self.budget.empty:
             return [BuiltTree(DraftTree(vocab_size=self.constraint.trie.vocab.size), {}, {}) for _ in self.trees]
-        return [select(tree, self.budget, want_probs) for tree in self.trees]
+        return [select(tree, self.budget, want_probs, self.value_of is not None) for tree in self.trees]
 
 
 def _feed(step: StepFn | None, targets: list[tuple[CandidateTree, Node]], scratch: Scratch, max_step: int) -> None:
@@ -309,9 +337,9 @@ def _feed(step: StepFn | None, targets: list[tuple[CandidateTree, Node]], scratc
         n.out = outs[j]
 
 
-def select(tree: CandidateTree, budget: Budget, want_probs: bool) -> BuiltTree:
+def select(tree: CandidateTree, budget: Budget, want_probs: bool, calibrated: bool = False) -> BuiltTree:
     """The best max_nodes candidates (plus forced closure), in priority order."""
-    heap = [(-n.score, n.depth, n.seq, n) for n in tree.nodes]
+    heap = [(-n.value, n.depth, n.seq, n) for n in tree.nodes]
     heapq.heapify(heap)
     taken: list[Node] = []
     index: dict[int, int] = {id(tree.root): -1}
@@ -324,10 +352,11 @@ def select(tree: CandidateTree, budget: Budget, want_probs: bool) -> BuiltTree:
         taken.append(node)
         forced = tree.forced_child(node, budget.depth)
         if forced is not None:
-            heapq.heappush(heap, (-forced.score, forced.depth, forced.seq, forced))
+            heapq.heappush(heap, (-forced.value, forced.depth, forced.seq, forced))
     vocab = tree.constraint.trie.vocab.size
-    out = DraftTree([n.token for n in taken], [index[id(n.parent)] for n in taken], [n.logprob for n in taken],
-                    vocab_size=vocab)
+    out = DraftTree([n.token for n in taken], [index[id(n.parent)] for n in taken],
+                    [n.value - _parent(n).value for n in taken] if calibrated else [n.logprob for n in taken],
+                    vocab_size=vocab, q_logprobs=[n.logprob for n in taken] if calibrated else None)
     if want_probs:
         parents = set(out.parents)
         expanded = [n for n in [tree.root, *taken] if index[id(n)] in parents]
@@ -346,6 +375,11 @@ def select(tree: CandidateTree, budget: Budget, want_probs: bool) -> BuiltTree:
     if tree.root.out is not None:
         outputs[()] = tree.root.out
     return BuiltTree(out, fed, outputs)
+
+
+def _parent(node: Node) -> Node:
+    assert node.parent is not None, "a tree node below the root"
+    return node.parent
 
 
 def _probs(tree: CandidateTree, node: Node, vocab: int) -> np.ndarray:
@@ -369,11 +403,11 @@ def merge_trees(trees: list[DraftTree], max_nodes: int, want_probs: bool = False
     dist: dict[tuple[int, ...], np.ndarray] = {}
     vocab = max((t.vocab_size for t in trees), default=0)
     for i, tree in enumerate(trees):
-        scores = tree.scores()
         calibration = acceptance[i] if i < len(acceptance) else None
         paths = [tuple(tree.path_tokens(i)) for i in range(len(tree))]
-        if calibration is not None:
-            scores = [math.log(max(calibration.accepted_at(s, len(p)), 1e-12)) for s, p in zip(scores, paths,
+        scores = tree.scores()
+        if calibration is not None:  # it learnt from the source's own q
+            scores = [math.log(max(calibration.accepted_at(s, len(p)), 1e-12)) for s, p in zip(tree.q_scores(), paths,
                                                                                               strict=True)]
         for path, score in zip(paths, scores, strict=True):
             nodes[path] = max(nodes.get(path, -math.inf), score)
