@@ -503,6 +503,10 @@ def test_the_pool_learns_only_from_paths_the_models_tree_lacks():
     pool_counts = [(c.trials.sum(), c.hits.sum()) for c in sources[1].by_depth]
     assert model_counts == 2
     assert sum(t for t, _ in pool_counts) == 1 and sum(h for _, h in pool_counts) == 0  # [9] alone, not accepted
+    served_without_9 = DraftTree([5, 6], [-1, 0], [math.log(0.5)] * 2)
+    fresh = (DepthCalibration(), DepthCalibration())
+    learn_sources(fresh, [model, pool], [5, 6, 3], served=served_without_9)
+    assert sum(c.trials.sum() for c in fresh[1].by_depth) == 0  # [9] was not served: nothing to learn about it
 
 
 def test_the_pool_never_holds_a_held_out_users_history(tiny_artifacts):

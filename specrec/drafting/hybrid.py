@@ -33,33 +33,40 @@ class HybridDrafter(Drafter):
         return self.model.forward_counts()
 
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> HybridSession:
-        return HybridSession(self.model.open(context, constraint), self.retrieval.open(context, constraint, user_group),
-                             self.sources)
+        model = self.model.open(context, constraint)
+        model.acceptance = self.model.acceptance  # the model's nodes ranked by acceptance per depth, as alone
+        return HybridSession(model, self.retrieval.open(context, constraint, user_group), self.sources)
 
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
                     budget: Budget) -> list[DraftTree]:
         """Each position's merged tree, then the sources learn from its outcome, as serving learns from commits."""
-        model = self.model.trees_along(context, constraint, continuation, budget, calibrated=False)  # as served
+        model = self.model.trees_along(context, constraint, continuation, budget)
         pool = self.retrieval.trees_along(context, constraint, continuation, budget)
         out = []
         for t, pair in enumerate(zip(model, pool, strict=True)):
             out.append(merge_trees(list(pair), budget.validated().max_nodes, acceptance=self.sources))
-            learn_sources(self.sources, pair, continuation[t:])
+            learn_sources(self.sources, pair, continuation[t:], out[-1])
         return out
 
 
 def learn_sources(sources: tuple[DepthCalibration, DepthCalibration], trees: Sequence[DraftTree],
-                  committed: Sequence[int]) -> None:
-    """The model's calibration learns from its whole tree; the pool's from the paths the model's tree lacks. A pool
-    path is worth a place in the merged tree for what it adds: where the model drafted the same path, the pool's
-    run being right says nothing (and the two are right together far more often than apart, so the pool's own
-    acceptance overrated what its nodes add)."""
+                  committed: Sequence[int], served: DraftTree | None = None) -> None:
+    """The model's calibration learns from its whole tree; the pool's from the paths the model's tree lacks (and,
+    given the `served` merged tree, that it kept). A pool path is worth a place in the merged tree for what it adds:
+    where the model drafted the same path, the pool's run being right says nothing (and the two are right together
+    far more often than apart, so the pool's own acceptance overrated what its nodes add). Learning from the pool
+    paths served only corrects the ones the merge overrates; one it underrates is served again once the pool's
+    calibration of its bin falls to the truth, since the bins it is kept in keep learning."""
     if not trees:
         return
     model, *others = trees
     learn_acceptance(sources[0], model, committed)
     if others:
         lacks = {tuple(model.path_tokens(i)) for i in range(len(model))}
+        if served is not None:
+            kept = {tuple(served.path_tokens(i)) for i in range(len(served))}
+            pool = others[0]
+            lacks |= {p for p in (tuple(pool.path_tokens(i)) for i in range(len(pool))) if p not in kept}
         learn_acceptance(sources[1], others[0], committed, besides=lacks)
 
 
@@ -101,7 +108,7 @@ class HybridSession(DraftSession):
 
     def _learn_acceptance(self, tokens: list[int]) -> None:
         super()._learn_acceptance(tokens)
-        learn_sources(self.sources, self._source_trees, tokens)
+        learn_sources(self.sources, self._source_trees, tokens, self.last_tree)
         self._source_trees = []
 
     def _advance(self, tokens: list[int]) -> None:
