@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import specrec.drafting.tree as tree_module
 from specrec.artifacts import Artifacts
 from specrec.calibration import Calibration, DepthCalibration
 from specrec.drafting.base import (
@@ -308,35 +307,6 @@ def test_many_guesses_batched_and_stopped_between_levels_still_equal_fresh_draft
         partial += session.ahead_reused and not session.ahead_hit
         assert_same_tree(tree, drafters["model"].open(session.context, constraint).draft(budget))
     assert hits >= 5 and partial >= 1  # both ready and half-drafted guesses were exercised
-
-
-def test_a_guess_finished_on_demand_grows_only_within_the_budget_last_asked_for(drafters, prompts, tiny_artifacts,
-                                                                                 monkeypatch):
-    """Guesses are drafted ahead within a looser confidence stop (to serve a slightly stricter next budget); once
-    the commit has come, the rest of the right guess is drafted while it waits, so only nodes the last budget keeps
-    are expanded, and the tree served is still the one a fresh session drafts."""
-    constraint = tiny_artifacts.constraint()
-    budget = Budget(12, 64, 4, 0.05)
-    expanded_after_commit: list[float] = []
-    feed, committed = tree_module._feed, [False]
-
-    def recording_feed(step, targets, scratch, max_step):
-        if committed[0]:
-            expanded_after_commit.extend(node.score for _, node in targets)
-        return feed(step, targets, scratch, max_step)
-
-    monkeypatch.setattr(tree_module, "_feed", recording_feed)
-    session = drafters["model"].open(prompts[2], constraint)
-    session.draft(budget)
-    session.prepare_ahead(guesses=1, stop=_stop_after(2))  # stopped two levels in
-    assert session.ahead_guesses
-    committed[0] = True
-    session.commit(session.ahead_guesses[0])
-    committed[0] = False
-    tree = session.draft(budget)
-    assert session.ahead_reused and not session.ahead_hit  # finished on demand
-    assert expanded_after_commit and min(expanded_after_commit) >= math.log(0.05) - 1e-6
-    assert_same_tree(tree, drafters["model"].open(session.context, constraint).draft(budget))
 
 
 def test_draft_ahead_steps_the_grammar_once_per_node_of_the_last_tree(drafters, prompts, tiny_artifacts,

@@ -262,9 +262,8 @@ class DraftSession(ABC):
                 out.append(result)
         return out
 
-    def _adopt_ahead(self, work: Any, budget: Budget) -> DraftTree:
-        """The guess came true: commit `assumed` using the speculative work, return its tree, any of it still to
-        draft drafted within `budget` (as strict as the guess's own budget or stricter)."""
+    def _adopt_ahead(self, work: Any) -> DraftTree:
+        """The guess came true: commit `assumed` using the speculative work, return its tree."""
         raise NotImplementedError
 
     def _ahead_complete(self, work: Any) -> bool:
@@ -331,15 +330,11 @@ class DraftSession(ABC):
             if a is not hit:
                 self._drop_ahead(a.work)
         if hit is not None:
+            # An unfinished guess is finished within the looser budget it was drafted with, not the last request's:
+            # cut to that one, it missed ("budget") whenever the next request was looser, and a miss drafts anew
+            # (bench profile, adaptive/model, 3 runs each: 161-172 ms mean without the cut, 168-184 ms with it).
             complete = self._ahead_complete(hit.work)
-            # The rest of an unfinished guess is drafted while the commit waits: only as far as the last request's
-            # budget (not the looser one drafted ahead with), whose tree it will most likely be cut to anyway.
-            last = self._last_request[0] if self._last_request is not None else hit.budget
-            budget = last if not complete and hit.budget.covers(last) else hit.budget
-            tree = self._adopt_ahead(hit.work, budget)
-            if budget != hit.budget:  # its nodes drafted before the commit came may lie outside `budget`
-                tree = self._restricted(tree, budget, hit.want_probs)
-            self._ready = (budget, hit.want_probs, tree, complete)
+            self._ready = (hit.budget, hit.want_probs, self._adopt_ahead(hit.work), complete)
         else:
             self._advance(tokens + later)
         self.context += tokens + later

@@ -127,9 +127,9 @@ class HybridSession(DraftSession):
                                    self.constraint, budget, want_probs)
         return assumed, _HybridAhead(assumed, model_work, pool_tree, budget, want_probs)
 
-    def _adopt_ahead(self, work: _HybridAhead, budget: Budget) -> DraftTree:
+    def _adopt_ahead(self, work: _HybridAhead) -> DraftTree:
         after = self.model.state_after(work.assumed)
-        model_tree = self.model._adopt_ahead(work.model_work, budget)
+        model_tree = self.model._adopt_ahead(work.model_work)
         self.model.context += work.assumed
         self.model.state = after
         self.retrieval.follow(work.assumed, after)

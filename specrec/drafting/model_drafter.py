@@ -501,11 +501,10 @@ class ModelSession(DraftSession):
         return work.batch.builder.done
 
     @torch.inference_mode()
-    def _adopt_ahead(self, work: AheadWork, budget: Budget) -> DraftTree:
+    def _adopt_ahead(self, work: AheadWork) -> DraftTree:
         builder = work.batch.builder
         if not builder.done:  # stopped by the commit: finish this guess's tree only
             builder.keep_only(work.index)
-            builder.tighten(budget)
             builder.run()
         built = builder.results(work.batch.want_probs)[work.index]
         self._keep_path(work.slots)

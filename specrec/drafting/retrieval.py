@@ -292,7 +292,7 @@ class RetrievalSession(DraftSession):
                               want_probs)
         return assumed, tree
 
-    def _adopt_ahead(self, work: DraftTree, budget: Budget) -> DraftTree:
+    def _adopt_ahead(self, work: DraftTree) -> DraftTree:
         return work
 
 

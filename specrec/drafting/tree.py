@@ -220,15 +220,6 @@ class TreeBuilder:
         """Stop growing every tree but one (its frontier stays as it was)."""
         self.frontiers = [f if i == index else [] for i, f in enumerate(self.frontiers)]
 
-    def tighten(self, budget: Budget) -> None:
-        """Grow on within a stricter budget (the drafted part is kept; it is cut when the tree is served): frontier
-        nodes below its confidence floor are not expanded."""
-        if not self.budget.covers(budget):
-            raise ValueError(f"{budget} is not within the budget the trees were drafted with, {self.budget}")
-        self.budget = budget.validated()
-        floor = self.budget.min_logprob
-        self.frontiers = [[n for n in f if n.value >= floor] for f in self.frontiers]
-
     def expand_round(self) -> None:
         budget = self.budget
         if self.rounds >= budget.depth:
