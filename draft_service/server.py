@@ -102,6 +102,7 @@ class DraftConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)  # the listener; client_auth: CA-signed client certs only
     probe_port: int = 0  # plaintext health-only listener for kubelet probes; 0 = none
     gil_switch_ms: float = 0.5  # see --gil-switch-ms
+    calibrated_trees: bool = True  # see --no-calibrated-trees
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> DraftConfig:
@@ -135,6 +136,11 @@ class DraftConfig:
                        help="how long a thread may hold Python's lock before another gets it (sys.setswitchinterval; "
                             "Python's default is 5): the commit that ends a draft-ahead arrives on the gRPC thread "
                             "while a drafting thread runs Python (env SPECREC_DRAFT_GIL_SWITCH_MS)")
+        p.add_argument("--no-calibrated-trees", action="store_true",
+                       default=_env("SPECREC_DRAFT_CALIBRATED_TREES", "1") in ("0", "false", "no"),
+                       help="rank the model drafter's tree nodes by its own q, not by the acceptance per depth learnt "
+                            "from every stream's commits: the same context then always gets the same tree, whatever "
+                            "other clients committed (env SPECREC_DRAFT_CALIBRATED_TREES=0)")
         add_tls_args(p)
         add_probe_port_arg(p)
         a = p.parse_args(argv)
@@ -152,7 +158,8 @@ class DraftConfig:
                    idle_timeout_s=a.idle_timeout_s, grace_s=a.grace_s, device=a.device, workers=a.workers,
                    torch_threads=a.torch_threads, draft_ahead=not a.no_draft_ahead,
                    ahead_guesses=a.ahead_guesses, metrics_port=a.metrics_port,
-                   tls=tls, probe_port=a.probe_port, gil_switch_ms=a.gil_switch_ms)
+                   tls=tls, probe_port=a.probe_port, gil_switch_ms=a.gil_switch_ms,
+                   calibrated_trees=not a.no_calibrated_trees)
 
 
 class Drafters:
@@ -271,6 +278,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             stream.want_probs, stream.single_tree = o.want_probs, o.single_tree
             stream.session = await self._run(stream, drafter.open, list(o.context), constraint, o.user_group)
             stream.session.acceptance = drafter.acceptance  # draft-ahead ranks guesses by what verification accepts
+            stream.session.calibrated_trees = self.config.calibrated_trees  # and the model drafter its tree nodes
             tree = await self._run(stream, stream.session.draft, budget, o.want_probs)
         elif kind == "advance":
             if stream.session is None:

@@ -212,6 +212,9 @@ class DraftSession(ABC):
     # What verification accepted of its drafter's trees, shared by the drafter's sessions (`Drafter.acceptance`;
     # set by whoever opens the session for serving): draft-ahead ranks its guesses by it. None: by q alone.
     acceptance: Calibration | DepthCalibration | None = None
+    # False: trees ranked by the drafter's q even when `acceptance` is set (deterministic trees; acceptance then
+    # only ranks draft-ahead guesses)
+    calibrated_trees: bool = True
 
     def __init__(self, constraint: ListConstraint, context: Sequence[int]):
         self.constraint = constraint

@@ -364,7 +364,8 @@ class ModelSession(DraftSession):
 
     def _value_of(self) -> ValueFn | None:
         """Nodes ranked by calibrated acceptance per depth, when the session has the drafter's calibration."""
-        return self.acceptance.log_accepted if isinstance(self.acceptance, DepthCalibration) else None
+        acceptance = self.acceptance
+        return acceptance.log_accepted if self.calibrated_trees and isinstance(acceptance, DepthCalibration) else None
 
     @torch.inference_mode()
     def _advance(self, tokens: list[int]) -> None:
