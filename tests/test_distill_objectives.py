@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from types import SimpleNamespace
 
@@ -22,7 +20,6 @@ from specrec.training.drafter import (
     bdkd,
     divergence,
     drafter_profile,
-    load_spec,
     pld,
     position_loss,
     sinkhorn,
@@ -220,15 +217,3 @@ def test_variant_names():
         TrainSpec("nope")
 
 
-def test_old_spec_with_hass_loads(tmp_path):
-    old = {"divergence": "rkl", "use_slot": True, "use_step": False, "hass": False}
-    spec = TrainSpec.from_dict(old)
-    assert spec == TrainSpec("rkl", use_step=False, hass_objective=False, hass_alignment=False)
-    assert spec.variant == "drafter-rkl-no-step-no-hass"
-    assert TrainSpec.from_dict({**old, "hass": True}) == TrainSpec("rkl", use_step=False)
-    new = dataclasses.asdict(TrainSpec(hass_alignment=False))
-    assert "hass" not in new and TrainSpec.from_dict(new) == TrainSpec(hass_alignment=False)
-    # a drafter directory saved before the split (training.json as train_drafter wrote it then)
-    (tmp_path / "training.json").write_text(json.dumps({"spec": old, "profile": {}, "seed": 0}))
-    assert load_spec(tmp_path) == spec
-    assert load_spec(tmp_path / "missing") is None

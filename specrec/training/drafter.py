@@ -94,7 +94,7 @@ class TrainSpec:
 
     `hass` is a construction-time shorthand for both HASS switches (`TrainSpec(hass=False)`: no top-K loss and
     no unrolling, the meaning it had before the two were separate); it is not stored, so `asdict` has the two
-    switches. `from_dict` reads specs saved either way."""
+    switches."""
 
     divergence: str = "fkl"
     use_slot: bool = True
@@ -109,17 +109,6 @@ class TrainSpec:
             object.__setattr__(self, "hass_alignment", bool(hass))
         if self.divergence not in OBJECTIVES:
             raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(OBJECTIVES)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainSpec:
-        """A spec as `asdict` saved it (training.json's "spec"), including specs saved before the HASS switches were
-        split, whose single `hass` switched both."""
-        d = dict(d)
-        both = d.pop("hass", None)
-        if both is not None:
-            d.setdefault("hass_objective", both)
-            d.setdefault("hass_alignment", both)
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "hass"})
 
     @property
     def variant(self) -> str:
@@ -139,14 +128,6 @@ class TrainSpec:
 
 PLAIN = TrainSpec(use_slot=False, use_step=False, hass=False)  # a plain distilled drafter of the same size
 ABLATIONS = (TrainSpec(), PLAIN, TrainSpec(use_slot=False), TrainSpec(use_step=False), TrainSpec(hass=False))
-
-
-def load_spec(directory: Path) -> TrainSpec | None:
-    """The spec a drafter directory was trained with (its training.json), None when it has none."""
-    path = Path(directory) / "training.json"
-    if not path.is_file():
-        return None
-    return TrainSpec.from_dict(json.loads(path.read_text())["spec"])
 
 
 # -- data ------------------------------------------------------------------------------------------
