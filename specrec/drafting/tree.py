@@ -56,12 +56,12 @@ class Node:
                  "expanded", "seq")
 
     def __init__(self, token: int, parent: Node | None, logprob: float, score: float, depth: int, seq: int,
-                 value: float | None = None):
+                 value: float):
         self.token = token
         self.parent = parent
         self.logprob = logprob
         self.score = score  # cumulative log q of the path
-        self.value = score if value is None else value  # what the node is ranked by (see the module doc)
+        self.value = value  # what the node is ranked by (see the module doc)
         self.depth = depth
         self.seq = seq  # creation order, the last tie-break
         self.state: ListState | None = None
@@ -122,7 +122,7 @@ class CandidateTree:
         self.spec = root
         self.constraint = constraint
         self.counter = counter
-        self.root = Node(-1, None, 0.0, 0.0, -1, self._seq())
+        self.root = Node(-1, None, 0.0, 0.0, -1, self._seq(), 0.0)
         self.root.state = root.state
         self.root.anc = list(root.extra_slots)
         self.root.out = None if root.logprobs is None else masked(root.logprobs, self.allowed(self.root))
@@ -144,10 +144,9 @@ class CandidateTree:
         return node.allowed
 
     def add(self, parent: Node, token: int, logprob: float, value: float | None = None) -> Node:
-        """A child; `value` None: ranked by its path's log q, unless its parent is ranked otherwise (a forced child
-        is accepted whenever its parent is: it takes the parent's value)."""
-        if value is None and parent.value != parent.score:
-            value = parent.value + logprob
+        """A child; `value` None: its parent's value + log q (its path's log q in a tree ranked by q; a forced child,
+        log q = 0, is accepted whenever its parent is and takes the parent's value)."""
+        value = parent.value + logprob if value is None else value
         node = Node(token, parent, logprob, parent.score + logprob, parent.depth + 1, self._seq(), value)
         self.nodes.append(node)
         return node
