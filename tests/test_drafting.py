@@ -498,6 +498,19 @@ def test_the_pool_learns_only_from_paths_the_models_tree_lacks():
     assert sum(c.trials.sum() for c in fresh[1].by_depth) == 0  # [9] was not served: nothing to learn about it
 
 
+def test_a_served_hybrid_ranks_its_model_part_by_what_its_commits_teach(drafters, prompts, tiny_artifacts):
+    """The hybrid's inner model session only follows commits (the hybrid validates them), so the calibration its
+    nodes are ranked by must be the one the hybrid's commits teach, not one no serving commit ever reaches."""
+    hybrid = drafters["hybrid"]
+    session = hybrid.open(prompts[0], tiny_artifacts.constraint())
+    assert session.model.acceptance is hybrid.sources[0] is hybrid.model.acceptance
+    before = sum(c.trials.sum() for c in hybrid.sources[0].by_depth)
+    tree = session.draft(Budget(6, 16, 4))
+    session.commit(tree.path_tokens(0) + [int(tiny_artifacts.constraint().allowed(
+        session.state_after(tree.path_tokens(0)))[0])])
+    assert sum(c.trials.sum() for c in hybrid.sources[0].by_depth) > before
+
+
 def test_the_pool_never_holds_a_held_out_users_history(tiny_artifacts):
     """What benchmarks measure (eval users) must not be in what drafts for them: their training sequences and
     outputs stay out of the retrieval pool."""

@@ -27,20 +27,21 @@ class HybridDrafter(Drafter):
         self.model = model
         self.retrieval = retrieval
         self.name = name
-        self.sources = (DepthCalibration(), DepthCalibration())  # acceptance of the model's paths, of the pool's
+        # acceptance of the model's paths (the model drafter's own: it ranks the model's nodes by it), of the pool's
+        self.sources = (model.acceptance, DepthCalibration())
 
     def forward_counts(self) -> tuple[int, int] | None:
         return self.model.forward_counts()
 
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> HybridSession:
         model = self.model.open(context, constraint)
-        model.acceptance = self.model.acceptance  # the model's nodes ranked by acceptance per depth, as alone
+        model.acceptance = self.sources[0]  # the model's nodes ranked by acceptance per depth, as alone
         return HybridSession(model, self.retrieval.open(context, constraint, user_group), self.sources)
 
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
                     budget: Budget) -> list[DraftTree]:
         """Each position's merged tree, then the sources learn from its outcome, as serving learns from commits."""
-        model = self.model.trees_along(context, constraint, continuation, budget)
+        model = self.model.trees_along(context, constraint, continuation, budget, learn=False)  # learn_sources does
         pool = self.retrieval.trees_along(context, constraint, continuation, budget)
         out = []
         for t, pair in enumerate(zip(model, pool, strict=True)):

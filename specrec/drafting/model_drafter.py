@@ -225,11 +225,11 @@ class ModelDrafter(Drafter):
 
     @torch.inference_mode()
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],
-                    budget: Budget, calibrated: bool = True) -> list[DraftTree]:
+                    budget: Budget, learn: bool = True) -> list[DraftTree]:
         """All positions' trees in a few batched forwards: one prefill of context + continuation, its cache
-        copied to one row per position, then every tree expanded together. calibrated: nodes ranked by the
-        drafter's calibration per depth (`acceptance`), which then learns from each tree against the continuation,
-        as serving learns from commits (batch by batch, so it lags by up to rows_per_batch positions)."""
+        copied to one row per position, then every tree expanded together. Nodes are ranked by the drafter's
+        calibration per depth (`acceptance`); learn: it then learns from each tree against the continuation, as
+        serving learns from commits (batch by batch, so it lags by up to rows_per_batch positions)."""
         seq = list(context) + list(continuation)
         states = [constraint.start(context)]
         for tok in continuation[:-1]:
@@ -253,9 +253,9 @@ class ModelDrafter(Drafter):
             scratch = Scratch({t - lo: len(context) + t for t in range(lo, hi)}, cache.max_len)
             built = build_trees(self.step_fn(cache), constraint, roots, budget, scratch,
                                 max_step=self.model.config.max_steps,
-                                value_of=self.acceptance.log_accepted if calibrated else None)
+                                value_of=self.acceptance.log_accepted)
             out += [b.tree for b in built]
-            if calibrated:
+            if learn:
                 for t, b in zip(range(lo, hi), built, strict=True):
                     learn_acceptance(self.acceptance, b.tree, continuation[t:])
         return out
