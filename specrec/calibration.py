@@ -49,12 +49,16 @@ class Calibration:
     Pooled over slots and depths: q already carries what the drafter knows about the slot and the depth, and
     pooling keeps every bin's estimate backed by data. The prior is the drafter taken at its word (f = q).
     Safe to share between threads (the draft service's sessions record from its pool).
+
+    `pessimism` z > 0 reads each bin as its posterior mean less z standard deviations: for a source whose nodes
+    must prove themselves before they displace another's (the hybrid's pool), a bin backed by few trials counts low.
     """
 
-    def __init__(self, strength: float = 4.0):
+    def __init__(self, strength: float = 4.0, pessimism: float = 0.0):
         self.hits = np.zeros(N_BINS + 1)
         self.trials = np.zeros(N_BINS + 1)
         self.strength = strength
+        self.pessimism = pessimism
         self._f: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -80,6 +84,9 @@ class Calibration:
             with self._lock:
                 k = self.strength
                 raw = (self.hits + k * BIN_Q) / (self.trials + k)
+                if self.pessimism:
+                    sd = np.sqrt(raw * (1.0 - raw) / (self.trials + k + 1.0))
+                    raw = np.maximum(raw - self.pessimism * sd, 1e-6)
                 f = self._f = _isotonic(raw, self.trials + k)
         return f
 
@@ -103,8 +110,8 @@ class DepthCalibration:
 
     MAX_DEPTH = 16
 
-    def __init__(self, strength: float = 4.0):
-        self.by_depth = [Calibration(strength) for _ in range(self.MAX_DEPTH + 1)]
+    def __init__(self, strength: float = 4.0, pessimism: float = 0.0):
+        self.by_depth = [Calibration(strength, pessimism) for _ in range(self.MAX_DEPTH + 1)]
 
     def record(self, path_logq: Sequence[float], node_accepted: Sequence[bool],
                depths: Sequence[int] | None = None) -> None:

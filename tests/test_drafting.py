@@ -21,7 +21,7 @@ from specrec.drafting.base import (
     load_drafter,
     stop_points,
 )
-from specrec.drafting.hybrid import learn_sources
+from specrec.drafting.hybrid import POOL_PESSIMISM, HybridDrafter, learn_sources
 from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, is_eval_user, matches, replay
 from specrec.drafting.retrieval import pool_for
@@ -200,8 +200,15 @@ def test_rollback_equals_fresh_session(drafters, prompts, tiny_artifacts, name):
 
 @pytest.mark.parametrize("name", ["model", "hybrid", "retrieval"])
 def test_draft_ahead_hit_and_miss(drafters, prompts, tiny_artifacts, name):
+    """A tree drafted ahead equals the fresh draft after the same commit. The hybrid's calibrations are frozen here:
+    the commit teaches them between the guess's drafting and a fresh draft, and its pool's pessimistic reading moves
+    with every trial, so a live hybrid may rank the margin of a tree drafted ahead by the calibration of one commit
+    before (a tree as valid, ranked by slightly older counts)."""
     constraint = tiny_artifacts.constraint()
     budget = Budget(6, 16, 4)
+    if name == "hybrid":
+        drafters = {**drafters, "hybrid": HybridDrafter(drafters["model"], drafters["retrieval"])}
+        drafters["hybrid"].sources = (FrozenDepthCalibration(), FrozenDepthCalibration(pessimism=POOL_PESSIMISM))
     session = drafters[name].open(prompts[3], constraint)
     tree = session.draft(budget)
     assert session.prepare_ahead()
@@ -480,6 +487,26 @@ def test_a_depth_calibrated_merge_ranks_a_sources_nodes_by_how_deep_they_are():
     assert merge_trees([model, pool], 3, acceptance=pooled).tokens == [7, 8, 9]
     assert by_depth[1].accepted_at(0.0, 1) > 0.95 and by_depth[1].accepted_at(0.0, 2) < 0.05
     assert sorted(merge_trees([model, pool], 3, acceptance=by_depth).tokens) == [4, 5, 7]
+
+
+def test_a_pool_node_displaces_a_model_node_only_once_its_bin_has_proved_itself():
+    """Both sources' nodes accepted half the time: the model's bin on 400 trials, the pool's on 4. Read pessimistically
+    (the hybrid's pool), the pool's estimate counts low until its bin holds as many trials as the model's."""
+    model = DraftTree([4], [-1], [math.log(0.5)])
+    pool = DraftTree([7], [-1], [math.log(0.5)])
+    trusted, plain_pool, doubting_pool = (Calibration(strength=0.1), Calibration(strength=0.1),
+                                          Calibration(strength=0.1, pessimism=2.0))
+    for i in range(400):
+        learn_acceptance(trusted, model, [4 if i % 2 else 1, 3])
+    for cal in (plain_pool, doubting_pool):
+        for i in range(4):
+            learn_acceptance(cal, pool, [7 if i % 2 else 1, 3])
+    assert plain_pool.accepted(math.log(0.5)) == pytest.approx(trusted.accepted(math.log(0.5)), abs=0.02)
+    assert doubting_pool.accepted(math.log(0.5)) < 0.2  # 0.5 less two standard deviations of 4 trials
+    assert merge_trees([model, pool], 1, acceptance=[trusted, doubting_pool]).tokens == [4]
+    for i in range(396):
+        learn_acceptance(doubting_pool, pool, [7 if i % 2 else 1, 3])
+    assert doubting_pool.accepted(math.log(0.5)) > 0.44  # with the model's evidence, nearly the mean
 
 
 def test_the_pool_learns_only_from_paths_the_models_tree_lacks():
