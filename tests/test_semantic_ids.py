@@ -103,6 +103,29 @@ def test_any_walk_the_grammar_allows_yields_n_distinct_items_then_eos(n_items, s
 
 
 @settings(max_examples=40, deadline=None)
+@given(n_items=st.integers(1, 6), n_banned=st.integers(0, 40), allow_list=st.booleans(), seed=st.integers(0, 10_000))
+def test_advance_takes_exactly_the_tokens_allowed_names(n_items, n_banned, allow_list, seed):
+    """At every step of a walk, with history, banned items and an allow-list, advance accepts a token iff allowed()
+    lists it: the one-child check advance makes agrees with the whole list the drafter and the target mask by."""
+    rng = np.random.default_rng(seed)
+    n = small_trie.sids.n_items
+    banned = [int(i) for i in rng.choice(n, size=min(n_banned, n), replace=False)]
+    only = {"allowed": [int(i) for i in rng.choice(n, size=n // 2, replace=False)]} if allow_list else {}
+    history = [int(i) for i in rng.choice(n, size=3, replace=False)]
+    prompt = [1] + sum((small_trie.sids.item_tokens(i) + [SEP] for i in history), []) + [4]
+    constraint = ListConstraint(small_trie, n_items, exclude_history=True, banned=banned, **only)
+    try:
+        state = constraint.start(prompt)
+    except ConstraintError:
+        return
+    vocab = small_trie.vocab.size
+    while not state.finished:
+        choices = set(constraint.allowed(state).tolist())
+        assert {t for t in range(vocab) if constraint.advance(state, t) is not None} == choices
+        state = constraint.advance(state, int(rng.choice(sorted(choices))))
+
+
+@settings(max_examples=40, deadline=None)
 @given(n_items=st.integers(1, 4), n_allowed=st.integers(1, 12), n_banned=st.integers(0, 4),
        seed=st.integers(0, 10_000))
 def test_an_allow_list_is_the_grammar_its_banned_complement_is(n_items, n_allowed, n_banned, seed):

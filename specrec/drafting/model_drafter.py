@@ -507,7 +507,7 @@ class ModelSession(DraftSession):
         if not builder.done:  # stopped by the commit: finish this guess's tree only
             builder.keep_only(work.index)
             builder.run()
-        built = builder.results(work.batch.want_probs)[work.index]
+        built = builder.result(work.index, work.batch.want_probs)
         self._keep_path(work.slots)
         self.root_logprobs = work.root_logprobs
         # move the tree's nodes next to the committed prefix, so scratch space does not creep round after round

@@ -270,9 +270,13 @@ class TreeBuilder:
         return [min(float(x), node.value) for x, (_, node, _, _) in zip(values, cands, strict=True)]
 
     def results(self, want_probs: bool = False) -> list[BuiltTree]:
+        return [self.result(i, want_probs) for i in range(len(self.trees))]
+
+    def result(self, index: int, want_probs: bool = False) -> BuiltTree:
+        """Tree `index` alone (a guess drafted ahead that came true: selecting its siblings too cost ~0.3 ms)."""
         if self.budget.empty:
-            return [BuiltTree(DraftTree(vocab_size=self.constraint.trie.vocab.size), {}, {}) for _ in self.trees]
-        return [select(tree, self.budget, want_probs, self.value_of is not None) for tree in self.trees]
+            return BuiltTree(DraftTree(vocab_size=self.constraint.trie.vocab.size), {}, {})
+        return select(self.trees[index], self.budget, want_probs, self.value_of is not None)
 
 
 def _feed(step: StepFn | None, targets: list[tuple[CandidateTree, Node]], scratch: Scratch, max_step: int) -> None:

@@ -145,7 +145,7 @@ class ListConstraint:
         if state.node[0] >= self.trie.depth:
             return None
         child = self.trie.child(state.node, token)
-        if child is None or not np.isin(token, self.allowed(state)):
+        if child is None or not self.trie.is_open(child, state.excluded, state.generated, only=self.only_positions):
             return None
         return ListState(child, state.n_done, state.excluded, state.generated)
 

@@ -85,6 +85,16 @@ class ItemTrie:
                 free = free - (np.searchsorted(positions, ch.hi) - np.searchsorted(positions, ch.lo))
         return ch.tokens[free > 0]
 
+    def is_open(self, node: Node, *taken: np.ndarray, only: np.ndarray | None = None) -> bool:
+        """Whether some item under `node` is neither taken nor (given `only`) outside it: `allowed` for one child,
+        without the parent's other children (advancing a state by a token asks only about that token)."""
+        _, lo, hi = node
+        free = hi - lo if only is None else int(np.searchsorted(only, hi) - np.searchsorted(only, lo))
+        for positions in taken:
+            if len(positions):
+                free -= int(np.searchsorted(positions, hi) - np.searchsorted(positions, lo))
+        return free > 0
+
     def child(self, node: Node, token: int) -> Node | None:
         """The node reached from `node` by `token`, or None if no item continues that way."""
         ch = self.children(node)
