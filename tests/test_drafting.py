@@ -17,12 +17,13 @@ from specrec.drafting.base import (
     Drafter,
     DraftError,
     DraftTree,
+    StopPoint,
     learn_acceptance,
     load_drafter,
     stop_points,
 )
 from specrec.drafting.hybrid import POOL_PESSIMISM, HybridDrafter, learn_sources
-from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter
+from specrec.drafting.model_drafter import DrafterConfig, ModelSession, PadDrafter, _Pending
 from specrec.drafting.offline import EvalConfig, Report, Truth, eval_users, evaluate, is_eval_user, matches, replay
 from specrec.drafting.retrieval import pool_for
 from specrec.drafting.tree import Scratch, TreeRoot, build_trees, child_state, masked, merge_trees
@@ -439,16 +440,37 @@ def test_stop_points_follow_calibrated_acceptance_not_the_drafters_word():
     chain = _chain([math.log(0.5)] * 4)  # path q: 0.5, 0.25, 0.125, 0.0625
     by_q = stop_points(chain, lambda path: None)
     assert [len(p.path) for p in by_q][:2] == [0, 1]  # P = 0.5, 0.25, 0.125, 0.0625, 0.0625 (the leaf's)
-    assert by_q[0].mass == pytest.approx(0.5) and by_q[0].rank == pytest.approx(0.0)
+    assert by_q[0].mass == pytest.approx(0.5)
     modest, bold = Calibration(strength=0.1), Calibration(strength=0.1)
     for _ in range(200):
         modest.record([math.log(q) for q in (0.5, 0.25, 0.125, 0.0625)], [True] * 4)
         bold.record([math.log(q) for q in (0.5, 0.25, 0.125, 0.0625)], [False] * 4)
     assert len(stop_points(chain, lambda path: None, modest)[0].path) == 4
     assert len(stop_points(chain, lambda path: None, bold)[0].path) == 0
-    # the bonus term: rank + log q(bonus) is the log probability of that commit, q renormalised without the child
-    point = stop_points(chain, lambda path: None, modest)[-1]
-    assert point.rank == pytest.approx(math.log(point.mass) - math.log(0.5))
+
+
+def test_guesses_rank_by_where_verification_stops_times_the_drafters_own_q_of_the_bonus(drafters, prompts,
+                                                                                       tiny_artifacts):
+    """Stop point A (P = 0.3) after a child the drafter gave 0.95, its best other token 0.04; B (P = 0.2) after
+    children of 0.3, its best other token 0.5. Renormalised without the rejected children A's bonus would come first
+    (0.3 * 0.04 / 0.05 = 0.24 against 0.2 * 0.5 / 0.7 = 0.14); by the drafter's own q B's does (0.012 against 0.1):
+    a drafter sure of a child verification rejected says little about the target's token there."""
+    constraint = tiny_artifacts.constraint()
+    session = drafters["model"].open(prompts[0], constraint)
+    a_child, a_bonus, b_child, b_bonus, *rest = constraint.allowed(session.state).tolist()
+
+    def log_q(qs: dict[int, float]) -> torch.Tensor:
+        q = torch.zeros(constraint.trie.vocab.size)
+        q[rest] = (1.0 - sum(qs.values())) / len(rest)
+        for tok, p in qs.items():
+            q[tok] = p
+        return q.log()
+
+    state = session.state
+    a = _Pending(StopPoint([], state, frozenset({a_child}), 0.0, 0.3), [], log_q({a_child: 0.95, a_bonus: 0.04}))
+    b = _Pending(StopPoint([], state, frozenset({b_child}), 0.0, 0.2), [], log_q({b_child: 0.3, b_bonus: 0.5}))
+    ranked = session._rank_bonuses([a, b], 2)
+    assert [(p is b, bonus) for p, bonus, _ in ranked] == [(True, b_bonus), (False, a_bonus)]
 
 
 def test_a_commit_teaches_only_the_nodes_whose_fate_it_decides():

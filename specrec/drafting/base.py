@@ -480,9 +480,6 @@ class StopPoint:
     exclude: frozenset[int]
     logprob: float  # the drafter's log q of the path
     mass: float  # probability that verification stops here: P(path accepted) * P(no child accepted | path)
-    # log of mass / (1 - q(children | path)): add a bonus token's log q to get the log probability of that commit
-    # (the bonus is the target's token given that no child was, so the drafter's q renormalised without them)
-    rank: float = 0.0
 
 
 def stop_points(tree: DraftTree, state_after: Callable[[list[int]], ListState],
@@ -511,8 +508,7 @@ def stop_points(tree: DraftTree, state_after: Callable[[list[int]], ListState],
         mass = reach * max(1.0 - taken, 0.0)
         if mass > 1e-9:
             path = tree.path_tokens(node)
-            points.append(StopPoint(path, state_after(path), frozenset(children), logprob, mass,
-                                    math.log(mass) - math.log(max(1.0 - q_children, 1e-6))))
+            points.append(StopPoint(path, state_after(path), frozenset(children), logprob, mass))
     points.sort(key=lambda p: (-p.mass, -len(p.path)))
     return points
 

@@ -17,6 +17,7 @@ switched off (use_slot / use_step) for ablations. Saved as config.json + model.s
 from __future__ import annotations
 
 import json
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -443,22 +444,29 @@ class ModelSession(DraftSession):
         return _Pending(point, slots, None, tail, [scratch.alloc(self.row) for _ in tail])
 
     def _rank_bonuses(self, pending: list[_Pending], n: int) -> list[tuple[_Pending, int, ListState]]:
-        """The n likeliest (stop point, bonus token, grammar after it) by the drafter's q; lists that the
-        bonus would end need no tree."""
+        """The n likeliest (stop point, bonus token, grammar after it): P(verification stops there) * q(bonus);
+        lists that the bonus would end need no tree.
+
+        q(bonus) is the drafter's, not renormalised without the point's children although the bonus is the target's
+        token given that none of them was: where the drafter was sure of a child that verification rejects, its q of
+        the other tokens says little about the target's. Offline (bench, chains of 16 with min_path_prob 0.05, 2 x 60
+        held-out users), the top 4 guesses held the real commit in 45-47% of rounds renormalised, 70-75% not; the
+        top 8 in 75-76% and 89-92%."""
         cands: list[tuple[float, int, int, _Pending]] = []
         for j, q in enumerate(pending):
+            log_mass = math.log(q.point.mass)
             forced = self.constraint.forced(q.point.state)
             if forced is not None:
                 if forced in q.point.exclude:  # the tree's own child: verification would have taken it
                     continue
-                cands.append((q.point.rank, j, forced, q))
+                cands.append((log_mass, j, forced, q))
                 continue
             allowed = [t for t in self.constraint.allowed(q.point.state).tolist() if t not in q.point.exclude]
             if not allowed or q.out is None:
                 continue
             vals = q.out[torch.as_tensor(allowed)]
             top = torch.topk(vals, min(n, len(allowed)))
-            cands += [(q.point.rank + float(v), j, allowed[int(i)], q)
+            cands += [(log_mass + float(v), j, allowed[int(i)], q)
                       for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
         cands.sort(key=lambda c: (-c[0], c[1], c[2]))
         out = []
