@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,21 +80,12 @@ class ItemTrie:
         if node[0] == self.depth:
             return np.array([SEP], dtype=np.int64)
         ch = self.children(node)
-        free = ch.hi - ch.lo if only is None else np.searchsorted(only, ch.hi) - np.searchsorted(only, ch.lo)
-        for positions in taken:
-            if len(positions):
-                free = free - (np.searchsorted(positions, ch.hi) - np.searchsorted(positions, ch.lo))
-        return ch.tokens[free > 0]
+        return ch.tokens[_free(ch.lo, ch.hi, taken, only) > 0]
 
     def is_open(self, node: Node, *taken: np.ndarray, only: np.ndarray | None = None) -> bool:
         """Whether some item under `node` is neither taken nor (given `only`) outside it: `allowed` for one child,
         without the parent's other children (advancing a state by a token asks only about that token)."""
-        _, lo, hi = node
-        free = hi - lo if only is None else int(np.searchsorted(only, hi) - np.searchsorted(only, lo))
-        for positions in taken:
-            if len(positions):
-                free -= int(np.searchsorted(positions, hi) - np.searchsorted(positions, lo))
-        return free > 0
+        return bool(_free(node[1], node[2], taken, only) > 0)
 
     def child(self, node: Node, token: int) -> Node | None:
         """The node reached from `node` by `token`, or None if no item continues that way."""
@@ -114,3 +106,12 @@ class ItemTrie:
         for row, allowed in enumerate(allowed_lists):
             mask[row, torch.as_tensor(allowed, dtype=torch.long)] = True
         return mask.to(device)
+
+
+def _free(lo: Any, hi: Any, taken: tuple[np.ndarray, ...], only: np.ndarray | None) -> Any:
+    """Items in position ranges [lo, hi) (arrays or scalars) neither taken nor, given `only`, outside it."""
+    free = hi - lo if only is None else np.searchsorted(only, hi) - np.searchsorted(only, lo)
+    for positions in taken:
+        if len(positions):
+            free = free - (np.searchsorted(positions, hi) - np.searchsorted(positions, lo))
+    return free
