@@ -31,6 +31,9 @@ PUBLIC_BASE = "python:3.11-slim-bookworm"
 LOCAL_BASE = "specrec-local/python:3.11-bookworm"
 # What the services read from an artifacts directory (training by-products stay out of the images).
 ARTIFACT_PARTS = ("semantic_ids", "target", "drafter", "retrieval")
+# Every image we build carries this label, so the images a rebuild leaves untagged can be pruned without touching
+# anything else on a user's daemon.
+BUILD_LABEL = "org.specrec.build=1"
 
 
 class ContainerError(RuntimeError):
@@ -224,18 +227,24 @@ def stage_artifacts(artifacts: Path) -> Path:
 
 def build_images(daemon: Dockerd, base_image: str, tag: str = TAG) -> dict[str, str]:
     """specrec/base from the wheelhouse, then one thin image per service; returns service -> image."""
-    common = ["build", "--network", "none", "--build-arg", f"BASE_IMAGE={base_image}"]
+    common = ["build", "--network", "none", "--label", BUILD_LABEL]
     base = f"specrec/base:{tag}"
-    daemon.docker(*common, "-f", str(REPO / "docker/base.Dockerfile"), "-t", base, str(REPO), quiet=True,
-                  timeout=1800)
+    daemon.docker(*common, "--build-arg", f"BASE_IMAGE={base_image}", "-f", str(REPO / "docker/base.Dockerfile"),
+                  "-t", base, str(REPO), quiet=True, timeout=1800)
     images = {}
     for service in SERVICES:
         ref = f"specrec/{service}:{tag}"
-        daemon.docker("build", "--network", "none", "--build-arg", f"SPECREC_BASE={base}",
+        daemon.docker(*common, "--build-arg", f"SPECREC_BASE={base}",
                       "-f", str(REPO / f"docker/{service}.Dockerfile"), "-t", ref, str(REPO), quiet=True,
                       timeout=600)
         images[service] = ref
+    prune_replaced_images(daemon)
     return images
+
+
+def prune_replaced_images(daemon: Dockerd) -> None:
+    """Remove the images of ours a rebuild left untagged: each rebuild of the four leaves ~2.4 GB behind."""
+    daemon.docker("image", "prune", "--force", "--filter", f"label={BUILD_LABEL}", quiet=True)
 
 
 def default_artifacts() -> Path:

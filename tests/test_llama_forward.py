@@ -15,7 +15,7 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, Transformer]:
+def hf_and_ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, Transformer]:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
@@ -23,6 +23,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, 
     path: Path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
     return hf, Transformer.from_pretrained(path)
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "lean"])
+def models(request: pytest.FixtureRequest, hf_and_ours) -> tuple[LlamaForCausalLM, Transformer]:
+    """Every test on both forwards: the target's and the drafter's lean one (`Transformer.lean`)."""
+    hf, ours = hf_and_ours
+    ours.lean = request.param
+    yield hf, ours
+    del ours.lean
 
 
 def hf_logits(hf: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:

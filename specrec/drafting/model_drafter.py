@@ -41,6 +41,7 @@ from specrec.drafting.base import (
 from specrec.drafting.batching import PAGE_ROWS, CachePool, StepBatcher
 from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, ValueFn, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
+from specrec.models.packed import packed_linear
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import Vocabulary
@@ -96,6 +97,7 @@ class PadDrafter(nn.Module):
         super().__init__()
         self.config = config
         self.lm = Transformer(config.model_args())
+        self.lm.lean = True
         vocab = config.vocab
         self.register_buffer("slot_table", torch.tensor([vocab.slot_of(t) for t in range(vocab.size)]),
                              persistent=False)
@@ -139,8 +141,9 @@ class PadDrafter(nn.Module):
         """h [B, T, dim] decoder output, steps [B, T] -> logits [B, T, vocab]."""
         if self.config.use_step:
             e = self.step_embed(steps.clamp(0, self.config.max_steps))
-            h = h + torch.sigmoid(self.step_gate(torch.cat([h, e], dim=-1))) * e
-        return self.lm.lm_head(h)
+            gate = packed_linear(self.step_gate, torch.cat([h, e], dim=-1).flatten(0, -2)).view_as(h)
+            h = h + torch.sigmoid(gate) * e
+        return packed_linear(self.lm.lm_head, h.flatten(0, -2)).view(*h.shape[:-1], -1)
 
     def forward(self, tokens: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
