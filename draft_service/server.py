@@ -51,6 +51,7 @@ from specrec.drafting.base import (
     drafter_names,
     load_drafter,
 )
+from specrec.drafting.batching import BatchCounters
 from specrec.grpc_guard import UndecodableRequests
 from specrec.model_identity import artifact_version
 from specrec.security import (
@@ -182,8 +183,9 @@ class Drafters:
                 raise DraftError(f"drafter {name!r} is not available on this server: {err}") from None
         return self._loaded[name]
 
-    def forward_counts(self) -> dict[str, tuple[int, int]]:
-        """{drafter: (forwards, session steps)} of the loaded drafters that batch their sessions' steps."""
+    def forward_counts(self) -> dict[str, BatchCounters]:
+        """{drafter: its forwards, session steps and seconds} of the loaded drafters that batch their sessions'
+        steps."""
         return {name: counts for name, d in list(self._loaded.items()) if (counts := d.forward_counts()) is not None}
 
 

@@ -400,6 +400,8 @@ async def test_metrics_endpoint_counts_sessions_and_trees(artifacts):
         assert values["specrec_draft_sessions"] == 1 and values["specrec_draft_trees_total"] == 1
         forwards, steps = (values[f'specrec_draft_{m}_total{{drafter="model"}}'] for m in ("forwards", "forward_steps"))
         assert 0 < forwards <= steps  # the open's prefill and the tree's levels, batched
+        seconds = values['specrec_draft_forward_seconds_total{drafter="model"}']
+        assert 0 < seconds / forwards < 1.0  # a mean forward time an operator can read (~1 ms here)
         call.cancel()
         await wait_live(svc.stub, 0)
         assert (await asyncio.to_thread(scrape))["specrec_draft_sessions"] == 0

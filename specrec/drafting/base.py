@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from specrec.tree_shape import MAX_TREE_DEPTH as MAX_DEPTH
 from specrec.tree_shape import MAX_TREE_NODES as MAX_NODES
 from specrec.tree_shape import MAX_TREE_TOP_K as MAX_TOP_K
 from specrec.tree_shape import node_depths, path_scores
+
+if TYPE_CHECKING:
+    from specrec.drafting.batching import BatchCounters
 
 DEFAULT_TOP_K = 8
 AHEAD_LOOSENING = 0.5  # a tree drafted ahead keeps nodes down to this fraction of the asked min_path_prob
@@ -545,8 +548,9 @@ class Drafter(ABC):
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> DraftSession:
         """A session for `context` (BOS history REC [generated...]); DraftError on bad input."""
 
-    def forward_counts(self) -> tuple[int, int] | None:
-        """(forwards, session steps) its model ran so far, for drafters that batch sessions' steps; else None."""
+    def forward_counts(self) -> BatchCounters | None:
+        """Forwards its model ran so far, the session steps they held and their seconds, for drafters that batch
+        sessions' steps; else None."""
         return None
 
     def trees_along(self, context: list[int], constraint: ListConstraint, continuation: list[int],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from specrec.calibration import DepthCalibration
 from specrec.drafting.base import Budget, Drafter, DraftSession, DraftTree, learn_acceptance, register
+from specrec.drafting.batching import BatchCounters
 from specrec.drafting.model_drafter import AheadWork, ModelDrafter, ModelSession, load_model_drafter
 from specrec.drafting.retrieval import RetrievalDrafter, RetrievalSession, load_retrieval_drafter, retrieval_tree
 from specrec.drafting.tree import merge_trees
@@ -37,7 +38,7 @@ class HybridDrafter(Drafter):
         # (pessimistic: POOL_PESSIMISM)
         self.sources = (model.acceptance, DepthCalibration(pessimism=POOL_PESSIMISM))
 
-    def forward_counts(self) -> tuple[int, int] | None:
+    def forward_counts(self) -> BatchCounters | None:
         return self.model.forward_counts()
 
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> HybridSession:

@@ -38,7 +38,7 @@ from specrec.drafting.base import (
     learn_acceptance,
     register,
 )
-from specrec.drafting.batching import PAGE_ROWS, CachePool, StepBatcher
+from specrec.drafting.batching import PAGE_ROWS, BatchCounters, CachePool, StepBatcher
 from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, ValueFn, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
 from specrec.models.packed import packed_linear
@@ -210,8 +210,8 @@ class ModelDrafter(Drafter):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def forward_counts(self) -> tuple[int, int]:
-        return self.batcher.counters.forwards, self.batcher.counters.rows
+    def forward_counts(self) -> BatchCounters:
+        return self.batcher.counters
 
     def open(self, context: Sequence[int], constraint: ListConstraint, user_group: str = "") -> ModelSession:
         if constraint.trie.vocab.level_sizes != tuple(self.model.config.level_sizes):

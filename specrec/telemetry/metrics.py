@@ -31,6 +31,7 @@ process_* and python_* collectors the default registry would have had.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -213,9 +214,10 @@ class DrafterMetrics:
         else:
             self.draft_ahead_misses.labels(reason or "unknown").inc()
 
-    def watch_batches(self, counts: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        """Export the drafters' batched forwards, read at scrape time: counts() = {drafter: (forwards, steps)};
-        steps / forwards is the mean number of sessions per drafter forward."""
+    def watch_batches(self, counts: Callable[[], dict[str, Any]]) -> None:
+        """Export the drafters' batched forwards, read at scrape time: counts() = {drafter: BatchCounters (forwards,
+        rows, seconds)}; steps / forwards is the mean number of sessions per drafter forward, seconds / forwards its
+        mean time."""
         self.registry.register(_ForwardCounts(counts))
 
     def session_opened(self) -> None:
@@ -226,7 +228,7 @@ class DrafterMetrics:
 
 
 class _ForwardCounts(Collector):
-    def __init__(self, counts: Callable[[], dict[str, tuple[int, int]]]):
+    def __init__(self, counts: Callable[[], dict[str, Any]]):
         self.counts = counts
 
     def collect(self) -> Iterable[Metric]:
@@ -235,11 +237,16 @@ class _ForwardCounts(Collector):
         steps = CounterMetricFamily("specrec_draft_forward_steps",
                                     "Session steps those forwards ran (steps / forwards = sessions per forward).",
                                     labels=["drafter"])
-        for name, (n_forwards, n_steps) in self.counts().items():
-            forwards.add_metric([name], n_forwards)
-            steps.add_metric([name], n_steps)
+        seconds = CounterMetricFamily("specrec_draft_forward_seconds",
+                                      "Time those forwards took (seconds / forwards = the mean drafter forward).",
+                                      labels=["drafter"])
+        for name, c in self.counts().items():
+            forwards.add_metric([name], c.forwards)
+            steps.add_metric([name], c.rows)
+            seconds.add_metric([name], c.seconds)
         yield forwards
         yield steps
+        yield seconds
 
 
 def start_metrics_server(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> int:
