@@ -333,6 +333,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     ) -> draft_pb2.StatsResponse:
         stats = self.table.stats()
         stats.model_version = self.drafters.version  # what orchestrators pair by, before sending any session
+        counts = self.drafters.forward_counts().values()
+        stats.drafter_forwards = sum(c.forwards for c in counts)
+        stats.drafter_forward_seconds = sum(c.seconds for c in counts)
         return stats
 
 

@@ -180,6 +180,7 @@ async def test_draft_ahead_hit_and_miss(svc, artifacts):
     stats = await svc.stub.Stats(draft_pb2.StatsRequest())
     assert stats.draft_ahead_hits == 1 and stats.draft_ahead_misses == 1
     assert dict(stats.draft_ahead_misses_by_reason) == {"wrong_guess": 1}  # the commit was none of the guesses
+    assert stats.drafter_forwards > 0 and 0 < stats.drafter_forward_seconds / stats.drafter_forwards < 1.0
     call.cancel()
 
 

@@ -76,7 +76,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("live_sessions", "max_sessions", "sessions_opened", "sessions_rejected", "sessions_expired", "trees_drafted", "draft_ahead_hits", "draft_ahead_misses", "invalid_requests", "model_version", "draft_ahead_misses_by_reason")
+    __slots__ = ("live_sessions", "max_sessions", "sessions_opened", "sessions_rejected", "sessions_expired", "trees_drafted", "draft_ahead_hits", "draft_ahead_misses", "invalid_requests", "model_version", "draft_ahead_misses_by_reason", "drafter_forwards", "drafter_forward_seconds")
     class DraftAheadMissesByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class StatsResponse(_message.Message):
     INVALID_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DRAFT_AHEAD_MISSES_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     live_sessions: int
     max_sessions: int
     sessions_opened: int
@@ -106,4 +108,6 @@ class StatsResponse(_message.Message):
     invalid_requests: int
     model_version: str
     draft_ahead_misses_by_reason: _containers.ScalarMap[str, int]
-    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_rejected: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., trees_drafted: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ..., invalid_requests: _Optional[int] = ..., model_version: _Optional[str] = ..., draft_ahead_misses_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    drafter_forwards: int
+    drafter_forward_seconds: float
+    def __init__(self, live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_opened: _Optional[int] = ..., sessions_rejected: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., trees_drafted: _Optional[int] = ..., draft_ahead_hits: _Optional[int] = ..., draft_ahead_misses: _Optional[int] = ..., invalid_requests: _Optional[int] = ..., model_version: _Optional[str] = ..., draft_ahead_misses_by_reason: _Optional[_Mapping[str, int]] = ..., drafter_forwards: _Optional[int] = ..., drafter_forward_seconds: _Optional[float] = ...) -> None: ...
