@@ -414,8 +414,9 @@ def report(res: dict) -> str:
                 "and misses by why — not_drafted (no guess drafted before the commit came), plain_round (a round "
                 "without a tree in between), wrong_guess (the commit was none of the guesses), unfinished (the "
                 "right guess was still being drafted), budget (the next budget asked for more than the guess "
-                "drafted); beside them the drafter forwards the service ran meanwhile and their mean time (in process, "
-                "one thread, a bench drafter step of 1-4 tokens takes ~0.6-0.7 ms).", "",
+                "drafted); beside them the drafter forwards the service ran meanwhile and their mean time (prefills, "
+                "tree levels and draft-ahead waves alike; the same count in process, one thread, bench drafter: "
+                "~1.0-1.1 ms).", "",
                 ahead_table(res["draft_ahead"]), ""]
     out += ["## Not in this report", "",
             "- Hugging Face assisted generation, perf_analyzer, tau per item slot and plots: `bench/run.py` "
