@@ -416,7 +416,7 @@ def report(res: dict) -> str:
                 "right guess was still being drafted), budget (the next budget asked for more than the guess "
                 "drafted); beside them the drafter forwards the service ran meanwhile and their mean time (prefills, "
                 "tree levels and draft-ahead waves alike; the same count in process, one thread, bench drafter: "
-                "~1.0-1.1 ms).", "",
+                "~1.0 ms).", "",
                 ahead_table(res["draft_ahead"]), ""]
     out += ["## Not in this report", "",
             "- Hugging Face assisted generation, perf_analyzer, tau per item slot and plots: `bench/run.py` "
