@@ -23,27 +23,14 @@ from pathlib import Path
 
 import grpc
 
-from bench.speedup import RESULTS, git_rev, histories, machine, one
+from bench.ab import interleaved
+from bench.speedup import RESULTS, git_rev, histories, machine
 from harness.stack import LocalStack, StackConfig
 from specrec.pipeline import prepare
 from specrec.v1 import recommend_pb2_grpc
 
 DTYPES = ("float32", "bfloat16")
 PLAIN = "off"
-
-
-def measure(stubs: dict, users, configs: list[tuple[str, str]], repeats: int, items: int) -> list[dict]:
-    records = []
-    for rep in range(repeats):
-        order = DTYPES if rep % 2 == 0 else DTYPES[::-1]
-        for pol, drafter in configs[rep % len(configs):] + configs[:rep % len(configs)]:
-            for u, h in users:
-                for dtype in order:
-                    r = one(stubs[dtype], h, pol, drafter, items, 60.0)
-                    records.append(r | {"user": u, "repeat": rep, "policy": pol, "drafter": drafter or "-",
-                                        "dtype": dtype})
-        print(f"[precision] repeat {rep} done", flush=True)
-    return records
 
 
 def _key(r: dict) -> tuple:
@@ -160,9 +147,9 @@ def main() -> None:
             s.start()
         channels = {d: grpc.insecure_channel(s.orchestrator_addr) for d, s in stacks.items()}
         stubs = {d: recommend_pb2_grpc.RecommenderServiceStub(c) for d, c in channels.items()}
-        measure(stubs, users[:2], configs, 1, a.items)  # warm-up, excluded
+        interleaved(stubs, users[:2], configs, 1, a.items, field="dtype")  # warm-up, excluded
         t0 = time.perf_counter()
-        records = measure(stubs, users, configs, a.repeats, a.items)
+        records = interleaved(stubs, users, configs, a.repeats, a.items, field="dtype")
         measure_s = time.perf_counter() - t0
     finally:
         for s in stacks.values():

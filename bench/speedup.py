@@ -64,9 +64,11 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def git_rev() -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+def git_rev(checkout: Path | None = None) -> str:
+    """The commit of this checkout (or another one), +dirty with uncommitted changes to tracked files."""
+    where = str(checkout or ROOT)
+    r = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return r.stdout.strip() + ("+dirty" if dirty else "")
 

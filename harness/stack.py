@@ -48,6 +48,9 @@ class StackConfig:
     tls: TlsConfig | None = None
     token_file: Path | None = None  # bearer token the orchestrator requires on its API
     probe_ports: bool = False  # plaintext health-only ports for drafter and orchestrator (LocalStack.probe_addrs)
+    # Run the services from another checkout of this repository (a worktree at another commit: bench/ab.py's A/B
+    # runs); None = this one.
+    code_dir: Path | None = None
 
 
 class StackError(RuntimeError):
@@ -55,12 +58,12 @@ class StackError(RuntimeError):
 
 
 class Process:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, cwd: Path | None = None):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(args, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=cwd)
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -126,6 +129,8 @@ class LocalStack:
             env.update({"SPECREC_TLS_CERT": t.cert, "SPECREC_TLS_KEY": t.key, "SPECREC_TLS_CA": t.ca,
                         "SPECREC_TLS_CLIENT_AUTH": "1" if t.client_auth else "0",
                         "SPECREC_TLS": "1" if t.system_roots else "0"})
+        if self.config.code_dir is not None:  # `python -m` imports from the working directory first; so do children
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.config.code_dir), env.get("PYTHONPATH")]))
         env.update(self.config.extra_env)
         return env
 
@@ -140,7 +145,7 @@ class LocalStack:
         threads = str(self.config.target_threads or int(os.environ.get("SPECREC_STACK_TARGET_THREADS", "0"))
                       or self.config.threads)
         env = {**self._env(), "SPECREC_TORCH_THREADS": threads, "OMP_NUM_THREADS": threads}
-        self.procs["target"] = Process("target", args, env, self.log_dir)
+        self.procs["target"] = Process("target", args, env, self.log_dir, self.config.code_dir)
         self._wait("target", lambda: triton_ready(self.target_addr, self.tls), 180)
 
     def start_drafter(self) -> None:
@@ -150,7 +155,7 @@ class LocalStack:
         args = [sys.executable, "-m", "draft_service.server", "--port", port, "--artifacts",
                 str(self.config.artifacts), "--drafter", self.config.drafter, *self._probe_arg("draft"),
                 "--metrics-port", str(self.config.draft_metrics_port)]
-        self.procs["draft"] = Process("draft", args, self._env(), self.log_dir)
+        self.procs["draft"] = Process("draft", args, self._env(), self.log_dir, self.config.code_dir)
         self._wait("draft", lambda: grpc_healthy(self.draft_addr, tls=self.tls), 120)
 
     def start_orchestrator(self) -> None:
@@ -163,7 +168,7 @@ class LocalStack:
             args += ["--drafter", self.config.drafter]
         if self.config.token_file is not None:
             args += ["--token-file", str(self.config.token_file)]
-        self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir)
+        self.procs["orchestrator"] = Process("orchestrator", args, self._env(), self.log_dir, self.config.code_dir)
         self._wait("orchestrator", lambda: grpc_healthy(self.orchestrator_addr, tls=self.tls), 60)
 
     def metrics_urls(self) -> dict[str, str]:
