@@ -177,27 +177,28 @@ def trace_args(otlp_url: str | None, rate: int) -> list[str]:
 
 
 def prepare_repository(source: Path, instances: int | None = None, device: str | None = None,
-                       max_sequences: int | None = None) -> Path:
-    """The repository to serve: `source` itself, or a copy whose config says `instances` x `device` and holds
-    `max_sequences` per instance.
+                       max_sequences: int | None = None, queue_delay_us: int | None = None) -> Path:
+    """The repository to serve: `source` itself, or a copy whose config says `instances` x `device`, holds
+    `max_sequences` per instance and waits `queue_delay_us` for other sequences' requests to join a forward.
 
     The source repository stays unchanged, so the same files run in NVIDIA's image.
     """
     source = Path(source)
     if not source.is_dir():
         raise TritonLaunchError(f"model repository {source} does not exist or is not a directory")
-    if instances is None and device is None and max_sequences is None:
+    if instances is None and device is None and max_sequences is None and queue_delay_us is None:
         return source
     copy = Path(tempfile.mkdtemp(prefix="specrec-repo-"))
     shutil.copytree(source, copy, dirs_exist_ok=True, symlinks=True)
     for config in copy.glob("*/config.pbtxt"):
-        _rewrite_config(config, instances, device, max_sequences)
-    log.info("serving a copy of %s at %s (instances=%s, device=%s, max_sequences=%s)", source, copy, instances,
-             device, max_sequences)
+        _rewrite_config(config, instances, device, max_sequences, queue_delay_us)
+    log.info("serving a copy of %s at %s (instances=%s, device=%s, max_sequences=%s, queue_delay_us=%s)", source,
+             copy, instances, device, max_sequences, queue_delay_us)
     return copy
 
 
-def _rewrite_config(config_path: Path, instances: int | None, device: str | None, max_sequences: int | None) -> None:
+def _rewrite_config(config_path: Path, instances: int | None, device: str | None, max_sequences: int | None,
+                    queue_delay_us: int | None = None) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -210,6 +211,8 @@ def _rewrite_config(config_path: Path, instances: int | None, device: str | None
         config.sequence_batching.oldest.max_candidate_sequences = max_sequences
         if "max_sequences" in config.parameters:
             config.parameters["max_sequences"].string_value = str(max_sequences)
+    if queue_delay_us is not None and config.HasField("sequence_batching"):
+        config.sequence_batching.oldest.max_queue_delay_microseconds = queue_delay_us
     config_path.write_text(text_format.MessageToString(config))
 
 
@@ -558,6 +561,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-sequences", type=int, default=_env_int("SPECREC_TARGET_MAX_SEQUENCES", None),
                         help="sequences one instance holds at once (Triton's max_candidate_sequences and the model's "
                              "max_sequences, rewritten together in a copy; env SPECREC_TARGET_MAX_SEQUENCES)")
+    parser.add_argument("--queue-delay-us", type=int, default=_env_int("SPECREC_TARGET_QUEUE_DELAY_US", None),
+                        help="how long the sequence batcher waits for other sequences' requests to join a forward "
+                             "(config.pbtxt: 500 us); a sequence running alone pays it every round (rewritten in a "
+                             "copy; env SPECREC_TARGET_QUEUE_DELAY_US)")
     parser.add_argument("--shm-mb", type=int, default=16,
                         help="Python backend shared memory per instance, MB (default: 16)")
     parser.add_argument("--shm-growth-mb", type=int, default=None,
@@ -584,7 +591,10 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         env["SPECREC_TARGET_MODEL_DIR"] = str(artifacts)
     if args.device:
         env["SPECREC_DEVICE"] = args.device
-    repository = prepare_repository(args.model_repository, args.instances, args.device, args.max_sequences)
+    if args.queue_delay_us is not None and args.queue_delay_us < 0:
+        raise TritonLaunchError(f"--queue-delay-us must be >= 0, got {args.queue_delay_us}")
+    repository = prepare_repository(args.model_repository, args.instances, args.device, args.max_sequences,
+                                    args.queue_delay_us)
     return TritonServer(
         repository,
         grpc_port=args.grpc_port,

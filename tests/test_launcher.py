@@ -85,6 +85,19 @@ def test_max_sequences_moves_tritons_slots_and_the_models_cap_together(tmp_path:
     shutil.rmtree(copy)
 
 
+def test_the_batchers_wait_is_rewritten_in_a_copy(tmp_path: Path) -> None:
+    """--queue-delay-us: a sequence running alone pays the sequence batcher's wait every round."""
+    source = tmp_path / "repo"
+    shutil.copytree(launch.DEFAULT_REPOSITORY, source)
+    copy = launch.prepare_repository(source, queue_delay_us=0)
+    config = text_format.Parse((copy / MODEL_NAME / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    original = text_format.Parse((source / MODEL_NAME / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert original.sequence_batching.oldest.max_queue_delay_microseconds == 500
+    assert config.sequence_batching.oldest.max_queue_delay_microseconds == 0
+    assert config.sequence_batching.oldest.max_candidate_sequences == 64  # the rest survived
+    shutil.rmtree(copy)
+
+
 def test_trace_flags_point_at_the_otlp_http_endpoint() -> None:
     args = launch.trace_args("http://collector:4318", rate=10)
     assert "opentelemetry,url=collector:4318/v1/traces" in args
