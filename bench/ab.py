@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +84,22 @@ def summarize(records: list[dict], configs: list[tuple[str, str]], repeats: int)
     for pol, drafter in configs:
         d = drafter or "-"
         a, b = by[(pol, d, "A")], by[(pol, d, "B")]
-        row: dict[str, Any] = {"policy": pol, "drafter": d, "per_repeat": []}
-        for rep in [None, *range(repeats)]:
-            keys = [k for k in a if k in b and (rep is None or k[1] == rep)]
+
+        def figures(keys: list, a: dict = a, b: dict = b, pol: str = pol) -> dict:
             fig = _ratio_figures(a, b, keys)
             for arm, recs in (("A", a), ("B", b)):
                 plain = by.get((PLAIN, "-", arm)) if pol != PLAIN else None
                 fig[arm] = _arm_figures(recs, plain, keys)
-            fig["lists_differing_between_arms"] = sum(a[k]["items"] != b[k]["items"] for k in keys)
-            if rep is None:
-                row.update(fig)
-            else:
-                row["per_repeat"].append(fig | {"repeat": rep})
-        rows.append(row)
+            return fig | {"lists_differing_between_arms": sum(a[k]["items"] != b[k]["items"] for k in keys)}
+
+        rows.append({"policy": pol, "drafter": d, **by_repeat([k for k in a if k in b], repeats, figures)})
     return rows
+
+
+def by_repeat(keys: list[tuple], repeats: int, figures: Callable[[list[tuple]], dict]) -> dict:
+    """figures() of all (user, repeat) keys, and of each repeat's under "per_repeat"."""
+    per = [figures([k for k in keys if k[1] == rep]) | {"repeat": rep} for rep in range(repeats)]
+    return figures(keys) | {"per_repeat": per}
 
 
 def _pct(x: float) -> str:
@@ -144,6 +146,22 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
+def add_run_args(p: argparse.ArgumentParser, *, users: int, repeats: int, configs: str) -> None:
+    """The options every side-by-side run takes (bench/ab.py, bench/precision.py)."""
+    p.add_argument("--profile", default="bench")
+    p.add_argument("--users", type=int, default=users, help="users held out of drafter training")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--items", type=int, default=10)
+    p.add_argument("--configs", default=configs, help="policy/drafter,...; plain decoding (off/-) is always in")
+    p.add_argument("--out", type=Path, default=RESULTS)
+
+
+def parse_configs(spec: str) -> list[tuple[str, str]]:
+    """"off/-,adaptive/model" -> [("off", ""), ("adaptive", "model")], plain decoding first."""
+    configs = [(c.split("/")[0], "" if c.split("/")[1] == "-" else c.split("/")[1]) for c in spec.split(",")]
+    return configs if configs[0][0] == PLAIN else [(PLAIN, ""), *configs]
+
+
 def worktree(ref: str, parent: Path) -> Path:
     """A detached checkout of `ref` (the services run from it); removed by the caller."""
     path = parent / f"ab-{ref.replace('/', '_').replace('~', '-')}"
@@ -158,19 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE", help="arm A's environment")
     p.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE", help="arm B's environment")
     p.add_argument("--label", default="ab", help="names the report (bench/results/ab-<date>-<label>.md)")
-    p.add_argument("--profile", default="bench")
-    p.add_argument("--users", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--items", type=int, default=10)
-    p.add_argument("--configs", default="off/-,adaptive/model,chain:16/model")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    add_run_args(p, users=24, repeats=2, configs="off/-,adaptive/model,chain:16/model")
     a = p.parse_args(argv)
     envs = {"A": parse_env(a.a_env), "B": parse_env(a.b_env)}
     if not a.b_ref and envs["A"] == envs["B"]:
         p.error("the arms are the same: give --b-ref and/or different --a-env / --b-env")
-    configs = [(c.split("/")[0], "" if c.split("/")[1] == "-" else c.split("/")[1]) for c in a.configs.split(",")]
-    if configs[0][0] != PLAIN:
-        configs.insert(0, (PLAIN, ""))
+    configs = parse_configs(a.configs)
     arts = prepare("ml-100k", a.profile, train=False, progress=False)
     users = histories(arts, a.users)
     mach = machine()
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                           extra_env=envs[arm], code_dir=code[arm], log_dir=scratch / f"logs-{arm}"))
               for arm in ARMS}
     try:
-        records, measure_s = _measure(stacks, users, configs, a.repeats, a.items)
+        records, measure_s = measure_on_stacks(stacks, users, configs, a.repeats, a.items)
     finally:
         if code["B"] is not None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(code["B"])],
@@ -193,28 +204,36 @@ def main(argv: list[str] | None = None) -> int:
            "command": " ".join(["python -m bench.ab", *(argv if argv is not None else sys.argv[1:])]),
            "args": {**vars(a), "out": str(a.out)}, "measure_s": measure_s,
            "rows": summarize(records, configs, a.repeats), "records": records}
-    a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"ab-{date}-{a.label}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(report(res))
-    print(report(res))
+    write_results(res, stem, report)
     print(f"[ab] wrote {stem}.md and .json (stack logs in {scratch})")
     return 0
 
 
-def _measure(stacks: dict[str, LocalStack], users, configs, repeats: int, items: int) -> tuple[list[dict], float]:
+def measure_on_stacks(stacks: dict[str, LocalStack], users, configs, repeats: int, items: int,
+                      field: str = "arm") -> tuple[list[dict], float]:
+    """Start the stacks, warm them up (two users, excluded), run `interleaved` over them, stop them; returns the
+    records and the measurement's seconds."""
     try:
         for s in stacks.values():
             s.start()
-        channels = {arm: grpc.insecure_channel(s.orchestrator_addr) for arm, s in stacks.items()}
-        stubs = {arm: recommend_pb2_grpc.RecommenderServiceStub(c) for arm, c in channels.items()}
-        interleaved(stubs, users[:2], configs, 1, items)  # warm-up, excluded
+        channels = {name: grpc.insecure_channel(s.orchestrator_addr) for name, s in stacks.items()}
+        stubs = {name: recommend_pb2_grpc.RecommenderServiceStub(c) for name, c in channels.items()}
+        interleaved(stubs, users[:2], configs, 1, items, field)
         t0 = time.perf_counter()
-        records = interleaved(stubs, users, configs, repeats, items)
+        records = interleaved(stubs, users, configs, repeats, items, field)
         return records, time.perf_counter() - t0
     finally:
         for s in stacks.values():
             s.stop()
+
+
+def write_results(res: dict, stem: Path, render: Callable[[dict], str]) -> None:
+    """<stem>.json (records included) and <stem>.md, and the report printed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(render(res))
+    print(render(res))
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-import grpc
-
-from bench.ab import interleaved
-from bench.speedup import RESULTS, git_rev, histories, machine
+from bench.ab import add_run_args, by_repeat, measure_on_stacks, parse_configs, write_results
+from bench.speedup import git_rev, histories, machine
 from harness.stack import LocalStack, StackConfig
 from specrec.pipeline import prepare
-from specrec.v1 import recommend_pb2_grpc
 
 DTYPES = ("float32", "bfloat16")
 PLAIN = "off"
@@ -45,39 +42,35 @@ def summarize(records: list[dict], configs: list[tuple[str, str]], repeats: int)
     rows = []
     for pol, drafter in configs:
         a, b = by[(pol, "float32")], by[(pol, "bfloat16")]
-        row = {"policy": pol, "drafter": drafter or "-", "per_repeat": []}
-        for rep in [None, *range(repeats)]:
-            keys = [k for k in a if rep is None or k[1] == rep]
+
+        def figures(keys: list, a: dict = a, b: dict = b) -> dict:
             lat = {d: [x[k]["latency_ms"] for k in keys] for d, x in (("float32", a), ("bfloat16", b))}
-            fig = {"mean_ms_float32": statistics.fmean(lat["float32"]),
-                   "mean_ms_bfloat16": statistics.fmean(lat["bfloat16"]),
-                   "bf16_vs_fp32_pairwise": statistics.median(a[k]["latency_ms"] / b[k]["latency_ms"] for k in keys),
-                   "bf16_vs_fp32_mean": statistics.fmean(lat["float32"]) / statistics.fmean(lat["bfloat16"]),
-                   "speedup_fp32_vs_fp32_plain": statistics.fmean(base32[k]["latency_ms"] for k in keys)
-                   / statistics.fmean(lat["float32"]),
-                   "speedup_bf16_vs_fp32_plain": statistics.fmean(base32[k]["latency_ms"] for k in keys)
-                   / statistics.fmean(lat["bfloat16"]),
-                   "speedup_fp32_vs_fp32_plain_pairwise": statistics.median(
-                       base32[k]["latency_ms"] / a[k]["latency_ms"] for k in keys),
-                   "speedup_bf16_vs_fp32_plain_pairwise": statistics.median(
-                       base32[k]["latency_ms"] / b[k]["latency_ms"] for k in keys),
-                   "speedup_bf16_vs_bf16_plain": statistics.fmean(base16[k]["latency_ms"] for k in keys)
-                   / statistics.fmean(lat["bfloat16"]),
-                   "tau_float32": sum(a[k]["committed"] for k in keys) / sum(a[k]["rounds"] for k in keys),
-                   "tau_bfloat16": sum(b[k]["committed"] for k in keys) / sum(b[k]["rounds"] for k in keys),
-                   "verify_ms_per_round_float32": sum(a[k]["verify_ms"] for k in keys)
-                   / sum(a[k]["rounds"] for k in keys),
-                   "verify_ms_per_round_bfloat16": sum(b[k]["verify_ms"] for k in keys)
-                   / sum(b[k]["rounds"] for k in keys),
-                   "mismatches_bfloat16": sum(b[k]["items"] != base16[k]["items"] for k in keys),
-                   "mismatches_float32": sum(a[k]["items"] != base32[k]["items"] for k in keys),
-                   "lists_differing_between_dtypes": sum(a[k]["items"] != b[k]["items"] for k in keys),
-                   "n": len(keys)}
-            if rep is None:
-                row.update(fig)
-            else:
-                row["per_repeat"].append(fig | {"repeat": rep})
-        rows.append(row)
+            return {"mean_ms_float32": statistics.fmean(lat["float32"]),
+                    "mean_ms_bfloat16": statistics.fmean(lat["bfloat16"]),
+                    "bf16_vs_fp32_pairwise": statistics.median(a[k]["latency_ms"] / b[k]["latency_ms"] for k in keys),
+                    "bf16_vs_fp32_mean": statistics.fmean(lat["float32"]) / statistics.fmean(lat["bfloat16"]),
+                    "speedup_fp32_vs_fp32_plain": statistics.fmean(base32[k]["latency_ms"] for k in keys)
+                    / statistics.fmean(lat["float32"]),
+                    "speedup_bf16_vs_fp32_plain": statistics.fmean(base32[k]["latency_ms"] for k in keys)
+                    / statistics.fmean(lat["bfloat16"]),
+                    "speedup_fp32_vs_fp32_plain_pairwise": statistics.median(
+                        base32[k]["latency_ms"] / a[k]["latency_ms"] for k in keys),
+                    "speedup_bf16_vs_fp32_plain_pairwise": statistics.median(
+                        base32[k]["latency_ms"] / b[k]["latency_ms"] for k in keys),
+                    "speedup_bf16_vs_bf16_plain": statistics.fmean(base16[k]["latency_ms"] for k in keys)
+                    / statistics.fmean(lat["bfloat16"]),
+                    "tau_float32": sum(a[k]["committed"] for k in keys) / sum(a[k]["rounds"] for k in keys),
+                    "tau_bfloat16": sum(b[k]["committed"] for k in keys) / sum(b[k]["rounds"] for k in keys),
+                    "verify_ms_per_round_float32": sum(a[k]["verify_ms"] for k in keys)
+                    / sum(a[k]["rounds"] for k in keys),
+                    "verify_ms_per_round_bfloat16": sum(b[k]["verify_ms"] for k in keys)
+                    / sum(b[k]["rounds"] for k in keys),
+                    "mismatches_bfloat16": sum(b[k]["items"] != base16[k]["items"] for k in keys),
+                    "mismatches_float32": sum(a[k]["items"] != base32[k]["items"] for k in keys),
+                    "lists_differing_between_dtypes": sum(a[k]["items"] != b[k]["items"] for k in keys),
+                    "n": len(keys)}
+
+        rows.append({"policy": pol, "drafter": drafter or "-", **by_repeat(list(a), repeats, figures)})
     return rows
 
 
@@ -117,12 +110,7 @@ def report(res: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="bench")
-    p.add_argument("--users", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--items", type=int, default=10)
-    p.add_argument("--configs", default="off/-,adaptive/model,chain:16/model,chain:8/model")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    add_run_args(p, users=12, repeats=3, configs="off/-,adaptive/model,chain:16/model,chain:8/model")
     p.add_argument("--rerender", type=Path, default=None, help="recompute the summary and report of this results "
                    "JSON from its records (no runs)")
     a = p.parse_args()
@@ -134,36 +122,21 @@ def main() -> None:
         a.rerender.with_suffix(".md").write_text(report(res))
         print(report(res))
         return
-    configs = [(c.split("/")[0], "" if c.split("/")[1] == "-" else c.split("/")[1]) for c in a.configs.split(",")]
-    if configs[0][0] != PLAIN:
-        configs.insert(0, (PLAIN, ""))
+    configs = parse_configs(a.configs)
     arts = prepare("ml-100k", a.profile, train=False, progress=False)
     users = histories(arts, a.users)
     mach = machine()
+    logs = Path(tempfile.mkdtemp(prefix="specrec-precision-"))  # one directory per stack: their logs share names
     stacks = {d: LocalStack(StackConfig(artifacts=arts.directory, policy="adaptive", drafter="model",
-                                        extra_env={"SPECREC_TARGET_DTYPE": d})) for d in DTYPES}
-    try:
-        for s in stacks.values():
-            s.start()
-        channels = {d: grpc.insecure_channel(s.orchestrator_addr) for d, s in stacks.items()}
-        stubs = {d: recommend_pb2_grpc.RecommenderServiceStub(c) for d, c in channels.items()}
-        interleaved(stubs, users[:2], configs, 1, a.items, field="dtype")  # warm-up, excluded
-        t0 = time.perf_counter()
-        records = interleaved(stubs, users, configs, a.repeats, a.items, field="dtype")
-        measure_s = time.perf_counter() - t0
-    finally:
-        for s in stacks.values():
-            s.stop()
+                                        extra_env={"SPECREC_TARGET_DTYPE": d}, log_dir=logs / d)) for d in DTYPES}
+    records, measure_s = measure_on_stacks(stacks, users, configs, a.repeats, a.items, field="dtype")
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     res = {"date": date, "machine": mach, "git": git_rev(), "command": " ".join(["python -m bench.precision",
                                                                                  *sys.argv[1:]]),
            "args": {**vars(a), "out": str(a.out)}, "measure_s": measure_s,
            "rows": summarize(records, configs, a.repeats), "records": records}
-    a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"precision-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(report(res))
-    print(report(res))
+    write_results(res, stem, report)
     print(f"[precision] wrote {stem}.md and .json")
 
 
