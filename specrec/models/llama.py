@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -264,7 +265,8 @@ class Transformer(nn.Module):
         attn_mask, row_idx = mask.unsqueeze(1), rows.unsqueeze(1).expand(bsz, t)
         rows_view = None if torch.is_grad_enabled() else _as_range(rows)
         span = mask.shape[-1]
-        for i, layer in enumerate(self.model.layers):
+        for i, block in enumerate(self.model.layers):
+            layer = cast(Block, block)
             att, mlp = layer.self_attn, layer.mlp
             h = F.rms_norm(x, (a.dim,), layer.input_layernorm.weight, eps)
             qkv = stacked_linear((att.q_proj, att.k_proj, att.v_proj), h).view(-1, heads, a.head_dim)
@@ -282,14 +284,15 @@ class Transformer(nn.Module):
             h = F.rms_norm(x, (a.dim,), layer.post_attention_layernorm.weight, eps)
             gate, up = stacked_linear((mlp.gate_proj, mlp.up_proj), h).chunk(2, dim=-1)
             x = x + packed_linear(mlp.down_proj, F.silu(gate) * up)
-        return F.rms_norm(x, (a.dim,), self.model.norm.weight, eps)
+        return F.rms_norm(x, (a.dim,), cast(RMSNorm, self.model.norm).weight, eps)
 
     def _rope_table(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of positions 0 .. 2 * slots - 1 [n, 2, 1, D] (a position never exceeds its cache slot: a node
         is placed after its ancestors), and rotate_half as a [D, D] matrix (x @ it = rotate_half(x), exactly)."""
         cached = getattr(self, "_rope_cache", None)
-        if cached is None or len(cached[0]) < 2 * slots or cached[0].device != self.inv_freq.device:
-            cos, sin = self.rope(torch.arange(2 * slots, device=self.inv_freq.device)[None])
+        device = cast(torch.Tensor, self.inv_freq).device
+        if cached is None or len(cached[0]) < 2 * slots or cached[0].device != device:
+            cos, sin = self.rope(torch.arange(2 * slots, device=device)[None])
             table = torch.stack([cos[0], sin[0]], dim=1).to(self.dtype)  # [n, 2, 1, D]
             d = self.args.head_dim // 2
             rotate = torch.zeros(2 * d, 2 * d, device=table.device, dtype=table.dtype)
