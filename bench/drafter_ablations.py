@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="output prefix (default bench/results/tau-ablations-<profile>-<date>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="no training: one table (to --out) from the records of these runs' JSON files, each variant "
+                        "x seed x shape once (separate runs can train separate variants or seeds side by side)")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -142,8 +145,35 @@ def write(args: argparse.Namespace, meta: dict, records: list[dict], trainings: 
     Path(f"{args.out}.md").write_text("".join(md))
 
 
+def merge(args: argparse.Namespace, files: list[Path]) -> None:
+    """Records and trainings of several runs, first one wins (a variant x seed x shape is evaluated the same way
+    in any run), written as one run over the variants they hold."""
+    records, trainings, seen, trained = [], [], set(), set()
+    runs = [json.loads(f.read_text()) for f in files]
+    for run in runs:
+        for r in run["records"]:
+            if (key := (r["variant"], r["seed"], r["shape"])) not in seen:
+                seen.add(key)
+                records.append(r)
+        for t in run["trainings"]:
+            if t["trained"] and (key := (t["variant"], t["seed"])) not in trained:
+                trained.add(key)
+                trainings.append(t)
+    present = {r["variant"] for r in records}
+    meta = {k: v for k, v in runs[0].items() if k not in ("records", "trainings")}
+    meta.update(variants=[v for v in VARIANTS if v in present], seeds=sorted({r["seed"] for r in records}),
+                command=f"{meta['command']} and {len(files) - 1} other runs, merged: .venv/bin/python -m "
+                        f"bench.drafter_ablations --merge {' '.join(str(f) for f in files)} --out {args.out}",
+                started=min(r["started"] for r in runs), finished=max(r.get("finished", "-") for r in runs))
+    write(args, meta, records, trainings)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        merge(args, args.merge)
+        print(Path(f"{args.out}.md").read_text())
+        return 0
     torch.set_num_threads(args.threads)
     arts = prepare(args.dataset, args.profile, progress=not args.quiet)
     steps = args.steps or drafter_profile(arts.profile.name).steps
