@@ -380,6 +380,7 @@ def test_every_service_is_told_where_to_listen_and_what_to_run_on(rendered: dict
     assert triton["SPECREC_ARTIFACTS"] == r.values["artifacts"]["path"]
     assert (triton["SPECREC_TARGET_INSTANCES"], triton["SPECREC_TARGET_MAX_SEQUENCES"]) == \
         (str(values["instances"]), str(values["maxSequences"]))
+    assert triton["SPECREC_TARGET_QUEUE_DELAY_US"] == str(values["queueDelayMicroseconds"])
     for component in ("draft", "triton"):
         on_gpu = r.values[component]["accelerator"]["kind"] != "none"
         assert _env(r.container(component))["SPECREC_DEVICE"] == ("cuda" if on_gpu else "cpu")
