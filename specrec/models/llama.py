@@ -291,7 +291,8 @@ class Transformer(nn.Module):
         is placed after its ancestors), and rotate_half as a [D, D] matrix (x @ it = rotate_half(x), exactly)."""
         cached = getattr(self, "_rope_cache", None)
         device = cast(torch.Tensor, self.inv_freq).device
-        if cached is None or len(cached[0]) < 2 * slots or cached[0].device != device:
+        if cached is None or len(cached[0]) < 2 * slots or cached[0].device != device \
+                or cached[0].dtype != self.dtype:  # the model moved or was cast since
             cos, sin = self.rope(torch.arange(2 * slots, device=device)[None])
             table = torch.stack([cos[0], sin[0]], dim=1).to(self.dtype)  # [n, 2, 1, D]
             d = self.args.head_dim // 2
