@@ -231,8 +231,8 @@ def measure_on_stacks(stacks: dict[str, LocalStack], users, configs, repeats: in
 def write_results(res: dict, stem: Path, render: Callable[[dict], str]) -> None:
     """<stem>.json (records included) and <stem>.md, and the report printed."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(render(res))
+    Path(f"{stem}.json").write_text(json.dumps(res, indent=1))  # not with_suffix: a label may hold a dot ("gil-0.2")
+    Path(f"{stem}.md").write_text(render(res))
     print(render(res))
 
 

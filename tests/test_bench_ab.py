@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from bench.ab import report, summarize
+from bench.ab import report, summarize, write_results
 
 
 def _rec(arm: str, policy: str, user: int, repeat: int, ms: float, items: list[str]) -> dict:
@@ -33,3 +35,8 @@ def test_b_against_a_is_paired_and_each_arm_is_checked_against_its_own_plain() -
            "arms": {"A": {"what": "a"}, "B": {"what": "b"}}, "command": "c", "git": "g",
            "args": {"profile": "bench", "users": 3, "repeats": 2}, "measure_s": 1.0, "rows": list(rows.values())}
     assert "| adaptive | model | 200.0 | 181.8 | 1.100x | 1.100x | 2.00x / 2.20x |" in report(res)
+
+
+def test_a_label_with_a_dot_keeps_its_name(tmp_path: Path) -> None:
+    write_results({"x": 1}, tmp_path / "ab-2026-12-07-gil-0.2", lambda res: f"x = {res['x']}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ab-2026-12-07-gil-0.2.json", "ab-2026-12-07-gil-0.2.md"]
