@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -47,13 +47,19 @@ def packed_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = linear.weight
     if not _usable(w, x):
         return linear(x)
-    packed = _packed.get(linear)
-    stamp = _stamp(w)
-    if packed is None or packed[0] != stamp:  # weights replaced or changed in place: repack
-        packed = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
-        _packed[linear] = packed
+    packed = _packed_weight(_packed, linear, _stamp(w), w.detach)
     bias = None if linear.bias is None else linear.bias.detach()
-    return torch.ops.mkldnn._linear_pointwise(x, packed[1], bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _packed_weight(store: weakref.WeakKeyDictionary, key: nn.Linear, stamp: tuple,
+                   weight: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The packed copy of weight() kept under `key`, packed again when the weights were replaced or changed."""
+    entry = store.get(key)
+    if entry is None or entry[0] != stamp:
+        entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight(), None))
+        store[key] = entry
+    return entry[1]
 
 
 def stacked_linear(linears: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +71,8 @@ def stacked_linear(linears: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tenso
     if not _usable(w, x) or any(lin.bias is not None for lin in linears):
         return torch.cat([lin(x) for lin in linears], dim=-1)
     stamp = tuple((id(lin), *_stamp(lin.weight)) for lin in linears)
-    packed = _fused.get(linears[0])
-    if packed is None or packed[0] != stamp:
-        stacked = torch.cat([lin.weight.detach() for lin in linears])
-        packed = (stamp, torch.ops.mkldnn._reorder_linear_weight(stacked, None))
-        _fused[linears[0]] = packed
-    return torch.ops.mkldnn._linear_pointwise(x, packed[1], None, "none", [], "")
+    packed = _packed_weight(_fused, linears[0], stamp, lambda: torch.cat([lin.weight.detach() for lin in linears]))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def is_packed(linear: nn.Linear) -> bool:
