@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from harness.containers import BUILD_LABEL, ContainerError, make_images, running_dockerd
+from harness.containers import BUILD_LABEL, TAG, ContainerError, make_images, prune_replaced_images, running_dockerd
 from harness.pods import RenderedPods, pods_from_manifests, render
 from specrec.v1 import recommend_pb2 as pb
 from specrec.v1 import recommend_pb2_grpc as pb_grpc
@@ -144,9 +145,20 @@ def test_a_template_without_the_drafters_address_fails_here(helm, daemon, images
 
 def test_a_rebuild_leaves_no_image_of_ours_behind(daemon, images) -> None:
     """Each `make test` rebuilds the images from fresh artifacts and wheels; the images that lose their tag used to
-    stay (~2.4 GB a run, 68 GB in a few days filled this machine's disk). Ours carry a label and are pruned."""
-    dangling = daemon.docker("images", "--quiet", "--filter", "dangling=true", "--filter", f"label={BUILD_LABEL}",
-                             quiet=True)
-    assert dangling.split() == []
+    stay (~2.4 GB a run, 68 GB in a few days filled this machine's disk). Ours carry a label and are pruned. A tiny
+    image on our base, built twice under one tag with different content, leaves its first build untagged; the prune
+    must remove it (on a fresh daemon the image build above alone leaves nothing to prune)."""
     labelled = daemon.docker("images", "--format", "{{.Repository}}", "--filter", f"label={BUILD_LABEL}", quiet=True)
     assert {f"specrec/{s}" for s in ("base", "orchestrator", "draft", "target")} <= set(labelled.split())
+    probe = "specrec/prune-probe:test"
+    for nonce in ("1", str(time.time())):
+        with tempfile.TemporaryDirectory() as ctx:
+            (Path(ctx) / "Dockerfile").write_text(f"FROM specrec/base:{TAG}\nLABEL probe.nonce={nonce}\n")
+            daemon.docker("build", "--network", "none", "-t", probe, ctx, quiet=True, timeout=120)
+    dangling = ["images", "--quiet", "--filter", "dangling=true", "--filter", f"label={BUILD_LABEL}"]
+    try:
+        assert daemon.docker(*dangling, quiet=True).split(), "the probe's first build should be untagged now"
+        prune_replaced_images(daemon)
+        assert daemon.docker(*dangling, quiet=True).split() == []
+    finally:
+        daemon.docker("rmi", "--force", probe, quiet=True)
