@@ -17,6 +17,7 @@ switched off (use_slot / use_step) for ablations. Saved as config.json + model.s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -41,10 +42,12 @@ from specrec.drafting.base import (
 from specrec.drafting.batching import PAGE_ROWS, BatchCounters, CachePool, StepBatcher
 from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, ValueFn, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
-from specrec.models.packed import packed_linear
+from specrec.models.packed import choose_kernel_by_rows, packed_linear
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPE = "specrec_pad_drafter"
 CONFIG_FILE = "config.json"
@@ -141,15 +144,32 @@ class PadDrafter(nn.Module):
         """h [B, T, dim] decoder output, steps [B, T] -> logits [B, T, vocab]."""
         if self.config.use_step:
             e = self.step_embed(steps.clamp(0, self.config.max_steps))
-            gate = packed_linear(self.step_gate, torch.cat([h, e], dim=-1).flatten(0, -2)).view_as(h)
+            gate = packed_linear(self.step_gate, torch.cat([h, e], dim=-1).flatten(0, -2), timed=True).view_as(h)
             h = h + torch.sigmoid(gate) * e
-        return packed_linear(self.lm.lm_head, h.flatten(0, -2)).view(*h.shape[:-1], -1)
+        return packed_linear(self.lm.lm_head, h.flatten(0, -2), timed=True).view(*h.shape[:-1], -1)
 
     def forward(self, tokens: torch.Tensor, steps: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 rows: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab]; arguments as `Transformer.hidden`, plus steps [B, T] (draft step per token)."""
         h = self.lm.hidden(self.embed(tokens), positions, cache, rows, slots, mask)
         return self.head(h, steps)
+
+    @torch.inference_mode()
+    def choose_kernels(self) -> dict[str, str]:
+        """Pick the faster projection kernel per row count for this drafter's forward now, timing forwards of 1, 2,
+        4 ... rows (one draft step each) on a scratch cache, so that no request pays for it; returns the choice."""
+        param = next(self.parameters())
+        cache = KVCache(self.args, 1, 96, device=param.device, dtype=param.dtype)
+        cache.lengths[0] = 32  # a short history, as a draft step after a request's prompt sees
+
+        def step(rows: int) -> None:
+            positions = torch.arange(32, 32 + rows, device=param.device)[None]
+            mask = torch.ones((1, rows, 32 + rows), dtype=torch.bool, device=param.device)
+            tokens = torch.zeros((1, rows), dtype=torch.long, device=param.device)
+            self(tokens, tokens, positions, cache, torch.zeros(1, dtype=torch.long, device=param.device), positions,
+                 mask)
+
+        return choose_kernel_by_rows(step)
 
     def sequence_logits(self, tokens: torch.Tensor, steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, T, vocab] of right-padded sequences (training; a scratch cache)."""
@@ -535,4 +555,8 @@ class ModelSession(DraftSession):
 def load_model_drafter(artifacts: Path, name: str = "model", device: str = "cpu", **_: object) -> ModelDrafter:
     """"model" loads <artifacts>/drafter; "model:<dir>" loads another variant, e.g. model:drafter-plain."""
     variant = name.split(":", 1)[1] if ":" in name else DEFAULT_DIR
-    return ModelDrafter(PadDrafter.from_pretrained(Path(artifacts) / variant, device), name=name)
+    model = PadDrafter.from_pretrained(Path(artifacts) / variant, device)
+    if choices := model.choose_kernels():
+        log.info("drafter %s projection kernels by rows in a step: %s", name,
+                 ", ".join(f"{k} {v}" for k, v in choices.items()))
+    return ModelDrafter(model, name=name)

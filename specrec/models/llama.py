@@ -154,7 +154,8 @@ class Transformer(nn.Module):
     # The lean forward (the drafter's): fewer, fused operations. A drafter step feeds 1-8 tokens, and at that size
     # a forward is mostly fixed cost per operation (bench drafter, 4 rows: 163 operations, ~470 us of its ~690 us
     # with the model shrunk to nothing). q/k/v and gate/up each run as one stacked product, RMSNorm as one kernel,
-    # rotary embedding from a table, on q and k at once. The target keeps the plain forward: these kernels may round
+    # rotary embedding from a table, on q and k at once; projections on the kernel timed faster here at the step's
+    # row count (`packed.choose_kernel_by_rows`). The target keeps the plain forward: these kernels may round
     # differently, and its lists must not move.
     lean = False
 
@@ -269,7 +270,7 @@ class Transformer(nn.Module):
             layer = cast(Block, block)
             att, mlp = layer.self_attn, layer.mlp
             h = F.rms_norm(x, (a.dim,), layer.input_layernorm.weight, eps)
-            qkv = stacked_linear((att.q_proj, att.k_proj, att.v_proj), h).view(-1, heads, a.head_dim)
+            qkv = stacked_linear((att.q_proj, att.k_proj, att.v_proj), h, timed=True).view(-1, heads, a.head_dim)
             qk = qkv[:, : n_q + a.n_kv_heads]
             qk = qk * cos + (qk @ rotate) * sin  # q and k rotated at once; `rotate` is rotate_half as a matrix
             q = qk[:, :n_q].view(bsz, t, n_q, a.head_dim)
@@ -280,10 +281,10 @@ class Transformer(nn.Module):
             keys, values = cache.k[i, where, :span].transpose(1, 2), cache.v[i, where, :span].transpose(1, 2)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
                                                  enable_gqa=a.n_kv_heads != a.n_heads)
-            x = x + packed_linear(att.o_proj, out.transpose(1, 2).reshape(bsz * t, -1))
+            x = x + packed_linear(att.o_proj, out.transpose(1, 2).reshape(bsz * t, -1), timed=True)
             h = F.rms_norm(x, (a.dim,), layer.post_attention_layernorm.weight, eps)
-            gate, up = stacked_linear((mlp.gate_proj, mlp.up_proj), h).chunk(2, dim=-1)
-            x = x + packed_linear(mlp.down_proj, F.silu(gate) * up)
+            gate, up = stacked_linear((mlp.gate_proj, mlp.up_proj), h, timed=True).chunk(2, dim=-1)
+            x = x + packed_linear(mlp.down_proj, F.silu(gate) * up, timed=True)
         return F.rms_norm(x, (a.dim,), cast(RMSNorm, self.model.norm).weight, eps)
 
     def _rope_table(self, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
