@@ -22,7 +22,7 @@ proto: install
 
 test: install proto-check docker-deps
 	.venv/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 # Container images specrec/{base,orchestrator,draft,target}:0.1.0 with the tiny profile baked in (train it first:
 # `make run`, or `.venv/bin/python -m harness.demo --train-only`). Builds with the docker daemon that answers, else a
