@@ -67,7 +67,8 @@ def _arm_figures(recs: dict, plain: dict | None, keys: list) -> dict:
     after = sum(r["tree_rounds"] - r["start_trees"] for r in rs)
     out = {"mean_ms": statistics.fmean(r["latency_ms"] for r in rs),
            "tau": sum(r["committed"] for r in rs) / max(sum(r["rounds"] for r in rs), 1),
-           "ready": sum(r["ready_trees"] - r["start_trees"] for r in rs) / after if after else float("nan"),
+           # a START tree is never ready (nothing ran before it to hide behind): ready_trees counts none of them
+           "ready": sum(r["ready_trees"] for r in rs) / after if after else float("nan"),
            "draft_ms": statistics.fmean(r["draft_ms"] for r in rs)}
     if plain is not None:
         out["speedup_pairwise"] = statistics.median(plain[k]["latency_ms"] / recs[k]["latency_ms"] for k in keys)
