@@ -55,3 +55,10 @@ def test_a_loaded_drafter_has_chosen_before_its_first_request():
     choice = drafter.choose_kernels()
     assert list(choice) == ["1 row", "2 rows", "4 rows", "8 rows", "16 rows", "32 rows"]
     assert set(choice.values()) <= {"packed", "dense"} and packed._forced is None
+
+
+def test_a_drafter_times_nothing_where_there_is_one_kernel(monkeypatch: pytest.MonkeyPatch):
+    """Packed weights off (or missing here): nothing to choose, so loading spends no time on it."""
+    monkeypatch.setattr(packed, "_available", {torch.float32: False})
+    drafter = PadDrafter(DrafterConfig(level_sizes=(8, 8), dim=32, n_layers=1, n_heads=2, intermediate=48)).eval()
+    assert drafter.choose_kernels() == {} and packed._packed_rows == {}

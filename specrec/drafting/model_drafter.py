@@ -42,7 +42,7 @@ from specrec.drafting.base import (
 from specrec.drafting.batching import PAGE_ROWS, BatchCounters, CachePool, StepBatcher
 from specrec.drafting.tree import Scratch, StepFn, TreeBuilder, TreeRoot, ValueFn, build_trees
 from specrec.models.llama import KVCache, ModelArgs, Transformer
-from specrec.models.packed import choose_kernel_by_rows, packed_linear
+from specrec.models.packed import choose_kernel_by_rows, packed_linear, packing_available
 from specrec.models.steps import Block, build_step
 from specrec.semantic_ids.constraint import ListConstraint, ListState
 from specrec.semantic_ids.vocab import Vocabulary
@@ -159,6 +159,8 @@ class PadDrafter(nn.Module):
         """Pick the faster projection kernel per row count for this drafter's forward now, timing forwards of 1, 2,
         4 ... rows (one draft step each) on a scratch cache, so that no request pays for it; returns the choice."""
         param = next(self.parameters())
+        if param.device.type != "cpu" or not packing_available(param.dtype):
+            return {}  # one kernel only (a GPU; packed weights off, or missing for this dtype): nothing to time
         cache = KVCache(self.args, 1, 96, device=param.device, dtype=param.dtype)
         cache.lengths[0] = 32  # a short history, as a draft step after a request's prompt sees
 
