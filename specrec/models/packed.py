@@ -12,8 +12,8 @@ these kernels give a row the same bits in any batch before bfloat16 is served.
 Which kernel is faster depends on the machine and the row count: on an AMD EPYC (AVX2, no AVX-512) one row through
 the packed kernel took 2x F.linear's time (256 -> 768: 88 vs 41 us), 8 rows 0.75x. Callers that may pick (`timed=True`,
 the drafter: its rounding never reaches a committed token) run on whichever kernel made their whole forward faster
-when both were timed on this machine (`choose_kernel_by_rows`), per row count rounded up to a power of two; timing
-each product alone picked worse (warm in the cache alone, cold between the other layers in a forward).
+when both were timed on this machine (`choose_kernel_by_rows`), per row count rounded up to a power of two (timing
+each product alone did no better in three runs; a whole forward is what a draft step costs).
 `SPECREC_PACKED_WEIGHTS=on`: always packed.
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 # not on it, so that copying or pickling a model never meets an opaque oneDNN tensor
 _packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
 # per group of nn.Linear sharing an input, keyed by its first: (the group's identity and weight stamps, their weights
-# stacked and packed), and the stacked weights as they are (for F.linear)
+# stacked and packed; and, made only where F.linear runs them, the stacked weights as they are
 _fused: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 _stacked: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 # per row count rounded up to a power of two: timed callers run on packed weights (absent: they do)
@@ -95,11 +95,13 @@ def choose_kernel_by_rows(forward: Callable[[int], object], repeats: int = 7) ->
     The best of `repeats` runs decides (a busy core only ever adds time: the other services load beside a drafter).
     With `SPECREC_PACKED_WEIGHTS=on` nothing is timed: packed everywhere."""
     global _forced
-    always = os.environ.get("SPECREC_PACKED_WEIGHTS", "auto").lower() in ("on", "1", "true")
-    rows = 1
-    while rows <= TIMED_ROWS:
+    buckets = [1 << i for i in range(TIMED_ROWS.bit_length())]
+    if os.environ.get("SPECREC_PACKED_WEIGHTS", "auto").lower() in ("on", "1", "true"):
+        _packed_rows.update(dict.fromkeys(buckets, True))
+        return kernel_choices()
+    for rows in buckets:
         seconds: dict[bool, list[float]] = {True: [], False: []}
-        for i in range(0 if always else repeats + 1):  # the first run of each packs weights and warms up
+        for i in range(repeats + 1):  # the first run of each packs weights and warms up
             for kernel in (True, False) if i % 2 else (False, True):
                 _forced = kernel
                 t0 = time.perf_counter()
@@ -108,8 +110,7 @@ def choose_kernel_by_rows(forward: Callable[[int], object], repeats: int = 7) ->
                 finally:
                     _forced = None
                 seconds[kernel].append(time.perf_counter() - t0)
-        _packed_rows[rows] = always or min(seconds[True][1:]) < min(seconds[False][1:])
-        rows *= 2
+        _packed_rows[rows] = min(seconds[True][1:]) < min(seconds[False][1:])
     return kernel_choices()
 
 
@@ -122,11 +123,14 @@ def stacked_linear(linears: Sequence[nn.Linear], x: torch.Tensor, timed: bool = 
     if not _usable(w, x) or any(lin.bias is not None for lin in linears):
         return torch.cat([lin(x) for lin in linears], dim=-1)
     stamp = tuple((id(lin), *_stamp(lin.weight)) for lin in linears)
-    stacked = _kept(_stacked, linears[0], stamp, lambda: torch.cat([lin.weight.detach() for lin in linears]))
+
+    def stacked() -> torch.Tensor:
+        return torch.cat([lin.weight.detach() for lin in linears])
+
     if timed and not packed_for(len(x)):
-        return F.linear(x, stacked)
-    packed = _packed_weight(_fused, linears[0], stamp, lambda: stacked)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return F.linear(x, _kept(_stacked, linears[0], stamp, stacked))
+    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(_fused, linears[0], stamp, stacked), None, "none", [],
+                                              "")
 
 
 def is_packed(linear: nn.Linear) -> bool:
